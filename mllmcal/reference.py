@@ -1,0 +1,166 @@
+"""Float64 definitions of every quantity mllmcal computes: the oracle for all fast paths.
+
+Nothing here is fast and nothing here is clever; each function states the definition from
+DESIGN.md as directly as torch allows. Fast backends are tested against these functions.
+
+The one deliberate fp32 step is the temperature division: the contract defines
+``z = logits / T`` *computed in fp32*, so that a row whose scaled logits overflow fp32 is
+invalid for every backend alike. Everything after that is float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+# Σ confidence is kept in histograms as an integer in units of 2**-32, so that sums are
+# exact and independent of the order in which rows arrive.
+CONF_FIXED_POINT_SCALE = 2.0**32
+
+
+@dataclass
+class ReferenceStats:
+    """Per-row statistics, all ``[N]``; float fields are float64, ``prediction`` int64."""
+
+    logsumexp: torch.Tensor
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    entropy: torch.Tensor
+    valid: torch.Tensor
+    logit_mean: torch.Tensor
+    logit_var: torch.Tensor
+    label_logprob: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    brier: torch.Tensor | None = None
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``z = logits / T`` computed in fp32 (fp64 input stays fp64), returned as ``[N, V]``."""
+    x = logits.reshape(-1, logits.shape[-1])
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.reshape(-1, 1).to(device=x.device, dtype=compute)
+    else:
+        t = torch.tensor(float(temperature), dtype=compute, device=x.device)
+    return x.to(compute) / t
+
+
+def token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> ReferenceStats:
+    """Reference for :func:`mllmcal.token_stats` on ``[..., V]`` logits, flattened to N rows.
+
+    * ``valid``: the row's max is finite and it has no NaN (hence no +inf either).
+    * ``logsumexp = log Σ exp z``; ``confidence = exp(max z - logsumexp)``.
+    * ``prediction``: the lowest index attaining ``max z``; -1 on invalid rows.
+    * ``entropy = -Σ p log p`` (nats, ``0 log 0 = 0``).
+    * ``logit_mean = E_p[z]``, ``logit_var = Var_p[z]`` (what temperature fitting needs).
+    * with labels: ``label_logprob = z_y - logsumexp``, ``correct = prediction == y``,
+      ``brier = Σ (p_i - 1[i=y])^2``; NaN / False where ``y == ignore_index``.
+
+    Invalid rows give NaN for every float field and ``correct = False``.
+    """
+    z = scaled_logits(logits, temperature).double()
+    n, v = z.shape
+    m = z.max(dim=-1).values if v > 0 else torch.full((n,), float("nan"), dtype=torch.float64)
+    valid = torch.isfinite(m) & ~torch.isnan(z).any(dim=-1)
+    zs = torch.where(valid[:, None], z, torch.zeros_like(z))
+    ms = torch.where(valid, m, torch.zeros_like(m))
+    # Work relative to the row max: with |z| ~ 1e30, ``m + log s`` absorbs ``log s``, so
+    # probabilities must come from ``z - m``, never from ``z - logsumexp``.
+    d = zs - ms[:, None]
+    s = torch.exp(d).sum(-1)
+    log_s = torch.log(s)
+    lse = ms + log_s
+    logp = d - log_s[:, None]
+    p = torch.exp(logp)
+    live = p > 0  # 0 log 0 = 0; also keeps -inf and underflowed terms out of every sum
+    entropy = -torch.where(live, p * logp, torch.zeros_like(p)).sum(-1)
+    dl = torch.where(live, d, torch.zeros_like(d))
+    mean_d = (p * dl).sum(-1)
+    dev = torch.where(live, d - mean_d[:, None], torch.zeros_like(d))
+    var = (p * dev * dev).sum(-1)
+    mean = ms + mean_d
+    conf = 1.0 / s
+    # argmax over the scaled row; ``torch.argmax`` returns the first maximal index.
+    pred = torch.argmax(zs, dim=-1) if v > 0 else torch.zeros(n, dtype=torch.long)
+    nan = torch.full_like(lse, float("nan"))
+
+    def mask(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, t, nan)
+
+    out = ReferenceStats(
+        logsumexp=mask(lse),
+        confidence=mask(conf),
+        prediction=torch.where(valid, pred, torch.full_like(pred, -1)),
+        entropy=mask(entropy),
+        valid=valid,
+        logit_mean=mask(mean),
+        logit_var=mask(var),
+    )
+    if labels is not None:
+        y = labels.reshape(-1).to(torch.long)
+        ignored = y == ignore_index
+        ys = torch.where(ignored, torch.zeros_like(y), y)
+        lp = d.gather(1, ys[:, None]).squeeze(1) - log_s
+        py = torch.exp(lp)
+        brier = (p * p).sum(-1) - 2 * py + 1
+        keep = valid & ~ignored
+        out.label_logprob = torch.where(keep, lp, nan)
+        out.brier = torch.where(keep, brier, nan)
+        out.correct = keep & (pred == y)
+    return out
+
+
+def histogram_bin(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Equal-width bin of each confidence: ``min(floor(conf * n_bins), n_bins - 1)``.
+
+    The product is taken in fp32, as every kernel does, so that all backends agree on
+    which bin a given fp32 confidence falls in.
+    """
+    b = torch.floor(confidence.float() * float(n_bins)).long()
+    return b.clamp(0, n_bins - 1)
+
+
+def histogram(
+    confidence: torch.Tensor, correct: torch.Tensor, n_bins: int, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Equal-width calibration histogram on [0, 1], float64 sums.
+
+    Returns ``count`` (int64), ``sum_confidence`` and ``sum_correct`` (float64), each
+    ``[n_bins]``. Rows where ``mask`` is False (or confidence is NaN) are left out.
+    """
+    conf = confidence.reshape(-1)
+    corr = correct.reshape(-1)
+    keep = ~torch.isnan(conf)
+    if mask is not None:
+        keep &= mask.reshape(-1)
+    conf, corr = conf[keep], corr[keep]
+    b = histogram_bin(conf, n_bins)
+    count = torch.zeros(n_bins, dtype=torch.long).index_add_(0, b, torch.ones_like(b))
+    sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, conf.double())
+    scorr = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, corr.double())
+    return {"count": count, "sum_confidence": sconf, "sum_correct": scorr}
+
+
+def ece_from_histogram(hist: dict[str, torch.Tensor], norm: str = "l1") -> float:
+    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in DESIGN.md."""
+    n = hist["count"].double()
+    total = n.sum()
+    if total == 0:
+        return float("nan")
+    nz = n > 0
+    gap = (hist["sum_correct"][nz] - hist["sum_confidence"][nz]).abs() / n[nz]
+    w = n[nz] / total
+    if norm == "l1":
+        return float((w * gap).sum())
+    if norm == "l2":
+        return float(torch.sqrt((w * gap * gap).sum()))
+    if norm == "max":
+        return float(gap.max())
+    raise ValueError(f"norm must be 'l1', 'l2' or 'max', got {norm!r}")

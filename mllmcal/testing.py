@@ -1,0 +1,133 @@
+"""Shared test helpers: hostile logits, comparison against the float64 oracle, GPU skips.
+
+Used by the test suite and by ``bench/`` (so the thing measured is the thing tested).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference as R
+from ._contract import conf_bins, conf_fixed_point
+
+HOSTILE_KINDS = ("normal", "masked", "fully_masked", "nan", "posinf", "huge", "ties", "peaked")
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_logits(
+    n: int, v: int, dtype: torch.dtype = torch.float32, kind: str = "normal", seed: int = 0,
+    device: str | torch.device = "cpu", scale: float = 3.0,
+) -> torch.Tensor:
+    """Random ``[n, v]`` logits of ``dtype``, made hostile according to ``kind``.
+
+    * ``normal``: N(0, scale²); ``peaked``: one large logit per row (confidence near 1).
+    * ``masked``: about half the entries -inf (never the whole row).
+    * ``fully_masked``: every other row all -inf; ``nan``/``posinf``: one bad entry in
+      every third row; ``huge``: entries near ±3e4 (fp16-safe) or ±1e30 (fp32/bf16).
+    * ``ties``: values from a 3-level set, so maxima repeat (lowest index must win).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    if kind == "masked" and v > 1:
+        mask = torch.rand(n, v, generator=g) < 0.5
+        keep = torch.randint(0, v, (n,), generator=g)
+        mask[torch.arange(n), keep] = False
+        x[mask] = float("-inf")
+    elif kind == "fully_masked":
+        x[::2] = float("-inf")
+    elif kind in ("nan", "posinf"):
+        cols = torch.randint(0, v, (n,), generator=g)
+        rows = torch.arange(0, n, 3)
+        x[rows, cols[rows]] = float("nan") if kind == "nan" else float("inf")
+    elif kind == "huge":
+        big = 3.0e4 if dtype == torch.float16 else 1.0e30
+        x = torch.sign(x) * big * (0.5 + torch.rand(n, v, generator=g, dtype=torch.float64) / 2)
+    elif kind == "ties":
+        x = torch.randint(0, 3, (n, v), generator=g).double()
+    elif kind == "peaked":
+        x[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 25.0
+    elif kind not in ("normal", "masked"):
+        raise ValueError(f"unknown kind {kind!r}")
+    return x.to(dtype).to(device)
+
+
+def make_labels(
+    n: int, v: int, seed: int = 0, ignore_frac: float = 0.2, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """int64 ``[n]`` labels in ``[0, v)`` with about ``ignore_frac`` set to -100."""
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = R.IGNORE_INDEX
+    return y.to(device)
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """Absolute/relative tolerances against the float64 oracle (the input is already in
+    ``dtype``, and the oracle reads the same values, so only fp32 accumulation differs)."""
+    return {"rtol": 2e-5, "atol": 2e-5}
+
+
+def assert_matches_reference(
+    stats, logits: torch.Tensor, labels: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0, scaled_out: torch.Tensor | None = None,
+    hist: torch.Tensor | None = None, hist_before: torch.Tensor | None = None,
+) -> None:
+    """Assert a :class:`mllmcal.TokenStats` (and optional scaled logits / histogram) agree
+    with :mod:`mllmcal.reference` on every field, NaN pattern included."""
+    v = logits.shape[-1]
+    ref = R.token_stats(logits.cpu(), None if labels is None else labels.cpu(),
+                        temperature.cpu() if isinstance(temperature, torch.Tensor) else temperature)
+    tol = tolerances(logits.dtype)
+    valid = stats.valid.reshape(-1).cpu()
+    assert torch.equal(valid, ref.valid), f"valid differs: {valid} vs {ref.valid}"
+    names = ["logsumexp", "confidence", "entropy", "logit_mean"]
+    if labels is not None:
+        names += ["label_logprob", "brier"]
+    for name in names:
+        got = getattr(stats, name).reshape(-1).cpu().double()
+        exp = getattr(ref, name)
+        # logsumexp and E_p[z] scale with |z|: compare relative to the row's magnitude.
+        scale = 1.0
+        if name in ("logsumexp", "logit_mean", "label_logprob"):
+            scale = ref.logsumexp.abs().nan_to_num(0.0).clamp_min(1.0)
+        torch.testing.assert_close(got / scale, exp / scale, rtol=tol["rtol"], atol=tol["atol"],
+                                   equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+    var_got = stats.logit_var.reshape(-1).cpu().double()
+    var_scale = (ref.logit_var.abs() + ref.logsumexp.abs().square() * 1e-6).nan_to_num(0.0).clamp_min(1.0)
+    torch.testing.assert_close(var_got / var_scale, ref.logit_var / var_scale, rtol=1e-4, atol=1e-4,
+                               equal_nan=True, msg=lambda m: f"logit_var: {m}")
+    # prediction: exact wherever the top two scaled logits are distinguishable in fp32.
+    z = R.scaled_logits(logits.cpu(), temperature.cpu() if isinstance(temperature, torch.Tensor) else temperature)
+    pred = stats.prediction.reshape(-1).cpu()
+    for i in torch.nonzero(ref.valid).flatten().tolist():
+        zi = z[i]
+        if pred[i] != ref.prediction[i]:
+            assert 0 <= pred[i] < v and zi[pred[i]] == zi.max(), f"row {i}: prediction {pred[i]} is not a maximum"
+            raise AssertionError(f"row {i}: prediction {int(pred[i])} != lowest argmax {int(ref.prediction[i])}")
+    assert torch.all(pred[~ref.valid] == -1), "invalid rows must predict -1"
+    if labels is not None:
+        correct = stats.correct.reshape(-1).cpu()
+        assert torch.equal(correct, ref.correct), "correct differs"
+    if scaled_out is not None:
+        torch.testing.assert_close(scaled_out.reshape(-1, v).cpu().double(), z.to(logits.dtype).double(),
+                                   rtol=2e-7 if logits.dtype == torch.float32 else 1e-2,
+                                   atol=0.0, equal_nan=True)
+    if hist is not None:
+        n_bins = hist.shape[1]
+        conf = stats.confidence.reshape(-1).cpu()
+        keep = valid & (labels.reshape(-1).cpu() != R.IGNORE_INDEX)
+        exp_hist = torch.zeros(3, n_bins, dtype=torch.long) if hist_before is None else hist_before.cpu().clone()
+        b = conf_bins(torch.where(keep, conf, torch.zeros_like(conf)), n_bins)[keep]
+        exp_hist[0].index_add_(0, b, torch.ones_like(b))
+        exp_hist[1].index_add_(0, b, conf_fixed_point(conf[keep]))
+        exp_hist[2].index_add_(0, b, stats.correct.reshape(-1).cpu()[keep].long())
+        assert torch.equal(hist.cpu(), exp_hist), f"histogram differs:\n{hist}\nvs\n{exp_hist}"

@@ -131,3 +131,25 @@ def assert_matches_reference(
         exp_hist[1].index_add_(0, b, conf_fixed_point(conf[keep]))
         exp_hist[2].index_add_(0, b, stats.correct.reshape(-1).cpu()[keep].long())
         assert torch.equal(hist.cpu(), exp_hist), f"histogram differs:\n{hist}\nvs\n{exp_hist}"
+
+
+def eager_composite(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+    """What users write today: the torch eager composite of the same statistics.
+
+    ``log_softmax`` over an fp32 upcast, then max, entropy, gather and Brier as separate
+    passes. This is the baseline in every benchmark (``bench/`` imports it from here) and
+    its ``torch.compile`` form is the second baseline.
+
+    Returns ``(logsumexp, confidence, prediction, entropy, label_logprob, brier)``, ``[N]``.
+    """
+    z = logits.float() / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    conf, pred = logp.max(dim=-1)
+    conf = conf.exp()
+    p = logp.exp()
+    entropy = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
+    y = labels.clamp_min(0)
+    label_logprob = logp.gather(-1, y[:, None]).squeeze(-1)
+    brier = (p * p).sum(-1) - 2 * label_logprob.exp() + 1
+    return lse, conf, pred, entropy, label_logprob, brier

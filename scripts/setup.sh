@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a development environment in ./.venv: pinned dependencies, then mllmcal built in
+# place with its C++ (and, where nvcc is found, CUDA) kernels. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+# torch is pinned by constraints.txt: an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+# No build isolation: the build must see the torch above, never fetch another one.
+python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+python -c "import mllmcal; print('mllmcal', mllmcal.__version__, 'backends on cpu:', mllmcal.available_backends('cpu'))"

@@ -1,0 +1,20 @@
+"""Streaming calibration: O(n_bins) state, metrics, temperature scaling, recalibration.
+
+Plots live in :mod:`mllmcal.plot` (imported lazily, so this package never imports
+matplotlib).
+"""
+
+from . import metrics
+from .recalibration import HistogramBinning, IsotonicRegression
+from .state import CalibrationState
+from .temperature import PAPER_TEMPERATURE_GRID, OnlineTemperature, fit_temperature
+
+__all__ = [
+    "CalibrationState",
+    "HistogramBinning",
+    "IsotonicRegression",
+    "OnlineTemperature",
+    "PAPER_TEMPERATURE_GRID",
+    "fit_temperature",
+    "metrics",
+]

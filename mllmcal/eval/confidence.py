@@ -225,6 +225,7 @@ def _record(item: Item, pred: str | None, conf: float | None, text: str, step: i
         "correct": pred is not None and pred == item.answer,
         "confidence": conf, "answerable": item.answerable,
         "idk": pred is not None and pred == idk, "text": text[:200], "step": step,
+        "idk_mode": item.meta.get("idk_mode") or item.meta.get("idk_kind"),
     }
 
 

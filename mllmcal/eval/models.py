@@ -115,7 +115,7 @@ class EvalModel:
 def _resolve_path(spec: str) -> str:
     if spec == "demo":
         try:
-            from mllmcal.demo import get_demo
+            from mllmcal.demo.train import get_demo
         except ImportError as exc:
             raise RuntimeError(
                 "--model demo needs mllmcal.demo.get_demo, which is not available in this "

@@ -1,0 +1,5 @@
+"""``python -m mllmcal ...`` (and ``torchrun -m mllmcal ...``): the command line."""
+
+from mllmcal.cli import main
+
+raise SystemExit(main())

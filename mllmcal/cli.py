@@ -1,0 +1,258 @@
+"""Command line: ``mllmcal demo | eval | fit | report | bench``.
+
+* ``demo [--out DIR]``: the embedded default, offline: build the shapes VQA set, train
+  (or load the cached) tiny LLaVA, run the whole method, print the summary.
+* ``eval --model PATH [--model PATH2 ...] --test FILE [--calib FILE] [--dev FILE]
+  [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local checkpoint(s);
+  ``--data DIR`` picks ``test/calib/dev/idk.json(l)`` and ``images/`` from one directory.
+* ``fit --model PATH --calib FILE``: fit and print the temperature only.
+* ``report DIR``: print the summary of ``DIR/report.json`` and re-render report.md/plots.
+* ``bench``: the benchmark suite (``mllmcal.benchmarks.run_suite``).
+
+Works under ``torchrun --nproc_per_node N -m mllmcal eval ...`` (items are sharded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
+    p.add_argument("--model", action="append", default=[] if not need_model else None,
+                   required=need_model, metavar="PATH",
+                   help="local checkpoint dir or 'demo'; repeat for a side-by-side comparison")
+    p.add_argument("--data", metavar="DIR",
+                   help="directory with test/calib/dev/idk .json or .jsonl and images/")
+    p.add_argument("--test", metavar="FILE", help="test split (LLaVA JSON or JSONL)")
+    p.add_argument("--calib", metavar="FILE", help="split on which T is fitted")
+    p.add_argument("--dev", metavar="FILE", help="split on which prompts are optimised")
+    p.add_argument("--idk", metavar="FILE", help="IDK split (default: built from the test split)")
+    p.add_argument("--images", metavar="DIR", help="directory that image names resolve against")
+    p.add_argument("--out", default="mllmcal-out", metavar="DIR", help="output directory")
+    p.add_argument("--method", default="letter", choices=["letter", "option-softmax", "verbalized"])
+    p.add_argument("--modalities", default="image,text",
+                   help="comma list of image,text (image is skipped for text-only models)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--n-bins", type=int, default=10)
+    p.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
+    p.add_argument("--row-dtype", default="float16", help="dtype of the kept logits rows")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "off"])
+    p.add_argument("--no-idk", action="store_true", help="skip the IDK evaluation")
+    p.add_argument("--optimize-prompts", action="store_true", help="run APE on --dev")
+    p.add_argument("--ape-k", type=int, default=5)
+    p.add_argument("--ape-m", type=int, default=5)
+    p.add_argument("--ape-rounds", type=int, default=10)
+    p.add_argument("--proposer", default="bank",
+                   help="'bank' (offline), an OpenAI-compatible URL, or a causal LM dir")
+    p.add_argument("--limit", type=int, help="use only the first N items of each split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mllmcal", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo (shapes VQA + tiny LLaVA)")
+    d.add_argument("--out", default="mllmcal-demo", metavar="DIR")
+    d.add_argument("--ape-rounds", type=int, default=2,
+                   help="prompt-optimisation rounds (the paper's 10 do not fit the 5-minute budget)")
+    d.add_argument("--ape-k", type=int, default=3)
+    d.add_argument("--ape-m", type=int, default=3)
+    d.add_argument("--limit", type=int, help="use only the first N items of each split")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="evaluate local checkpoint(s) with the paper's method")
+    _add_eval_args(e)
+
+    f = sub.add_parser("fit", help="fit the temperature on a calib split and print it")
+    f.add_argument("--model", required=True, metavar="PATH")
+    f.add_argument("--calib", metavar="FILE")
+    f.add_argument("--data", metavar="DIR")
+    f.add_argument("--images", metavar="DIR")
+    f.add_argument("--method", default="letter", choices=["letter", "option-softmax"])
+    f.add_argument("--modality", default="image", choices=["image", "text"])
+    f.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", default="auto")
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--out", default="mllmcal-out", metavar="DIR", help="cache directory")
+    f.add_argument("--limit", type=int)
+
+    r = sub.add_parser("report", help="print and re-render an existing report")
+    r.add_argument("path", help="output directory or report.json")
+
+    sub.add_parser("bench", help="run the benchmark suite")
+    return ap
+
+
+def _split_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    from mllmcal.eval.data import find_split
+
+    paths = {s: getattr(args, s, None) for s in ("test", "calib", "dev", "idk")}
+    if getattr(args, "data", None):
+        for s in paths:
+            if paths[s] is None:
+                found = find_split(args.data, s)
+                paths[s] = str(found) if found else None
+        if args.images is None and (Path(args.data) / "images").is_dir():
+            args.images = str(Path(args.data) / "images")
+    return paths
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print("summary:")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        elif isinstance(v, dict):
+            v = json.dumps(v)
+        print(f"  {k}: {v}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mllmcal.eval.runner import EvalConfig, run_eval
+
+    paths = _split_paths(args)
+    if paths["test"] is None:
+        print("mllmcal eval: a test split is needed (--test FILE or --data DIR with test.json)",
+              file=sys.stderr)
+        return 2
+    cfg = EvalConfig(
+        models=args.model, test=paths["test"], calib=paths["calib"], dev=paths["dev"],
+        idk=paths["idk"], images=args.images, out=args.out, method=args.method,
+        modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, n_bins=args.n_bins,
+        temperature_method=args.temperature_method, row_dtype=args.row_dtype,
+        chat_template=args.chat_template, build_idk=not args.no_idk,
+        idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
+        optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,
+        ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit, seed=args.seed,
+        progress=not args.no_progress, plots=not args.no_plots,
+    )
+    report = run_eval(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(report["summary"])
+        print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from mllmcal.demo.train import get_demo
+    except ImportError as exc:
+        print(f"mllmcal demo: the embedded demo (mllmcal.demo.get_demo) is not available: {exc}",
+              file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    model_dir, data_dir = get_demo(cache_dir=out / "model") if _takes(get_demo, "cache_dir") \
+        else get_demo()
+    ns = build_parser().parse_args(["eval", "--model", str(model_dir), "--data", str(data_dir),
+                                    "--out", str(out), "--optimize-prompts",
+                                    "--ape-rounds", str(args.ape_rounds),
+                                    "--ape-k", str(args.ape_k), "--ape-m", str(args.ape_m),
+                                    "--seed", str(args.seed)]
+                                   + (["--limit", str(args.limit)] if args.limit else [])
+                                   + (["--no-progress"] if args.no_progress else []))
+    return _cmd_eval(ns)
+
+
+def _takes(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from mllmcal.eval.data import load_items
+    from mllmcal.eval.models import load_model
+    from mllmcal.eval.runner import EvalConfig, _Dist, _Evaluator, _stack, fit_temperature_rows
+
+    paths = _split_paths(args)
+    if paths["calib"] is None:
+        print("mllmcal fit: a calib split is needed (--calib FILE or --data DIR)", file=sys.stderr)
+        return 2
+    items = load_items(paths["calib"], args.images).items[: args.limit]
+    cfg = EvalConfig(models=[args.model], test=paths["calib"], out=args.out, method=args.method,
+                     device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                     temperature_method=args.temperature_method)
+    em = load_model(args.model, device=args.device, dtype=args.dtype)
+    mod = args.modality if em.multimodal else "text"
+    dist = _Dist()
+    try:
+        _, rows = _Evaluator(cfg, dist).evaluate(em, items, "calib", mod, gather_rows=True)
+    finally:
+        dist.close()
+    x, y = _stack(rows, [it.id for it in items])
+    if x.shape[0] == 0:
+        print("mllmcal fit: no calib item produced an answer letter; cannot fit", file=sys.stderr)
+        return 1
+    t = fit_temperature_rows(x, y, args.temperature_method)
+    print(json.dumps({"temperature": t, "n_rows": int(x.shape[0]), "n_items": len(items),
+                      "method": args.temperature_method}))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mllmcal.eval.report import write_report
+
+    p = Path(args.path)
+    path = p / "report.json" if p.is_dir() else p
+    if not path.is_file():
+        print(f"mllmcal report: {path} does not exist", file=sys.stderr)
+        return 2
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        print(f"mllmcal report: {path}:{exc.lineno}: invalid JSON: {exc.msg}", file=sys.stderr)
+        return 2
+    write_report(report, path.parent)
+    _print_summary(report["summary"])
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from mllmcal.benchmarks import run_suite
+    except ImportError as exc:
+        print(f"mllmcal bench: the benchmark suite (mllmcal.benchmarks.run_suite) is not "
+              f"available in this install: {exc}", file=sys.stderr)
+        return 1
+    result = run_suite()
+    return int(result) if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mllmcal`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    from mllmcal.eval.data import DataError
+
+    handlers = {"demo": _cmd_demo, "eval": _cmd_eval, "fit": _cmd_fit, "report": _cmd_report,
+                "bench": _cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"mllmcal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

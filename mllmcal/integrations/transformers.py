@@ -471,7 +471,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
                     f"sequences must be [{run.batch}, L], got shape {tuple(sequences.shape)}"
                 )
             n = sequences.shape[1] - run.prompt_len
-            if not 0 <= n <= run.n_steps:
+            if not 1 <= n <= run.n_steps:
                 raise ValueError(
                     f"sequences have {sequences.shape[1]} positions but the latest run had a "
                     f"{run.prompt_len}-token prompt and {run.n_steps} steps; pass the output "

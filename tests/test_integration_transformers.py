@@ -1,0 +1,528 @@
+"""CalibratedLogitsProcessor and score_tokens on tiny models built from configs.
+
+The oracle for generated-token log-probabilities is ``log_softmax(raw_logits / T)`` at the
+generated tokens, with ``raw_logits`` taken from the *same* ``generate`` call
+(``output_logits=True``), computed in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+)
+
+import mllmcal
+from mllmcal.integrations.transformers import CalibratedLogitsProcessor, score_tokens
+
+V = 160
+EOS = 3
+PAD = 0
+
+
+def _llama_config(vocab: int = V) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+    )
+
+
+def _sharpen(model: torch.nn.Module, seed: int) -> None:
+    # Random tiny models give nearly uniform next-token distributions; a larger output
+    # embedding makes confidences spread over (0, 1) so that the tests see varied values.
+    g = torch.Generator().manual_seed(seed)
+    w = model.get_output_embeddings().weight
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=g) * 0.6)
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32, vocab: int = V, seed: int = 0):
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(_llama_config(vocab)).eval()
+    _sharpen(m, seed)
+    return m.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def llama_bf16():
+    return _tiny_llama(torch.bfloat16, seed=1)
+
+
+def _left_padded_batch(seed: int = 0, lengths=(7, 4, 6)):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, width - n:] = torch.randint(4, V, (n,), generator=g)
+        mask[r, width - n:] = 1
+    return ids, mask
+
+
+def _expected_logprobs(out, prompt_len: int, temperature: float) -> torch.Tensor:
+    """float64 log_softmax(raw / T) at each generated token, [B, new]."""
+    raw = torch.stack(out.logits, dim=1).double()  # [B, new, V]
+    tok = out.sequences[:, prompt_len:]
+    return torch.log_softmax(raw / temperature, -1).gather(2, tok[..., None]).squeeze(2)
+
+
+def _after_first_eos(tokens: torch.Tensor, eos_ids) -> torch.Tensor:
+    """True at positions strictly after a row's first EOS."""
+    is_eos = torch.isin(tokens, torch.as_tensor(eos_ids))
+    seen = torch.cumsum(is_eos.long(), dim=1)
+    return (seen - is_eos.long()) > 0
+
+
+def _check_against_raw(proc, out, prompt_len, temperature, eos_ids):
+    lp = proc.token_logprobs(out.sequences)
+    exp = _expected_logprobs(out, prompt_len, temperature)
+    assert lp.shape == exp.shape == (out.sequences.shape[0], out.sequences.shape[1] - prompt_len)
+    masked = _after_first_eos(out.sequences[:, prompt_len:], eos_ids)
+    assert torch.equal(torch.isnan(lp), masked)
+    torch.testing.assert_close(lp[~masked].double(), exp[~masked], rtol=0, atol=1e-5)
+    return lp, masked
+
+
+def _greedy_eos_for_row(model, ids, mask, row: int, step: int) -> int:
+    """A token id that greedy decoding emits in `row` at `step`: used as EOS, it makes
+    that row (at least) finish in the middle of the batch."""
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=step + 1, do_sample=False,
+        eos_token_id=None, pad_token_id=PAD,
+    )
+    return int(out[row, ids.shape[1] + step])
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_greedy_token_logprobs_equal_log_softmax_of_raw_logits_left_padded_eos_mid_batch(
+    llama, temperature
+):
+    ids, mask = _left_padded_batch(seed=1)
+    eos = _greedy_eos_for_row(llama, ids, mask, row=1, step=2)
+    proc = CalibratedLogitsProcessor(temperature=temperature)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=8,
+        do_sample=False, eos_token_id=eos, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    _, masked = _check_against_raw(proc, out, ids.shape[1], temperature, [eos])
+    # First in the list with output_logits=True: the raw-logits copy must not be scaled.
+    assert proc._run.out_of_place is True
+    assert masked[1].any() and not masked.all(), "row 1 must finish early, not every row"
+
+
+@pytest.mark.parametrize("temperature", [0.8, 2.5])
+def test_sampled_token_logprobs_equal_log_softmax_of_raw_logits(llama, temperature):
+    ids, mask = _left_padded_batch(seed=2, lengths=(5, 3, 5, 2))
+    eos_ids = list(range(3, 3 + 12))  # several EOS ids so that some rows stop early
+    proc = CalibratedLogitsProcessor(temperature=temperature)
+    torch.manual_seed(123)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=10,
+        do_sample=True, top_k=0, eos_token_id=eos_ids, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    _check_against_raw(proc, out, ids.shape[1], temperature, eos_ids)
+
+
+def test_warpers_after_it_do_not_change_recorded_full_distribution(llama):
+    ids, mask = _left_padded_batch(seed=3)
+    proc = CalibratedLogitsProcessor(temperature=1.4)
+    torch.manual_seed(7)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=8,
+        do_sample=True, top_k=5, top_p=0.9, temperature=0.7, eos_token_id=None,
+        pad_token_id=PAD, return_dict_in_generate=True, output_logits=True, output_scores=True,
+    )
+    lp, _ = _check_against_raw(proc, out, ids.shape[1], 1.4, [])
+    # The warped scores transformers sampled from are different from what was recorded:
+    # the sampled tokens lie in the top-5 of the raw logits.
+    raw = torch.stack(out.logits, 1)
+    top5 = raw.topk(5, dim=-1).indices
+    assert (top5 == out.sequences[:, ids.shape[1]:, None]).any(-1).all()
+    assert torch.isinf(torch.stack(out.scores)).any(), "top-k must have masked the scores"
+    s = proc.step_records()
+    exp_conf = torch.softmax(raw.double() / 1.4, -1).amax(-1)
+    torch.testing.assert_close(s["confidence"].double(), exp_conf, rtol=0, atol=1e-6)
+
+
+class _Recorder(LogitsProcessor):
+    """Test-only: keeps a copy of the scores it sees (what reaches the next processor)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        return scores
+
+
+def test_in_place_scaling_after_repetition_penalty_and_min_new_tokens(llama):
+    ids, mask = _left_padded_batch(seed=4)
+    rec = _Recorder()
+    proc = CalibratedLogitsProcessor(temperature=1.9)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[rec, proc], max_new_tokens=6,
+        min_new_tokens=3, repetition_penalty=1.5, do_sample=False, eos_token_id=EOS,
+        pad_token_id=PAD, return_dict_in_generate=True, output_scores=True,
+    )
+    assert proc._run.out_of_place is False, "not the raw-logits tensor: scale in place"
+    seen = torch.stack(rec.seen, 1).double()  # after repetition penalty and min_new_tokens
+    # The processor returned the scaled scores written in place into the tensor it got.
+    torch.testing.assert_close(torch.stack(out.scores, 1).double(), seen / 1.9, rtol=1e-6, atol=1e-6)
+    assert torch.isneginf(seen[:, :3, EOS]).all(), "min_new_tokens masks EOS before step 3"
+    tok = out.sequences[:, ids.shape[1]:]
+    exp = torch.log_softmax(seen / 1.9, -1).gather(2, tok[..., None]).squeeze(2)
+    lp = proc.token_logprobs(out.sequences)
+    keep = ~_after_first_eos(tok, [EOS])
+    torch.testing.assert_close(lp[keep].double(), exp[keep], rtol=0, atol=1e-5)
+
+
+def test_bf16_model(llama_bf16):
+    ids, mask = _left_padded_batch(seed=5)
+    proc = CalibratedLogitsProcessor(temperature=1.3)
+    torch.manual_seed(3)
+    out = llama_bf16.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=6,
+        do_sample=True, top_k=0, eos_token_id=EOS, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    _check_against_raw(proc, out, ids.shape[1], 1.3, [EOS])
+
+
+def _tiny_llava():
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=16, patch_size=8, projection_dim=32,
+    )
+    text = _llama_config()
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=V - 1,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    m = LlavaForConditionalGeneration(cfg).eval()
+    _sharpen(m, 5)
+    return m
+
+
+def _llava_inputs(batch: int = 2):
+    g = torch.Generator().manual_seed(9)
+    n_img = (16 // 8) ** 2  # patches; the CLS feature is dropped by the "default" strategy
+    text = torch.randint(4, V - 1, (batch, 5), generator=g)
+    ids = torch.cat([text[:, :1], torch.full((batch, n_img), V - 1), text[:, 1:]], dim=1)
+    pixels = torch.randn(batch, 3, 16, 16, generator=g)
+    return ids, torch.ones_like(ids), pixels
+
+
+def test_llava_with_pixel_values():
+    model = _tiny_llava()
+    ids, mask, pixels = _llava_inputs()
+    proc = CalibratedLogitsProcessor(temperature=1.2)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_processor=[proc],
+        max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    _check_against_raw(proc, out, ids.shape[1], 1.2, [EOS])
+    # The image really is used: other pixels give other raw logits at the first step.
+    out2 = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=-pixels, max_new_tokens=1,
+        do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=PAD,
+    )
+    assert not torch.allclose(out2.logits[0], out.logits[0])
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_beam_search_is_refused_with_a_clear_error(llama):
+    ids, mask = _left_padded_batch(seed=6)
+    proc = CalibratedLogitsProcessor(temperature=1.5)
+    with pytest.raises(ValueError, match="beam search"):
+        llama.generate(
+            input_ids=ids, attention_mask=mask, logits_processor=[proc], num_beams=2,
+            max_new_tokens=3, pad_token_id=PAD,
+        )
+
+
+def test_reuse_across_generate_calls_resets_per_call(llama):
+    proc = CalibratedLogitsProcessor(temperature=1.6)
+    ids, mask = _left_padded_batch(seed=7)
+    out1 = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=5,
+        do_sample=False, eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True,
+        output_logits=True,
+    )
+    lp1 = proc.token_logprobs(out1.sequences).clone()
+    # Continue from the previous output: the very same tensor object is the new prompt.
+    seq = out1.sequences
+    out2 = llama.generate(
+        input_ids=seq, attention_mask=torch.ones_like(seq) * (seq != PAD),
+        logits_processor=[proc], max_new_tokens=3, do_sample=True, top_k=0,
+        eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+    )
+    _check_against_raw(proc, out2, seq.shape[1], 1.6, [])
+    with pytest.raises(ValueError, match="latest run"):
+        proc.token_logprobs(out1.sequences)
+    other = out2.sequences.clone()
+    other[0, -1] = (other[0, -1] + 1) % V
+    with pytest.raises(ValueError, match="do not match"):
+        proc.token_logprobs(other)
+    snap = proc.snapshot()
+    assert snap["runs"] == 2 and snap["steps"] == 5 + 3
+    assert snap["tokens"] == 3 * 5 + 3 * 3
+    exp1 = _expected_logprobs(out1, ids.shape[1], 1.6)
+    torch.testing.assert_close(lp1.double(), exp1, rtol=0, atol=1e-5)
+
+
+def test_monitoring_summaries_match_definitions(llama):
+    ids, mask = _left_padded_batch(seed=8)
+    proc = CalibratedLogitsProcessor(temperature=0.9, n_bins=10)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=7,
+        do_sample=False, eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True,
+        output_logits=True,
+    )
+    p = torch.softmax(torch.stack(out.logits, 1).double() / 0.9, -1)
+    conf = p.amax(-1)
+    ent = -(p * torch.log(p)).sum(-1)
+    summ = proc.token_summary()
+    assert summ["tokens"] == conf.numel()
+    assert summ["mean_confidence"] == pytest.approx(float(conf.mean()), abs=1e-6)
+    assert summ["mean_entropy"] == pytest.approx(float(ent.mean()), abs=1e-5)
+    hist = torch.bincount(torch.clamp((conf * 10).floor().long(), max=9).reshape(-1), minlength=10)
+    assert summ["confidence_histogram"] == hist.tolist()
+    lp = _expected_logprobs(out, ids.shape[1], 0.9)
+    s = proc.sequence_scores(out.sequences)
+    torch.testing.assert_close(s["mean_logprob"].double(), lp.mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s["min_prob"].double(), lp.exp().amin(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s["product"].double(), lp.sum(1).exp(), rtol=1e-4, atol=1e-12)
+    assert torch.equal(proc.sequence_confidence(kind="min"), s["min_prob"])
+
+
+def test_sequence_scores_ignore_masked_positions():
+    from mllmcal.integrations.transformers import _sequence_scores
+
+    lp = torch.tensor([[-0.5, -1.0, float("nan")], [float("nan")] * 3, [-2.0, -0.1, -0.3]])
+    s = _sequence_scores(lp)
+    torch.testing.assert_close(s["mean_logprob"][[0, 2]], torch.tensor([-0.75, -0.8]))
+    torch.testing.assert_close(s["min_prob"][[0, 2]], torch.exp(torch.tensor([-1.0, -2.0])))
+    torch.testing.assert_close(s["product"][[0, 2]], torch.exp(torch.tensor([-1.5, -2.4])))
+    assert torch.isnan(s["mean_logprob"][1]) and torch.isnan(s["product"][1])
+    assert s["n_tokens"].tolist() == [2, 0, 3]
+
+
+def test_manual_decode_loop_needs_record_tokens(llama):
+    ids, _ = _left_padded_batch(seed=9, lengths=(4, 4))
+    proc = CalibratedLogitsProcessor(temperature=2.0, eos_token_id=EOS)
+    expected = []
+    with torch.no_grad():
+        for _ in range(4):
+            raw = llama(ids).logits[:, -1].float()
+            expected.append(torch.log_softmax(raw.double() / 2.0, -1))
+            z = proc(ids, raw.clone())
+            tok = z.argmax(-1)
+            proc.record_tokens(tok)
+            ids = torch.cat([ids, tok[:, None]], 1)
+    lp = proc.token_logprobs()
+    exp = torch.stack(expected, 1).gather(2, ids[:, -4:, None]).squeeze(2)
+    keep = ~_after_first_eos(ids[:, -4:], [EOS])
+    torch.testing.assert_close(lp[keep].double(), exp[keep], rtol=0, atol=1e-5)
+    proc.reset()
+    raw = llama(ids).logits[:, -1].float()
+    proc(ids, raw)
+    with pytest.raises(RuntimeError, match="record_tokens"):
+        proc.token_logprobs()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="temperature"):
+        CalibratedLogitsProcessor(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        CalibratedLogitsProcessor(temperature=float("nan"))
+    with pytest.raises(ValueError, match="sequence_confidence"):
+        CalibratedLogitsProcessor(sequence_confidence="median")
+    with pytest.raises(RuntimeError, match="generate"):
+        CalibratedLogitsProcessor().token_logprobs()
+
+
+# --------------------------------------------------------------------------- hot-path rules
+
+_PKG_DIR = os.path.dirname(os.path.abspath(mllmcal.__file__))
+_SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+def _called_from_mllmcal() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        if os.path.abspath(f.f_code.co_filename).startswith(_PKG_DIR + os.sep):
+            return True
+        f = f.f_back
+    return False
+
+
+class _NoSync:
+    """Make host-synchronising tensor methods raise when called from mllmcal code."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+        self.calls = []
+        for name, orig in self.saved.items():
+            def guard(t, *a, _orig=orig, _name=name, **k):
+                if _called_from_mllmcal():
+                    self.calls.append(_name)
+                    raise AssertionError(f"host sync: Tensor.{_name} called from mllmcal")
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, guard)
+        return self
+
+    def __exit__(self, *exc):
+        for name, orig in self.saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def test_guard_catches_a_host_sync_in_mllmcal():
+    x = torch.randn(4, 9)
+    with _NoSync() as g, pytest.raises(AssertionError, match="host sync"):
+        # Per-row temperature validation reads a device tensor on the host.
+        mllmcal.token_stats(x, temperature=torch.full((4,), 2.0), validate=True)
+    assert g.calls
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_no_host_sync_during_generate(llama, do_sample):
+    ids, mask = _left_padded_batch(seed=10)
+    proc = CalibratedLogitsProcessor(temperature=1.3)
+    with _NoSync() as g:
+        torch.manual_seed(0)
+        out = llama.generate(
+            input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=6,
+            do_sample=do_sample, eos_token_id=EOS, pad_token_id=PAD,
+            return_dict_in_generate=True, output_logits=True,
+        )
+    assert g.calls == []
+    _check_against_raw(proc, out, ids.shape[1], 1.3, [EOS])
+
+
+def _held_tensors(obj, seen=None, out=None):
+    """Every tensor reachable from obj through attributes and containers (not weakrefs)."""
+    seen = set() if seen is None else seen
+    out = {} if out is None else out
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type(None), type)):
+        return out
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        out[st.data_ptr()] = (st.nbytes(), obj.numel(), tuple(obj.shape))
+        return out
+    if isinstance(obj, dict):
+        items = list(obj.values()) + list(obj.keys())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif dataclasses.is_dataclass(obj):
+        items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type(sys)):
+        items = list(vars(obj).values())
+    else:
+        items = []
+    for it in items:
+        _held_tensors(it, seen, out)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [160, 640])
+def test_memory_held_is_o_of_batch_times_steps_and_never_b_by_v(vocab):
+    model = _tiny_llama(vocab=vocab, seed=2)
+    ids, mask = _left_padded_batch(seed=11)
+    held = {}
+    for steps in (3, 11):
+        proc = CalibratedLogitsProcessor(temperature=1.5)
+        model.generate(
+            input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=steps,
+            min_new_tokens=steps, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
+        )
+        assert proc._run.pending_z is None, "the last step's scores must be released"
+        tensors = _held_tensors(proc)
+        assert max(n for _, n, _ in tensors.values()) < vocab, tensors
+        held[steps] = sum(b for b, _, _ in tensors.values())
+    per_step = (held[11] - held[3]) / 8
+    b = ids.shape[0]
+    # fp32 [7, B] stats, int64 prediction, bool valid and alive, fp32 z_token, int64 token.
+    assert 0 < per_step <= b * (7 * 4 + 8 + 1 + 1 + 4 + 8 + 8)
+    assert held[3] < 3 * per_step + 4096
+
+
+# --------------------------------------------------------------------------- score_tokens
+
+
+@dataclasses.dataclass
+class _CollectingState:
+    """Stands in for CalibrationState: keeps what update_logits receives."""
+
+    label_logprob: list = dataclasses.field(default_factory=list)
+    widths: list = dataclasses.field(default_factory=list)
+
+    def update_logits(self, logits, labels, temperature=1.0):
+        self.widths.append(logits.shape[1])
+        s = mllmcal.token_stats(logits, labels=labels, temperature=temperature)
+        self.label_logprob.append(s.label_logprob)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_score_tokens_chunks_positions_and_matches_full_forward(llama, chunk_size):
+    ids, mask = _left_padded_batch(seed=12)
+    st = score_tokens(llama, ids, mask, state=_CollectingState(), chunk_size=chunk_size,
+                      temperature=1.4)
+    if chunk_size is not None:
+        assert max(st.widths) <= chunk_size and sum(st.widths) == ids.shape[1]
+    got = torch.cat(st.label_logprob, dim=1)
+    with torch.no_grad():
+        logits = llama(input_ids=ids, attention_mask=mask).logits.double()
+    target = ids[:, 1:]
+    exp = torch.log_softmax(logits[:, :-1] / 1.4, -1).gather(2, target[..., None]).squeeze(2)
+    keep = mask[:, 1:].bool()
+    torch.testing.assert_close(got[:, :-1][keep].double(), exp[keep], rtol=0, atol=1e-5)
+    assert torch.isnan(got[:, :-1][~keep]).all() and torch.isnan(got[:, -1]).all()
+
+
+def test_score_tokens_llava_skips_image_tokens():
+    model = _tiny_llava()
+    ids, mask, pixels = _llava_inputs()
+    st = score_tokens(model, ids, mask, state=_CollectingState(), chunk_size=2,
+                      pixel_values=pixels)
+    got = torch.cat(st.label_logprob, dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.double()
+    exp = torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+    keep = ids[:, 1:] != V - 1
+    torch.testing.assert_close(got[:, :-1][keep].double(), exp[keep], rtol=0, atol=1e-5)
+    assert torch.isnan(got[:, :-1][~keep]).all()
+
+
+def test_score_tokens_rejects_mismatched_shapes(llama):
+    ids, mask = _left_padded_batch(seed=13)
+    with pytest.raises(ValueError, match="attention_mask"):
+        score_tokens(llama, ids, mask[:, 1:], state=_CollectingState())
+    with pytest.raises(ValueError, match="temperature"):
+        score_tokens(llama, ids, mask, state=_CollectingState(), temperature=-1.0)

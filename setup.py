@@ -90,7 +90,8 @@ def _extensions():
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", *openmp],
+            extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+                                *openmp],
             extra_link_args=openmp,
         )
     ]

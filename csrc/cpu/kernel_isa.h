@@ -1,0 +1,213 @@
+// The ISA-specific chunk kernel. NO include guard on purpose: each kernel_<isa>.cpp
+// includes the standard headers, then sets `#pragma GCC target(...)`, then includes this
+// file inside its own namespace, so the same source is compiled once per instruction set
+// and picked at run time (the wheel must run on any x86-64, so no -march=native).
+//
+// Everything here has internal linkage and calls nothing with external linkage in its hot
+// loops, so no out-of-line function compiled for a wide ISA can leak to other code.
+//
+// The loops are written for GCC's auto-vectoriser: branch-free bodies, selects instead of
+// ifs, bit casts through __builtin_memcpy, and `#pragma omp simd reduction` where a loop
+// reduces (without -ffast-math GCC may not reassociate fp sums by itself; the pragma
+// allows it for exactly these loops, while NaN/inf semantics stay IEEE everywhere else).
+
+namespace {
+
+// Columns per block. A block is read once from memory into `zbuf` (8 KiB, stays in L1)
+// and then re-read from L1 for the exp pass: "block max first, then exp of the block".
+constexpr int kBlock = 2048;
+
+static inline uint32_t f2u(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+static inline float u2f(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// exp(x) for x <= 0 (x not NaN), accurate to ~1 ulp in fp32; exactly 0 for x < −86.5
+// and for x = −inf.
+//
+// Cephes-style: x = n·ln2 + r with n = round(x/ln2), |r| <= ln2/2, then
+// exp(r) ≈ 1 + r + r²·P(r) (degree-5 minimax P), and the 2^n scaling is an integer add
+// to the exponent field. Rounding to n uses the 1.5·2^23 trick: adding it to a float of
+// magnitude < 2^22 leaves round-to-nearest(x/ln2) in the low mantissa bits, so n comes
+// out of the bits of `t` with integer ops only (no float->int conversion, which is
+// undefined on the garbage a −inf argument produces before the final select).
+// ln2 is split as C1 + C2 (C1 has few bits, so n·C1 is exact) for the reduction.
+// The cut-off −86.5 keeps n >= −125, so p·2^n is always a normal float (p >= 1/√2);
+// terms below e^−86.5 ≈ 2.7e-38 of the block maximum are far below fp32 resolution of
+// sums that contain the maximum's term 1, so dropping them changes nothing.
+static inline float exp_nonpos(float x) {
+  const float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const uint32_t k = f2u(t) - f2u(kMagic);  // n as a two's-complement integer
+  const float e = u2f(f2u(p) + (k << 23));
+  return x >= -86.5f ? e : 0.0f;
+}
+
+// fp16 -> fp32, exact, branch-free: normal numbers rebias the exponent; inf/NaN keep
+// their payload under an all-ones exponent; subnormals are em · 2^-24 (exact in fp32).
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const uint32_t infnan = (em << 13) | 0x7f800000u;
+  const uint32_t sub = f2u(static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f);
+  const uint32_t mag = em >= 0x7c00u ? infnan : (em >= 0x0400u ? normal : sub);
+  return u2f(mag | sign);
+}
+
+// fp32 -> fp16, round to nearest even (what torch's .to(torch.float16) does).
+// Normal range: add the rebias plus 0xfff (+1 when the kept mantissa is odd) and shift:
+// a carry out of the mantissa rolls correctly into the exponent, up to inf. Values below
+// 2^-14 become fp16 subnormals by one fp32 addition of 0.5: the FPU's own RNE aligns
+// the mantissa so that the low bits are the fp16 subnormal.
+static inline uint16_t float_to_half(float x) {
+  const uint32_t u = f2u(x);
+  const uint32_t sign = u & 0x80000000u;
+  const uint32_t f = u ^ sign;
+  const uint32_t infnan = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t sub = f2u(u2f(f) + 0.5f) - 0x3f000000u;
+  const uint32_t normal = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;  // 0xc8000000 = (15−127)<<23
+  const uint32_t mag = f >= 0x47800000u ? infnan : (f < 0x38800000u ? sub : normal);
+  return static_cast<uint16_t>(mag | (sign >> 16));
+}
+
+static inline float bf16_to_float(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
+
+// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
+static inline uint16_t float_to_bf16(float x) {
+  const uint32_t u = f2u(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+template <int DT>
+struct Io;
+template <>
+struct Io<kF32> {
+  using T = float;
+  static inline float load(float v) { return v; }
+  static inline float store(float z) { return z; }
+};
+template <>
+struct Io<kF16> {
+  using T = uint16_t;
+  static inline float load(uint16_t v) { return half_to_float(v); }
+  static inline uint16_t store(float z) { return float_to_half(z); }
+};
+template <>
+struct Io<kBF16> {
+  using T = uint16_t;
+  static inline float load(uint16_t v) { return bf16_to_float(v); }
+  static inline uint16_t store(float z) { return float_to_bf16(z); }
+};
+
+// Pass 1 over a block: z = x / T into zbuf (read in x's dtype, converted in registers),
+// the block max (NaN ignored here) and whether any z is NaN.
+template <int DT, bool kDivide>
+static inline float load_block(const typename Io<DT>::T* __restrict xb, int len, float temperature,
+                               float* __restrict zbuf, int* any_nan) {
+  float mb = -INFINITY;
+  int nan = 0;
+#pragma omp simd reduction(max : mb) reduction(| : nan)
+  for (int j = 0; j < len; ++j) {
+    float z = Io<DT>::load(xb[j]);
+    if (kDivide) z = z / temperature;  // a true division: z must equal the oracle's x / T bit for bit
+    zbuf[j] = z;
+    mb = mb > z ? mb : z;
+    nan |= (z != z);
+  }
+  *any_nan = nan;
+  return mb;
+}
+
+template <int DT>
+static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, bool divide,
+                  int64_t label, void* out_row, Partial* result) {
+  using T = typename Io<DT>::T;
+  const T* x = static_cast<const T*>(x_row);
+  T* out = static_cast<T*>(out_row);
+  alignas(64) float zbuf[kBlock];
+  Partial acc = empty_partial();
+  for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
+    const int len = static_cast<int>(c1 - j0 < kBlock ? c1 - j0 : kBlock);
+    int any_nan = 0;
+    const float mb = divide ? load_block<DT, true>(x + j0, len, temperature, zbuf, &any_nan)
+                            : load_block<DT, false>(x + j0, len, temperature, zbuf, &any_nan);
+    if (out != nullptr) {
+      // After the read of this block into zbuf, so `out` may alias `x`.
+      T* ob = out + j0;
+#pragma omp simd
+      for (int j = 0; j < len; ++j) ob[j] = Io<DT>::store(zbuf[j]);
+    }
+    if (label >= j0 && label < j0 + len) {
+      acc.z_label = zbuf[label - j0];
+      acc.has_label = true;
+    }
+    if (any_nan || mb == INFINITY) acc.bad = true;
+    // A bad row's statistics are all NaN: only the scaled copy still has to be written.
+    // A block of only −inf carries no probability mass.
+    if (acc.bad || mb == -INFINITY) continue;
+
+    // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max.
+    // `e > 0` guards the terms that underflow (or are −inf): their d may be −inf or huge,
+    // and they must add exactly 0, never 0·inf.
+    float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
+#pragma omp simd reduction(+ : s, a, b, q)
+    for (int j = 0; j < len; ++j) {
+      const float d = zbuf[j] - mb;
+      const float e = exp_nonpos(d);
+      const float dz = e > 0.0f ? d : 0.0f;
+      const float ed = e * dz;
+      s += e;
+      a += ed;
+      b += ed * dz;
+      q += e * e;
+    }
+    Partial blk;
+    blk.m = mb;
+    blk.s = s;
+    blk.a = a;
+    blk.b = b;
+    blk.q = q;
+    blk.has_label = false;
+    blk.bad = false;
+    // Only a block whose max strictly beats everything before it can hold the row's
+    // lowest argmax, so the (scalar, early-exit) search runs on few blocks per row:
+    // O(log blocks) on random rows.
+    blk.argmax = -1;
+    if (mb > acc.m) {
+      for (int j = 0; j < len; ++j) {
+        if (zbuf[j] == mb) {
+          blk.argmax = j0 + j;
+          break;
+        }
+      }
+    }
+    merge_into(acc, blk);
+  }
+  *result = acc;
+}
+
+}  // namespace
+
+static const KernelTable kTable = {
+    MLLMCAL_ISA_NAME,
+    {&chunk<kF32>, &chunk<kF16>, &chunk<kBF16>},
+};

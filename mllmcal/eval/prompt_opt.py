@@ -47,8 +47,8 @@ def clean_prompt(text: str) -> str:
     """One line, no quotes, no trailing ``:``/``(`` (the template adds ``: (``)."""
     line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
     line = re.sub(r"^(paraphrase|rewritten|new prompt)\s*\d*\s*[:.)-]\s*", "", line.strip(), flags=re.I)
-    line = line.strip().strip("\"'`*").strip()
-    line = re.sub(r"[\s:(]+$", "", line)
+    for _ in range(2):  # quotes and the template's ": (" may wrap each other
+        line = re.sub(r"[\s:(]+$", "", line.strip().strip("\"'`*").strip())
     return re.sub(r"\s+", " ", line)[:100]
 
 

@@ -212,8 +212,9 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         self._token_hist: torch.Tensor | None = None
         self._n_runs = 0
         self._n_steps_total = 0
-        # request id -> (row confidences [B] of its run, row); oldest first.
-        self._pending: OrderedDict[Hashable, tuple[torch.Tensor, int]] = OrderedDict()
+        # request id -> (its run while running, then the run's [B] confidences; row),
+        # oldest first.
+        self._pending: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._n_feedback = 0
 
     # ------------------------------------------------------------------ hot path
@@ -305,6 +306,12 @@ class CalibratedLogitsProcessor(LogitsProcessor):
                     f"{run.batch} rows"
                 )
             run.request_ids, self.request_ids = list(self.request_ids), None
+            # Addressable at once (feedback may come before the next run starts); the
+            # run's records are swapped for its [B] confidences when the run ends.
+            for row, rid in enumerate(run.request_ids):
+                self._pending[rid] = (run, row)
+                self._pending.move_to_end(rid)
+            self._trim_pending()
         self._run = run
         return run
 
@@ -385,12 +392,12 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         self._fold_token_totals(run)
         self._n_runs += 1
         self._n_steps_total += run.n_steps
-        if run.request_ids is not None and len(run.z_token) == run.n_steps:
-            conf = self._sequence_confidence_of(run, self.sequence_confidence_kind)
-            for row, rid in enumerate(run.request_ids):
-                self._pending[rid] = (conf, row)
-                self._pending.move_to_end(rid)
-            self._trim_pending()
+        if run.request_ids is not None:
+            mine = [rid for rid in run.request_ids if self._pending.get(rid, (None,))[0] is run]
+            if mine:
+                conf = self._sequence_confidence_of(run, self.sequence_confidence_kind)
+                for rid in mine:
+                    self._pending[rid] = (conf, self._pending[rid][1])
         self._last_run = run
 
     def _trim_pending(self) -> None:
@@ -558,7 +565,11 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         confs = []
         for k in keys:
             if k in self._pending:
-                conf, row = self._pending.pop(k)
+                source, row = self._pending.pop(k)
+                conf = (
+                    self._sequence_confidence_of(source, self.sequence_confidence_kind)
+                    if isinstance(source, _Run) else source
+                )
             elif isinstance(k, int) and not isinstance(k, bool):
                 run = self._latest()
                 if not -run.batch <= k < run.batch:

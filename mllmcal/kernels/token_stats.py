@@ -44,7 +44,10 @@ import triton.language as tl
 
 from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
 
-__all__ = ["token_stats_into", "unavailable_reason", "choose_path", "KERNELS"]
+__all__ = [
+    "token_stats_into", "unavailable_reason", "choose_path", "KERNELS", "aot_compile",
+    "aot_report",
+]
 
 # SM count assumed when no GPU is present (H100/H200 SXM); only steers the path choice.
 DEFAULT_SM_COUNT = 132
@@ -494,3 +497,136 @@ def token_stats_into(
         HAS_LABELS=has_labels, HAS_HIST=has_hist, SPLITS_P2=splits_p2,
         num_warps=max(1, min(4, splits_p2 // 32)),
     )
+
+
+# ----------------------------------------------------------------------------- AOT checks
+
+_PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _aot_signature(name: str, dtype: torch.dtype) -> dict[str, str]:
+    """Argument types of kernel ``name`` as the JIT would specialise them for an
+    ``[N, V]`` input of ``dtype`` with i32-sized scalars."""
+    xt = _PTR_TYPES[dtype]
+    row_head = {
+        "x_ptr": xt, "stride_x": "i32", "out_ptr": xt, "stride_out": "i32",
+        "labels_ptr": "*i64", "t_ptr": "*fp32", "t_scalar": "fp32",
+    }
+    if name == "row":
+        return {
+            **row_head, "fstats_ptr": "*fp32", "pred_ptr": "*i64", "flags_ptr": "*u8",
+            "hist_ptr": "*i64", "n_rows": "i32", "n_cols": "i32", "n_bins": "i32",
+            "ignore_index": "i32",
+        }
+    if name == "split":
+        return {
+            **row_head, "ws_f_ptr": "*fp32", "ws_i_ptr": "*i64", "ws_zy_ptr": "*fp32",
+            "n_cols": "i32", "split_len": "i32", "n_splits": "i32", "ignore_index": "i32",
+        }
+    return {
+        "ws_f_ptr": "*fp32", "ws_i_ptr": "*i64", "ws_zy_ptr": "*fp32", "labels_ptr": "*i64",
+        "fstats_ptr": "*fp32", "pred_ptr": "*i64", "flags_ptr": "*u8", "hist_ptr": "*i64",
+        "n_rows": "i32", "n_splits": "i32", "n_bins": "i32", "ignore_index": "i32",
+    }
+
+
+def aot_compile(
+    name: str, dtype: torch.dtype = torch.float32, *, arch: int = 90, block_v: int = 2048,
+    num_warps: int = 8, features: bool = True, aligned: bool = True,
+):
+    """Compile kernel ``name`` (``"row"``, ``"split"`` or ``"merge"``) for ``sm_<arch>``
+    without a GPU and return Triton's ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``).
+
+    ``features`` switches labels, per-row temperature, scaled write and histogram all on
+    (the largest variant) or all off. ``aligned`` adds the 16-byte divisibility hints the
+    JIT gives to aligned pointers and strides divisible by 16 (what enables vector loads).
+    Needs ``TRITON_INTERPRET`` unset or 0 when this module was imported: interpreted
+    kernels are not compilable objects.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = KERNELS[name]
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError(
+            "kernels were created under TRITON_INTERPRET=1; compile in a process without it"
+        )
+    signature = _aot_signature(name, dtype)
+    flags: dict[str, bool | int] = {"HAS_LABELS": features}
+    if name in ("row", "split"):
+        flags.update(HAS_T_ROWS=features, WRITE_SCALED=features, BLOCK_V=block_v)
+    if name in ("row", "merge"):
+        flags["HAS_HIST"] = features
+    if name == "merge":
+        flags["SPLITS_P2"] = 128
+    for k in flags:
+        signature[k] = "constexpr"
+    # The JIT marks pointers and integers divisible by 16 (aligned rows, V % 16 == 0);
+    # without it on the column bound the tail mask blocks vectorised loads.
+    hinted = ("stride_x", "stride_out", "n_cols", "split_len")
+    attrs = {}
+    if aligned:
+        for i, arg in enumerate(kernel.arg_names):
+            if signature[arg].startswith("*") or arg in hinted:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
+
+
+def _ptxas_info(ptx: str, arch: int) -> dict[str, int] | None:
+    """Registers and spill bytes that ptxas reports for ``ptx`` (None without ptxas)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 -- any failure just means "no bundled ptxas"
+        ptxas = shutil.which("ptxas")
+    if not ptxas:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "spill_stores": int(stores.group(1)) if stores else -1,
+        "spill_loads": int(loads.group(1)) if loads else -1,
+    }
+
+
+def aot_report(arch: int = 90) -> list[dict]:
+    """Compile every kernel for ``sm_<arch>`` in every variant CI checks and summarise the
+    PTX: one dict per variant with the vector-load count (``ld.global.v4``), all global
+    loads, and ptxas's register/spill report. Run without ``TRITON_INTERPRET=1``."""
+    variants = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for name in ("row", "split"):
+            for features in (True, False):
+                variants.append((name, dtype, features, True))
+        variants.append(("row", dtype, True, False))
+    variants += [("merge", torch.float32, True, True), ("merge", torch.float32, False, True)]
+    report = []
+    for name, dtype, features, aligned in variants:
+        ptx = aot_compile(name, dtype, arch=arch, features=features, aligned=aligned).asm["ptx"]
+        entry = {
+            "kernel": name, "dtype": str(dtype).removeprefix("torch."), "features": features,
+            "aligned": aligned, "ptx_chars": len(ptx), "ld_global_v4": ptx.count("ld.global.v4"),
+            "ld_global": ptx.count("ld.global"), "st_global_v4": ptx.count("st.global.v4"),
+        }
+        entry.update(_ptxas_info(ptx, arch) or {})
+        report.append(entry)
+    return report

@@ -1,0 +1,245 @@
+"""The demo's tiny LLaVA: a word-level tokenizer, a CLIP image processor and the model config.
+
+Everything is built offline from arguments and saved with ``save_pretrained`` into one
+directory, so the evaluator loads it with the Auto classes exactly like a hub checkpoint::
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+
+Image tokens: the vision tower sees a ``IMAGE_SIZE`` px image cut into
+``(IMAGE_SIZE / PATCH_SIZE)**2`` patches plus a CLS token. With
+``vision_feature_select_strategy="default"`` LLaVA drops the CLS feature, so the processor
+(``patch_size``, ``num_additional_image_tokens=1``, same strategy) expands one ``<image>`` into
+exactly ``NUM_IMAGE_TOKENS`` placeholders, the count ``LlavaModel.get_placeholder_mask`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..eval.prompting import (
+    DEFAULT_ANSWER_PREFIX,
+    IDK_OPTION_TEXT,
+    IMAGE_TOKEN,
+    INSTRUCTION,
+    OPTION_LETTERS,
+)
+from .shapes import IMAGE_SIZE
+
+PATCH_SIZE = 12
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+PAD, BOS, EOS, UNK = SPECIAL_TOKENS[:4]
+
+# Answer prefixes the model is trained with, so the paper's seed prompts and their
+# paraphrases land in familiar territory. The first is the paper's default.
+ANSWER_PREFIXES = (
+    DEFAULT_ANSWER_PREFIX,
+    "The answer is",
+    "The answer might be",
+    "The answer must be",
+    "The correct answer is",
+    "The best answer is",
+    "My answer is",
+    "The answer could be",
+    "The answer should be",
+    "I think the answer is",
+    "The right option is",
+    "Final answer",
+    "The most likely answer is",
+    "Answer with the option letter",
+)
+
+# Words a prompt optimiser or a verbalised-confidence prompt is likely to use; in the
+# vocabulary so that they are not all <unk> (their embeddings stay near initialisation
+# unless they also occur in training).
+EXTRA_WORDS = """
+a an the is are be might must could should would may can will probably likely surely certainly
+perhaps maybe definitely clearly answer answers option options letter choice choose select
+pick correct right best most final my your our I you we think believe guess say respond
+response reply output give provide only just directly single one of this that these those
+question image picture photo shown see look above below in on at to for with without and or
+not no yes if unsure sure confident confidence how what which where why who when please
+based given from as it its let me us step carefully consider considering between percent
+probability number rate scale 0-100 from to very quite fairly somewhat highly less more
+""".split()
+
+_WORD_RE = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
+
+
+def words_of(text: str) -> list[str]:
+    """The word-level pieces the demo tokenizer splits ``text`` into (specials excluded)."""
+    return _WORD_RE.findall(text.replace(IMAGE_TOKEN, " "))
+
+
+def build_vocab(texts: Iterable[str]) -> dict[str, int]:
+    """Word -> id over ``texts`` plus the prompt words; specials first, then sorted words."""
+    words: set[str] = {"\n", *OPTION_LETTERS}
+    for text in [INSTRUCTION, IDK_OPTION_TEXT, *ANSWER_PREFIXES, *EXTRA_WORDS, *texts]:
+        words.update(words_of(text))
+    words.update(w.capitalize() for w in list(words) if w.isalpha() and w.islower())
+    words.update(str(k) for k in range(101))
+    words.difference_update(SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(words):
+        vocab[w] = len(vocab)
+    return vocab
+
+
+def build_tokenizer(vocab: dict[str, int]):
+    """A ``PreTrainedTokenizerFast`` (word level, newline kept as a token, ``<s>`` prepended).
+
+    Left padding, so that batched ``generate`` continues every row from its last prompt token.
+    """
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[ \t\r]+"), "removed"),
+            pre_tokenizers.Split("\n", "isolated"),
+            pre_tokenizers.Split(Regex(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]"), "isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        model_max_length=512,
+    )
+
+
+# Renders a chat exactly as the raw prompt the model was trained on: image placeholders on
+# their own line, then the text; no role markers (the demo model never saw any).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_processor(tokenizer):
+    """A ``LlavaProcessor`` whose image expansion matches the model (``NUM_IMAGE_TOKENS``)."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # The PIL backend: the torchvision one is not a dependency of mllmcal.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(vocab: dict[str, int]):
+    """``LlavaConfig``: 2-layer CLIP tower (64 wide) and a 3-layer Llama (160 wide)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=96,
+    )
+    text = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=160,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=vocab[PAD],
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=vocab[IMAGE_TOKEN],
+        image_seq_length=NUM_IMAGE_TOKENS,
+        vision_feature_select_strategy="default",
+        # The last layer: a 2-layer tower has little to spare for LLaVA's usual -2.
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+
+
+def vocab_from_dataset(data_dir: str | Path) -> dict[str, int]:
+    """The vocabulary of every split JSON in ``data_dir`` (see :func:`build_vocab`)."""
+    texts: list[str] = []
+    for path in sorted(Path(data_dir).glob("*.json")):
+        for item in json.loads(path.read_text()):
+            texts += [turn["value"] for turn in item["conversations"]]
+    if not texts:
+        raise FileNotFoundError(f"no split JSON with items found in {data_dir}")
+    return build_vocab(texts)
+
+
+def init_demo_model(data_dir: str | Path, seed: int = 0):
+    """A freshly initialised ``(model, processor)`` pair over the data set's vocabulary."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    vocab = vocab_from_dataset(data_dir)
+    processor = build_processor(build_tokenizer(vocab))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(build_config(vocab))
+    model.generation_config = GenerationConfig(
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+        do_sample=False,
+        max_new_tokens=20,
+    )
+    return model, processor
+
+
+def save_checkpoint(model, processor, out_dir: str | Path) -> Path:
+    """``save_pretrained`` model and processor (tokenizer included) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

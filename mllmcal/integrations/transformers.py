@@ -534,6 +534,21 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             "alive": torch.stack(run.alive).T,
         }
 
+    def nbytes(self) -> int:
+        """Bytes of device memory held by the records (current and latest run) and the
+        running totals: O(B · steps), independent of the vocabulary."""
+        storages: dict[int, int] = {}
+        runs = [r for r in (self._run, self._last_run) if r is not None]
+        tensors = [t for t in (self._totals, self._token_hist) if t is not None]
+        for r in runs:
+            for name in ("lse", "confidence", "entropy", "prediction", "valid", "alive",
+                         "z_token", "tokens"):
+                tensors.extend(getattr(r, name))
+        for t in tensors:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
+
     # ------------------------------------------------------------------ monitoring
 
     @property

@@ -1,0 +1,63 @@
+"""CLI smoke tests: eval on a tiny checkpoint, report, fit, bench and error messages."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from mllmcal.cli import main
+from mllmcal.eval.tiny import build_tiny_checkpoint
+
+
+def _data(d):
+    (d / "images").mkdir(parents=True)
+    items = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(d / "images" / f"{i}.png")
+        items.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour ?\n(A) red\n(B) blue"},
+            {"from": "gpt", "value": "AB"[i % 2]}]})
+    (d / "test.json").write_text(json.dumps(items))
+    (d / "calib.json").write_text(json.dumps(items))
+
+
+def test_eval_report_fit_via_cli(tmp_path, capsys):
+    _data(tmp_path / "data")
+    model = build_tiny_checkpoint(tmp_path / "m", ["What colour ? red blue"], multimodal=False)
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
+               "--no-progress", "--no-plots", "--batch-size", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ece_after_temperature" in text and "report:" in text
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["n_items"] == 6 and summary["modality"] == "text"
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").is_file() and "accuracy" in capsys.readouterr().out
+    assert main(["fit", "--model", str(model), "--data", str(tmp_path / "data"),
+                 "--out", str(out), "--temperature-method", "newton"]) == 0
+    fit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fit["temperature"] > 0 and fit["n_items"] == 6
+
+
+def test_broken_inputs_give_clear_messages(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('[{"id": 1,\n "question": }]')
+    model = build_tiny_checkpoint(tmp_path / "m", ["x"], multimodal=False)
+    rc = main(["eval", "--model", str(model), "--test", str(tmp_path / "bad.json"),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "bad.json:2: invalid JSON" in capsys.readouterr().err
+    _data(tmp_path / "data")
+    rc = main(["eval", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not a local checkpoint directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point_and_bench():
+    r = subprocess.run([sys.executable, "-m", "mllmcal", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mllmcal", "bench", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0

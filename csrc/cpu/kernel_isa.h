@@ -121,7 +121,7 @@ struct Io<kBF16> {
 // Pass 1 over a block: z = x / T into zbuf (read in x's dtype, converted in registers),
 // the block max (NaN ignored here) and whether any z is NaN.
 template <int DT, bool kDivide>
-static inline float load_block(const typename Io<DT>::T* __restrict xb, int len, float temperature,
+__attribute__((noinline)) static float load_block(const typename Io<DT>::T* __restrict xb, int len, float temperature,
                                float* __restrict zbuf, int* any_nan) {
   float mb = -INFINITY;
   int nan = 0;
@@ -137,6 +137,39 @@ static inline float load_block(const typename Io<DT>::T* __restrict xb, int len,
   return mb;
 }
 
+// The scaled copy: zbuf rounded to the output dtype.
+template <int DT>
+__attribute__((noinline)) static void store_block(const float* __restrict zbuf, int len,
+                                                  typename Io<DT>::T* __restrict ob) {
+#pragma omp simd
+  for (int j = 0; j < len; ++j) ob[j] = Io<DT>::store(zbuf[j]);
+}
+
+// e = exp(z − mb) over one block and the sums s, a, b, q relative to mb.
+// `e > 0` guards the terms that underflow (or are −inf): their d may be −inf or huge,
+// and they must add exactly 0, never 0·inf.
+// Kept out of line so that the vectoriser sees this loop alone: inlined into `chunk`,
+// GCC unswitched the block loop and left the copy it took most often scalar.
+__attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
+                                                 Partial* __restrict out) {
+  float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
+#pragma omp simd reduction(+ : s, a, b, q)
+  for (int j = 0; j < len; ++j) {
+    const float d = zbuf[j] - mb;
+    const float e = exp_nonpos(d);
+    const float dz = e > 0.0f ? d : 0.0f;
+    const float ed = e * dz;
+    s += e;
+    a += ed;
+    b += ed * dz;
+    q += e * e;
+  }
+  out->s = s;
+  out->a = a;
+  out->b = b;
+  out->q = q;
+}
+
 template <int DT>
 static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, bool divide,
                   int64_t label, void* out_row, Partial* result) {
@@ -150,12 +183,8 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     int any_nan = 0;
     const float mb = divide ? load_block<DT, true>(x + j0, len, temperature, zbuf, &any_nan)
                             : load_block<DT, false>(x + j0, len, temperature, zbuf, &any_nan);
-    if (out != nullptr) {
-      // After the read of this block into zbuf, so `out` may alias `x`.
-      T* ob = out + j0;
-#pragma omp simd
-      for (int j = 0; j < len; ++j) ob[j] = Io<DT>::store(zbuf[j]);
-    }
+    // After the read of this block into zbuf, so `out` may alias `x`.
+    if (out != nullptr) store_block<DT>(zbuf, len, out + j0);
     if (label >= j0 && label < j0 + len) {
       acc.z_label = zbuf[label - j0];
       acc.has_label = true;
@@ -166,26 +195,9 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     if (acc.bad || mb == -INFINITY) continue;
 
     // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max.
-    // `e > 0` guards the terms that underflow (or are −inf): their d may be −inf or huge,
-    // and they must add exactly 0, never 0·inf.
-    float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
-#pragma omp simd reduction(+ : s, a, b, q)
-    for (int j = 0; j < len; ++j) {
-      const float d = zbuf[j] - mb;
-      const float e = exp_nonpos(d);
-      const float dz = e > 0.0f ? d : 0.0f;
-      const float ed = e * dz;
-      s += e;
-      a += ed;
-      b += ed * dz;
-      q += e * e;
-    }
     Partial blk;
+    block_sums(zbuf, len, mb, &blk);
     blk.m = mb;
-    blk.s = s;
-    blk.a = a;
-    blk.b = b;
-    blk.q = q;
     blk.has_label = false;
     blk.bad = false;
     // Only a block whose max strictly beats everything before it can hold the row's

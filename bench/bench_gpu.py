@@ -12,8 +12,12 @@ The work is in mllmcal.benchmarks (also `mllmcal bench`).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from mllmcal.benchmarks import run_suite, write_autotune_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from mllmcal.benchmarks import run_suite, write_autotune_table  # noqa: E402
 
 
 def main() -> None:

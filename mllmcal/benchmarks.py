@@ -281,9 +281,9 @@ def markdown_table(doc: dict) -> str:
         cells = [f"{row[b]['median_us']:.1f}" if b in row else "-" for b in backends]
         fused = [r for b, r in row.items() if b not in ("eager", "compile")]
         best = min(fused, key=lambda r: r["median_us"]) if fused else None
-        bw = (f"{best['backend']}: {best['gbps']:.0f} ({best['bandwidth_fraction']:.0%})"
+        bw = (f"{best['backend']}: {best['gbps']:.3g} ({best['bandwidth_fraction']:.1%})"
               if best else "-")
-        sp = f"{best['speedup_vs_eager']:.1f}x" if best and best["speedup_vs_eager"] else "-"
+        sp = f"{best['speedup_vs_eager']:.3g}x" if best and best["speedup_vs_eager"] else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells)
                      + f" | {bw} | {sp} |")
     return "\n".join(lines)

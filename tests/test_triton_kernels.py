@@ -89,9 +89,9 @@ def test_odd_vocab_sizes_match_reference(forced, knobs, dtype, v, n, block_v, pe
 def test_hostile_inputs_match_reference(forced, knobs, dtype, kind):
     # 333 columns in blocks of 128: three chunks per row, and up to three splits.
     forced(block_v=128, **knobs)
-    x = make_logits(12, 333, dtype, kind, seed=sum(map(ord, kind)), device=DEVICE)
-    y = make_labels(12, 333, seed=3, device=DEVICE)
-    t = (torch.rand(12, generator=torch.Generator().manual_seed(1)) * 2 + 0.25).to(DEVICE)
+    x = make_logits(9, 333, dtype, kind, seed=sum(map(ord, kind)), device=DEVICE)
+    y = make_labels(9, 333, seed=3, device=DEVICE)
+    t = (torch.rand(9, generator=torch.Generator().manual_seed(1)) * 2 + 0.25).to(DEVICE)
     hist = torch.randint(0, 5, (3, 10), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     before = hist.clone()
     s = _stats(x, y, t, histogram=hist)
@@ -182,7 +182,7 @@ def test_histogram_adds_are_exact_per_path_and_invariant_to_row_batches():
         hists.append(hist)
         # Batches of rows in any split add up to the same integers (same path, same knobs).
         halves = torch.zeros_like(hist)
-        for rows in (slice(0, 4), slice(4, 7), slice(7, 10)):
+        for rows in (slice(0, 4), slice(4, 10)):
             _ORIGINAL_INTO(x[rows], y[rows], 1.0, None, fstats[:, rows].contiguous(),
                            pred[rows].clone(), flags[rows].clone(), None, halves, -100,
                            block_v=64, **knobs)
@@ -195,9 +195,11 @@ def test_histogram_adds_are_exact_per_path_and_invariant_to_row_batches():
     assert int(hists[0][0].sum()) == int(keep.sum())
 
 
-def test_auto_knobs_match_reference_on_both_sides_of_the_path_choice():
-    # Default block size and path: 3 rows (split path) and 300 rows (row path).
-    for n, v in ((3, 9000), (300, 33)):
+def test_auto_knobs_match_reference_on_both_sides_of_the_path_choice(monkeypatch):
+    # Default block size and path choice, on a pretend 4-SM GPU so that few rows reach
+    # the row path: 3 rows -> split path, 9 rows (>= 2 * SMs) -> row path.
+    monkeypatch.setattr(K, "DEFAULT_SM_COUNT", 4)
+    for n, v in ((3, 9000), (9, 33)):
         x = make_logits(n, v, torch.bfloat16, "masked", seed=n, device=DEVICE)
         y = make_labels(n, v, seed=n, device=DEVICE)
         assert K.choose_path(n, v, K.DEFAULT_SM_COUNT, K.default_block_v(v))[0] == (
@@ -233,10 +235,10 @@ def test_bad_knobs_are_clear_errors():
     v=st.integers(1, 700),
     dtype=st.sampled_from(DTYPES),
     path=st.sampled_from(["row", "split"]),
-    block_v=st.sampled_from([16, 64, 256]),
+    block_v=st.sampled_from([64, 256]),
     mask_frac=st.floats(0.0, 0.95),
     scale=st.floats(0.1, 40.0),
-    temperature=st.floats(0.05, 5.0),
+    temperature=st.one_of(st.just(1.0), st.floats(0.05, 5.0)),
     seed=st.integers(0, 2**16),
 )
 def test_property_random_rows_match_reference(

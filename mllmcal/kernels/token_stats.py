@@ -128,7 +128,8 @@ _MEAN, _VAR = tl.constexpr(MEAN), tl.constexpr(VAR)
 @triton.jit
 def _scan_columns(
     x_ptr, out_ptr, c_begin, c_end, t, y,
-    WANT_LABEL: tl.constexpr, WRITE_SCALED: tl.constexpr, BLOCK_V: tl.constexpr,
+    WANT_LABEL: tl.constexpr, WRITE_SCALED: tl.constexpr, APPLY_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Online-softmax state of columns [c_begin, c_end) of one row (pointers at column 0).
 
@@ -151,7 +152,11 @@ def _scan_columns(
         x = tl.load(x_ptr + cols, mask=inb, other=float("-inf"))
         # The contract's z = x / T is a correctly rounded fp32 division (as torch does it),
         # so the scaled write and the statistics see exactly the reference's z.
-        z = tl.math.div_rn(x.to(tl.float32), t)
+        # T == 1 (the common decode case) skips the division: x / 1 is exact.
+        if APPLY_T:
+            z = tl.math.div_rn(x.to(tl.float32), t)
+        else:
+            z = x.to(tl.float32)
         if WRITE_SCALED:
             tl.store(out_ptr + cols, z.to(out_ptr.dtype.element_ty), mask=inb)
         if WANT_LABEL:
@@ -263,14 +268,14 @@ def token_stats_row_kernel(
     fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
     n_rows, n_cols, n_bins, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_T_ROWS: tl.constexpr, WRITE_SCALED: tl.constexpr,
-    HAS_HIST: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_HIST: tl.constexpr, APPLY_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Path "row": program r computes every output of row r. Grid ``(N,)``."""
     row = tl.program_id(0).to(tl.int64)  # row * stride can exceed 2^31
     t, y = _row_params(row, labels_ptr, t_ptr, t_scalar, ignore_index, HAS_LABELS, HAS_T_ROWS)
     m, idx, s, a, b, q, zy = _scan_columns(
         x_ptr + row * stride_x, out_ptr + row * stride_out, 0, n_cols, t, y,
-        HAS_LABELS, WRITE_SCALED, BLOCK_V,
+        HAS_LABELS, WRITE_SCALED, APPLY_T, BLOCK_V,
     )
     _finalize(row, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
               n_rows, n_bins, ignore_index, HAS_LABELS, HAS_HIST)
@@ -282,7 +287,7 @@ def token_stats_split_kernel(
     ws_f_ptr, ws_i_ptr, ws_zy_ptr,
     n_cols, split_len, n_splits, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_T_ROWS: tl.constexpr, WRITE_SCALED: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    APPLY_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Path "split", step 1: program (r, k) scans columns [k*L, min((k+1)*L, V)) of row r.
 
@@ -297,7 +302,7 @@ def token_stats_split_kernel(
     c_end = tl.minimum(c_begin + split_len, n_cols)
     m, idx, s, a, b, q, zy = _scan_columns(
         x_ptr + row * stride_x, out_ptr + row * stride_out, c_begin, c_end, t, y,
-        HAS_LABELS, WRITE_SCALED, BLOCK_V,
+        HAS_LABELS, WRITE_SCALED, APPLY_T, BLOCK_V,
     )
     slot = row * n_splits + split
     tl.store(ws_f_ptr + slot * 5 + 0, m)
@@ -464,13 +469,14 @@ def token_stats_into(
     hist_arg = hist if has_hist else dummy
     n_bins = hist.shape[1] if has_hist else 1
     t_scalar = float(temperature)
+    apply_t = has_t_rows or t_scalar != 1.0
 
     if path == "row":
         token_stats_row_kernel[(n,)](
             x, x.stride(0), out_arg, stride_out, labels_arg, t_arg, t_scalar,
             fstats, pred, flags, hist_arg, n, v, n_bins, ignore_index,
             HAS_LABELS=has_labels, HAS_T_ROWS=has_t_rows, WRITE_SCALED=write_scaled,
-            HAS_HIST=has_hist, BLOCK_V=block_v, num_warps=num_warps,
+            HAS_HIST=has_hist, APPLY_T=apply_t, BLOCK_V=block_v, num_warps=num_warps,
         )
         return
 
@@ -488,7 +494,7 @@ def token_stats_into(
         x, x.stride(0), out_arg, stride_out, labels_arg, t_arg, t_scalar,
         ws_f, ws_i, ws_zy, v, split_len, splits, ignore_index,
         HAS_LABELS=has_labels, HAS_T_ROWS=has_t_rows, WRITE_SCALED=write_scaled,
-        BLOCK_V=block_v, num_warps=num_warps,
+        APPLY_T=apply_t, BLOCK_V=block_v, num_warps=num_warps,
     )
     splits_p2 = max(16, triton.next_power_of_2(splits))
     token_stats_merge_kernel[(n,)](
@@ -554,7 +560,9 @@ def aot_compile(
     signature = _aot_signature(name, dtype)
     flags: dict[str, bool | int] = {"HAS_LABELS": features}
     if name in ("row", "split"):
-        flags.update(HAS_T_ROWS=features, WRITE_SCALED=features, BLOCK_V=block_v)
+        flags.update(
+            HAS_T_ROWS=features, WRITE_SCALED=features, APPLY_T=features, BLOCK_V=block_v
+        )
     if name in ("row", "merge"):
         flags["HAS_HIST"] = features
     if name == "merge":

@@ -1,0 +1,222 @@
+"""Kernel-specific cases of the C++ CPU backend (``backend="cpu"``, ``mllmcal._C``).
+
+``tests/test_ops.py`` already runs the backend against the float64 oracle on the shared
+cases; this file pins down what is particular to this kernel: both work paths (one chunk
+per row, and vocabularies split across threads with merged partials), every instruction
+set the CPU can run, block and chunk edges, maxima that move late, huge logits, the
+fp16/bf16 conversions bit for bit, and thread-count independence of histograms.
+
+N·V > 2^31 is argued rather than allocated (CI has no room for a 8 GiB tensor): every
+element offset in csrc/cpu is formed in int64 (`i * row_stride` in run_chunk, column
+indices `j0`, `c0`, `c1`, labels and argmax are int64); only the in-block index is an
+int, and it is bounded by the block size (2048).
+"""
+
+import pytest
+import torch
+
+import mllmcal
+from mllmcal import _contract as C
+from mllmcal import _cpp
+from mllmcal.testing import assert_matches_reference, make_labels, make_logits
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in mllmcal.available_backends("cpu"), reason=f"mllmcal._C: {_cpp.unavailable_reason()}"
+)
+
+ISAS = _cpp._load().supported_isas() if _cpp.unavailable_reason() is None else []
+
+
+def run(x, labels=None, temperature=1.0, *, scaled_out=None, hist=None, **kw):
+    """Call the kernel directly (bypassing ops), returning a TokenStats-like object."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    t_rows = temperature.float().contiguous() if isinstance(temperature, torch.Tensor) else None
+    t = 1.0 if t_rows is not None else float(temperature)
+    fstats = torch.full((C.N_FSTATS, n), 123.0)  # garbage: the kernel must overwrite it
+    pred = torch.full((n,), 77, dtype=torch.int64)
+    flags = torch.full((n,), 255, dtype=torch.uint8)
+    _cpp.token_stats_into(x2, labels, t, t_rows, fstats, pred, flags, scaled_out, hist,
+                          C.IGNORE_INDEX, **kw)
+    valid = (flags & C.FLAG_VALID) != 0
+    return mllmcal.TokenStats(
+        logsumexp=fstats[C.LSE], confidence=fstats[C.CONF], prediction=pred,
+        entropy=fstats[C.ENT], valid=valid, logit_mean=fstats[C.MEAN], logit_var=fstats[C.VAR],
+        label_logprob=None if labels is None else fstats[C.LABEL_LOGPROB],
+        correct=None if labels is None else (flags & C.FLAG_CORRECT) != 0,
+        brier=None if labels is None else fstats[C.BRIER], backend="cpu",
+    )
+
+
+PATHS = [
+    {"mode": "rows", "num_threads": 1},
+    {"mode": "rows", "num_threads": 2},
+    {"mode": "split", "num_threads": 2},  # automatic chunk width
+    {"mode": "split", "num_threads": 2, "chunk_columns": 2048},  # chunk edge = block edge
+    {"mode": "split", "num_threads": 3, "chunk_columns": 1000},  # edges inside blocks
+]
+
+
+def test_kernel_reports_an_instruction_set_this_cpu_supports():
+    assert _cpp.kernel_isa() in ISAS
+    assert "generic" in ISAS
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize("kind", ["normal", "masked", "nan", "peaked", "ties"])
+def test_every_path_and_isa_matches_reference(isa, path, kind):
+    dtype = {"normal": torch.float32, "masked": torch.bfloat16, "nan": torch.float16}.get(kind, torch.float32)
+    x = make_logits(5, 9001, dtype, kind, seed=len(kind))
+    y = make_labels(5, 9001, seed=4)
+    t = torch.tensor([0.7, 1.0, 1.9, 0.3, 5.0])
+    s = run(x, y, t, isa=isa, **path)
+    assert_matches_reference(s, x, y, t)
+
+
+@pytest.mark.parametrize("v", [131075, 262144])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocabularies_on_both_paths(v, dtype):
+    x = make_logits(2, v, dtype, "masked", seed=v)
+    y = make_labels(2, v, seed=v, ignore_frac=0.0)
+    for path in ({"mode": "rows"}, {"mode": "split", "num_threads": 2}):
+        s = run(x, y, 1.1, **path)
+        assert_matches_reference(s, x, y, 1.1)
+
+
+def test_split_and_row_paths_agree_to_rounding():
+    x = make_logits(3, 50001, torch.float32, "normal", seed=9)
+    y = make_labels(3, 50001, seed=9, ignore_frac=0.0)
+    a = run(x, y, 0.9, mode="rows")
+    b = run(x, y, 0.9, mode="split", num_threads=2, chunk_columns=4096)
+    assert torch.equal(a.prediction, b.prediction)
+    for name in ("logsumexp", "confidence", "entropy", "logit_mean", "logit_var", "brier"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-6)
+
+
+def _late_max_rows(v: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(6, v, generator=g, dtype=torch.float64)
+    rows[0, -1] = 40.0  # the max is the very last column
+    rows[1] = torch.linspace(-50.0, 50.0, v, dtype=torch.float64)  # the max grows in every block
+    rows[2, : v // 2] = float("-inf")  # the first half (several whole blocks) is masked
+    rows[3, : v - 1] = float("-inf")  # only the last column is live
+    rows[4, 7] = rows[4, v - 3] = 30.0  # equal maxima in the first and last chunk: 7 wins
+    rows[5, 2047] = rows[5, 2048] = 30.0  # equal maxima across a block edge: 2047 wins
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", PATHS[::2], ids=["rows1", "split-auto", "split-1000"])
+def test_maxima_that_move_late_or_tie_across_edges(dtype, path):
+    v = 20011
+    x = _late_max_rows(v).to(dtype)
+    y = torch.tensor([v - 1, 5, v - 2, v - 1, 7, 2048])
+    s = run(x, y, 1.0, **path)
+    assert_matches_reference(s, x, y, 1.0)
+    assert s.prediction.tolist()[:1] == [v - 1] and s.prediction[4] == 7 and s.prediction[5] == 2047
+    assert s.prediction[3] == v - 1
+    if dtype == torch.float32:  # in 16-bit the ramp's top values round to ties
+        assert s.prediction[1] == v - 1
+
+
+@pytest.mark.parametrize("path", PATHS[::2], ids=["rows1", "split-auto", "split-1000"])
+def test_huge_logits_near_the_fp32_range(path):
+    v = 6000
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(4, v, generator=g) * 2 - 1) * 3.0e38  # z − max can overflow to −inf
+    x[1] = torch.randn(v, generator=g) + 1.0e30  # huge offset, ordinary spread
+    x[2, 100] = 3.4e38  # one enormous logit
+    x[3] = -3.0e38  # all equal and hugely negative: uniform distribution
+    y = torch.tensor([0, 1, 100, v - 1])
+    s = run(x, y, 1.0, **path)
+    assert s.valid.all()
+    assert_matches_reference(s, x, y, 1.0)
+    # A temperature that pushes x / T past fp32 makes ±inf: a +inf row is invalid and an
+    # all −inf row too, as in the oracle; row 1 (1e33) stays finite.
+    s = run(x, y, 1e-3, **path)
+    assert_matches_reference(s, x, y, 1e-3)
+    assert s.valid.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("path", PATHS[::2], ids=["rows1", "split-auto", "split-1000"])
+def test_invalid_values_in_a_late_chunk_poison_only_their_row(path):
+    v = 9000
+    x = make_logits(4, v, torch.float32, "normal", seed=1)
+    x[0, v - 2] = float("nan")
+    x[1, 8500] = float("inf")
+    x[2, :] = float("-inf")
+    x[3, :5000] = float("-inf")  # a whole masked chunk, then live values
+    y = torch.tensor([0, 1, 2, 6000])
+    hist = torch.zeros(3, 10, dtype=torch.long)
+    s = run(x, y, 1.0, hist=hist, **path)
+    assert s.valid.tolist() == [False, False, False, True]
+    assert s.prediction[:3].tolist() == [-1, -1, -1]
+    assert torch.isnan(torch.stack([s.logsumexp, s.entropy, s.brier])[:, :3]).all()
+    assert hist[0].sum() == 1
+    assert_matches_reference(s, x, y, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(16, 4096).clone()
+    out = torch.empty_like(x)
+    run(x, None, 1.0, scaled_out=out, mode="rows")  # T = 1: reading and writing round-trip
+    nan = torch.isnan(x.float())
+    assert torch.equal(out.view(torch.int16)[~nan], x.view(torch.int16)[~nan])
+    assert torch.isnan(out.float()[nan]).all()
+    # T != 1: every fp32 quotient is rounded to the dtype exactly like torch rounds it.
+    for t in (0.37, 3.0, 1e-3):
+        run(x, None, t, scaled_out=out, mode="rows")
+        expect = (x.float() / torch.tensor(t, dtype=torch.float32)).to(dtype)
+        enan = torch.isnan(expect.float())
+        assert torch.equal(torch.isnan(out.float()), enan)
+        assert torch.equal(out.view(torch.int16)[~enan], expect.view(torch.int16)[~enan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_scaled_out_in_place_on_the_split_path_keeps_the_label_logit(dtype):
+    x = make_logits(2, 12000, dtype, "masked", seed=8)
+    y = make_labels(2, 12000, seed=8, ignore_frac=0.0)
+    orig = x.clone()
+    t = torch.tensor([0.5, 2.5])
+    s = run(x, y, t, scaled_out=x, mode="split", num_threads=2, chunk_columns=3000)
+    assert_matches_reference(s, orig, y, t, scaled_out=x)
+
+
+def test_fp32_statistics_are_tighter_than_the_shared_tolerance():
+    x = make_logits(8, 32768, torch.float32, "normal", seed=21)
+    y = make_labels(8, 32768, seed=21, ignore_frac=0.0)
+    s = run(x, y, 1.0)
+    ref = mllmcal.reference.token_stats(x, y)
+    for name in ("logsumexp", "confidence", "entropy", "label_logprob"):
+        torch.testing.assert_close(getattr(s, name).double(), getattr(ref, name), rtol=2e-6, atol=0)
+
+
+def test_histograms_do_not_depend_on_thread_count():
+    x = make_logits(64, 3001, torch.float32, "masked", seed=6)
+    y = make_labels(64, 3001, seed=6)
+    hists = []
+    for threads in (1, 2):
+        h = torch.zeros(3, 15, dtype=torch.long)
+        s = run(x, y, 0.8, hist=h, num_threads=threads)
+        hists.append(h)
+        assert_matches_reference(s, x, y, 0.8, hist=h)
+    assert torch.equal(hists[0], hists[1])
+    assert hists[0][0].sum() == (y != C.IGNORE_INDEX).sum()
+
+
+def test_binding_rejects_bad_structural_arguments():
+    ext = _cpp._load()
+    x = torch.zeros(2, 3)
+    f, p, fl = torch.empty(7, 2), torch.empty(2, dtype=torch.long), torch.empty(2, dtype=torch.uint8)
+    common = dict(labels=0, temperature=1.0, temperature_rows=0, fstats=f.data_ptr(),
+                  pred=p.data_ptr(), flags=fl.data_ptr(), scaled_out=0, out_row_stride=0,
+                  hist=0, n_bins=0, ignore_index=-100)
+    with pytest.raises(ValueError, match="dtype code"):
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=7, **common)
+    with pytest.raises(ValueError, match="x_row_stride"):
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=2, dtype=0, **common)
+    with pytest.raises(ValueError, match="ISA"):
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0, isa="sve", **common)

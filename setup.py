@@ -37,6 +37,17 @@ def _find_nvcc() -> str | None:
     return None
 
 
+def _cuda_home(nvcc: str) -> str:
+    """The toolkit root (with include/cuda_runtime.h). Not always nvcc's parent: nvcc on
+    PATH may be a wrapper script (e.g. /usr/local/bin/nvcc exec'ing the real one)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    raise RuntimeError(f"no CUDA toolkit (include/cuda_runtime.h) found for {nvcc}; set CUDA_HOME")
+
+
 def _want_cuda() -> tuple[bool, str | None]:
     flag = os.environ.get("MLLMCAL_BUILD_CUDA", "").strip()
     nvcc = _find_nvcc()
@@ -98,7 +109,7 @@ def _extensions():
     build_cuda, nvcc = _want_cuda()
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
     if build_cuda and cu:
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        cuda_home = _cuda_home(nvcc)
         lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
                     if os.path.isdir(d)]
         exts.append(

@@ -308,5 +308,7 @@ def test_every_kernel_compiles_ahead_of_time_for_sm90_without_spills():
         if r["kernel"] != "merge" and r["aligned"]:
             # 16-byte vector loads of the logits: 8 fp32 or 8 16-bit elements per thread.
             assert r["ld_global_v4"] >= 1, r
+        if r["kernel"] != "merge":
+            assert r["mul_lo_s64"] >= 1, r  # row * stride in 64 bits (N * V > 2^31)
         if "spill_stores" in r:
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r

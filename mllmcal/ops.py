@@ -116,15 +116,30 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS[1:] if _device_reason(b, device) is None]
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
+def _auto_order(device: torch.device, n: int, v: int, dtype: torch.dtype) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("triton", "cuda", "torch")
+        # Triton vs CUDA per shape, from the table a GPU benchmark run wrote.
+        from ._autotune import preferred_cuda_backend
+
+        first = preferred_cuda_backend(n, v, dtype, _device_name(device))
+        return (first, "cuda" if first == "triton" else "triton", "torch")
     if device.type == "cpu":
         return ("cpu", "torch")
     return ("torch",)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+_device_names: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device not in _device_names:
+        _device_names[device] = torch.cuda.get_device_name(device)
+    return _device_names[device]
+
+
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, n: int = 1, v: int = 1
+) -> str:
     """Turn a requested backend into the one that will run; raise if it cannot."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -137,7 +152,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if dtype == torch.float64:
         return "torch"  # fp64 is the oracle's precision; only the composite takes it
     if backend == "auto":
-        for b in _auto_order(device):
+        for b in _auto_order(device, n, v, dtype):
             if _device_reason(b, device) is None:
                 return b
         return "torch"
@@ -290,7 +305,7 @@ def token_stats(
         if out2d.stride(1) != 1 or out2d.data_ptr() != scaled_out.data_ptr():
             raise ValueError("scaled_out must have a stride-1 last dimension and be viewable as [N, V]")
 
-    name = resolve_backend(backend, device, x.dtype)
+    name = resolve_backend(backend, device, x.dtype, n, v)
     fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=device)
     pred = torch.empty(n, dtype=torch.int64, device=device)
     flags = torch.empty(n, dtype=torch.uint8, device=device)

@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-# Triton runs on the CPU only through its interpreter, which must be switched on before
-# triton (or mllmcal.kernels) is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton runs only through its interpreter, which must be switched on before
+# triton (or mllmcal.kernels) is first imported. With a GPU the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 

@@ -6,7 +6,8 @@ the state keeps three int64 numbers: the count, Σ confidence in units of 2**-32
 Σ correct. Besides the histogram it keeps four int64 totals for the rows scored through
 :meth:`CalibrationState.update_logits` (the number of rows with a full distribution, Σ NLL in
 units of 2**-24, Σ Brier in units of 2**-30 and the number of rows whose NLL is infinite or
-above 2**31 nats).
+above 2**31 nats). Each row's NLL and Brier value is rounded to its fixed-point integer as
+floor(x·scale + 0.5) after clamping fp32 round-off below 0 to 0.
 
 Why integers: a float sum depends on the order of its terms, so two processes that saw the
 same tokens in a different split would disagree in the last bits. Each row's value is rounded
@@ -32,7 +33,8 @@ BRIER_FIXED_POINT_SCALE = 2.0**30
 # A finite NLL above this many nats is counted as "overflow" (treated as infinite): its
 # fixed-point value would not leave room to sum ~2**7 such rows in an int64.
 NLL_OVERFLOW_NATS = 2.0**31
-_N_SCORED, _SUM_NLL, _SUM_BRIER, _N_NLL_OVERFLOW = range(4)
+# totals layout: rows whose NLL was summed, rows scored, Σ NLL, Σ Brier (fixed point).
+_N_NLL_FINITE, _N_SCORED, _SUM_NLL, _SUM_BRIER = range(4)
 _FORMAT = "mllmcal.CalibrationState/1"
 _NORMS = ("l1", "l2", "max")
 
@@ -107,6 +109,25 @@ class CalibrationState:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.hist = torch.zeros(3, self.n_bins, dtype=torch.int64, device=dev)
         self.totals = torch.zeros(4, dtype=torch.int64, device=dev)
+
+    def _consts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Cached per device: building them in the decode loop would be host-to-device copies.
+        if getattr(self, "_consts_t", None) is None or self._consts_t[0].device != self.device:
+            self._consts_t = (
+                torch.tensor([[NLL_FIXED_POINT_SCALE], [BRIER_FIXED_POINT_SCALE]],
+                             dtype=torch.float64, device=self.device),
+                torch.tensor([[NLL_OVERFLOW_NATS], [math.inf]], dtype=torch.float64,
+                             device=self.device),
+            )
+        return self._consts_t
+
+    @property
+    def _scales(self) -> torch.Tensor:
+        return self._consts()[0]
+
+    @property
+    def _limits(self) -> torch.Tensor:
+        return self._consts()[1]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -199,17 +220,17 @@ class CalibrationState:
     def _add_scores(self, label_logprob: torch.Tensor, brier: torch.Tensor) -> None:
         # Brier is NaN exactly on the rows the histogram skipped (invalid or ignored label);
         # label_logprob is additionally -inf where the label token was masked.
-        keep = ~torch.isnan(brier)
-        nll = -label_logprob.double()
-        finite = keep & (nll < NLL_OVERFLOW_NATS)  # False for NaN and +inf
-        zero = torch.zeros_like(nll)
-        nll_fixed = torch.round(torch.where(finite, nll, zero) * NLL_FIXED_POINT_SCALE).long()
-        brier_fixed = torch.round(
-            torch.where(keep, brier.double(), zero) * BRIER_FIXED_POINT_SCALE
-        ).long()
-        self.totals += torch.stack(
-            (keep.sum(), nll_fixed.sum(), brier_fixed.sum(), (keep & ~finite).sum())
-        )
+        # Both rows go through one [2, N] pipeline with few elementwise launches: for the
+        # small N of a decode step, launch overhead, not arithmetic, is the cost.
+        # Row 0: NLL, counted when finite and < 2**31 nats; row 1: Brier, NaN exactly on the
+        # rows the histogram skipped (invalid or ignored label).
+        vals = torch.stack((label_logprob, brier)).double()
+        vals[0].neg_()
+        ok = vals < self._limits  # False for NaN and +inf
+        # NLL and Brier are >= 0 in exact arithmetic; clamping fp32 round-off at 0 lets the
+        # truncating cast implement floor(x·scale + 0.5), a fixed, order-free rounding.
+        fixed = torch.where(ok, vals, 0.0).clamp_min_(0.0).mul_(self._scales).add_(0.5).long()
+        self.totals += torch.cat((ok.sum(1), fixed.sum(1)))
 
     # ------------------------------------------------------------------ merging
 
@@ -282,7 +303,7 @@ class CalibrationState:
             "n_scored": t[_N_SCORED],
             "sum_nll_fixed": t[_SUM_NLL],
             "sum_brier_fixed": t[_SUM_BRIER],
-            "n_nll_overflow": t[_N_NLL_OVERFLOW],
+            "n_nll_overflow": t[_N_SCORED] - t[_N_NLL_FINITE],
         }
 
     @classmethod
@@ -302,7 +323,8 @@ class CalibrationState:
             s.hist[row] = torch.tensor(vals, dtype=torch.int64)
         s.totals.copy_(
             torch.tensor(
-                [d["n_scored"], d["sum_nll_fixed"], d["sum_brier_fixed"], d["n_nll_overflow"]],
+                [d["n_scored"] - d["n_nll_overflow"], d["n_scored"], d["sum_nll_fixed"],
+                 d["sum_brier_fixed"]],
                 dtype=torch.int64,
             )
         )
@@ -377,7 +399,7 @@ class CalibrationState:
         """Mean negative log-likelihood (nats) of the rows added with :meth:`update_logits`;
         ``inf`` if any label had probability 0 (or an NLL above 2**31 nats)."""
         n = self._require_scored()
-        if int(self.totals[_N_NLL_OVERFLOW]):
+        if int(self.totals[_N_NLL_FINITE]) != n:
             return math.inf
         return float(self.totals[_SUM_NLL].double() / NLL_FIXED_POINT_SCALE) / n
 

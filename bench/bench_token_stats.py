@@ -1,0 +1,198 @@
+"""Benchmark of ``token_stats`` on the CPU: the C++ kernel and the torch composite
+against what users write today. Not a test: it asserts nothing about speed.
+
+Contenders, on the same tensor in the same run (the baselines are imported from
+``mllmcal.testing`` so the thing measured is the thing tested):
+
+* ``cpu``      -- ``mllmcal.token_stats(..., backend="cpu")`` (the C++/OpenMP kernel)
+* ``torch``    -- ``mllmcal.token_stats(..., backend="torch")`` (chunked fp32 composite)
+* ``eager``    -- ``eager_composite``: log_softmax, max, entropy, gather, Brier in eager torch
+* ``compiled`` -- ``torch.compile(eager_composite)``
+* ``exp``      -- ``torch.exp(x)``: the floor of any one-exp-per-element pass
+* ``exp_out``  -- ``torch.exp(x, out=buf)``: the same without allocating the output
+
+Methods are timed round-robin (one call of each per round) so that load from other
+processes hits all of them alike; the table gives medians and ratios from one run.
+
+    python bench/bench_token_stats.py            # prints the table, writes the JSON
+    python bench/bench_token_stats.py --quick    # fewer rounds, no torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import mllmcal
+from mllmcal.testing import eager_composite, make_labels, make_logits
+
+SHAPES: list[tuple[tuple[int, int], torch.dtype]] = [
+    ((64, 131072), torch.float32),
+    ((64, 131072), torch.bfloat16),
+    ((1, 131072), torch.float32),
+    ((1, 131072), torch.bfloat16),
+    ((256, 32000), torch.float32),
+]
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu_token_stats.json"
+
+
+def make_case(shape: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    n, v = shape
+    return make_logits(n, v, dtype, "normal", seed=n + v), make_labels(n, v, seed=n, ignore_frac=0.0)
+
+
+def contenders(
+    x: torch.Tensor, y: torch.Tensor, compile_baseline: bool, threads: int
+) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables, one per method, all on the same ``x``/``y``."""
+    out = torch.empty_like(x)
+    fns: dict[str, Callable[[], object]] = {}
+    if "cpu" in mllmcal.available_backends("cpu"):
+        fns["cpu"] = lambda: mllmcal.token_stats(x, y, backend="cpu")
+        if threads > 1 and x.shape[0] < threads:
+
+            def cpu_one_thread() -> object:
+                prev = torch.get_num_threads()
+                torch.set_num_threads(1)  # the kernel follows torch's thread count
+                try:
+                    return mllmcal.token_stats(x, y, backend="cpu")
+                finally:
+                    torch.set_num_threads(prev)
+
+            fns["cpu_1thread"] = cpu_one_thread
+    fns["torch"] = lambda: mllmcal.token_stats(x, y, backend="torch")
+    fns["eager"] = lambda: eager_composite(x, y)
+    if compile_baseline:
+        compiled = torch.compile(eager_composite, dynamic=False)
+        fns["compiled"] = lambda: compiled(x, y)
+    fns["exp"] = lambda: torch.exp(x)
+    fns["exp_out"] = lambda: torch.exp(x, out=out)
+    return fns
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine_info() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "mllmcal": mllmcal.__version__,
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1_5_15"] = os.getloadavg()
+    if "cpu" in mllmcal.available_backends("cpu"):
+        from mllmcal import _cpp
+
+        info["cpu_kernel_isa"] = _cpp.kernel_isa()
+    return info
+
+
+def run(rounds: int = 15, warmup: int = 3, compile_baseline: bool = True,
+        shapes: list[tuple[tuple[int, int], torch.dtype]] | None = None) -> dict[str, object]:
+    """Time every contender on every shape; returns the JSON-able result."""
+    threads = torch.get_num_threads()
+    rows = []
+    cases = shapes or SHAPES
+    for shape, dtype in tqdm(cases, desc="shapes", unit="shape"):
+        x, y = make_case(shape, dtype)
+        fns = contenders(x, y, compile_baseline, threads)
+        times = time_round_robin(fns, rounds, warmup)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({
+            "shape": list(shape),
+            "dtype": str(dtype).replace("torch.", ""),
+            "median_ms": {k: round(v * 1e3, 4) for k, v in med.items()},
+            "min_ms": {k: round(min(v) * 1e3, 4) for k, v in times.items()},
+        })
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "rounds": rounds,
+        "results": rows,
+    }
+
+
+def ratio(med: dict[str, float], slow: str, fast: str) -> str:
+    if slow not in med or fast not in med:
+        return "-"
+    return f"{med[slow] / med[fast]:.2f}x"
+
+
+def format_table(result: dict[str, object]) -> str:
+    """Median times, then the ratios (baseline time / fast time: > 1 means faster)."""
+    rows = result["results"]
+    methods = ["cpu", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out"]
+    lines = []
+    head = f"{'shape':>14} {'dtype':>9} | " + " ".join(f"{m:>11}" for m in methods)
+    lines.append("median ms (" + ", ".join(f"{k}={v}" for k, v in result["machine"].items()
+                                            if k in ("cpu", "torch_threads", "cpu_kernel_isa", "loadavg_1_5_15")) + ")")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in rows:
+        med = r["median_ms"]
+        cells = " ".join(f"{med[m]:>11.3f}" if m in med else f"{'-':>11}" for m in methods)
+        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
+    lines.append("")
+    pairs = [("eager", "cpu"), ("compiled", "cpu"), ("torch", "cpu"), ("cpu", "exp"),
+             ("cpu", "exp_out"), ("cpu_1thread", "cpu"), ("eager", "torch")]
+    head = f"{'shape':>14} {'dtype':>9} | " + " ".join(f"{a + '/' + b:>16}" for a, b in pairs)
+    lines.append("ratios of medians (a/b; for x/cpu > 1 means cpu is faster; cpu/exp is the distance to the exp floor)")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in rows:
+        med = r["median_ms"]
+        cells = " ".join(f"{ratio(med, a, b):>16}" for a, b in pairs)
+        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="5 rounds, no torch.compile")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    args = ap.parse_args(argv)
+    rounds = 5 if args.quick else args.rounds
+    result = run(rounds=rounds, compile_baseline=not (args.quick or args.no_compile))
+    print(format_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -255,14 +255,15 @@ def test_property_random_rows_match_reference(
     pred = torch.empty(n, dtype=torch.long, device=DEVICE)
     flags = torch.empty(n, dtype=torch.uint8, device=DEVICE)
     hist = torch.zeros(3, 15, dtype=torch.long, device=DEVICE)
-    _ORIGINAL_INTO(x, y, temperature, None, fstats, pred, flags, None, hist, -100,
+    out = torch.empty_like(x)
+    _ORIGINAL_INTO(x, y, temperature, None, fstats, pred, flags, out, hist, -100,
                    path=path, block_v=block_v)
     s = mllmcal.TokenStats(
         logsumexp=fstats[0], confidence=fstats[1], prediction=pred, entropy=fstats[2],
         valid=(flags & 1) != 0, logit_mean=fstats[5], logit_var=fstats[6],
         label_logprob=fstats[3], brier=fstats[4], correct=(flags & 2) != 0,
     )
-    assert_matches_reference(s, x, y, temperature, hist=hist,
+    assert_matches_reference(s, x, y, temperature, scaled_out=out, hist=hist,
                              hist_before=torch.zeros_like(hist))
 
 

@@ -220,3 +220,39 @@ def test_binding_rejects_bad_structural_arguments():
         ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=2, dtype=0, **common)
     with pytest.raises(ValueError, match="ISA"):
         ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0, isa="sve", **common)
+
+
+def test_split_path_is_safe_from_concurrent_python_threads():
+    """Calls release the GIL, so several threads may share the split pool at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [make_logits(1, 40000, torch.float32, "normal", seed=s) for s in range(8)]
+    ys = [make_labels(1, 40000, seed=s, ignore_frac=0.0) for s in range(8)]
+    expected = [run(x, y, 1.0, mode="rows") for x, y in zip(xs, ys, strict=True)]
+
+    def split(k: int):
+        return run(xs[k], ys[k], 1.0, mode="split", num_threads=2, chunk_columns=4096)
+
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            for k, got in enumerate(ex.map(split, range(8))):
+                assert torch.equal(got.prediction, expected[k].prediction)
+                torch.testing.assert_close(got.logsumexp, expected[k].logsumexp, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_split_path_works_in_a_forked_child():
+    """The child of a fork has none of the parent's helper threads; it must not hang."""
+    import os
+
+    x = make_logits(1, 40000, torch.float32, "normal", seed=2)
+    expected = run(x, None, 1.0, mode="split", num_threads=2).logsumexp  # parent starts helpers
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 only if the result matches
+        try:
+            got = run(x, None, 1.0, mode="split", num_threads=2).logsumexp
+            os._exit(0 if torch.equal(got, expected) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/partial.h"
+#include "cpu/split_pool.h"
 
 namespace mllmcal {
 
@@ -24,6 +25,7 @@ constexpr int64_t kMinParallelElements = int64_t{1} << 15;
 // Smallest vocabulary chunk the automatic split makes (8 blocks of kBlock columns):
 // each chunk pays a partial merge and a share of the team wake-up.
 constexpr int64_t kMinChunkColumns = 16384;
+constexpr int64_t kChunksPerThread = 4;
 
 const KernelTable* select_kernels(const char* isa) {
   const bool any = isa == nullptr || isa[0] == '\0';
@@ -46,11 +48,13 @@ struct Plan {
   int threads;
 };
 
-// Path A (rows): one chunk per row, rows spread over threads. Serves N >= threads.
+// Path A (rows): one chunk per row, rows spread over an OpenMP team (static schedule).
+// Serves N >= threads, where each thread has whole rows of work.
 // Path B (split): when there are fewer rows than threads, each row's vocabulary is cut
-// into `chunks` column ranges so that N·chunks >= threads, every thread computes partial
-// states, and the partials of each row are merged in column order (merge_into). The
-// chunk width is a multiple of the kernel's block so chunk edges fall on block edges.
+// into column ranges, about kChunksPerThread per thread so that a helper that starts
+// late leaves its share to the others (split_pool.h), every chunk yields a partial
+// state, and the partials of a row are merged in column order (merge_into). The chunk
+// width is a multiple of the kernel's block so chunk edges fall on block edges.
 Plan make_plan(const Args& A) {
   int threads = A.num_threads > 0 ? A.num_threads : omp_get_max_threads();
   if (threads < 1) threads = 1;
@@ -63,7 +67,7 @@ Plan make_plan(const Args& A) {
     if (A.chunk_columns > 0) {
       width = A.chunk_columns;
     } else {
-      const int64_t per_row = (threads + A.n - 1) / A.n;
+      const int64_t per_row = (kChunksPerThread * threads + A.n - 1) / A.n;
       width = (A.v + per_row - 1) / per_row;
       if (A.mode == kModeAuto && width < kMinChunkColumns) width = kMinChunkColumns;
       width = (width + 2047) / 2048 * 2048;
@@ -176,14 +180,12 @@ void token_stats(const Args& A) {
     }
   } else {
     std::vector<Partial> parts(static_cast<size_t>(A.n * plan.chunks));
-    const int64_t work = A.n * plan.chunks;
-#pragma omp parallel for num_threads(plan.threads) schedule(static) if (plan.threads > 1)
-    for (int64_t w = 0; w < work; ++w) {
+    split_pool_run(A.n * plan.chunks, plan.threads, [&](int64_t w) {
       const int64_t i = w / plan.chunks;
       const int64_t c0 = (w % plan.chunks) * plan.width;
       const int64_t c1 = c0 + plan.width < A.v ? c0 + plan.width : A.v;
       run_chunk(A, fn, i, c0, c1, &parts[static_cast<size_t>(w)]);
-    }
+    });
     for (int64_t i = 0; i < A.n; ++i) {
       Partial acc = parts[static_cast<size_t>(i * plan.chunks)];
       for (int64_t c = 1; c < plan.chunks; ++c) merge_into(acc, parts[static_cast<size_t>(i * plan.chunks + c)]);

@@ -17,17 +17,20 @@ Two launch paths (chosen in :func:`choose_path`):
   GPU with one program per row (decode: N = batch size, often 1-64, against 132 SMs).
 
 Bandwidth arithmetic. A call reads ``N * V * itemsize`` bytes (plus ``N * V * itemsize``
-written when ``scaled_out`` is given) and writes ``~45 * N`` bytes of results; the split
+written when ``scaled_out`` is given) and writes ``37 * N`` bytes of results; the split
 workspace adds ``~28 * N * splits`` bytes, negligible against ``V``. For ``[64, 131072]``
 that is 33.6 MB in fp32 and 16.8 MB in bf16, i.e. 7.0 us / 3.5 us at the H200's
-~4.8 TB/s. Each element costs about 15-20 instructions (convert, divide by T, subtract,
-one ``exp``, a clamp, three fma/mul-adds for S, A, B, Q) and one MUFU ``ex2``; the H200
-issues ~33e12 fp32 instructions/s and ~4e12 ex2/s, so fp32 input (1.2e12 elements/s at
-full bandwidth) is memory-bound with margin, while 16-bit input (2.4e12 elements/s) sits
-near the compute/bandwidth balance point. The per-chunk max reduction is the only
-cross-lane work inside the loop; rescaling of the accumulators happens only in chunks that
-raise the running max (rare after the first few chunks). Block size, warps and split count
-are knobs of :func:`token_stats_into`; tuning them on an H200 is separate work.
+~4.8 TB/s. The arithmetic per element is small -- convert, divide by T (skipped when
+T == 1), subtract, one ``exp`` (one MUFU ``ex2``), a clamp, and four mul/fma-adds for S,
+A, B, Q -- and the SASS below comes to ~20 instructions per element. The H200 issues
+~33e12 thread-instructions/s and ~4e12 ex2/s: fp32 at full bandwidth (1.2e12 elements/s)
+needs ~24e12, so it is memory-bound; 16-bit input (2.4e12 elements/s) would need ~48e12,
+so there the instruction count, not HBM, is the limit unless tuning trims it (about 3 of
+the 20 are the per-chunk block max, which a larger ``BLOCK_V`` amortises). That max is
+the only cross-lane work inside the loop; the accumulators are rescaled only in chunks
+that raise the running max (rare after the first few chunks). Block size, warps and
+split count are knobs of :func:`token_stats_into`; tuning them on an H200 is separate
+work.
 
 What the sm_90 lowering shows (``aot_report()``, Triton 3.6, ptxas 12.8, no GPU needed):
 with 16-byte-aligned rows and V % 16 == 0 the logits load is ``ld.global.v4.b32`` (one per
@@ -388,7 +391,6 @@ def unavailable_reason() -> str | None:
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return "Triton is installed but there is no CUDA device and TRITON_INTERPRET is not 1"
-
 
 
 def _sm_count(device: torch.device) -> int:

@@ -254,6 +254,16 @@ def test_bootstrap_ci_matches_resampled_definition(binning):
     assert ci.low <= ci.high
 
 
+def test_bootstrap_ci_chunked_draws_match_one_draw():
+    # n large enough that the replicates are drawn and evaluated in several chunks.
+    c, y = pairs(30_000, 4)
+    ci = M.ece_bootstrap_ci(c, y, n_bins=15, n_boot=150, alpha=0.2, seed=1)
+    idx = torch.randint(0, 30_000, (150, 30_000), generator=torch.Generator().manual_seed(1))
+    reps = [M.ece(c[i], y[i], 15) for i in idx]
+    lo, hi = np.quantile(reps, [0.1, 0.9])
+    assert ci.low == pytest.approx(lo, abs=1e-12) and ci.high == pytest.approx(hi, abs=1e-12)
+
+
 def test_metric_bad_input_errors():
     with pytest.raises(ValueError, match="same number of elements"):
         M.ece(torch.rand(5), torch.ones(4, dtype=torch.bool))

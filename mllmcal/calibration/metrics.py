@@ -418,8 +418,10 @@ def ece_bootstrap_ci(
 
     Resamples the n pairs with replacement ``n_boot`` times; replicate i uses row i of
     ``torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))``
-    (drawn on the CPU). Replicates are evaluated in vectorised chunks. The interval is the
-    (α/2, 1 − α/2) quantiles (linear interpolation) of the replicate ECEs.
+    (on the CPU). That matrix is drawn and evaluated in chunks of about 2**22 indices (the
+    CPU generator gives the same stream chunked or not), so memory stays bounded for large
+    n. The interval is the (α/2, 1 − α/2) quantiles (linear interpolation) of the
+    replicate ECEs.
 
     Returns:
         ``BootstrapCI(estimate, low, high)``: the ECE of the data and the interval.
@@ -436,12 +438,12 @@ def ece_bootstrap_ci(
     _require_nonempty(n, "ECE bootstrap")
     estimate = ece(confidence, correct, n_bins, norm, binning)
     raw, c, y = raw.cpu(), c.cpu(), y.cpu()
-    idx_all = torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
     chunk = max(1, (1 << 22) // n)
     values = []
     for i0 in range(0, n_boot, chunk):
-        idx = idx_all[i0 : i0 + chunk]
-        r = idx.shape[0]
+        r = min(chunk, n_boot - i0)
+        idx = torch.randint(0, n, (r, n), generator=gen)
         cr, yr = c[idx], y[idx]
         if binning == "uniform":
             b = bin_index(raw, y, n_bins, "uniform")[idx]

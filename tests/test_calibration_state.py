@@ -237,3 +237,16 @@ def test_two_process_gloo_all_reduce_equals_one_pass(tmp_path):
     one.update_logits(make_logits(90, 37, torch.float32, "masked", seed=11),
                       make_labels(90, 37, seed=11))
     assert json.loads(out.read_text()) == one.to_dict()
+
+
+def test_update_logits_leading_dims_half_precision_and_per_row_temperature():
+    x = make_logits(2 * 40, 129, torch.bfloat16, "masked", seed=8).reshape(2, 40, 129)
+    y = make_labels(80, 129, seed=8).reshape(2, 40)
+    t = torch.rand(2, 40, generator=torch.Generator().manual_seed(0)) + 0.5
+    s = mllmcal.CalibrationState(10)
+    s.update_logits(x, y, temperature=t)
+    ref = R.token_stats(x, y, t)
+    keep = ref.valid & (y.reshape(-1) != -100)
+    assert s.count == int(keep.sum())
+    assert s.ece() == pytest.approx(ece_f64(ref.confidence[keep], ref.correct[keep], 10, "l1"), abs=1e-5)
+    assert s.nll() == pytest.approx(float(-ref.label_logprob[keep].mean()), rel=1e-5)

@@ -137,3 +137,14 @@ def test_online_temperature_converges_to_offline_fit_on_stationary_stream():
     assert abs(traj[-1] - t_off) < abs(traj[0] - t_off)
     with pytest.raises(ValueError, match="decay"):
         mllmcal.OnlineTemperature(decay=0.0)
+
+
+def test_online_temperature_with_decay_tracks_a_drifting_stream():
+    x1, y1 = overconfident_data(4000, 20, seed=6, t_true=2.0)
+    x2, y2 = overconfident_data(4000, 20, seed=7, t_true=1.0)
+    online = mllmcal.OnlineTemperature(init=1.0, decay=0.9)
+    for x, y in ((x1, y1), (x2, y2)):
+        for i in range(0, 4000, 100):
+            online.update(x[i : i + 100], y[i : i + 100])
+        t_off = mllmcal.fit_temperature(x, y)
+        assert online.temperature == pytest.approx(t_off, rel=0.1)

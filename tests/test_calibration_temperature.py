@@ -90,6 +90,8 @@ def test_grid_method_reproduces_paper_search():
     assert ref[k] <= ref.min() * (1 + 1e-6)
     assert torch.allclose(info["grid_nll"] * int(keep.sum()), ref, rtol=1e-5)
     assert t == pytest.approx(mllmcal.fit_temperature(x, y), abs=0.011)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 300, 64)]
+    assert mllmcal.fit_temperature(batches, method="grid", progress=False) == t
 
 
 def test_masked_and_ignored_labels_are_skipped():

@@ -214,11 +214,16 @@ def check_image(path: str) -> None:
         im.verify()
 
 
-def _resolve_image(name: Any, images_dir: Path) -> str:
+def _resolve_image(name: Any, images_dir: Path, data_dir: Path) -> str:
+    """``images_dir/name``; names such as ``images/x.png`` written relative to the data
+    file's directory are found there too."""
     if not isinstance(name, str) or not name.strip():
         raise _Malformed(f"'image' must be a file name, got {name!r}")
     p = Path(name)
-    return str(p if p.is_absolute() else images_dir / p)
+    if p.is_absolute():
+        return str(p)
+    candidates = [images_dir / p, data_dir / p]
+    return str(next((c for c in candidates if c.is_file()), candidates[0]))
 
 
 def load_items(
@@ -261,7 +266,7 @@ def load_items(
                 q, options, answer = _parse_flat(obj)
             image = None
             if obj.get("image") is not None:
-                image = _resolve_image(obj["image"], images_dir)
+                image = _resolve_image(obj["image"], images_dir, path.parent)
                 if verify_images:
                     try:
                         check_image(image)

@@ -7,7 +7,8 @@ the state keeps three int64 numbers: the count, Σ confidence in units of 2**-32
 :meth:`CalibrationState.update_logits` (the number of rows with a full distribution, Σ NLL in
 units of 2**-24, Σ Brier in units of 2**-30 and the number of rows whose NLL is infinite or
 above 2**31 nats). Each row's NLL and Brier value is rounded to its fixed-point integer as
-floor(x·scale + 0.5) after clamping fp32 round-off below 0 to 0.
+floor(x·scale + 0.5) in fp32 (exact products: the scales are powers of two) after clamping
+fp32 round-off below 0 to 0.
 
 Why integers: a float sum depends on the order of its terms, so two processes that saw the
 same tokens in a different split would disagree in the last bits. Each row's value is rounded
@@ -109,25 +110,20 @@ class CalibrationState:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.hist = torch.zeros(3, self.n_bins, dtype=torch.int64, device=dev)
         self.totals = torch.zeros(4, dtype=torch.int64, device=dev)
+        self._consts_t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _consts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # Cached per device: building them in the decode loop would be host-to-device copies.
-        if getattr(self, "_consts_t", None) is None or self._consts_t[0].device != self.device:
+    def _consts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Built once per device (reset by _adopt): creating them in the decode loop would be
+        # host-to-device copies.
+        if self._consts_t is None:
             self._consts_t = (
-                torch.tensor([[NLL_FIXED_POINT_SCALE], [BRIER_FIXED_POINT_SCALE]],
-                             dtype=torch.float64, device=self.device),
-                torch.tensor([[NLL_OVERFLOW_NATS], [math.inf]], dtype=torch.float64,
+                torch.tensor([[-NLL_FIXED_POINT_SCALE], [BRIER_FIXED_POINT_SCALE]],
+                             dtype=torch.float32, device=self.device),
+                torch.tensor([[-NLL_OVERFLOW_NATS], [-math.inf]], dtype=torch.float32,
                              device=self.device),
+                torch.tensor(0.5, dtype=torch.float32, device=self.device),
             )
         return self._consts_t
-
-    @property
-    def _scales(self) -> torch.Tensor:
-        return self._consts()[0]
-
-    @property
-    def _limits(self) -> torch.Tensor:
-        return self._consts()[1]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -143,6 +139,7 @@ class CalibrationState:
         if not self._device_fixed:
             self.hist = self.hist.to(device)
             self.totals = self.totals.to(device)
+            self._consts_t = None
             self._device_fixed = True
             return
         raise ValueError(
@@ -220,16 +217,21 @@ class CalibrationState:
     def _add_scores(self, label_logprob: torch.Tensor, brier: torch.Tensor) -> None:
         # Brier is NaN exactly on the rows the histogram skipped (invalid or ignored label);
         # label_logprob is additionally -inf where the label token was masked.
-        # Both rows go through one [2, N] pipeline with few elementwise launches: for the
-        # small N of a decode step, launch overhead, not arithmetic, is the cost.
-        # Row 0: NLL, counted when finite and < 2**31 nats; row 1: Brier, NaN exactly on the
-        # rows the histogram skipped (invalid or ignored label).
-        vals = torch.stack((label_logprob, brier)).double()
-        vals[0].neg_()
-        ok = vals < self._limits  # False for NaN and +inf
-        # NLL and Brier are >= 0 in exact arithmetic; clamping fp32 round-off at 0 lets the
+        # Both rows go through one [2, N] fp32 pipeline with few elementwise launches: for
+        # the small N of a decode step, launch overhead, not arithmetic, is the cost.
+        # Row 0: log p_y, summed as NLL = -log p_y when > -2**31 (False for NaN and -inf);
+        # row 1: Brier, NaN exactly on the rows the histogram skipped (invalid or ignored).
+        scales, limits, half = self._consts()
+        vals = torch.stack((label_logprob, brier))
+        ok = vals > limits
+        # The scales are powers of two (row 0 negated), so x·scale is exact in fp32. NLL and
+        # Brier are >= 0 in exact arithmetic; clamping fp32 round-off at 0 lets the
         # truncating cast implement floor(x·scale + 0.5), a fixed, order-free rounding.
-        fixed = torch.where(ok, vals, 0.0).clamp_min_(0.0).mul_(self._scales).add_(0.5).long()
+        fixed = (
+            torch.addcmul(half, torch.where(ok, vals, 0.0), scales)
+            .clamp_min_(0.5)
+            .long()
+        )
         self.totals += torch.cat((ok.sum(1), fixed.sum(1)))
 
     # ------------------------------------------------------------------ merging

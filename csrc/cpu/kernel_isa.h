@@ -119,10 +119,12 @@ struct Io<kBF16> {
 };
 
 // Pass 1 over a block: z = x / T into zbuf (read in x's dtype, converted in registers),
-// the block max (NaN ignored here) and whether any z is NaN.
+// the block max (NaN ignored here) and whether any z is NaN. Out of line, like the other
+// block loops, so the vectoriser sees each loop alone (see block_sums).
 template <int DT, bool kDivide>
-__attribute__((noinline)) static float load_block(const typename Io<DT>::T* __restrict xb, int len, float temperature,
-                               float* __restrict zbuf, int* any_nan) {
+__attribute__((noinline)) static float load_block(const typename Io<DT>::T* __restrict xb,
+                                                  int len, float temperature,
+                                                  float* __restrict zbuf, int* any_nan) {
   float mb = -INFINITY;
   int nan = 0;
 #pragma omp simd reduction(max : mb) reduction(| : nan)

@@ -28,8 +28,11 @@ static inline float u2f(uint32_t u) {
   return f;
 }
 
-// exp(x) for x <= 0 (x not NaN), accurate to ~1 ulp in fp32; exactly 0 for x < −86.5
-// and for x = −inf.
+// Below this, exp(x) is taken as exactly 0 (see exp_core).
+constexpr float kExpCutoff = -86.5f;
+
+// exp(x) for kExpCutoff <= x <= 0, accurate to ~1 ulp in fp32. Callers select 0 for
+// x < kExpCutoff (including x = −inf, for which this returns garbage).
 //
 // Cephes-style: x = n·ln2 + r with n = round(x/ln2), |r| <= ln2/2, then
 // exp(r) ≈ 1 + r + r²·P(r) (degree-5 minimax P), and the 2^n scaling is an integer add
@@ -41,7 +44,7 @@ static inline float u2f(uint32_t u) {
 // The cut-off −86.5 keeps n >= −125, so p·2^n is always a normal float (p >= 1/√2);
 // terms below e^−86.5 ≈ 2.7e-38 of the block maximum are far below fp32 resolution of
 // sums that contain the maximum's term 1, so dropping them changes nothing.
-static inline float exp_nonpos(float x) {
+static inline float exp_core(float x) {
   const float kMagic = 12582912.0f;  // 1.5 * 2^23
   const float t = x * 1.44269504088896341f + kMagic;
   const float n = t - kMagic;
@@ -55,8 +58,7 @@ static inline float exp_nonpos(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   const uint32_t k = f2u(t) - f2u(kMagic);  // n as a two's-complement integer
-  const float e = u2f(f2u(p) + (k << 23));
-  return x >= -86.5f ? e : 0.0f;
+  return u2f(f2u(p) + (k << 23));
 }
 
 // fp16 -> fp32, exact, branch-free: normal numbers rebias the exponent; inf/NaN keep
@@ -148,8 +150,8 @@ __attribute__((noinline)) static void store_block(const float* __restrict zbuf, 
 }
 
 // e = exp(z − mb) over one block and the sums s, a, b, q relative to mb.
-// `e > 0` guards the terms that underflow (or are −inf): their d may be −inf or huge,
-// and they must add exactly 0, never 0·inf.
+// `live` guards the terms that underflow (or are −inf): their d may be −inf or huge, and
+// they must add exactly 0, never 0·inf. One compare masks both e and d.
 // Kept out of line so that the vectoriser sees this loop alone: inlined into `chunk`,
 // GCC unswitched the block loop and left the copy it took most often scalar.
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
@@ -158,8 +160,9 @@ __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, i
 #pragma omp simd reduction(+ : s, a, b, q)
   for (int j = 0; j < len; ++j) {
     const float d = zbuf[j] - mb;
-    const float e = exp_nonpos(d);
-    const float dz = e > 0.0f ? d : 0.0f;
+    const bool live = d >= kExpCutoff;
+    const float e = live ? exp_core(d) : 0.0f;
+    const float dz = live ? d : 0.0f;
     const float ed = e * dz;
     s += e;
     a += ed;

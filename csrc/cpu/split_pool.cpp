@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -38,7 +37,6 @@ class Pool {
     Job job;
     job.fn = &fn;
     job.items = items;
-    bool notify;
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Helpers are created on first need and kept (detached: they sleep on cv_ and die
@@ -48,10 +46,9 @@ class Pool {
         ++helpers_;
       }
       job_ = &job;
-      generation_.fetch_add(1, std::memory_order_release);
-      notify = sleepers_ > 0;
+      ++generation_;
     }
-    if (notify) cv_.notify_all();
+    cv_.notify_all();
     work_on(&job);
     // Only claimed items can be outstanding, and their claimers are running them.
     while (job.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
@@ -65,46 +62,26 @@ class Pool {
   }
 
  private:
-  // After a job, a helper watches for the next one for kSpin before it sleeps: a
-  // futex wake-up takes tens of µs (much more on a loaded machine), as long as the
-  // whole job when calls come back to back (many short rows, one call each).
-  static constexpr std::chrono::microseconds kSpin{100};
-
   void helper_loop() {
     uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      const auto until = std::chrono::steady_clock::now() + kSpin;
-      while (generation_.load(std::memory_order_acquire) == seen &&
-             std::chrono::steady_clock::now() < until) {
-        for (int k = 0; k < 64; ++k) cpu_relax();
-      }
-      std::unique_lock<std::mutex> lock(mu_);
-      ++sleepers_;
-      cv_.wait(lock, [&] {
-        return job_ != nullptr && generation_.load(std::memory_order_relaxed) != seen;
-      });
-      --sleepers_;
-      seen = generation_.load(std::memory_order_relaxed);
+      cv_.wait(lock, [&] { return job_ != nullptr && generation_ != seen; });
+      seen = generation_;
       Job* job = job_;
       job->users.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
       work_on(job);
       job->users.fetch_sub(1, std::memory_order_release);
+      lock.lock();
     }
-  }
-
-  static void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
   }
 
   std::mutex mu_;
   std::condition_variable cv_;
-  Job* job_ = nullptr;                   // guarded by mu_
-  std::atomic<uint64_t> generation_{0};  // written under mu_, spun on without it
-  int sleepers_ = 0;                     // guarded by mu_
-  size_t helpers_ = 0;                   // guarded by mu_
+  Job* job_ = nullptr;
+  uint64_t generation_ = 0;
+  size_t helpers_ = 0;
 };
 
 Pool* pool() {

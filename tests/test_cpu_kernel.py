@@ -157,18 +157,19 @@ def test_invalid_values_in_a_late_chunk_poison_only_their_row(path):
     assert_matches_reference(s, x, y, 1.0)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
+def test_half_conversions_are_exact_for_every_bit_pattern(dtype, isa):
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype).reshape(16, 4096).clone()
     out = torch.empty_like(x)
-    run(x, None, 1.0, scaled_out=out, mode="rows")  # T = 1: reading and writing round-trip
+    run(x, None, 1.0, scaled_out=out, mode="rows", isa=isa)  # T = 1: read and write round-trip
     nan = torch.isnan(x.float())
     assert torch.equal(out.view(torch.int16)[~nan], x.view(torch.int16)[~nan])
     assert torch.isnan(out.float()[nan]).all()
     # T != 1: every fp32 quotient is rounded to the dtype exactly like torch rounds it.
     for t in (0.37, 3.0, 1e-3):
-        run(x, None, t, scaled_out=out, mode="rows")
+        run(x, None, t, scaled_out=out, mode="rows", isa=isa)
         expect = (x.float() / torch.tensor(t, dtype=torch.float32)).to(dtype)
         enan = torch.isnan(expect.float())
         assert torch.equal(torch.isnan(out.float()), enan)

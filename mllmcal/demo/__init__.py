@@ -5,5 +5,6 @@ model on first use and reusing the cache afterwards; see :mod:`mllmcal.demo.trai
 """
 
 from .shapes import build_dataset, make_item, render_scene
+from .train import get_demo, train_demo_model
 
-__all__ = ["build_dataset", "make_item", "render_scene"]
+__all__ = ["build_dataset", "get_demo", "make_item", "render_scene", "train_demo_model"]

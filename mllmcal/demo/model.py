@@ -27,7 +27,7 @@ from ..eval.prompting import (
     INSTRUCTION,
     OPTION_LETTERS,
 )
-from .shapes import IMAGE_SIZE
+from .shapes import BACKGROUND, IMAGE_SIZE
 
 PATCH_SIZE = 12
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -68,6 +68,7 @@ probability number rate scale 0-100 from to very quite fairly somewhat highly le
 """.split()
 
 _WORD_RE = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
+_OPTION_LINE_RE = re.compile(r"^\(([A-H])\) (.+)$")
 
 
 def words_of(text: str) -> list[str]:
@@ -75,18 +76,43 @@ def words_of(text: str) -> list[str]:
     return _WORD_RE.findall(text.replace(IMAGE_TOKEN, " "))
 
 
+def option_phrase(letter: str, text: str) -> str:
+    """The single token that stands for the option line ``({letter}) {text}``."""
+    return f"({letter}) {text}"
+
+
 def build_vocab(texts: Iterable[str]) -> dict[str, int]:
-    """Word -> id over ``texts`` plus the prompt words; specials first, then sorted words."""
-    words: set[str] = {"\n", *OPTION_LETTERS}
+    """Token -> id over ``texts`` plus the prompt words; specials first, then sorted tokens.
+
+    Besides words, every option line ``(X) text`` seen in ``texts`` (for every letter A-H)
+    is one phrase token. Fusing the letter with its option text turns "which letter labels
+    the option that matches the picture" into a one-hop lookup, which a 3-layer model
+    trained for a couple of minutes can learn; with separate ``(``, ``X``, ``)`` tokens it
+    needs an induction-style circuit first and stays at chance far longer. Options whose
+    text is not in the vocabulary still tokenize, word by word.
+    """
+    words: set[str] = {"\n", *OPTION_LETTERS, *".,:;?!()'-%"}
+    option_texts: set[str] = {IDK_OPTION_TEXT}
     for text in [INSTRUCTION, IDK_OPTION_TEXT, *ANSWER_PREFIXES, *EXTRA_WORDS, *texts]:
         words.update(words_of(text))
+        for line in text.splitlines():
+            m = _OPTION_LINE_RE.match(line.strip())
+            if m:
+                option_texts.add(m.group(2).strip())
     words.update(w.capitalize() for w in list(words) if w.isalpha() and w.islower())
     words.update(str(k) for k in range(101))
     words.difference_update(SPECIAL_TOKENS)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in sorted(words):
+    phrases = {option_phrase(c, t) for c in OPTION_LETTERS for t in option_texts}
+    for w in sorted(words) + sorted(phrases):
         vocab[w] = len(vocab)
     return vocab
+
+
+def phrase_parts(token: str) -> tuple[str, list[str]] | None:
+    """``(letter, words of the option text)`` for a phrase token, else None."""
+    m = _OPTION_LINE_RE.match(token)
+    return (m.group(1), words_of(m.group(2))) if m else None
 
 
 def build_tokenizer(vocab: dict[str, int]):
@@ -118,6 +144,15 @@ def build_tokenizer(vocab: dict[str, int]):
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # Phrase tokens are matched before pre-tokenization; single_word keeps "(A) 1" from
+    # matching the start of "(A) 10".
+    tok.add_tokens(
+        [
+            AddedToken(t, single_word=True, normalized=False)
+            for t in vocab
+            if phrase_parts(t) is not None
+        ]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -154,7 +189,9 @@ def build_processor(tokenizer):
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=True,
         do_convert_rgb=True,
-        image_mean=[0.5, 0.5, 0.5],
+        # Centred on the background colour: empty patches embed to zero (plus position),
+        # so the few patches holding a shape stand out from the start of training.
+        image_mean=[c / 255 for c in BACKGROUND],
         image_std=[0.5, 0.5, 0.5],
     )
     return LlavaProcessor(
@@ -169,22 +206,22 @@ def build_processor(tokenizer):
 
 
 def build_config(vocab: dict[str, int]):
-    """``LlavaConfig``: 2-layer CLIP tower (64 wide) and a 3-layer Llama (160 wide)."""
+    """``LlavaConfig``: 2-layer CLIP tower (64 wide) and a 3-layer Llama (128 wide)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        hidden_size=96,
-        intermediate_size=192,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        projection_dim=96,
+        projection_dim=64,
     )
     text = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=160,
-        intermediate_size=384,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -192,7 +229,9 @@ def build_config(vocab: dict[str, int]):
         pad_token_id=vocab[PAD],
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],
-        tie_word_embeddings=False,
+        # Tied: a token read from the context (an option's letter) and the same token
+        # predicted share one vector, so copying a letter is close to the identity map.
+        tie_word_embeddings=True,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -203,6 +242,7 @@ def build_config(vocab: dict[str, int]):
         # The last layer: a 2-layer tower has little to spare for LLaVA's usual -2.
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
+        tie_word_embeddings=True,
     )
 
 
@@ -226,6 +266,17 @@ def init_demo_model(data_dir: str | Path, seed: int = 0):
     processor = build_processor(build_tokenizer(vocab))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(vocab))
+    # A phrase token starts as letter + mean of its words, so what the model learns about
+    # a letter or a word carries over to the phrases that contain it.
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        for tok, i in vocab.items():
+            parts = phrase_parts(tok)
+            if parts is None:
+                continue
+            letter, words = parts
+            ids = [vocab.get(w, vocab[UNK]) for w in words]
+            emb[i] = emb[vocab[letter]] + emb[ids].mean(0)
     model.generation_config = GenerationConfig(
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],

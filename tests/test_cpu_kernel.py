@@ -257,3 +257,10 @@ def test_split_path_works_in_a_forked_child():
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_auto_backend_picks_the_cpu_kernel_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("MLLMCAL_BACKEND", raising=False)
+    assert "cpu" in mllmcal.available_backends("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert mllmcal.token_stats(torch.randn(2, 5).to(dtype)).backend == "cpu"

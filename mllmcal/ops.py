@@ -275,7 +275,7 @@ def token_stats(
     v = logits.shape[-1]
     if v == 0:
         raise ValueError("logits have an empty vocabulary dimension (V = 0)")
-    x = logits.reshape(-1, v)
+    x = logits if logits.dim() == 2 else logits.reshape(-1, v)
     if x.stride(1) != 1:
         x = x.contiguous()
     n = x.shape[0]
@@ -316,8 +316,10 @@ def token_stats(
             x, y, t_scalar, t_rows, fstats, pred, flags, out2d, histogram, ignore_index
         )
 
+    flat = len(lead) == 1  # the decode loop's case: skip the reshapes (host overhead)
+
     def shaped(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(lead)
+        return t if flat else t.reshape(lead)
 
     valid = shaped((flags & C.FLAG_VALID) != 0)
     res = TokenStats(

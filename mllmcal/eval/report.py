@@ -28,76 +28,70 @@
 
 ``<metrics>`` = ``{"n_items", "n_scored", "n_no_answer", "accuracy" (no answer counts as
 wrong), "accuracy_scored", "ece", "ece_l2", "mce", "brier", "auroc", "mean_confidence",
-"n_bins", "bins": {"count", "confidence", "accuracy"}}``; ECE/MCE/Brier/AUROC are over the
-scored items (those with a letter and a confidence).
+"n_bins", "bins": {"count", "confidence", "accuracy"}}``; ECE/MCE/Brier/AUROC are over the scored items (those with a letter and a
+confidence), computed by :mod:`mllmcal.metrics`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
+
+from .. import metrics as _metrics
+from ..calibration.state import CalibrationState
 
 __all__ = ["calibration_metrics", "write_report", "render_markdown", "plot_report"]
 
 
-def _auroc(conf: np.ndarray, correct: np.ndarray) -> float | None:
-    """Probability that a correct item outranks a wrong one (ties count half)."""
-    pos, neg = int(correct.sum()), int((~correct).sum())
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(conf, kind="mergesort")
-    ranks = np.empty(len(conf), dtype=np.float64)
-    sorted_conf = conf[order]
-    # average ranks over ties
-    _, start, counts = np.unique(sorted_conf, return_index=True, return_counts=True)
-    avg = start + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[correct].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
 def calibration_metrics(records: Sequence[dict], n_bins: int = 10,
                         conf_key: str = "confidence") -> dict[str, Any]:
-    """Accuracy, ECE (L1, L2), MCE, Brier, AUROC and per-bin stats, in float64.
+    """Accuracy, ECE (L1, L2), MCE, Brier, AUROC and per-bin stats.
 
-    Bins follow DESIGN.md: equal width on [0, 1], bin = min(floor(conf·n_bins), n_bins−1);
-    the confidence is rounded to fp32 first, as the fused kernels and
-    :class:`mllmcal.CalibrationState` bin it, so both give the same histogram.
+    The scalars come from :mod:`mllmcal.metrics` (float64 definitions; bins follow
+    DESIGN.md: equal width on [0, 1], bin = min(floor(conf·n_bins), n_bins−1) on the fp32
+    confidence, as the fused kernels bin it), the per-bin stats from a
+    :class:`mllmcal.CalibrationState`.
     """
     n = len(records)
     scored = [r for r in records if r.get("pred") is not None and r.get(conf_key) is not None]
-    conf = np.array([float(np.float32(r[conf_key])) for r in scored], dtype=np.float64)
-    correct = np.array([bool(r["correct"]) for r in scored], dtype=bool)
     out: dict[str, Any] = {
         "n_items": n, "n_scored": len(scored), "n_no_answer": n - len(scored),
         "accuracy": sum(bool(r["correct"]) for r in records) / n if n else None,
-        "accuracy_scored": float(correct.mean()) if len(scored) else None,
         "n_bins": n_bins,
     }
-    if not len(scored):
-        out.update(ece=None, ece_l2=None, mce=None, brier=None, auroc=None, mean_confidence=None,
+    if not scored:
+        out.update(accuracy_scored=None, ece=None, ece_l2=None, mce=None, brier=None, auroc=None,
+                   mean_confidence=None,
                    bins={"count": [0] * n_bins, "confidence": [None] * n_bins,
                          "accuracy": [None] * n_bins})
         return out
-    b = np.minimum(np.floor(conf.astype(np.float32) * np.float32(n_bins)).astype(np.int64), n_bins - 1)
-    count = np.bincount(b, minlength=n_bins).astype(np.float64)
-    sum_conf = np.bincount(b, weights=conf, minlength=n_bins)
-    sum_corr = np.bincount(b, weights=correct.astype(np.float64), minlength=n_bins)
-    nz = count > 0
-    gap = np.zeros(n_bins)
-    gap[nz] = np.abs(sum_corr[nz] / count[nz] - sum_conf[nz] / count[nz])
-    w = count / count.sum()
+    conf = torch.tensor([float(r[conf_key]) for r in scored], dtype=torch.float32)
+    correct = torch.tensor([bool(r["correct"]) for r in scored], dtype=torch.bool)
+    try:
+        auroc: float | None = _metrics.auroc(conf, correct)
+    except ValueError:  # all correct or all wrong
+        auroc = None
+    state = CalibrationState(n_bins)
+    state.update(conf, correct)
+    b = state.bin_stats()
+    nz = (b["count"] > 0).tolist()
+
+    def per_bin(t: torch.Tensor) -> list[float | None]:
+        return [float(v) if ok else None for v, ok in zip(t.tolist(), nz, strict=True)]
+
     out.update(
-        ece=float((w * gap).sum()), ece_l2=float(math.sqrt((w * gap**2).sum())),
-        mce=float(gap[nz].max()), brier=float(((conf - correct) ** 2).mean()),
-        auroc=_auroc(conf, correct), mean_confidence=float(conf.mean()),
-        bins={"count": count.astype(int).tolist(),
-              "confidence": [float(sum_conf[i] / count[i]) if nz[i] else None for i in range(n_bins)],
-              "accuracy": [float(sum_corr[i] / count[i]) if nz[i] else None for i in range(n_bins)]},
+        accuracy_scored=_metrics.accuracy(correct),
+        ece=_metrics.ece(conf, correct, n_bins, "l1"),
+        ece_l2=_metrics.ece(conf, correct, n_bins, "l2"),
+        mce=_metrics.ece(conf, correct, n_bins, "max"),
+        brier=_metrics.brier_score(conf, correct),
+        auroc=auroc, mean_confidence=float(conf.double().mean()),
+        bins={"count": [int(c) for c in b["count"].tolist()],
+              "confidence": per_bin(b["confidence"]), "accuracy": per_bin(b["accuracy"])},
     )
     return out
 
@@ -164,58 +158,77 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_bins(ax_rel: Any, ax_hist: Any, metrics: dict, label: str, color: str) -> None:
-    n_bins = metrics["n_bins"]
-    centers = (np.arange(n_bins) + 0.5) / n_bins
-    acc = [a if a is not None else np.nan for a in metrics["bins"]["accuracy"]]
-    ax_rel.bar(centers, acc, width=1.0 / n_bins, alpha=0.45, color=color, edgecolor=color,
-               label=f"{label} (ECE {_fmt(metrics['ece'], 3)})")
-    ax_hist.bar(centers, metrics["bins"]["count"], width=1.0 / n_bins, alpha=0.45, color=color,
-                edgecolor=color, label=label)
+def _state(metrics: dict | None) -> CalibrationState | None:
+    """The metrics' histogram as a CalibrationState (None if nothing was scored), rebuilt
+    from the per-bin stats in ``report.json``: each bin gets its count of samples at the
+    bin's mean confidence, its correct count of them correct, so the state's per-bin
+    count, accuracy and confidence (and so its ECE) are the report's."""
+    if not metrics or not metrics.get("n_scored"):
+        return None
+    b = metrics["bins"]
+    s = CalibrationState(metrics["n_bins"])
+    conf = [c for c, k in zip(b["confidence"], b["count"], strict=True) if k for _ in range(k)]
+    corr = []
+    for a, k in zip(b["accuracy"], b["count"], strict=True):
+        if k:
+            n_ok = round(a * k)
+            corr += [True] * n_ok + [False] * (k - n_ok)
+    s.update(torch.tensor(conf, dtype=torch.float32), torch.tensor(corr))
+    return s
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[str]:
-    """Reliability diagram + confidence histogram per model and modality (before/after T),
-    and the prompt-optimisation trajectory. Returns the PNG paths relative to ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Per model and modality: a reliability diagram and a confidence histogram (T = 1),
+    and a before/after-temperature comparison, drawn with :mod:`mllmcal.plot`; plus the
+    prompt-optimisation trajectory. Returns the PNG paths relative to ``out_dir``."""
+    from .. import plot
 
     out_dir = Path(out_dir)
     paths = []
     for m in report["models"]:
         for mod, r in m["modalities"].items():
-            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
-            ax1.plot([0, 1], [0, 1], "k--", lw=1)
-            _plot_bins(ax1, ax2, r["test"], "T = 1", "tab:blue")
-            if r.get("test_after_temperature"):
-                _plot_bins(ax1, ax2, r["test_after_temperature"],
-                           f"T = {r['temperature']:.2f}", "tab:orange")
-            ax1.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-                    title=f"reliability: {m['name']} / {mod}")
-            ax2.set(xlabel="confidence", ylabel="items", xlim=(0, 1), title="confidence histogram")
-            ax1.legend(loc="upper left", fontsize=8)
-            ax2.legend(loc="upper left", fontsize=8)
-            fig.tight_layout()
-            name = f"reliability_{_slug(m['name'])}_{mod}.png"
-            fig.savefig(out_dir / name, dpi=100)
-            plt.close(fig)
+            tag = f"{_slug(m['name'])}_{mod}"
+            before = _state(r["test"])
+            if before is None:
+                continue
+            name = f"reliability_{tag}.png"
+            plot.reliability_diagram(before, out_dir / name, label=f"{m['name']} / {mod}",
+                                     title=f"reliability: {m['name']} / {mod}")
             paths.append(name)
+            name = f"confidence_{tag}.png"
+            plot.confidence_histogram(before, out_dir / name,
+                                      title=f"confidence histogram: {m['name']} / {mod}")
+            paths.append(name)
+            after = _state(r.get("test_after_temperature"))
+            if after is not None and r.get("temperature") is not None:
+                name = f"temperature_{tag}.png"
+                plot.temperature_comparison(before, after, out_dir / name,
+                                            temperature=r["temperature"],
+                                            title=f"temperature scaling: {m['name']} / {mod}")
+                paths.append(name)
         po = m.get("prompt_optimization")
         if po and po["trajectory"]:
-            rounds = [t["round"] for t in po["trajectory"]]
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.plot(rounds, [t["accuracy"] for t in po["trajectory"]], "o-", label="dev accuracy")
-            ax.plot(rounds, [t["ece"] for t in po["trajectory"]], "s-", label="dev ECE")
-            ax.set(xlabel="round", title=f"prompt optimisation: {m['name']}")
-            ax.legend()
-            fig.tight_layout()
-            name = f"prompt_optimization_{_slug(m['name'])}.png"
-            fig.savefig(out_dir / name, dpi=100)
-            plt.close(fig)
-            paths.append(name)
+            paths.append(_plot_trajectory(po, m["name"], out_dir))
     return paths
+
+
+def _plot_trajectory(po: dict, model: str, out_dir: Path) -> str:
+    """Dev accuracy and ECE of the best prompt per APE round (eval-specific)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rounds = [t["round"] for t in po["trajectory"]]
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(rounds, [t["accuracy"] for t in po["trajectory"]], "o-", label="dev accuracy")
+    ax.plot(rounds, [t["ece"] for t in po["trajectory"]], "s-", label="dev ECE")
+    ax.set(xlabel="round", title=f"prompt optimisation: {model}")
+    ax.legend()
+    fig.tight_layout()
+    name = f"prompt_optimization_{_slug(model)}.png"
+    fig.savefig(out_dir / name, dpi=100)
+    return name
 
 
 def _slug(name: str) -> str:

@@ -158,10 +158,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"mllmcal demo: the embedded demo (mllmcal.demo.get_demo) is not available: {exc}",
               file=sys.stderr)
         return 1
+    # The default cache (~/.cache/mllmcal or $MLLMCAL_CACHE), the one ``--model demo``
+    # resolves to, so the model is trained once and the report names it "demo".
     out = Path(args.out)
-    model_dir, data_dir = get_demo(cache_dir=out / "model") if _takes(get_demo, "cache_dir") \
-        else get_demo()
-    ns = build_parser().parse_args(["eval", "--model", str(model_dir), "--data", str(data_dir),
+    _, data_dir = get_demo()
+    ns = build_parser().parse_args(["eval", "--model", "demo", "--data", str(data_dir),
                                     "--out", str(out), "--optimize-prompts",
                                     "--ape-rounds", str(args.ape_rounds),
                                     "--ape-k", str(args.ape_k), "--ape-m", str(args.ape_m),
@@ -169,15 +170,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                    + (["--limit", str(args.limit)] if args.limit else [])
                                    + (["--no-progress"] if args.no_progress else []))
     return _cmd_eval(ns)
-
-
-def _takes(fn: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

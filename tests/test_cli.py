@@ -61,3 +61,16 @@ def test_python_dash_m_entry_point_and_bench():
     r = subprocess.run([sys.executable, "-m", "mllmcal", "bench", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0
+
+
+def test_demo_report_names_the_model_demo(tmp_path, monkeypatch, capsys):
+    import mllmcal.demo.train as demo_train
+
+    _data(tmp_path / "data")
+    model = build_tiny_checkpoint(tmp_path / "model", ["What colour ? red blue"], multimodal=False)
+    monkeypatch.setattr(demo_train, "get_demo", lambda *a, **k: (model, tmp_path / "data"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["model"] == "demo" and report["models"][0]["name"] == "demo"
+    assert "model: demo" in capsys.readouterr().out

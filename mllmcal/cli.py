@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ape-k", type=int, default=3)
     d.add_argument("--ape-m", type=int, default=3)
     d.add_argument("--limit", type=int, help="use only the first N items of each split")
+    # Demo-sized defaults: the demo (training included) must finish in 5 minutes on 2 CPU
+    # cores; `mllmcal eval` keeps the full splits and the paper's grid fit.
+    d.add_argument("--n-test", type=int, default=200, help="test items")
+    d.add_argument("--n-calib", type=int, default=200, help="calib items T is fitted on")
+    d.add_argument("--n-dev", type=int, default=100, help="dev items APE scores prompts on")
+    d.add_argument("--n-idk", type=int, default=100, help="IDK items per abstention prompt")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--temperature-method", default="newton", choices=["grid", "newton"])
+    d.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for the evaluation (0: torch's default, one per core)")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--seed", type=int, default=0)
 
@@ -123,7 +133,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  {k}: {v}")
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = None) -> int:
     from mllmcal.eval.runner import EvalConfig, run_eval
 
     paths = _split_paths(args)
@@ -141,7 +151,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         chat_template=args.chat_template, build_idk=not args.no_idk,
         idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
         optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,
-        ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit, seed=args.seed,
+        ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit,
+        split_limits=dict(split_limits or {}), seed=args.seed,
         progress=not args.no_progress, plots=not args.no_plots,
     )
     report = run_eval(cfg)
@@ -166,10 +177,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                     "--out", str(out), "--optimize-prompts",
                                     "--ape-rounds", str(args.ape_rounds),
                                     "--ape-k", str(args.ape_k), "--ape-m", str(args.ape_m),
-                                    "--seed", str(args.seed)]
+                                    "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+                                    "--temperature-method", args.temperature_method]
                                    + (["--limit", str(args.limit)] if args.limit else [])
                                    + (["--no-progress"] if args.no_progress else []))
-    return _cmd_eval(ns)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    limits = {"test": args.n_test, "calib": args.n_calib, "dev": args.n_dev, "idk": args.n_idk}
+    if args.limit:  # --limit caps every split, below the demo sizes too
+        limits = {k: min(v, args.limit) for k, v in limits.items()}
+    return _cmd_eval(ns, split_limits=limits)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

@@ -75,6 +75,7 @@ class EvalConfig:
     proposer: str = "bank"
     seed_prompts: tuple[str, ...] = ("Answer", "The answer might be", "The answer must be")
     limit: int | None = None
+    split_limits: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     progress: bool = True
     plots: bool = True
@@ -168,6 +169,9 @@ class _Evaluator:
         self.cache = Path(cfg.out) / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.row_dtype = parse_dtype(cfg.row_dtype, torch.device("cpu"))
+        # key -> (records, rows) already read or scored in this run: a key scored again
+        # (a prompt APE proposes twice, the seed prompt's test split) is not re-read
+        self._memo: dict[str, tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]] = {}
 
     def _key(self, em: EvalModel, split: str, modality: str, prefix: str, hint: str | None) -> str:
         spec = json.dumps([em.path, str(em.dtype), self.cfg.method, prefix, hint, modality,
@@ -193,11 +197,15 @@ class _Evaluator:
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
-                 gather_rows: bool = False) -> tuple[list[dict], dict[str, tuple[torch.Tensor, int]]]:
+                 gather_rows: bool = False, keep_rows: bool = True,
+                 ) -> tuple[list[dict], dict[str, tuple[torch.Tensor, int]]]:
         """Records for all ``items`` (gathered over ranks, in item order) and kept rows
-        (this rank's, or all ranks' with ``gather_rows``)."""
+        (this rank's, or all ranks' with ``gather_rows``). ``keep_rows=False`` (splits
+        whose logits rows are never used: dev, IDK) does not write the rows to the cache."""
         key = self._key(em, split, modality, prefix, hint)
-        cached, cached_rows = self._read_cache(key)
+        if key not in self._memo:
+            self._memo[key] = self._read_cache(key)
+        cached, cached_rows = self._memo[key]
         mine = items[self.dist.rank::self.dist.world]
         todo = [it for it in mine if it.id not in cached]
         stem = f"{key}.rank{self.dist.rank}of{self.dist.world}"
@@ -211,7 +219,7 @@ class _Evaluator:
                                      batch_size=self.cfg.batch_size,
                                      max_new_tokens=self.cfg.max_new_tokens,
                                      row_dtype=self.row_dtype):
-                if batch.rows is not None and batch.row_ids:
+                if keep_rows and batch.rows is not None and batch.row_ids:
                     # rows first: a record without its row would be a silent gap on resume
                     torch.save({"ids": batch.row_ids, "rows": batch.rows, "labels": batch.labels},
                                self.cache / f"{stem}.rows{n_chunks}.pt")
@@ -298,14 +306,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def _run(cfg: EvalConfig, dist: _Dist) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
-    test = _load(cfg.test, cfg.images, "test", cfg.limit, data_info)
-    calib = _load(cfg.calib, cfg.images, "calib", cfg.limit, data_info)
-    dev = _load(cfg.dev, cfg.images, "dev", cfg.limit, data_info)
-    idk_items = _load(cfg.idk, cfg.images, "idk", cfg.limit, data_info)
+    lim = {s: cfg.split_limits.get(s, cfg.limit) for s in ("test", "calib", "dev", "idk")}
+    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info)
+    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info)
+    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info)
+    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info)
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
     if not idk_items and cfg.build_idk:
-        idk_items = build_idk_set(test, seed=cfg.seed)
+        idk_items = build_idk_set(test, seed=cfg.seed)[: lim["idk"]]
         data_info["idk"] = {"path": None, "built_from": "test", "n_items": len(idk_items),
                             "n_skipped": 0, "skipped": []}
     ev = _Evaluator(cfg, dist)
@@ -319,7 +328,8 @@ def _run(cfg: EvalConfig, dist: _Dist) -> dict[str, Any]:
             entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
         main_mod = modalities[0]
         for variant in (cfg.idk_variants if idk_items else ()):
-            recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant])
+            recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant],
+                                  keep_rows=False)
             res = idk_metrics(recs)
             res["answered_ece"] = _answered_ece(recs, cfg.n_bins)
             entry["idk"][variant] = res
@@ -377,7 +387,7 @@ def _optimize(ev: _Evaluator, em: EvalModel, mod: str, dev: list[Item], test: li
     proposer = make_proposer(cfg.proposer, device=cfg.device, seed=cfg.seed)
 
     def score(prefix: str) -> tuple[float, float]:
-        recs, _ = ev.evaluate(em, dev, "dev", mod, prefix=prefix)
+        recs, _ = ev.evaluate(em, dev, "dev", mod, prefix=prefix, keep_rows=False)
         m = calibration_metrics(recs, cfg.n_bins)
         return (m["accuracy"] or 0.0, m["ece"] if m["ece"] is not None else 1.0)
 

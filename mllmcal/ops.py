@@ -187,13 +187,20 @@ def _check_temperature(
             if validate and n and not bool(((t > 0) & torch.isfinite(t)).all()):
                 raise ValueError("every temperature must be finite and > 0")
             return 1.0, t
+    return check_scalar_temperature(temperature), None
+
+
+def check_scalar_temperature(temperature: float) -> float:
+    """``float(temperature)``, or a clear error unless it is finite and > 0."""
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature)}") from None
+        raise TypeError(
+            f"temperature must be a float or a tensor, got {type(temperature).__name__}"
+        ) from None
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be finite and > 0, got {t}")
-    return t, None
+    return t
 
 
 def _check_labels(

@@ -42,7 +42,6 @@ sequences.
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 import weakref
@@ -54,7 +53,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from ..ops import token_stats
+from ..ops import check_scalar_temperature, token_stats
 
 __all__ = ["CalibratedLogitsProcessor", "score_tokens", "SEQUENCE_CONFIDENCE_KINDS"]
 
@@ -119,16 +118,6 @@ class _Run:
         return len(self.lse)
 
 
-def _check_temperature(temperature: float) -> float:
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}") from None
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {t}")
-    return t
-
-
 def _new_state(n_bins: int, device: torch.device | None):
     try:
         from ..calibration import CalibrationState
@@ -184,7 +173,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         backend: str = "auto",
         max_pending: int = 100_000,
     ) -> None:
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_scalar_temperature(temperature)
         if int(n_bins) < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         if sequence_confidence not in SEQUENCE_CONFIDENCE_KINDS:
@@ -737,7 +726,7 @@ def score_tokens(
     Returns:
         The ``CalibrationState`` (``state`` itself when given).
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_scalar_temperature(temperature)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     b, length = input_ids.shape

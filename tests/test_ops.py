@@ -132,4 +132,4 @@ def test_histogram_does_not_depend_on_row_split():
         for lo, hi in [(0, 5), (5, 40), (40, 41), (41, 64)]:
             mllmcal.token_stats(x[lo:hi], y[lo:hi], backend=backend, histogram=parts)
         assert torch.equal(whole, parts)
-        assert whole[0].sum() == ((y != -100)).sum()
+        assert whole[0].sum() == (y != -100).sum()

@@ -85,11 +85,9 @@ def build_vocab(texts: Iterable[str]) -> dict[str, int]:
     """Token -> id over ``texts`` plus the prompt words; specials first, then sorted tokens.
 
     Besides words, every option line ``(X) text`` seen in ``texts`` (for every letter A-H)
-    is one phrase token. Fusing the letter with its option text turns "which letter labels
-    the option that matches the picture" into a one-hop lookup, which a 3-layer model
-    trained for a couple of minutes can learn; with separate ``(``, ``X``, ``)`` tokens it
-    needs an induction-style circuit first and stays at chance far longer. Options whose
-    text is not in the vocabulary still tokenize, word by word.
+    is one phrase token, so the letter and the option text reach the model as one vector
+    and no previous-token circuit is needed to tie them. Options whose text is not in the
+    vocabulary still tokenize, word by word.
     """
     words: set[str] = {"\n", *OPTION_LETTERS, *".,:;?!()'-%"}
     option_texts: set[str] = {IDK_OPTION_TEXT}

@@ -330,7 +330,7 @@ def train_demo_model(
             seen += len(idx)
             mc = torch.tensor(is_mc)
             if mc.any():
-                losses.append(float(loss_tok[mc, 0].mean()))
+                losses.append(float(loss_tok[mc, 0].detach().mean()))
             recent = float(np.mean(losses[-50:]))
             if step % 10 == 0:
                 if os.environ.get("MLLMCAL_DEMO_DEBUG"):

@@ -169,3 +169,19 @@ def test_train_demo_model_rejects_missing_data(tmp_path):
         train_demo_model(tmp_path, tmp_path / "m", budget_s=1)
     with pytest.raises(ValueError, match="budget_s"):
         train_demo_model(tmp_path, tmp_path / "m", budget_s=0)
+
+
+def test_thread_chooser_keeps_the_faster_count_between_probes():
+    chooser = demo_train._ThreadChooser(max_threads=2, probe_len=6, probe_every=20)
+    assert chooser.threads(0) == 2
+    for step in range(1, 6):
+        n = chooser.threads(step)
+        assert n == (2 if step % 2 else 1)
+        chooser.record(step, n, 5.0 if n == 2 else 1.0)  # 2 threads contended: slower
+    assert chooser.threads(7) == chooser.threads(19) == 1
+    for step in range(21, 26):  # the next probe finds 2 threads faster again
+        n = chooser.threads(step)
+        chooser.record(step, n, 0.5 if n == 2 else 1.0)
+    assert chooser.threads(30) == 2
+    single = demo_train._ThreadChooser(max_threads=1)
+    assert {single.threads(s) for s in range(10)} == {1}

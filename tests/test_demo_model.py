@@ -182,16 +182,19 @@ def test_train_demo_model_rejects_missing_data(tmp_path):
 
 
 def test_thread_chooser_keeps_the_faster_count_between_probes():
-    chooser = demo_train._ThreadChooser(max_threads=2, probe_len=6, probe_every=20)
+    now = [0.0]
+    chooser = demo_train._ThreadChooser(max_threads=2, probe_len=4, reprobe_s=20, clock=lambda: now[0])
     assert chooser.threads(0) == 2
-    for step in range(1, 6):
+    for step in range(1, 5):
         n = chooser.threads(step)
-        assert n == (2 if step % 2 else 1)
+        assert n == (1 if step % 2 else 2)
         chooser.record(step, n, 5.0 if n == 2 else 1.0)  # 2 threads contended: slower
-    assert chooser.threads(7) == chooser.threads(19) == 1
-    for step in range(21, 26):  # the next probe finds 2 threads faster again
+    now[0] = 19.0
+    assert chooser.threads(5) == chooser.threads(6) == 1
+    now[0] = 21.0  # time for a new probe, which finds 2 threads faster again
+    for step in range(7, 11):
         n = chooser.threads(step)
         chooser.record(step, n, 0.5 if n == 2 else 1.0)
-    assert chooser.threads(30) == 2
+    assert chooser.threads(11) == 2
     single = demo_train._ThreadChooser(max_threads=1)
     assert {single.threads(s) for s in range(10)} == {1}

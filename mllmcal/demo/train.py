@@ -173,33 +173,37 @@ class _ThreadChooser:
     """Picks 1 or ``max_threads`` torch threads by timing real training steps.
 
     On a shared machine, 2 OpenMP threads competing with other processes can be several
-    times slower than 1 thread. Steps alternate between the two counts for a few steps at
-    the start and again every ``probe_every`` steps; in between, the faster one (by median
-    step time of the last probe) is used.
+    times slower than 1 thread, and the load changes while we train. So a probe (steps
+    alternating between the two counts, ``probe_len`` of them) runs after the untimed
+    first step and again whenever ``reprobe_s`` seconds have passed since the last
+    decision; in between, the count with the lower median step time is used.
     """
 
-    def __init__(self, max_threads: int, probe_len: int = 6, probe_every: int = 1000):
+    def __init__(self, max_threads: int, probe_len: int = 4, reprobe_s: float = 20.0, clock=time.monotonic):
         self.max_threads = max(1, max_threads)
-        self.probe_len, self.probe_every = probe_len, probe_every
+        self.probe_len, self.reprobe_s, self.clock = probe_len, reprobe_s, clock
         self.choice = self.max_threads
+        self.plan: list[int] = []
         self.samples: dict[int, list[float]] = {}
+        self.decided_at: float | None = None
 
     def threads(self, step: int) -> int:
-        phase = step % self.probe_every
-        # Step 0 pays one-off costs and is not timed.
-        if self.max_threads > 1 and step > 0 and phase < self.probe_len:
-            return self.max_threads if phase % 2 else 1
-        return self.choice
+        if self.max_threads == 1 or step == 0:  # step 0 pays one-off costs
+            return self.choice
+        if not self.plan and (self.decided_at is None or self.clock() - self.decided_at > self.reprobe_s):
+            self.plan = [1 if i % 2 == 0 else self.max_threads for i in range(self.probe_len)]
+            self.samples = {}
+        return self.plan[0] if self.plan else self.choice
 
     def record(self, step: int, threads: int, seconds: float) -> None:
-        phase = step % self.probe_every
-        if self.max_threads == 1 or step == 0 or phase >= self.probe_len:
+        if not self.plan or threads != self.plan[0]:
             return
+        self.plan.pop(0)
         self.samples.setdefault(threads, []).append(seconds)
-        if phase == self.probe_len - 1:
+        if not self.plan:
             med = {n: float(np.median(t)) for n, t in self.samples.items()}
             self.choice = min(med, key=med.get)
-            self.samples = {}
+            self.decided_at = self.clock()
 
 
 def train_demo_model(

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, help="use only the first N items of each split")
     # Demo-sized defaults: the demo (training included) must finish in 5 minutes on 2 CPU
     # cores; `mllmcal eval` keeps the full splits and the paper's grid fit.
-    d.add_argument("--n-test", type=int, default=200, help="test items")
-    d.add_argument("--n-calib", type=int, default=200, help="calib items T is fitted on")
+    d.add_argument("--n-test", type=int, default=1000, help="test items")
+    d.add_argument("--n-calib", type=int, default=1000, help="calib items T is fitted on")
     d.add_argument("--n-dev", type=int, default=100, help="dev items APE scores prompts on")
     d.add_argument("--n-idk", type=int, default=100, help="IDK items per abstention prompt")
     d.add_argument("--batch-size", type=int, default=32)
@@ -172,7 +172,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The default cache (~/.cache/mllmcal or $MLLMCAL_CACHE), the one ``--model demo``
     # resolves to, so the model is trained once and the report names it "demo".
     out = Path(args.out)
-    _, data_dir = get_demo()
+    _, data_dir = get_demo(progress=not args.no_progress)
     ns = build_parser().parse_args(["eval", "--model", "demo", "--data", str(data_dir),
                                     "--out", str(out), "--optimize-prompts",
                                     "--ape-rounds", str(args.ape_rounds),

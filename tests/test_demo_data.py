@@ -94,8 +94,12 @@ def test_json_is_llava_style_and_well_formed(dataset):
             else:
                 assert IMAGE_TOKEN not in human["value"]
             stem, options = parse_options(human["value"])
-            assert list(options) == ["A", "B", "C", "D"], item["id"]
-            assert len(set(options.values())) == 4
+            n = {"color": 6, "shape": 4, "count": 5, "position": 4}[item["qtype"]]
+            n += IDK_OPTION_TEXT in options.values() and item["idk_kind"] != "option_removed"
+            assert list(options) == list("ABCDEFGH"[:n]), item["id"]
+            assert len(set(options.values())) == n
+            if IDK_OPTION_TEXT in options.values():  # always offered last
+                assert options[list(options)[-1]] == IDK_OPTION_TEXT, item["id"]
             assert gpt["value"] in options
             assert isinstance(item["answerable"], bool)
 

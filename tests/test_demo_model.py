@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,7 +128,7 @@ def test_score_items_agrees_with_greedy_generation(trained, monkeypatch):
 
 
 def _fake_train(calls):
-    def fake(data_dir, out_dir, budget_s=150, seed=0, progress=True):
+    def fake(data_dir, out_dir, budget_s=170, seed=0, progress=True):
         calls.append(budget_s)
         model, processor = init_demo_model(data_dir, seed=seed)
         save_checkpoint(model, processor, out_dir)
@@ -140,9 +142,9 @@ def test_get_demo_builds_once_and_then_reuses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_train, "train_demo_model", _fake_train(calls))
     sizes = {"train": 20, "calib": 4, "dev": 4, "test": 4, "idk": 4}
     model_dir, data_dir = get_demo(tmp_path, budget_s=7, seed=5, sizes=sizes, progress=False)
-    assert model_dir == tmp_path / "demo-v1-seed5" / "model"
+    assert model_dir == tmp_path / f"{demo_train.CACHE_VERSION}-seed5" / "model"
     assert (data_dir / "train.json").is_file() and (model_dir / "config.json").is_file()
-    assert (tmp_path / "demo-v1-seed5" / demo_train.MARKER).is_file()
+    assert (tmp_path / f"{demo_train.CACHE_VERSION}-seed5" / demo_train.MARKER).is_file()
     assert calls == [7]
     assert get_demo(tmp_path, seed=5) == (model_dir, data_dir)
     assert calls == [7]
@@ -152,14 +154,14 @@ def test_get_demo_builds_once_and_then_reuses_the_cache(tmp_path, monkeypatch):
 
 def test_get_demo_redoes_an_interrupted_build(tmp_path, monkeypatch):
     calls: list[float] = []
-    entry = tmp_path / "demo-v1-seed0"
+    entry = tmp_path / f"{demo_train.CACHE_VERSION}-seed0"
     (entry / "model").mkdir(parents=True)
     (entry / "model" / "half-written.bin").write_text("x")
     monkeypatch.setattr(demo_train, "train_demo_model", _fake_train(calls))
     monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path))
     sizes = {"train": 20, "calib": 4, "dev": 4, "test": 4, "idk": 4}
     model_dir, _ = get_demo(sizes=sizes, progress=False)
-    assert calls == [150]
+    assert calls == [inspect.signature(get_demo).parameters["budget_s"].default]
     assert not (model_dir / "half-written.bin").exists()
     assert (entry / demo_train.MARKER).is_file()
 
@@ -171,7 +173,7 @@ def test_get_demo_leaves_no_marker_when_training_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_train, "train_demo_model", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         get_demo(tmp_path, sizes={"train": 10, "calib": 2, "dev": 2, "test": 2, "idk": 2})
-    assert not (tmp_path / "demo-v1-seed0" / demo_train.MARKER).exists()
+    assert not (tmp_path / f"{demo_train.CACHE_VERSION}-seed0" / demo_train.MARKER).exists()
 
 
 def test_train_demo_model_rejects_missing_data(tmp_path):
@@ -198,3 +200,43 @@ def test_thread_chooser_keeps_the_faster_count_between_probes():
     assert chooser.threads(11) == 2
     single = demo_train._ThreadChooser(max_threads=1)
     assert {single.threads(s) for s in range(10)} == {1}
+
+
+def test_patch_labels_follow_the_scene_grid(tmp_path):
+    from mllmcal.demo.shapes import GRID, OBJECT_COLORS, SHAPES
+    from mllmcal.demo.train import _patch_labels
+
+    build_dataset(tmp_path, seed=2, sizes={"train": 40, "calib": 0, "dev": 0, "test": 0, "idk": 0})
+    items = json.loads((tmp_path / "train.json").read_text())
+    paths, shape_y, color_y = _patch_labels(items)
+    with_scene = [it for it in items if "scene" in it]
+    assert paths == [it["image"] for it in with_scene]
+    for it, s, c in zip(with_scene, shape_y, color_y, strict=True):
+        expect_s = np.full(GRID * GRID, len(SHAPES))
+        expect_c = np.full(GRID * GRID, len(OBJECT_COLORS))
+        for obj in it["scene"]:
+            k = obj["cell"][0] * GRID + obj["cell"][1]
+            expect_s[k] = SHAPES.index(obj["shape"])
+            expect_c[k] = list(OBJECT_COLORS).index(obj["color"])
+        np.testing.assert_array_equal(s, expect_s)
+        np.testing.assert_array_equal(c, expect_c)
+
+
+def test_vision_pretraining_makes_patches_read_as_their_words(tmp_path):
+    """Stage 1 alone: after 150 steps the projected patches name their shape and colour
+    (chance is 1/4 and 1/7), and only the vision tower and projector changed."""
+    import torch
+
+    from mllmcal.demo.model import init_demo_model
+    from mllmcal.demo.train import _pixel_cache, pretrain_vision
+
+    build_dataset(tmp_path, seed=4, sizes={"train": 300, "calib": 0, "dev": 0, "test": 0, "idk": 0})
+    items = json.loads((tmp_path / "train.json").read_text())
+    model, processor = init_demo_model(tmp_path, seed=0)
+    lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    pixels = _pixel_cache(processor, tmp_path, items)
+    out = pretrain_vision(model, processor.tokenizer, pixels, items, seconds=float("inf"), max_steps=150)
+    assert out["steps"] == 150
+    assert out["shape_accuracy"] > 0.6 and out["color_accuracy"] > 0.8, out
+    for k, v in model.model.language_model.state_dict().items():
+        torch.testing.assert_close(v, lm_before[k], rtol=0, atol=0, msg=k)

@@ -1,8 +1,9 @@
 """Procedurally generated shapes VQA: the embedded demo's data set.
 
 Every item is a small scene (coloured shapes on a 4x4 grid of a ``IMAGE_SIZE`` px image) and
-one four-option question about colour, shape, count or position, formatted with
-:func:`mllmcal.eval.prompting.format_question`. An item is a pure function of
+one multiple-choice question about colour (6 options), shape (4), count (5) or position (4),
+formatted with :func:`mllmcal.eval.prompting.format_question`; the options are the type's
+whole answer pool in canonical order. An item is a pure function of
 ``(seed, split, index)`` (see :func:`make_item`), so any item can be regenerated and its
 answer re-derived from its scene spec.
 
@@ -15,10 +16,11 @@ imperfect and its calibration is worth measuring:
 * position: the object is small and sits next to the centre lines.
 
 Unanswerable items (``"answerable": false``, answer = the ``I don't know`` option) come in
-three kinds, named in ``"idk_kind"``: ``option_removed`` (the correct option is replaced by
-``I don't know``), ``mismatched_image`` (the image does not contain the object asked about),
+three kinds, named in ``"idk_kind"``: ``option_removed`` (the correct option is dropped), ``mismatched_image`` (the image does not contain the object asked about),
 ``image_withheld`` (no image at all). The ``idk`` split also holds answerable controls that
-offer ``I don't know`` next to the correct option, for the false-IDK rate.
+offer ``I don't know`` next to the correct option, for the false-IDK rate. Wherever it is
+offered, ``I don't know`` is the last option, as :func:`mllmcal.eval.idk.build_idk_set`
+adds it.
 """
 
 from __future__ import annotations
@@ -56,19 +58,27 @@ CONFUSABLE = {
     "blue": "purple",
     "purple": "blue",
 }
+# Shape questions ask about the one white object; white is never a colour answer. With a
+# canonical option order a letter means a colour in colour questions and a shape in shape
+# questions; a white target keeps colour from voting in shape questions, so the demo model
+# needs no within-object switch between "read the colour" and "read the shape".
+SHAPE_TARGET_COLOR = "white"
+OBJECT_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, SHAPE_TARGET_COLOR: (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 PLURALS = {s: s + "s" for s in SHAPES}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("color", "shape", "count", "position")
 
 SPLITS = ("train", "calib", "dev", "test", "idk")
-DEFAULT_SIZES: dict[str, int] = {"train": 4000, "calib": 300, "dev": 100, "test": 300, "idk": 200}
+DEFAULT_SIZES: dict[str, int] = {"train": 2500, "calib": 1000, "dev": 100, "test": 1000, "idk": 200}
 
 NORMAL_SIZE = (8, 10)  # pixel extent of an ordinary shape (inclusive range)
 SMALL_SIZE = (3, 4)
 HARD_FRACTION = 0.25
 # Share of ``train`` items that are IDK-style: unanswerable, or answerable with an IDK option.
 TRAIN_IDK_FRACTION = 0.15
+# Share of those that are answerable controls (the rest is unanswerable, evenly by kind).
+TRAIN_IDK_CONTROL_SHARE = 0.5
 
 Obj = dict[str, Any]
 
@@ -120,12 +130,15 @@ def quadrant(obj: Obj) -> str:
 def _obj(rng: np.random.Generator, shape: str, color: str, cell: tuple[int, int], small: bool) -> Obj:
     lo, hi = SMALL_SIZE if small else NORMAL_SIZE
     size = int(rng.integers(lo, hi + 1))
-    slack = max(0, (CELL - size) // 2 - 1)
+    # Ordinary shapes sit centred in their cell, so a shape is one pixel template per size
+    # (the patch grid equals the cell grid); small ones wander, which is part of why they
+    # are hard.
+    slack = max(0, (CELL - size) // 2 - 1) if small else 0
     offset = [int(rng.integers(-slack, slack + 1)), int(rng.integers(-slack, slack + 1))]
     return {
         "shape": shape,
         "color": color,
-        "rgb": list(COLORS[color]),
+        "rgb": list(OBJECT_COLORS[color]),
         "cell": [int(cell[0]), int(cell[1])],
         "size": size,
         "offset": offset,
@@ -154,45 +167,46 @@ def _distractors(
     ]
 
 
-def _options(rng: np.random.Generator, correct: str, pool: list[str], must: tuple[str, ...] = ()):
-    """Four options: ``correct``, the ``must`` distractors, random others from ``pool``."""
-    others = [p for p in pool if p != correct and p not in must]
-    picks = list(must) + [str(x) for x in rng.choice(others, 3 - len(must), replace=False)]
-    # Options are listed in the pool's canonical order (palette order, counts ascending,
-    # ...), as many benchmarks list them; which letter is correct still varies from item to
-    # item (for shape and position questions, with the answer). A fully shuffled order asks
-    # the model for a content-matching pointer from the answer to its option line, which a
-    # model this size does not learn within the demo's training budget.
-    return sorted([correct] + picks, key=pool.index)
+def _options(correct: str, pool: list[str]) -> list[str]:
+    """The whole answer pool of the question type, in its canonical order.
+
+    Every question of a type lists the same options in the same order (palette order,
+    counts ascending, ...), as benchmarks with a closed answer set often do; which letter is
+    correct still varies with the answer. With a shuffled order a model has to find the
+    option line whose text matches what it sees, which the demo model does not learn
+    within its training budget (measured: chance level after 150 s, also with text-only
+    lookup lessons mixed in).
+    """
+    if correct not in pool:
+        raise ValueError(f"answer {correct!r} is not in the option pool {pool}")
+    return list(pool)
 
 
 def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
-    """(objects, question, correct option text, option pool, forced distractors)."""
+    """(objects, question, correct option text, option pool)."""
     if qtype == "color":
         shape = str(rng.choice(SHAPES))
         color = str(rng.choice(list(COLORS)))
         n_other = _n_distractors(rng)
         cells = _free_cells(rng, 1 + n_other)
         target = _obj(rng, shape, color, cells[0], small=False)
-        must: tuple[str, ...] = ()
         if hard:
-            # Paint 30-45% of the way to the confusable colour and offer that colour too:
-            # the right answer is still the nearer name, but only just.
+            # Paint 30-45% of the way to the confusable colour (also an option, as every
+            # colour is): the right answer is still the nearer name, but only just.
             partner = CONFUSABLE[color]
             t = float(rng.uniform(0.30, 0.45))
             a, b = np.array(COLORS[color]), np.array(COLORS[partner])
             target["rgb"] = [int(round(v)) for v in (1 - t) * a + t * b]
-            must = (partner,)
         objs = [target] + _distractors(rng, n_other, cells[1:], avoid_shapes=(shape,))
-        return objs, f"What color is the {shape}?", color, list(COLORS), must
+        return objs, f"What color is the {shape}?", color, list(COLORS)
     if qtype == "shape":
         shape = str(rng.choice(SHAPES))
-        color = str(rng.choice(list(COLORS)))
+        color = SHAPE_TARGET_COLOR
         n_other = _n_distractors(rng)
         cells = _free_cells(rng, 1 + n_other)
         target = _obj(rng, shape, color, cells[0], small=hard)
         objs = [target] + _distractors(rng, n_other, cells[1:], avoid_colors=(color,))
-        return objs, f"What shape is the {color} object?", shape, list(SHAPES), ()
+        return objs, f"What shape is the {color} object?", shape, list(SHAPES)
     if qtype == "count":
         shape = str(rng.choice(SHAPES))
         count = int(rng.integers(4, 6)) if hard else int(rng.integers(1, 4))
@@ -204,7 +218,7 @@ def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
         ]
         objs += _distractors(rng, n_other, cells[count:], avoid_shapes=(shape,))
         pool = [str(k) for k in range(1, 6)]
-        return objs, f"How many {PLURALS[shape]} are in the image?", str(count), pool, ()
+        return objs, f"How many {PLURALS[shape]} are in the image?", str(count), pool
     if qtype == "position":
         shape = str(rng.choice(SHAPES))
         color = str(rng.choice(list(COLORS)))
@@ -223,7 +237,7 @@ def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
             target["offset"] = [push if row == 1 else -push, push if col == 1 else -push]
         # Distractors differ in colour so that "the {color} {shape}" names one object.
         objs = [target] + _distractors(rng, n_other, cells[1:], avoid_colors=(color,))
-        return objs, f"Where is the {color} {shape}?", quadrant(target), list(QUADRANTS), ()
+        return objs, f"Where is the {color} {shape}?", quadrant(target), list(QUADRANTS)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
@@ -257,32 +271,29 @@ def make_item(seed: int, split: str, index: int) -> dict[str, Any]:
     qtype = str(rng.choice(QUESTION_TYPES))
     hard = bool(rng.random() < HARD_FRACTION)
 
-    # idk split: 3/4 unanswerable (evenly over IDK_KINDS), 1/4 answerable controls with an
-    # IDK option. train: TRAIN_IDK_FRACTION of the same mix, so the model learns the option.
+    # idk split: 3/4 unanswerable (evenly over IDK_KINDS), 1/4 answerable controls that offer
+    # IDK next to the correct option. train: TRAIN_IDK_FRACTION of its items offer IDK, half
+    # of them answerable controls, so that the option's presence alone does not decide.
     idk_kind: str | None = None
     with_idk_option = False
+    control_share = 0.25 if split == "idk" else TRAIN_IDK_CONTROL_SHARE
     if split == "idk" or (split == "train" and rng.random() < TRAIN_IDK_FRACTION):
         with_idk_option = True
         u = rng.random()
-        if u < 0.75:
-            idk_kind = IDK_KINDS[min(int(u / 0.25), 2)]
+        if u >= control_share:
+            frac = (u - control_share) / (1 - control_share)
+            idk_kind = IDK_KINDS[min(int(frac * 3), 2)]
             hard = False  # unanswerable for a reason of its own, not a hard picture
 
-    objs, question, correct, pool, must = _scene_and_question(rng, qtype, hard)
-    options = _options(rng, correct, pool, must)
+    objs, question, correct, pool = _scene_and_question(rng, qtype, hard)
+    options = _options(correct, pool)
     answerable = idk_kind is None
     scene: list[Obj] | None = objs
     if with_idk_option:
         if idk_kind == "option_removed":
-            kept = [o for o in options if o != correct]
-        else:
-            kept = [o for o in options if o != correct]
-            kept.pop(int(rng.integers(0, 3)))
-            kept.append(correct)
-            kept = [kept[i] for i in rng.permutation(3)]
-        # The IDK option goes at a random letter, so the model has to read it.
-        options = list(kept)
-        options.insert(int(rng.integers(0, 4)), IDK_OPTION_TEXT)
+            options = [o for o in options if o != correct]
+        # "I don't know" comes last, as mllmcal.eval.idk.build_idk_set adds it.
+        options.append(IDK_OPTION_TEXT)
         if idk_kind == "mismatched_image":
             scene = _mismatched_scene(rng, qtype, objs)
         elif idk_kind == "image_withheld":

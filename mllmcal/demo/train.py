@@ -56,11 +56,8 @@ TEXT_ONLY_FRACTION = 0.08
 # what is in the picture is one hop and is learnt fast; it gives the multiple-choice answer
 # (match that name against the options, copy the letter) a head start.
 OPEN_ENDED_FRACTION = 0.3
-# Share of the training budget spent pre-training the vision tower alone (stage 1).
+# Share of the training budget spent aligning the vision tower and projector (stage 1).
 VISION_PRETRAIN_FRACTION = 0.08
-# Shape questions are seen twice per epoch: telling a shape from the colour it is painted
-# in is what the model learns last, and with one copy it was still at chance at the end.
-QTYPE_REPEATS: dict[str, int] = {}
 
 
 
@@ -397,11 +394,7 @@ def train_demo_model(
         losses: list[float] = []
         chooser = _ThreadChooser(max_threads)
         step, seen = 0, 0
-        # An epoch shows each item ``QTYPE_REPEATS.get(qtype, 1)`` times.
-        epoch = np.concatenate(
-            [np.full(int(QTYPE_REPEATS.get(it.get("qtype"), 1)), i) for i, it in enumerate(items)]
-        )
-        order = rng.permutation(epoch)
+        order = rng.permutation(len(items))
         cursor = 0
         while True:
             elapsed = time.monotonic() - stage2_start
@@ -418,7 +411,7 @@ def train_demo_model(
                 torch.set_num_threads(threads)
             t_step = time.monotonic()
             if cursor + batch_size > len(order):
-                order, cursor = rng.permutation(epoch), 0
+                order, cursor = rng.permutation(len(items)), 0
             idx = order[cursor : cursor + batch_size]
             cursor += batch_size
             prompts, images, targets, is_mc = [], [], [], []

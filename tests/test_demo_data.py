@@ -11,7 +11,7 @@ from PIL import Image
 
 from mllmcal.demo import build_dataset, make_item, render_scene
 from mllmcal.demo.shapes import COLORS, PLURALS, SPLITS, quadrant
-from mllmcal.eval.prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, parse_options
+from mllmcal.prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, parse_options
 
 SIZES = {"train": 120, "calib": 20, "dev": 20, "test": 40, "idk": 60}
 

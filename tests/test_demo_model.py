@@ -13,7 +13,7 @@ from PIL import Image
 from mllmcal.demo import build_dataset, get_demo, train_demo_model
 from mllmcal.demo import train as demo_train
 from mllmcal.demo.model import NUM_IMAGE_TOKENS, init_demo_model, save_checkpoint
-from mllmcal.eval.prompting import OPTION_LETTERS, build_prompt
+from mllmcal.prompting import OPTION_LETTERS, build_prompt
 
 SIZES = {"train": 300, "calib": 10, "dev": 10, "test": 40, "idk": 20}
 

@@ -4,7 +4,7 @@ import pytest
 
 from mllmcal.eval.data import Item
 from mllmcal.eval.idk import IDK_MODES, build_idk_set, idk_metrics
-from mllmcal.eval.prompting import IDK_OPTION_TEXT
+from mllmcal.prompting import IDK_OPTION_TEXT
 
 
 def _items(n=6):

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..eval.prompting import (
+from ..prompting import (
     DEFAULT_ANSWER_PREFIX,
     IDK_OPTION_TEXT,
     IMAGE_TOKEN,

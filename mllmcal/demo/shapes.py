@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..eval.prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, OPTION_LETTERS, format_question
+from ..prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, OPTION_LETTERS, format_question
 
 IMAGE_SIZE = 48
 GRID = 4

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.prompting import (
+from ..prompting import (
     IDK_OPTION_TEXT,
     IMAGE_TOKEN,
     OPTION_LETTERS,

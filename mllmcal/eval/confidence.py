@@ -29,9 +29,9 @@ import torch
 
 import mllmcal
 
+from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .data import Item
 from .models import EvalModel
-from .prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 
 __all__ = ["METHODS", "AnswerTracker", "ScoredBatch", "score_items", "VERBALIZED_INSTRUCTION",
            "parse_verbalized"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .prompting import IDK_OPTION_TEXT, OPTION_LETTERS, format_question, parse_options
+from ..prompting import IDK_OPTION_TEXT, OPTION_LETTERS, format_question, parse_options
 
 __all__ = ["DataError", "Item", "LoadResult", "load_items", "find_split", "check_image"]
 

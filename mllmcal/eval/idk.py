@@ -16,19 +16,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from ..prompting import ABSTENTION_HINTS, IDK_OPTION_TEXT, OPTION_LETTERS
 from .data import Item
-from .prompting import IDK_OPTION_TEXT, OPTION_LETTERS
 
 __all__ = ["IDK_MODES", "ABSTENTION_HINTS", "build_idk_set", "idk_metrics"]
 
 IDK_MODES = ("mismatched_image", "option_removed", "image_withheld")
 
-# Prompt variants compared side by side on the IDK set: None is the paper's plain prompt.
-ABSTENTION_HINTS: dict[str, str | None] = {
-    "plain": None,
-    "invite": f'If the question cannot be answered, choose "{IDK_OPTION_TEXT}".',
-    "strict": f'Answer only if you are sure; otherwise choose "{IDK_OPTION_TEXT}".',
-}
 
 
 def _with_idk_option(options: Sequence[str]) -> tuple[str, ...]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS, build_prompt
 from .data import Item
-from .prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS, build_prompt
 
 __all__ = ["EvalModel", "load_model", "parse_dtype"]
 

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 import mllmcal
 
+from ..prompting import DEFAULT_ANSWER_PREFIX
 from .confidence import METHODS, score_items
 from .data import Item, LoadResult, load_items
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model, parse_dtype
-from .prompting import DEFAULT_ANSWER_PREFIX
 from .report import calibration_metrics, write_report
 
 __all__ = ["EvalConfig", "run_eval", "fit_temperature_rows"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .prompting import IMAGE_TOKEN, INSTRUCTION, OPTION_LETTERS
+from ..prompting import IMAGE_TOKEN, INSTRUCTION, OPTION_LETTERS
 
 __all__ = ["build_tiny_checkpoint"]
 

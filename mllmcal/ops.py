@@ -40,8 +40,8 @@ class TokenStats:
     scaled logits ``z`` (what temperature fitting needs). The statistics carry no
     gradient on any backend (they are measurements, not a loss).
 
-    ``valid`` and ``correct`` are decoded from the kernel's uint8 flags on first access, so
-    a caller that never reads them (the decode loop) pays no device op for them.
+    ``valid`` and ``correct`` are decoded from the kernel's uint8 flags when read, so a
+    caller that never reads them (the decode loop) pays no device op for them.
     """
 
     __slots__ = (
@@ -77,17 +77,24 @@ class TokenStats:
         self._valid, self._correct, self._flags = valid, correct, flags
         self._shape = logsumexp.shape
 
+    # Decoded on every access, not cached: under CUDA-graph replay the flags tensor is
+    # refilled in place, and a cached decoding would go stale.
     @property
     def valid(self) -> torch.Tensor:
-        if self._valid is None:
-            self._valid = ((self._flags & C.FLAG_VALID) != 0).reshape(self._shape)
-        return self._valid
+        if self._valid is not None:
+            return self._valid
+        return ((self._flags & C.FLAG_VALID) != 0).reshape(self._shape)
 
     @property
     def correct(self) -> torch.Tensor | None:
-        if self._correct is None and self._flags is not None and self.label_logprob is not None:
-            self._correct = ((self._flags & C.FLAG_CORRECT) != 0).reshape(self._shape)
-        return self._correct
+        if self._correct is not None or self._flags is None or self.label_logprob is None:
+            return self._correct
+        return ((self._flags & C.FLAG_CORRECT) != 0).reshape(self._shape)
+
+    @property
+    def flags(self) -> torch.Tensor | None:
+        """The kernel's uint8 ``[N]`` row flags (bit 0 valid, bit 1 correct), if any."""
+        return self._flags
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The tensor fields by name (``valid`` and ``correct`` decoded)."""

@@ -27,6 +27,8 @@ that one buffer plus O(B · steps) ``[B]`` records. (With fp16/bf16 scores and `
 which ``generate`` never passes -- it hands processors fp32 -- ``z`` rounded to the
 scores' dtype would not be exact, so the buffer keeps a raw copy instead, one more op.)
 
+The temperature is the calibration temperature of temperature scaling (Guo et al., "On
+Calibration of Modern Neural Networks", ICML 2017, https://arxiv.org/abs/1706.04599).
 Observe-only by default: it returns ``scores`` untouched. ``scale_scores=True`` returns
 ``z = scores / T`` instead (a fresh tensor: a copy of the buffer, one more op), for
 calibrated sampling; the same as observe-only followed by transformers'

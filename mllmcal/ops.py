@@ -441,8 +441,9 @@ def token_stats(
         the statistics are not differentiable on any backend.
 
     It runs as the torch op ``torch.ops.mllmcal.token_stats`` (one kernel launch on the fast
-    backends), so ``torch.compile(fullgraph=True)`` compiles code that calls it, and CUDA
-    graphs capture it.
+    backends), so ``torch.compile(fullgraph=True)`` compiles code that calls it (pass the
+    temperature as a Python float or an ``[N]`` tensor there; the backend is chosen once,
+    at trace time), and CUDA graphs capture it.
 
     Example:
         >>> import torch, mllmcal

@@ -299,3 +299,21 @@ def test_compiled_decode_step_on_the_gpu(backend):
     for a, b in zip(compiled(x, y, h1), step(x, y, h2), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(h1, h2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_and_overlapping_rows(backend, dtype):
+    """Stride 0 (expand) and overlapping rows (unfold, a stride that breaks 16-byte
+    alignment from row to row) on the GPU kernels."""
+    _require(backend)
+    row = make_logits(1, 40007, dtype, "masked", seed=51, device="cuda")
+    rep = row.expand(6, 40007)
+    y = make_labels(6, 40007, seed=51, device="cuda")
+    s = mllmcal.token_stats(rep, y, temperature=1.3, backend=backend)
+    assert_matches_reference(s, rep.contiguous(), y, 1.3)
+    flat = make_logits(1, 60000, dtype, "normal", seed=52, device="cuda").reshape(60000)
+    win = flat.unfold(0, 33331, 2001)  # rows 2001 elements apart: every row misaligned
+    yw = make_labels(win.shape[0], 33331, seed=52, device="cuda")
+    s = mllmcal.token_stats(win, yw, temperature=0.7, backend=backend)
+    assert_matches_reference(s, win.contiguous(), yw, 0.7)

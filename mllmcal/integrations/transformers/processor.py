@@ -48,7 +48,12 @@ A merged run whose prompt rows do not match is detected when results are read.
 
 Beam search cannot be followed through the public interface: its processors receive
 per-beam log-probabilities and beams are reordered between steps. When the sequences
-handed back have fewer rows than the processor saw, the error says so.
+handed back have fewer rows than the processor saw, the error says so. Assisted decoding
+(candidate tokens that can be rejected) is not supported either; its rejected candidates
+show up as ``sequences`` that do not match what the processor saw, which is an error.
+
+Greedy decoding and sampling are supported, with any processors and warpers around it,
+and on every transformers 5.x release the tests run on (the pinned one and the newest).
 """
 
 from __future__ import annotations

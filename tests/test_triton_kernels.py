@@ -330,3 +330,10 @@ def test_every_kernel_compiles_ahead_of_time_for_sm90_without_spills():
             assert r["mul_lo_s64"] >= 1, r  # row * stride in 64 bits (N * V > 2^31)
         if "spill_stores" in r:
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+def test_statistics_carry_no_gradient():
+    """The same autograd behaviour as every other backend: no field requires grad."""
+    x = make_logits(3, 70, torch.float32, "normal", seed=61, device=DEVICE).requires_grad_()
+    s = _stats(x * 1.5, torch.tensor([1, 5, -100], device=DEVICE), 1.2)
+    assert not any(t.requires_grad for t in s.as_dict().values())

@@ -62,17 +62,16 @@ def conf_fixed_point(conf: torch.Tensor) -> torch.Tensor:
     return torch.round(conf.double() * CONF_FIXED_POINT_SCALE).long()
 
 
-@torch.library.custom_op("mllmcal::histogram_add", mutates_args=("hist",))
-def hist_add_(
+# Registered as the torch operator ``mllmcal::histogram_add`` (with a fake implementation)
+# so that a compiled graph or a CUDA graph can hold it; see the note in mllmcal/ops.py on
+# why torch.library.Library and not the @custom_op decorator.
+_lib = torch.library.Library("mllmcal", "FRAGMENT")
+_lib.define("histogram_add(Tensor(a!) hist, Tensor conf, Tensor correct, Tensor keep) -> ()")
+
+
+def _hist_add_impl(
     hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
 ) -> None:
-    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly.
-
-    ``conf`` is fp32 ``[N]`` in ``[0, 1]`` (NaN rows are skipped), ``correct`` and ``keep``
-    bool ``[N]``, all on ``hist``'s device. Registered as the torch op
-    ``torch.ops.mllmcal.histogram_add`` (fake implementation below), so a compiled graph
-    or a CUDA graph can hold it; integer adds make the result independent of row order.
-    """
     n_bins = hist.shape[1]
     keep = keep & ~torch.isnan(conf)
     conf = torch.where(keep, conf, torch.zeros_like(conf))
@@ -83,6 +82,22 @@ def hist_add_(
     hist[HIST_SUM_CORRECT].index_add_(0, b, correct.long() * k)
 
 
-@hist_add_.register_fake
+_lib.impl("histogram_add", _hist_add_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::histogram_add", lib=_lib)
 def _hist_add_fake(hist, conf, correct, keep) -> None:
     return None
+
+
+def hist_add_(
+    hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly.
+
+    ``conf`` is fp32 ``[N]`` in ``[0, 1]`` (NaN rows are skipped), ``correct`` and ``keep``
+    bool ``[N]``, all on ``hist``'s device. Runs the torch op
+    ``torch.ops.mllmcal.histogram_add``; integer adds make the result independent of row
+    order and of how rows are split between calls.
+    """
+    torch.ops.mllmcal.histogram_add.default(hist, conf, correct, keep)

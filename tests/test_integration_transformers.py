@@ -740,10 +740,10 @@ class _OpCounter:
 
 @pytest.mark.parametrize("scale_scores", [False, True])
 def test_one_fused_op_and_one_gather_per_decode_step(llama, scale_scores):
-    """Issue 12: the processor dispatched ~9 device ops per step (5 in the processor, 6 in
-    its companion criterion, minus 2 allocations, plus the raw-pointer kernel launch that
-    no dispatch mode saw). Now: the mllmcal.token_stats op and one gather; a copy more
-    when it returns scaled scores."""
+    """Issue 12: the frame-walking processor did 9 device ops per decode step: 2 in the
+    processor (plus 3 allocations), 6 in its companion stopping criterion, and the
+    raw-pointer kernel launch that no dispatch mode saw. Now: the mllmcal.token_stats op
+    and one gather; a copy more when it returns scaled scores."""
     counts = []
 
     class Counted(CalibratedLogitsProcessor):

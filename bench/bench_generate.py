@@ -3,7 +3,8 @@ one run:
 
 * ``none``: plain greedy ``generate``;
 * ``processor``: with :class:`mllmcal.integrations.transformers.CalibratedLogitsProcessor`
-  (temperature != 1, so it also writes the scaled scores), then ``token_logprobs``;
+  (temperature != 1; it writes z into its own buffer in the same pass), then
+  ``token_logprobs``;
 * ``output_scores``: ``output_scores=True`` followed by ``compute_transition_scores``,
   which is the usual way to get per-token confidence from transformers.
 

@@ -8,7 +8,8 @@ Every backend module exposes one function with this signature::
 Inputs (already validated by ``mllmcal.ops``; backends do not re-check):
 
 * ``x``: ``[N, V]`` fp32/fp16/bf16 (fp64 only for the torch backend), ``x.stride(1) == 1``,
-  any ``x.stride(0) >= V``. N >= 0, V >= 1. Read in its own dtype, upcast in registers.
+  any ``x.stride(0) >= 0``: rows may repeat (stride 0, ``expand``) or overlap (``unfold``),
+  since they are only read. N >= 0, V >= 1. Read in its own dtype, upcast in registers.
 * ``labels``: int64 ``[N]`` contiguous, values in ``[0, V)`` or ``ignore_index``; or None.
 * ``temperature``: python float > 0, used when ``temperature_rows`` is None.
 * ``temperature_rows``: fp32 ``[N]`` contiguous, all > 0; or None.
@@ -22,7 +23,8 @@ Outputs (preallocated, contiguous, to be fully overwritten):
 * ``pred``: int64 ``[N]``; argmax of z, lowest index on ties; -1 on invalid rows.
 * ``flags``: uint8 ``[N]``; bit ``FLAG_VALID`` (finite max, no NaN), bit ``FLAG_CORRECT``
   (valid, label given and not ignored, and pred == label).
-* ``scaled_out``: optional ``[N, V]`` tensor of ``x``'s dtype with ``stride(1) == 1``; gets
+* ``scaled_out``: optional ``[N, V]`` tensor of ``x``'s dtype with ``stride(1) == 1`` and rows
+  that do not overlap (``stride(0) >= V``); gets
   ``z = x / T`` (computed in fp32, rounded to its dtype). It may alias ``x``.
 * ``hist``: optional int64 ``[3, n_bins]`` contiguous, *added to*: for each row that is
   valid and has a non-ignored label, with ``b = min(floor(conf * n_bins), n_bins - 1)``
@@ -60,10 +62,16 @@ def conf_fixed_point(conf: torch.Tensor) -> torch.Tensor:
     return torch.round(conf.double() * CONF_FIXED_POINT_SCALE).long()
 
 
-def hist_add_(
+# Registered as the torch operator ``mllmcal::histogram_add`` (with a fake implementation)
+# so that a compiled graph or a CUDA graph can hold it; see the note in mllmcal/ops.py on
+# why torch.library.Library and not the @custom_op decorator.
+_lib = torch.library.Library("mllmcal", "FRAGMENT")
+_lib.define("histogram_add(Tensor(a!) hist, Tensor conf, Tensor correct, Tensor keep) -> ()")
+
+
+def _hist_add_impl(
     hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
 ) -> None:
-    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly."""
     n_bins = hist.shape[1]
     keep = keep & ~torch.isnan(conf)
     conf = torch.where(keep, conf, torch.zeros_like(conf))
@@ -72,3 +80,24 @@ def hist_add_(
     hist[HIST_COUNT].index_add_(0, b, k)
     hist[HIST_SUM_CONF].index_add_(0, b, conf_fixed_point(conf) * k)
     hist[HIST_SUM_CORRECT].index_add_(0, b, correct.long() * k)
+
+
+_lib.impl("histogram_add", _hist_add_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::histogram_add", lib=_lib)
+def _hist_add_fake(hist, conf, correct, keep) -> None:
+    return None
+
+
+def hist_add_(
+    hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly.
+
+    ``conf`` is fp32 ``[N]`` in ``[0, 1]`` (NaN rows are skipped), ``correct`` and ``keep``
+    bool ``[N]``, all on ``hist``'s device. Runs the torch op
+    ``torch.ops.mllmcal.histogram_add``; integer adds make the result independent of row
+    order and of how rows are split between calls.
+    """
+    torch.ops.mllmcal.histogram_add.default(hist, conf, correct, keep)

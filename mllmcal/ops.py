@@ -16,7 +16,8 @@ import importlib
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+import struct
+import warnings
 from types import ModuleType
 
 import torch
@@ -30,34 +31,82 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _log = logging.getLogger("mllmcal")
 
 
-@dataclass
 class TokenStats:
     """Per-row statistics of ``logits / T``; each field has the logits' leading shape.
 
     Float fields are fp32; ``prediction`` is int64 (-1 on invalid rows); ``valid`` and
     ``correct`` are bool. ``label_logprob``, ``correct`` and ``brier`` are None unless
     labels were given. ``logit_mean``/``logit_var`` are ``E_p[z]``/``Var_p[z]`` of the
-    scaled logits ``z`` (what temperature fitting needs).
+    scaled logits ``z`` (what temperature fitting needs). The statistics carry no
+    gradient on any backend (they are measurements, not a loss).
+
+    ``valid`` and ``correct`` are decoded from the kernel's uint8 flags when read, so a
+    caller that never reads them (the decode loop) pays no device op for them.
     """
 
-    logsumexp: torch.Tensor
-    confidence: torch.Tensor
-    prediction: torch.Tensor
-    entropy: torch.Tensor
-    valid: torch.Tensor
-    logit_mean: torch.Tensor
-    logit_var: torch.Tensor
-    label_logprob: torch.Tensor | None = None
-    correct: torch.Tensor | None = None
-    brier: torch.Tensor | None = None
-    backend: str = "torch"
+    __slots__ = (
+        "logsumexp", "confidence", "prediction", "entropy", "logit_mean", "logit_var",
+        "label_logprob", "brier", "backend", "_valid", "_correct", "_flags", "_shape",
+    )
+    FIELDS = (
+        "logsumexp", "confidence", "prediction", "entropy", "valid", "logit_mean",
+        "logit_var", "label_logprob", "correct", "brier",
+    )
+
+    def __init__(
+        self,
+        logsumexp: torch.Tensor,
+        confidence: torch.Tensor,
+        prediction: torch.Tensor,
+        entropy: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        logit_mean: torch.Tensor | None = None,
+        logit_var: torch.Tensor | None = None,
+        label_logprob: torch.Tensor | None = None,
+        correct: torch.Tensor | None = None,
+        brier: torch.Tensor | None = None,
+        backend: str = "torch",
+        *,
+        flags: torch.Tensor | None = None,
+    ) -> None:
+        if valid is None and flags is None:
+            raise ValueError("TokenStats needs `valid` or the kernel's `flags`")
+        self.logsumexp, self.confidence, self.prediction = logsumexp, confidence, prediction
+        self.entropy, self.logit_mean, self.logit_var = entropy, logit_mean, logit_var
+        self.label_logprob, self.brier, self.backend = label_logprob, brier, backend
+        self._valid, self._correct, self._flags = valid, correct, flags
+        self._shape = logsumexp.shape
+
+    # Decoded on every access, not cached: under CUDA-graph replay the flags tensor is
+    # refilled in place, and a cached decoding would go stale.
+    @property
+    def valid(self) -> torch.Tensor:
+        if self._valid is not None:
+            return self._valid
+        return ((self._flags & C.FLAG_VALID) != 0).reshape(self._shape)
+
+    @property
+    def correct(self) -> torch.Tensor | None:
+        if self._correct is not None or self._flags is None or self.label_logprob is None:
+            return self._correct
+        return ((self._flags & C.FLAG_CORRECT) != 0).reshape(self._shape)
+
+    @property
+    def flags(self) -> torch.Tensor | None:
+        """The kernel's uint8 ``[N]`` row flags (bit 0 valid, bit 1 correct), if any."""
+        return self._flags
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
+        """The tensor fields by name (``valid`` and ``correct`` decoded)."""
+        out = {}
+        for name in self.FIELDS:
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                out[name] = t
+        return out
+
+    def __repr__(self) -> str:
+        return f"TokenStats(backend={self.backend!r}, shape={tuple(self._shape)})"
 
 
 # --------------------------------------------------------------------------- backends
@@ -137,32 +186,84 @@ def _device_name(device: torch.device) -> str:
     return _device_names[device]
 
 
+_env_warned: set[tuple[str, str]] = set()
+
+
 def resolve_backend(
     backend: str, device: torch.device, dtype: torch.dtype, n: int = 1, v: int = 1
 ) -> str:
-    """Turn a requested backend into the one that will run; raise if it cannot."""
+    """Turn a requested backend into the one that will run; raise if it cannot.
+
+    An explicit ``backend`` that cannot take ``device`` is an error naming what is missing.
+    ``MLLMCAL_BACKEND`` is a process-wide *preference*: where the backend it names cannot
+    take this tensor (``cpu`` for a CUDA tensor, ``triton`` without Triton...), ``"auto"``
+    serves it instead and a ``RuntimeWarning`` says so once per (backend, device type).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from_env = False
     if backend == "auto":
         backend = os.environ.get("MLLMCAL_BACKEND", "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
             raise ValueError(
                 f"MLLMCAL_BACKEND must be one of {BACKENDS}, got {os.environ['MLLMCAL_BACKEND']!r}"
             )
+        from_env = backend != "auto"
     if dtype == torch.float64:
         return "torch"  # fp64 is the oracle's precision; only the composite takes it
-    if backend == "auto":
-        for b in _auto_order(device, n, v, dtype):
-            if _device_reason(b, device) is None:
-                return b
-        return "torch"
-    why = _device_reason(backend, device)
-    if why is not None:
-        raise RuntimeError(why)
-    return backend
+    if backend != "auto":
+        why = _device_reason(backend, device)
+        if why is None:
+            return backend
+        if not from_env:
+            raise RuntimeError(why)
+        key = (backend, device.type)
+        if key not in _env_warned:
+            _env_warned.add(key)
+            warnings.warn(
+                f"MLLMCAL_BACKEND={backend!r} cannot serve this tensor ({why}); using the "
+                "automatic choice for it instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    for b in _auto_order(device, n, v, dtype):
+        if _device_reason(b, device) is None:
+            return b
+    return "torch"
 
 
 # --------------------------------------------------------------------------- validation
+
+# Kernels compute z = x / T in fp32, so T must survive the cast: a float that rounds to 0,
+# to a subnormal (whose reciprocal overflows) or to inf in fp32 is refused up front.
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _as_fp32(t: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", t))[0]
+    except OverflowError:  # struct refuses finite doubles beyond fp32's range
+        return math.copysign(math.inf, t)
+
+
+def check_scalar_temperature(temperature: float) -> float:
+    """``float(temperature)``, or a clear error unless it is finite and > 0, in fp32 too."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"temperature must be a float or a tensor, got {type(temperature).__name__}"
+        ) from None
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {t}")
+    t32 = _as_fp32(t)
+    if not (math.isfinite(t32) and t32 >= _FP32_TINY):
+        what = "infinite" if not math.isfinite(t32) else "zero or subnormal"
+        raise ValueError(
+            f"temperature {t!r} is {what} in fp32, where the kernels divide by it; "
+            f"use a temperature in [{_FP32_TINY:.3g}, {torch.finfo(torch.float32).max:.3g}]"
+        )
+    return t
 
 
 def _check_temperature(
@@ -183,29 +284,21 @@ def _check_temperature(
                 )
             if not temperature.is_floating_point():
                 raise TypeError(f"temperature must be floating point, got {temperature.dtype}")
-            t = temperature.reshape(n).to(torch.float32).contiguous()
-            if validate and n and not bool(((t > 0) & torch.isfinite(t)).all()):
-                raise ValueError("every temperature must be finite and > 0")
+            t = temperature.detach().reshape(n).to(torch.float32).contiguous()
+            if validate and n and not torch.compiler.is_compiling():
+                ok = (t >= _FP32_TINY) & torch.isfinite(t)
+                if not bool(ok.all()):
+                    raise ValueError(
+                        "every temperature must be finite and > 0 in fp32 (at least "
+                        f"{_FP32_TINY:.3g}, where the kernels divide by it)"
+                    )
             return 1.0, t
     return check_scalar_temperature(temperature), None
 
 
-def check_scalar_temperature(temperature: float) -> float:
-    """``float(temperature)``, or a clear error unless it is finite and > 0."""
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"temperature must be a float or a tensor, got {type(temperature).__name__}"
-        ) from None
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {t}")
-    return t
-
-
 def _check_labels(
-    labels: torch.Tensor | None, n: int, v: int, device: torch.device, ignore_index: int,
-    validate: bool,
+    labels: torch.Tensor | None, lead: tuple[int, ...], n: int, v: int, device: torch.device,
+    ignore_index: int, validate: bool,
 ) -> torch.Tensor | None:
     if labels is None:
         return None
@@ -213,22 +306,116 @@ def _check_labels(
         labels = torch.as_tensor(labels, device=device)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.numel() != n:
+    # By shape, not by element count: labels [3, 2] for logits [2, 3, V] have the right
+    # count but pair rows with the wrong labels.
+    if tuple(labels.shape) != lead:
+        what = "one entry per row of logits" if labels.numel() != n else "the leading shape"
         raise ValueError(
-            f"labels must have one entry per row of logits ({n}), got shape {tuple(labels.shape)}"
+            f"labels must have {what} of logits {lead} (logits {lead + (v,)}), "
+            f"got shape {tuple(labels.shape)}"
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but logits are on {device}")
-    y = labels.reshape(n).to(torch.int64).contiguous()
-    if validate and n:
-        bad = ((y < 0) | (y >= v)) & (y != ignore_index)
+    y = labels.detach().reshape(n).to(torch.int64).contiguous()
+    if not n:
+        return y
+    bad = ((y < 0) | (y >= v)) & (y != ignore_index)
+    if validate and not torch.compiler.is_compiling():
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"label {int(y[i])} at row {i} is outside [0, {v}) and is not "
                 f"ignore_index={ignore_index}"
             )
-    return y
+        return y
+    # Unchecked (validate=False, or inside torch.compile where a check would be a host
+    # sync): an out-of-range label must never reach a kernel as an address, so it is
+    # treated as ignored (NaN label_logprob, never correct, not in the histogram).
+    return torch.where(bad, torch.full_like(y, ignore_index), y)
+
+
+# --------------------------------------------------------------------------- torch ops
+#
+# The kernels are registered as torch operators with fake (meta) implementations
+# (https://pytorch.org/tutorials/advanced/python_custom_ops.html), so that
+# torch.compile(fullgraph=True) traces through them and CUDA-graph capture records them
+# like any aten op. Inputs are validated by `token_stats` before the op: the op itself
+# only dispatches to a backend.
+#
+# Registered with torch.library.Library rather than the @custom_op decorator: the
+# decorator wraps every call in Python autograd and ADInplaceOrView layers (default
+# filling, version bumps) that cost ~25 us per call on this CPU against ~7 us for the op
+# itself, and the decode loop calls it once per token. Without an autograd kernel the
+# dispatcher's autograd fallback applies; `token_stats` detaches its inputs, and the
+# impl bumps the version counters of what it writes, which is what ADInplaceOrView does.
+
+_TOKEN_STATS_SCHEMA = (
+    "token_stats(Tensor x, Tensor? labels, float temperature, Tensor? temperature_rows, "
+    "Tensor(a!)? scaled_out, Tensor(b!)? histogram, int ignore_index, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+_lib = torch.library.Library("mllmcal", "FRAGMENT")
+_lib.define(_TOKEN_STATS_SCHEMA)
+
+
+def _token_stats_impl(
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    temperature_rows: torch.Tensor | None,
+    scaled_out: torch.Tensor | None,
+    histogram: torch.Tensor | None,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mllmcal::token_stats``: fstats fp32 ``[7, N]``, prediction int64 ``[N]`` and flags
+    uint8 ``[N]`` of ``x`` ``[N, V]`` (layout in :mod:`mllmcal._contract`)."""
+    n = x.shape[0]
+    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=x.device)
+    pred = torch.empty(n, dtype=torch.int64, device=x.device)
+    flags = torch.empty(n, dtype=torch.uint8, device=x.device)
+    if n:
+        mod = _load(backend)
+        if isinstance(mod, Exception):
+            raise RuntimeError(f"backend {backend!r} is unavailable: {mod}")
+        # The statistics are measurements with no gradient on every backend; no_grad also
+        # stops the torch composite from recording a graph into the outputs.
+        with torch.no_grad():
+            mod.token_stats_into(
+                x, labels, temperature, temperature_rows, fstats, pred, flags, scaled_out,
+                histogram, ignore_index,
+            )
+        for t in (scaled_out, histogram):
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
+    return fstats, pred, flags
+
+
+_lib.impl("token_stats", _token_stats_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::token_stats", lib=_lib)
+def _token_stats_fake(x, labels, temperature, temperature_rows, scaled_out, histogram,
+                      ignore_index, backend):
+    n = x.shape[0]
+    return (
+        x.new_empty((C.N_FSTATS, n), dtype=torch.float32),
+        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty((n,), dtype=torch.uint8),
+    )
+
+
+_token_stats_op = torch.ops.mllmcal.token_stats.default
+
+
+@torch.compiler.assume_constant_result
+def _resolve_for_trace(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
+    # Under torch.compile the choice is made once at trace time (it reads the environment
+    # and imports backend modules, which Dynamo should not trace).
+    return resolve_backend(backend, device, dtype, n, v)
+
+
+# --------------------------------------------------------------------------- public op
 
 
 def token_stats(
@@ -246,29 +433,42 @@ def token_stats(
 
     Args:
         logits: ``[..., V]`` fp32, fp16 or bf16 (fp64 goes to the torch backend); any
-            device; the last dim must have stride 1 for the fast kernels (otherwise a
-            contiguous copy is made). Leading dims are flattened to N rows.
-        labels: optional integer ``[...]`` (the leading shape), values in ``[0, V)`` or
-            ``ignore_index``.
-        temperature: a float > 0 or a float tensor with one entry per row.
+            device; any row strides, including 0 (``expand``) and overlapping rows
+            (``unfold``). The last dim must have stride 1 for the fast kernels (otherwise
+            a contiguous copy is made). Leading dims are flattened to N rows.
+        labels: optional integer tensor with exactly the leading shape ``logits.shape[:-1]``,
+            values in ``[0, V)`` or ``ignore_index``.
+        temperature: a float > 0 (also in fp32) or a float tensor with one entry per row.
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
         ignore_index: label value that marks a row without a label.
         scaled_out: optional tensor shaped like ``logits`` (same dtype) that receives
-            ``logits / temperature`` in the same pass; it may be ``logits`` itself.
+            ``logits / temperature`` in the same pass; it may be ``logits`` itself. Its
+            rows must not overlap.
         histogram: optional int64 ``[3, n_bins]`` tensor on the logits' device; rows that
             are valid and labelled are *added* to it (count, Σ confidence in units of
             2**-32, Σ correct). Needs ``labels``.
         validate: check label range and per-row temperatures (a host sync on GPU). The
-            decode loop passes False.
+            decode loop passes False; then, and inside ``torch.compile``, a label outside
+            ``[0, V)`` is treated as ignored instead of raising.
 
     Returns:
-        :class:`TokenStats` with fp32 fields shaped like ``logits.shape[:-1]``.
+        :class:`TokenStats` with fp32 fields shaped like ``logits.shape[:-1]``, on the
+        logits' device. No field requires grad, whatever ``logits.requires_grad`` is:
+        the statistics are not differentiable on any backend.
+
+    It runs as the torch op ``torch.ops.mllmcal.token_stats`` (one kernel launch on the fast
+    backends), so ``torch.compile(fullgraph=True)`` compiles code that calls it (pass the
+    temperature as a Python float or an ``[N]`` tensor there; the backend is chosen once,
+    at trace time), and CUDA graphs capture it.
 
     Example:
         >>> import torch, mllmcal
         >>> s = mllmcal.token_stats(torch.tensor([[2.0, 0.0, 0.0]]), labels=torch.tensor([0]))
         >>> round(float(s.confidence[0]), 4), bool(s.correct[0])
-        (0.7870, True)
+        (0.787, True)
+        >>> s = mllmcal.token_stats(torch.randn(2, 5, 11), temperature=1.5)
+        >>> s.entropy.shape, s.prediction.dtype
+        (torch.Size([2, 5]), torch.int64)
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -282,13 +482,14 @@ def token_stats(
     v = logits.shape[-1]
     if v == 0:
         raise ValueError("logits have an empty vocabulary dimension (V = 0)")
-    x = logits if logits.dim() == 2 else logits.reshape(-1, v)
-    if x.stride(1) != 1:
+    x = logits.detach()
+    x = x if x.dim() == 2 else x.reshape(-1, v)
+    if x.stride(1) != 1 and x.shape[0]:
         x = x.contiguous()
     n = x.shape[0]
     device = x.device
     t_scalar, t_rows = _check_temperature(temperature, n, device, validate)
-    y = _check_labels(labels, n, v, device, ignore_index, validate)
+    y = _check_labels(labels, lead, n, v, device, ignore_index, validate)
     if histogram is not None:
         if y is None:
             raise ValueError("a histogram needs labels (correctness of each row)")
@@ -311,36 +512,36 @@ def token_stats(
         out2d = scaled_out.reshape(-1, v) if n else scaled_out.reshape(0, v)
         if out2d.stride(1) != 1 or out2d.data_ptr() != scaled_out.data_ptr():
             raise ValueError("scaled_out must have a stride-1 last dimension and be viewable as [N, V]")
+        if n > 1 and out2d.stride(0) < v:
+            raise ValueError(
+                f"scaled_out rows overlap (row stride {out2d.stride(0)} < V = {v}); it is written"
+            )
+        if out2d.data_ptr() == x.data_ptr() and out2d.stride(0) != x.stride(0):
+            raise ValueError("scaled_out aliases logits with another row stride")
 
-    name = resolve_backend(backend, device, x.dtype, n, v)
-    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=device)
-    pred = torch.empty(n, dtype=torch.int64, device=device)
-    flags = torch.empty(n, dtype=torch.uint8, device=device)
-    if n:
-        mod = _load(name)
-        assert not isinstance(mod, Exception)
-        mod.token_stats_into(
-            x, y, t_scalar, t_rows, fstats, pred, flags, out2d, histogram, ignore_index
-        )
+    if torch.compiler.is_compiling():
+        name = _resolve_for_trace(backend, device, x.dtype, n, v)
+    else:
+        name = resolve_backend(backend, device, x.dtype, n, v)
+    fstats, pred, flags = _token_stats_op(
+        x, y, t_scalar, t_rows, out2d, histogram, int(ignore_index), name
+    )
 
     flat = len(lead) == 1  # the decode loop's case: skip the reshapes (host overhead)
 
     def shaped(t: torch.Tensor) -> torch.Tensor:
         return t if flat else t.reshape(lead)
 
-    valid = shaped((flags & C.FLAG_VALID) != 0)
-    res = TokenStats(
+    labelled = y is not None
+    return TokenStats(
         logsumexp=shaped(fstats[C.LSE]),
         confidence=shaped(fstats[C.CONF]),
         prediction=shaped(pred),
         entropy=shaped(fstats[C.ENT]),
-        valid=valid,
         logit_mean=shaped(fstats[C.MEAN]),
         logit_var=shaped(fstats[C.VAR]),
+        label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
+        brier=shaped(fstats[C.BRIER]) if labelled else None,
         backend=name,
+        flags=flags,
     )
-    if y is not None:
-        res.label_logprob = shaped(fstats[C.LABEL_LOGPROB])
-        res.brier = shaped(fstats[C.BRIER])
-        res.correct = shaped((flags & C.FLAG_CORRECT) != 0)
-    return res

@@ -13,3 +13,5 @@ python -m pip install -q --disable-pip-version-check -c constraints.txt -r requi
 # No build isolation: the build must see the torch above, never fetch another one.
 python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 python -c "import mllmcal; print('mllmcal', mllmcal.__version__, 'backends on cpu:', mllmcal.available_backends('cpu'))"
+# The newest transformers next to the same torch, for the integration tests (issue 12).
+bash scripts/setup_tf_latest.sh

@@ -218,7 +218,11 @@ def test_binding_rejects_bad_structural_arguments():
     with pytest.raises(ValueError, match="dtype code"):
         ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=7, **common)
     with pytest.raises(ValueError, match="x_row_stride"):
-        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=2, dtype=0, **common)
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=-3, dtype=0, **common)
+    with pytest.raises(ValueError, match="out_row_stride"):
+        out = torch.empty(2, 3)
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0,
+                        **{**common, "scaled_out": out.data_ptr(), "out_row_stride": 2})
     with pytest.raises(ValueError, match="ISA"):
         ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0, isa="sve", **common)
 
@@ -264,3 +268,23 @@ def test_auto_backend_picks_the_cpu_kernel_for_cpu_tensors(monkeypatch):
     assert "cpu" in mllmcal.available_backends("cpu")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert mllmcal.token_stats(torch.randn(2, 5).to(dtype)).backend == "cpu"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_and_overlapping_rows_are_read_in_place(path, dtype):
+    """Row stride 0 (expand) and row stride < V (unfold): rows are only read, so the
+    kernel takes them as they are, on every path."""
+    row = make_logits(1, 5000, dtype, "masked", seed=31)
+    rep = row.expand(4, 5000)
+    y = make_labels(4, 5000, seed=31)
+    s = run(rep, y, 1.3, **path)
+    assert_matches_reference(s, rep.contiguous(), y, 1.3)
+    flat = make_logits(1, 9000, dtype, "normal", seed=32).reshape(9000)
+    win = flat.unfold(0, 4097, 700)  # rows overlap by 3397 columns
+    assert win.stride(0) < win.shape[1]
+    t = torch.linspace(0.5, 2.0, win.shape[0])
+    h = torch.zeros(3, 10, dtype=torch.long)
+    yw = make_labels(win.shape[0], 4097, seed=32)
+    s = run(win, yw, t, hist=h, **path)
+    assert_matches_reference(s, win.contiguous(), yw, t, hist=h)

@@ -187,8 +187,8 @@ def test_offsets_beyond_2_31_elements(backend):
     y = make_labels(n, v, seed=9, device="cuda")
     s = mllmcal.token_stats(x, y, backend=backend, validate=False)
     tail = slice(n - 3, n)
-    sub = mllmcal.TokenStats(**{k: (val[tail] if isinstance(val, torch.Tensor) else val)
-                                for k, val in vars(s).items()})
+    sub = mllmcal.TokenStats(**{k: val[tail] for k, val in s.as_dict().items()},
+                             backend=s.backend)
     assert_matches_reference(sub, x[tail], y[tail], 1.0)
     del x
 
@@ -229,3 +229,91 @@ def test_cuda_graph_capture_of_the_decode_step(backend, n):
         torch.cuda.synchronize()
         assert_matches_reference(out, x, y, t, scaled_out=static_x, hist=hist,
                                  hist_before=before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_stats_without_validation_never_syncs(backend):
+    """torch.cuda.set_sync_debug_mode("error") turns any host sync into an error."""
+    _require(backend)
+    x = make_logits(6, 4099, torch.bfloat16, "masked", seed=3, device="cuda")
+    y = make_labels(6, 4099, seed=3, device="cuda")
+    t = _cuda_rand_temperature(6, 4)
+    hist = torch.zeros(3, 15, dtype=torch.long, device="cuda")
+    out = torch.empty_like(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = mllmcal.token_stats(x, y, temperature=t, backend=backend, scaled_out=out,
+                                histogram=hist, validate=False)
+        s2 = mllmcal.token_stats(x, temperature=1.7, backend=backend, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_matches_reference(s, x, y, t, scaled_out=out, hist=hist)
+    assert_matches_reference(s2, x, None, 1.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_processor_decode_steps_never_sync(backend, monkeypatch):
+    """The processor's hot path (one fused op + one gather) under sync debug mode "error",
+    in a hand-written decode loop on the GPU; results checked afterwards."""
+    _require(backend)
+    from mllmcal.integrations.transformers import CalibratedLogitsProcessor
+
+    monkeypatch.setenv("MLLMCAL_BACKEND", backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proc = CalibratedLogitsProcessor(temperature=1.3)
+    ids = torch.randint(0, 32000, (4, 3), device="cuda", generator=g)
+    seen = []
+    for _ in range(5):
+        scores = torch.randn(4, 32000, device="cuda", generator=g) * 4
+        seen.append(torch.log_softmax(scores.double() / 1.3, -1))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            proc(ids, scores)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        tok = torch.multinomial(torch.softmax(scores / 1.3, -1), 1, generator=g)
+        ids = torch.cat([ids, tok], 1)
+    lp = proc.token_logprobs(ids)
+    exp = torch.stack(seen, 1).gather(2, ids[:, 3:, None]).squeeze(2)
+    torch.testing.assert_close(lp.double(), exp, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_decode_step_on_the_gpu(backend):
+    """torch.compile(fullgraph=True) through the custom op on CUDA tensors."""
+    _require(backend)
+    torch._dynamo.reset()
+
+    def step(logits, labels, hist):
+        s = mllmcal.token_stats(logits, labels, temperature=1.4, backend=backend,
+                                histogram=hist, validate=False)
+        return s.confidence, s.label_logprob, s.prediction
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = make_logits(8, 32003, torch.bfloat16, "masked", seed=5, device="cuda")
+    y = make_labels(8, 32003, seed=5, device="cuda")
+    h1 = torch.zeros(3, 15, dtype=torch.long, device="cuda")
+    h2 = torch.zeros_like(h1)
+    for a, b in zip(compiled(x, y, h1), step(x, y, h2), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(h1, h2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_and_overlapping_rows(backend, dtype):
+    """Stride 0 (expand) and overlapping rows (unfold, a stride that breaks 16-byte
+    alignment from row to row) on the GPU kernels."""
+    _require(backend)
+    row = make_logits(1, 40007, dtype, "masked", seed=51, device="cuda")
+    rep = row.expand(6, 40007)
+    y = make_labels(6, 40007, seed=51, device="cuda")
+    s = mllmcal.token_stats(rep, y, temperature=1.3, backend=backend)
+    assert_matches_reference(s, rep.contiguous(), y, 1.3)
+    flat = make_logits(1, 60000, dtype, "normal", seed=52, device="cuda").reshape(60000)
+    win = flat.unfold(0, 33331, 2001)  # rows 2001 elements apart: every row misaligned
+    yw = make_labels(win.shape[0], 33331, seed=52, device="cuda")
+    s = mllmcal.token_stats(win, yw, temperature=0.7, backend=backend)
+    assert_matches_reference(s, win.contiguous(), yw, 0.7)

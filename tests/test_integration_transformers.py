@@ -3,6 +3,9 @@
 The oracle for generated-token log-probabilities is ``log_softmax(raw_logits / T)`` at the
 generated tokens, with ``raw_logits`` taken from the *same* ``generate`` call
 (``output_logits=True``), computed in float64.
+
+The same file runs on the pinned transformers and, by subprocess from
+``test_integration_transformers_latest.py``, on the newest 5.x release.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from transformers import (
 )
 
 import mllmcal
-from mllmcal.integrations.transformers import CalibratedLogitsProcessor, score_tokens
+from mllmcal.integrations.transformers import (
+    CalibratedLogitsProcessor,
+    StopAtAnswer,
+    score_tokens,
+    sequence_scores,
+)
 
 V = 160
 EOS = 3
@@ -118,15 +126,16 @@ def test_greedy_token_logprobs_equal_log_softmax_of_raw_logits_left_padded_eos_m
 ):
     ids, mask = _left_padded_batch(seed=1)
     eos = _greedy_eos_for_row(llama, ids, mask, row=1, step=2)
-    proc = CalibratedLogitsProcessor(temperature=temperature)
+    proc = CalibratedLogitsProcessor(temperature=temperature, eos_token_id=eos)
     out = llama.generate(
         input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=8,
         do_sample=False, eos_token_id=eos, pad_token_id=PAD,
-        return_dict_in_generate=True, output_logits=True,
+        return_dict_in_generate=True, output_logits=True, output_scores=True,
     )
     _, masked = _check_against_raw(proc, out, ids.shape[1], temperature, [eos])
-    # First in the list with output_logits=True: the raw-logits copy must not be scaled.
-    assert proc._run.out_of_place is True
+    # Observe-only: what the processor returned (out.scores) is the raw logits, untouched.
+    for sc, raw in zip(out.scores, out.logits, strict=True):
+        assert torch.equal(sc, raw)
     assert masked[1].any() and not masked.all(), "row 1 must finish early, not every row"
 
 
@@ -134,7 +143,7 @@ def test_greedy_token_logprobs_equal_log_softmax_of_raw_logits_left_padded_eos_m
 def test_sampled_token_logprobs_equal_log_softmax_of_raw_logits(llama, temperature):
     ids, mask = _left_padded_batch(seed=2, lengths=(5, 3, 5, 2))
     eos_ids = list(range(3, 3 + 12))  # several EOS ids so that some rows stop early
-    proc = CalibratedLogitsProcessor(temperature=temperature)
+    proc = CalibratedLogitsProcessor(temperature=temperature, eos_token_id=eos_ids)
     torch.manual_seed(123)
     out = llama.generate(
         input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=10,
@@ -176,19 +185,21 @@ class _Recorder(LogitsProcessor):
         return scores
 
 
-def test_in_place_scaling_after_repetition_penalty_and_min_new_tokens(llama):
+def test_scale_scores_after_repetition_penalty_and_min_new_tokens(llama):
     ids, mask = _left_padded_batch(seed=4)
-    rec = _Recorder()
-    proc = CalibratedLogitsProcessor(temperature=1.9)
+    rec, after = _Recorder(), _Recorder()
+    proc = CalibratedLogitsProcessor(temperature=1.9, eos_token_id=EOS, scale_scores=True)
     out = llama.generate(
-        input_ids=ids, attention_mask=mask, logits_processor=[rec, proc], max_new_tokens=6,
-        min_new_tokens=3, repetition_penalty=1.5, do_sample=False, eos_token_id=EOS,
-        pad_token_id=PAD, return_dict_in_generate=True, output_scores=True,
+        input_ids=ids, attention_mask=mask, logits_processor=[rec, proc, after],
+        max_new_tokens=6, min_new_tokens=3, repetition_penalty=1.5, do_sample=False,
+        eos_token_id=EOS, pad_token_id=PAD, return_dict_in_generate=True, output_scores=True,
+        output_logits=True,
     )
-    assert proc._run.out_of_place is False, "not the raw-logits tensor: scale in place"
     seen = torch.stack(rec.seen, 1).double()  # after repetition penalty and min_new_tokens
-    # The processor returned the scaled scores written in place into the tensor it got.
+    # It returned z = scores / T as a new tensor; the tensor it received was not written.
     torch.testing.assert_close(torch.stack(out.scores, 1).double(), seen / 1.9, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.stack(after.seen, 1).double(), seen / 1.9, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(torch.stack(out.logits, 1), torch.stack(out.scores, 1))
     assert torch.isneginf(seen[:, :3, EOS]).all(), "min_new_tokens masks EOS before step 3"
     tok = out.sequences[:, ids.shape[1]:]
     exp = torch.log_softmax(seen / 1.9, -1).gather(2, tok[..., None]).squeeze(2)
@@ -199,7 +210,8 @@ def test_in_place_scaling_after_repetition_penalty_and_min_new_tokens(llama):
 
 def test_bf16_model(llama_bf16):
     ids, mask = _left_padded_batch(seed=5)
-    proc = CalibratedLogitsProcessor(temperature=1.3)
+    proc = CalibratedLogitsProcessor.for_model(llama_bf16, temperature=1.3)
+    assert proc.eos_token_id == [EOS]
     torch.manual_seed(3)
     out = llama_bf16.generate(
         input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=6,
@@ -237,7 +249,7 @@ def _llava_inputs(batch: int = 2):
 def test_llava_with_pixel_values():
     model = _tiny_llava()
     ids, mask, pixels = _llava_inputs()
-    proc = CalibratedLogitsProcessor(temperature=1.2)
+    proc = CalibratedLogitsProcessor(temperature=1.2, eos_token_id=EOS)
     out = model.generate(
         input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_processor=[proc],
         max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
@@ -255,17 +267,108 @@ def test_llava_with_pixel_values():
 # --------------------------------------------------------------------------- behaviour
 
 
-def test_beam_search_is_refused_with_a_clear_error(llama):
+def test_installed_transformers_is_the_one_this_run_was_asked_for():
+    """The subprocess run on the newest transformers sets MLLMCAL_EXPECT_TRANSFORMERS."""
+    import transformers
+
+    want = os.environ.get("MLLMCAL_EXPECT_TRANSFORMERS")
+    if want is None:
+        pytest.skip("the main run tests whichever transformers constraints.txt pins")
+    assert transformers.__version__ == want
+
+
+def test_beam_search_is_refused_with_a_clear_error_when_results_are_read(llama):
     ids, mask = _left_padded_batch(seed=6)
     proc = CalibratedLogitsProcessor(temperature=1.5)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], num_beams=2,
+        max_new_tokens=3, pad_token_id=PAD, return_dict_in_generate=True,
+    )
     with pytest.raises(ValueError, match="beam search"):
-        llama.generate(
-            input_ids=ids, attention_mask=mask, logits_processor=[proc], num_beams=2,
-            max_new_tokens=3, pad_token_id=PAD,
-        )
+        proc.token_logprobs(out.sequences)
 
 
-def test_reuse_across_generate_calls_resets_per_call(llama):
+class _InPlaceEditor(LogitsProcessor):
+    """A processor that edits the scores it gets in place (a hostile neighbour)."""
+
+    def __call__(self, input_ids, scores):
+        scores.mul_(3.0).add_(20.0)
+        scores[:, 5] = 1e4
+        return scores
+
+
+class _FreshFirstStep(LogitsProcessor):
+    """Returns a new tensor at the first step only, the same tensor afterwards."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores * 1.0 if self.calls == 1 else scores
+
+
+class _ReusedOutput(LogitsProcessor):
+    """Writes its result into one preallocated buffer every step (and so overwrites the
+    tensor it handed on at the previous step)."""
+
+    def __init__(self):
+        self.buf = None
+
+    def __call__(self, input_ids, scores):
+        if self.buf is None or self.buf.shape != scores.shape:
+            self.buf = torch.empty_like(scores)
+        torch.sub(scores, 0.25, out=self.buf)
+        return self.buf
+
+
+class _Wrapper(LogitsProcessor):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, input_ids, scores):
+        return self.inner(input_ids, scores)
+
+
+def _exact_against_recorded(proc, rec, out, prompt_len, temperature, eos_ids):
+    """Oracle: log_softmax(seen / T) at the generated tokens, `seen` being a copy of what
+    reached the processor (kept by a _Recorder placed right before it)."""
+    seen = torch.stack(rec.seen, 1).double()
+    tok = out.sequences[:, prompt_len:]
+    exp = torch.log_softmax(seen / temperature, -1).gather(2, tok[..., None]).squeeze(2)
+    lp = proc.token_logprobs(out.sequences)
+    keep = ~_after_first_eos(tok, eos_ids)
+    torch.testing.assert_close(lp[keep].double(), exp[keep], rtol=0, atol=1e-5)
+    assert torch.isnan(lp[~keep]).all()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_exact_whatever_the_neighbours_do_to_the_scores(llama, do_sample):
+    """Issue 12: in-place editors after it, stacked processors, a neighbour that returns a
+    new tensor at step 1 only, one that reuses its output buffer, wrapping."""
+    ids, mask = _left_padded_batch(seed=20)
+    rec_a, rec_b, rec_c = _Recorder(), _Recorder(), _Recorder()
+    a = CalibratedLogitsProcessor(temperature=1.7, eos_token_id=EOS)
+    b = CalibratedLogitsProcessor(temperature=0.8, eos_token_id=EOS)
+    c = CalibratedLogitsProcessor(temperature=1.1, eos_token_id=EOS)
+    plist = [
+        _FreshFirstStep(), rec_a, a, _InPlaceEditor(), _ReusedOutput(), rec_b, _Wrapper(b),
+        _ReusedOutput(), rec_c, c, _InPlaceEditor(),
+    ]
+    torch.manual_seed(5)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=plist, max_new_tokens=7,
+        do_sample=do_sample, top_k=0, eos_token_id=EOS, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    for proc, rec, t in ((a, rec_a, 1.7), (b, rec_b, 0.8), (c, rec_c, 1.1)):
+        _exact_against_recorded(proc, rec, out, ids.shape[1], t, [EOS])
+    # The first step's raw logits reached `a` through a new tensor and stay raw (from step
+    # 2 on, the in-place editor after `a` edits transformers' stored copy itself).
+    assert torch.equal(out.logits[0], rec_a.seen[0])
+
+
+def test_reuse_across_generate_calls(llama):
     proc = CalibratedLogitsProcessor(temperature=1.6)
     ids, mask = _left_padded_batch(seed=7)
     out1 = llama.generate(
@@ -274,25 +377,63 @@ def test_reuse_across_generate_calls_resets_per_call(llama):
         output_logits=True,
     )
     lp1 = proc.token_logprobs(out1.sequences).clone()
-    # Continue from the previous output: the very same tensor object is the new prompt.
-    seq = out1.sequences
+    torch.testing.assert_close(lp1.double(), _expected_logprobs(out1, ids.shape[1], 1.6),
+                               rtol=0, atol=1e-5)
+    # A new call with another prompt length starts a new run.
+    ids2, mask2 = _left_padded_batch(seed=8, lengths=(3, 2, 3))
     out2 = llama.generate(
-        input_ids=seq, attention_mask=torch.ones_like(seq) * (seq != PAD),
-        logits_processor=[proc], max_new_tokens=3, do_sample=True, top_k=0,
-        eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+        input_ids=ids2, attention_mask=mask2, logits_processor=[proc], max_new_tokens=4,
+        do_sample=True, top_k=0, eos_token_id=None, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
     )
-    _check_against_raw(proc, out2, seq.shape[1], 1.6, [])
+    _check_against_raw(proc, out2, ids2.shape[1], 1.6, [])
     with pytest.raises(ValueError, match="latest run"):
         proc.token_logprobs(out1.sequences)
     other = out2.sequences.clone()
-    other[0, -1] = (other[0, -1] + 1) % V
+    other[0, -2] = (other[0, -2] + 1) % V
     with pytest.raises(ValueError, match="do not match"):
         proc.token_logprobs(other)
     snap = proc.snapshot()
-    assert snap["runs"] == 2 and snap["steps"] == 5 + 3
-    assert snap["tokens"] == 3 * 5 + 3 * 3
-    exp1 = _expected_logprobs(out1, ids.shape[1], 1.6)
-    torch.testing.assert_close(lp1.double(), exp1, rtol=0, atol=1e-5)
+    assert snap["runs"] == 2 and snap["steps"] == 5 + 4
+    assert snap["tokens"] == 3 * 5 + 3 * 4
+
+
+def test_a_call_fed_the_previous_sequences_is_grouped_with_it_and_stays_exact(llama):
+    proc = CalibratedLogitsProcessor(temperature=1.6)
+    ids, mask = _left_padded_batch(seed=7)
+    out1 = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=5,
+        do_sample=False, eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True,
+        output_logits=True,
+    )
+    seq = out1.sequences  # no token_logprobs call in between: the continuation resolves it
+    out2 = llama.generate(
+        input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], 1),
+        logits_processor=[proc], max_new_tokens=3, do_sample=True, top_k=0,
+        eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+    )
+    lp = proc.token_logprobs(out2.sequences)
+    assert lp.shape == (3, 5 + 3), "one run: every token since the first prompt"
+    torch.testing.assert_close(lp[:, :5].double(), _expected_logprobs(out1, ids.shape[1], 1.6),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp[:, 5:].double(), _expected_logprobs(out2, seq.shape[1], 1.6),
+                               rtol=0, atol=1e-5)
+    assert proc.snapshot()["runs"] == 1
+
+
+def test_a_merged_call_with_another_prompt_is_detected(llama):
+    proc = CalibratedLogitsProcessor()
+    ids, mask = _left_padded_batch(seed=7)
+    out1 = llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                          max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    fresh = torch.randint(4, V, out1.shape, generator=torch.Generator().manual_seed(1))
+    out2 = llama.generate(input_ids=fresh, logits_processor=[proc], max_new_tokens=2,
+                          do_sample=False, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="reset"):
+        proc.token_logprobs(out2)
+    proc.reset()
+    llama.generate(input_ids=fresh, logits_processor=[proc], max_new_tokens=2,
+                   do_sample=False, pad_token_id=PAD)
 
 
 def test_monitoring_summaries_match_definitions(llama):
@@ -318,13 +459,13 @@ def test_monitoring_summaries_match_definitions(llama):
     torch.testing.assert_close(s["min_prob"].double(), lp.exp().amin(1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(s["product"].double(), lp.sum(1).exp(), rtol=1e-4, atol=1e-12)
     assert torch.equal(proc.sequence_confidence(kind="min"), s["min_prob"])
+    rec = proc.step_records()
+    torch.testing.assert_close(rec["confidence"].double(), conf, rtol=0, atol=1e-6)
 
 
 def test_sequence_scores_ignore_masked_positions():
-    from mllmcal.integrations.transformers import _sequence_scores
-
     lp = torch.tensor([[-0.5, -1.0, float("nan")], [float("nan")] * 3, [-2.0, -0.1, -0.3]])
-    s = _sequence_scores(lp)
+    s = sequence_scores(lp)
     torch.testing.assert_close(s["mean_logprob"][[0, 2]], torch.tensor([-0.75, -0.8]))
     torch.testing.assert_close(s["min_prob"][[0, 2]], torch.exp(torch.tensor([-1.0, -2.0])))
     torch.testing.assert_close(s["product"][[0, 2]], torch.exp(torch.tensor([-1.5, -2.4])))
@@ -332,7 +473,7 @@ def test_sequence_scores_ignore_masked_positions():
     assert s["n_tokens"].tolist() == [2, 0, 3]
 
 
-def test_manual_decode_loop_needs_record_tokens(llama):
+def test_manual_decode_loop_with_growing_input_ids(llama):
     ids, _ = _left_padded_batch(seed=9, lengths=(4, 4))
     proc = CalibratedLogitsProcessor(temperature=2.0, eos_token_id=EOS)
     expected = []
@@ -340,19 +481,61 @@ def test_manual_decode_loop_needs_record_tokens(llama):
         for _ in range(4):
             raw = llama(ids).logits[:, -1].float()
             expected.append(torch.log_softmax(raw.double() / 2.0, -1))
-            z = proc(ids, raw.clone())
-            tok = z.argmax(-1)
-            proc.record_tokens(tok)
+            proc(ids, raw.clone())
+            tok = raw.argmax(-1)
             ids = torch.cat([ids, tok[:, None]], 1)
-    lp = proc.token_logprobs()
+    lp = proc.token_logprobs(ids)
     exp = torch.stack(expected, 1).gather(2, ids[:, -4:, None]).squeeze(2)
     keep = ~_after_first_eos(ids[:, -4:], [EOS])
     torch.testing.assert_close(lp[keep].double(), exp[keep], rtol=0, atol=1e-5)
+
+
+def test_manual_loop_with_record_tokens_and_a_deferred_extra_step():
+    """record_tokens gives the tokens when input_ids do not grow; an extra step that is
+    later undone (transformers' deferred stop check) is not part of the results."""
+    g = torch.Generator().manual_seed(3)
+    proc = CalibratedLogitsProcessor(temperature=0.7)
+    ids = torch.randint(0, 50, (2, 3), generator=g)
+    seen = []
+    for _ in range(4):  # 3 real steps + 1 extra
+        scores = torch.randn(2, 50, generator=g) * 3
+        seen.append(torch.log_softmax(scores.double() / 0.7, -1))
+        proc(ids, scores)
+        ids = torch.cat([ids, torch.randint(0, 50, (2, 1), generator=g)], 1)
+    seq = ids[:, :-1]  # the extra step's token is undone
+    lp = proc.token_logprobs(seq)
+    exp = torch.stack(seen[:3], 1).gather(2, seq[:, 3:, None]).squeeze(2)
+    torch.testing.assert_close(lp.double(), exp, rtol=0, atol=1e-5)
+
     proc.reset()
-    raw = llama(ids).logits[:, -1].float()
-    proc(ids, raw)
+    scores = torch.randn(2, 50, generator=g)
+    proc(ids, scores)
     with pytest.raises(RuntimeError, match="record_tokens"):
         proc.token_logprobs()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        proc.record_tokens(torch.tensor([3, 50]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        proc.record_tokens(torch.tensor([-1, 0]))
+    proc.record_tokens(torch.tensor([3, 49]))
+    exp = torch.log_softmax(scores.double() / 0.7, -1)[[0, 1], [3, 49]]
+    torch.testing.assert_close(proc.token_logprobs()[:, 0].double(), exp, rtol=0, atol=1e-5)
+
+
+def test_bf16_scores_in_a_manual_loop_stay_exact():
+    """generate hands processors fp32; a hand-written loop may not. With T != 1 the
+    buffer then keeps the raw scores (z rounded to bf16 would not be exact)."""
+    g = torch.Generator().manual_seed(4)
+    proc = CalibratedLogitsProcessor(temperature=1.9, scale_scores=True)
+    ids = torch.randint(0, 99, (3, 2), generator=g)
+    seen = []
+    for _ in range(3):
+        scores = (torch.randn(3, 99, generator=g) * 8).bfloat16()
+        seen.append(torch.log_softmax(scores.double() / 1.9, -1))
+        z = proc(ids, scores)
+        torch.testing.assert_close(z, (scores.float() / 1.9).bfloat16(), rtol=0, atol=0)
+        ids = torch.cat([ids, torch.multinomial(z.float().softmax(-1), 1, generator=g)], 1)
+    exp = torch.stack(seen, 1).gather(2, ids[:, 2:, None]).squeeze(2)
+    torch.testing.assert_close(proc.token_logprobs(ids).double(), exp, rtol=0, atol=2e-6)
 
 
 def test_bad_arguments_are_named():
@@ -360,10 +543,51 @@ def test_bad_arguments_are_named():
         CalibratedLogitsProcessor(temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         CalibratedLogitsProcessor(temperature=float("nan"))
+    with pytest.raises(ValueError, match="fp32"):
+        CalibratedLogitsProcessor(temperature=1e39)
     with pytest.raises(ValueError, match="sequence_confidence"):
         CalibratedLogitsProcessor(sequence_confidence="median")
     with pytest.raises(RuntimeError, match="generate"):
         CalibratedLogitsProcessor().token_logprobs()
+
+
+def test_stop_at_answer_gives_the_first_answer_step_and_stops_early(llama):
+    """What the eval needs: per row the first step whose token is an answer token, that
+    token's probability at that step, early stop once every row has answered."""
+    ids, mask = _left_padded_batch(seed=21)
+    with torch.no_grad():
+        probe = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                               do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    gen = probe[:, ids.shape[1]:]
+    # Answer tokens: what rows 0 and 1 emit at steps 1 and 3; row 2 may never answer.
+    answers = torch.unique(torch.stack([gen[0, 1], gen[1, 3]]))
+    proc = CalibratedLogitsProcessor(temperature=1.0)
+    stop = StopAtAnswer(proc, answers.tolist(), keep_rows=True)
+    out = llama.generate(
+        input_ids=ids, attention_mask=mask, logits_processor=[proc], stopping_criteria=[stop],
+        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    tok = out.sequences[:, ids.shape[1]:]
+    is_ans = torch.isin(tok, answers)
+    first = torch.where(is_ans.any(1), is_ans.float().argmax(1), torch.full((3,), -1))
+    assert torch.equal(stop.found, is_ans.any(1)) and torch.equal(stop.step, first)
+    assert stop.found[0] and stop.found[1] and int(stop.step[0]) <= 1 and int(stop.step[1]) <= 3
+    raw = torch.stack(out.logits, 1).double()
+    for r in range(3):
+        if stop.found[r]:
+            t = int(stop.step[r])
+            assert int(stop.token[r]) == int(tok[r, t])
+            exp = torch.log_softmax(raw[r, t], -1)[tok[r, t]]
+            assert float(stop.logprob[r]) == pytest.approx(float(exp), abs=1e-5)
+            assert torch.equal(stop.rows[r], out.logits[t][r])
+            # The same value as the processor's token log-probability at that step.
+            lp = proc.token_logprobs(out.sequences)
+            assert float(lp[r, t]) == pytest.approx(float(stop.logprob[r]), abs=1e-6)
+        else:
+            assert torch.isnan(stop.logprob[r]) and int(stop.token[r]) == -1
+    if bool(stop.found.all()):
+        assert tok.shape[1] == int(stop.step.max()) + 1, "generation stops once all answered"
 
 
 # --------------------------------------------------------------------------- hot-path rules
@@ -413,7 +637,7 @@ def test_guard_catches_a_host_sync_in_mllmcal():
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_no_host_sync_during_generate(llama, do_sample):
     ids, mask = _left_padded_batch(seed=10)
-    proc = CalibratedLogitsProcessor(temperature=1.3)
+    proc = CalibratedLogitsProcessor(temperature=1.3, eos_token_id=EOS)
     with _NoSync() as g:
         torch.manual_seed(0)
         out = llama.generate(
@@ -444,6 +668,8 @@ def _held_tensors(obj, seen=None, out=None):
         items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
     elif hasattr(obj, "__dict__") and not isinstance(obj, type(sys)):
         items = list(vars(obj).values())
+    elif hasattr(type(obj), "__slots__"):
+        items = [getattr(obj, k, None) for k in type(obj).__slots__]
     else:
         items = []
     for it in items:
@@ -462,15 +688,86 @@ def test_memory_held_is_o_of_batch_times_steps_and_never_b_by_v(vocab):
             input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=steps,
             min_new_tokens=steps, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
         )
-        assert proc._run.pending_z is None, "the last step's scores must be released"
         tensors = _held_tensors(proc)
-        assert max(n for _, n, _ in tensors.values()) < vocab, tensors
+        # Exactly one [B, V] tensor: the buffer with the last step's z (its token is known
+        # only from out.sequences); nothing else grows with V.
+        big = [shape for _, n, shape in tensors.values() if n >= vocab]
+        assert big == [(ids.shape[0], vocab)], tensors
         held[steps] = sum(b for b, _, _ in tensors.values())
+        assert proc.nbytes() == held[steps]
     per_step = (held[11] - held[3]) / 8
     b = ids.shape[0]
-    # fp32 [7, B] stats, int64 prediction, bool valid and alive, fp32 z_token, int64 token.
-    assert 0 < per_step <= b * (7 * 4 + 8 + 1 + 1 + 4 + 8 + 8)
-    assert held[3] < 3 * per_step + 4096
+    # fp32 [7, B] stats, int64 prediction, uint8 flags, fp32 z of the chosen token, and
+    # the latest input_ids (one int64 column more per step).
+    assert 0 < per_step <= b * (7 * 4 + 8 + 1 + 4 + 8)
+    assert held[3] < 3 * per_step + b * vocab * 4 + 4096
+
+
+def test_finish_releases_the_buffer(llama):
+    ids, mask = _left_padded_batch(seed=11)
+    proc = CalibratedLogitsProcessor(temperature=1.5)
+    out = llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                         max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    lp = proc.finish(out)
+    assert lp.shape == (3, 4)
+    assert max(n for _, n, _ in _held_tensors(proc).values()) < V
+    torch.testing.assert_close(proc.token_logprobs(out), lp, rtol=0, atol=0)
+
+
+class _OpCounter:
+    """Counts what one processor call dispatches to torch (TorchDispatchMode), by kind."""
+
+    ALLOC = {"empty", "empty_like", "empty_strided", "new_empty"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops.append((func.overloadpacket.__name__, func.is_view,
+                                    str(func.namespace)))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = _Mode()
+        self.ops = []
+
+    def device_ops(self):
+        """Ops that do work on the device: not views, not bare allocations."""
+        return [name for name, view, _ in self.ops if not view and name not in self.ALLOC]
+
+
+@pytest.mark.parametrize("scale_scores", [False, True])
+def test_one_fused_op_and_one_gather_per_decode_step(llama, scale_scores):
+    """Issue 12: the frame-walking processor did 9 device ops per decode step: 2 in the
+    processor (plus 3 allocations), 6 in its companion stopping criterion, and the
+    raw-pointer kernel launch that no dispatch mode saw. Now: the mllmcal.token_stats op
+    and one gather; a copy more when it returns scaled scores."""
+    counts = []
+
+    class Counted(CalibratedLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            c = _OpCounter()
+            with c.mode:
+                r = super().__call__(input_ids, scores)
+            counts.append(c)
+            return r
+
+    ids, mask = _left_padded_batch(seed=12)
+    proc = Counted(temperature=1.4, eos_token_id=EOS, scale_scores=scale_scores)
+    out = llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                         max_new_tokens=6, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
+                         return_dict_in_generate=True, output_logits=True)
+    first, steps = counts[0], counts[1:]
+    assert len(steps) >= 3
+    want = ["token_stats", "gather"] + (["clone"] if scale_scores else [])
+    for c in steps:
+        assert sorted(c.device_ops()) == sorted(want), c.ops
+        assert ("token_stats", False, "mllmcal") in c.ops
+    # The first step allocates the run's buffer and has no previous token to gather.
+    assert sorted(first.device_ops()) == sorted(w for w in want if w != "gather")
+    _check_against_raw(proc, out, ids.shape[1], 1.4, [EOS])
 
 
 # --------------------------------------------------------------------------- score_tokens
@@ -534,7 +831,7 @@ def test_score_tokens_rejects_mismatched_shapes(llama):
 def test_delayed_feedback_by_request_id_and_row_feeds_the_calibration_state(llama):
     from mllmcal.calibration import CalibrationState
 
-    proc = CalibratedLogitsProcessor(temperature=1.2, n_bins=10)
+    proc = CalibratedLogitsProcessor(temperature=1.2, n_bins=10, eos_token_id=EOS)
     outs = []
     for seed, rids in ((14, ["a", "b", "c"]), (15, ["d", "e", "f"])):
         ids, mask = _left_padded_batch(seed=seed)
@@ -545,6 +842,7 @@ def test_delayed_feedback_by_request_id_and_row_feeds_the_calibration_state(llam
             do_sample=True, top_k=0, eos_token_id=EOS, pad_token_id=PAD,
             return_dict_in_generate=True, output_logits=True,
         )))
+        proc.finish(outs[-1][1].sequences)  # the last tokens become known
     proc.add_feedback("b", True)
     proc.add_feedback(["a", "f"], [False, True])
     proc.add_feedback(0, True)  # row 0 of the latest run, i.e. request "d"
@@ -570,6 +868,20 @@ def test_delayed_feedback_by_request_id_and_row_feeds_the_calibration_state(llam
     assert snap["pending_feedback"] == 2 and snap["feedback"] == 4
     assert snap["calibration"]["count"] == 4
     assert snap["calibration"]["ece"] == pytest.approx(ref.ece(), abs=1e-6)
+
+
+def test_rows_of_a_run_ended_without_its_last_tokens_are_dropped_with_a_warning(llama):
+    ids, mask = _left_padded_batch(seed=16)
+    proc = CalibratedLogitsProcessor()
+    proc.request_ids = ["x", "y", "z"]
+    llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                   max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    with pytest.raises(RuntimeError, match="finish"):
+        proc.add_feedback("x", True)
+    with pytest.warns(RuntimeWarning, match="finish"):
+        proc.reset()
+    with pytest.raises(KeyError):
+        proc.add_feedback("y", True)
 
 
 def test_request_ids_must_match_the_batch(llama):

@@ -79,6 +79,16 @@ def test_empty_batch_returns_empty(backend):
         ({"logits": torch.ones(2, 3), "labels": torch.tensor([0, 3])}, ValueError, "outside"),
         ({"logits": torch.ones(2, 3), "labels": torch.tensor([0, -5])}, ValueError, "outside"),
         ({"logits": torch.ones(2, 3), "labels": torch.tensor([0])}, ValueError, "one entry per row"),
+        # Right element count, wrong pairing of rows and labels: refused by shape.
+        ({"logits": torch.ones(2, 3, 5), "labels": torch.zeros(3, 2, dtype=torch.long)}, ValueError, "leading shape"),
+        ({"logits": torch.ones(2, 3, 5), "labels": torch.zeros(6, dtype=torch.long)}, ValueError, "leading shape"),
+        # Positive and finite as a double, but 0 / subnormal / inf once cast to fp32.
+        ({"logits": torch.ones(2, 3), "temperature": 1e-50}, ValueError, "zero or subnormal in fp32"),
+        ({"logits": torch.ones(2, 3), "temperature": 1e-40}, ValueError, "zero or subnormal in fp32"),
+        ({"logits": torch.ones(2, 3), "temperature": 1e39}, ValueError, "infinite in fp32"),
+        ({"logits": torch.ones(2, 3), "temperature": torch.tensor([1.0, 1e39], dtype=torch.float64)}, ValueError, "fp32"),
+        ({"logits": torch.ones(2, 3), "temperature": torch.tensor([1.0, 1e-42])}, ValueError, "fp32"),
+        ({"logits": torch.ones(3, 4), "scaled_out": torch.ones(1, 4).expand(3, 4)}, ValueError, "overlap"),
         ({"logits": torch.ones(2, 3), "labels": torch.tensor([0.0, 1.0])}, TypeError, "integer"),
         ({"logits": torch.ones(2, 3), "backend": "tpu"}, ValueError, "backend"),
         ({"logits": torch.ones(2, 3), "histogram": torch.zeros(3, 4, dtype=torch.long)}, ValueError, "labels"),
@@ -97,6 +107,107 @@ def test_unavailable_backend_names_what_is_missing():
 def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("MLLMCAL_BACKEND", "torch")
     assert mllmcal.token_stats(torch.ones(2, 3)).backend == "torch"
+
+
+def test_env_var_naming_a_backend_that_cannot_take_the_device_falls_back_and_says_so(monkeypatch):
+    from mllmcal import ops
+
+    monkeypatch.setenv("MLLMCAL_BACKEND", "cuda")  # no CUDA tensor here: cannot serve it
+    monkeypatch.setattr(ops, "_env_warned", set())
+    x = make_logits(3, 17, torch.float32, "normal", seed=4)
+    with pytest.warns(RuntimeWarning, match="MLLMCAL_BACKEND='cuda' cannot serve"):
+        s = mllmcal.token_stats(x)
+    assert s.backend == ops.resolve_backend("auto", x.device, x.dtype) != "cuda"
+    assert_matches_reference(s, x, None, 1.0)
+    # An explicit backend argument is not a preference: it stays an error.
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        mllmcal.token_stats(x, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repeated_and_overlapping_rows(backend, dtype):
+    """DESIGN: any strides along rows. Stride 0 (expand) and overlapping windows (unfold)
+    are read as they are, with no copy and no error."""
+    row = make_logits(1, 301, dtype, "masked", seed=21)
+    rep = row.expand(5, 301)  # stride (0, 1)
+    assert rep.stride(0) == 0
+    y = make_labels(5, 301, seed=21)
+    s = mllmcal.token_stats(rep, y, temperature=1.3, backend=backend)
+    assert_matches_reference(s, rep.contiguous(), y, 1.3)
+    flat = make_logits(1, 400, dtype, "normal", seed=22).reshape(400)
+    win = flat.unfold(0, 97, 30)  # [11, 97] windows 30 apart: rows overlap
+    assert win.stride() == (30, 1)
+    t = torch.linspace(0.5, 2.0, win.shape[0])
+    hist = torch.zeros(3, 7, dtype=torch.long)
+    yw = make_labels(win.shape[0], 97, seed=22)
+    s = mllmcal.token_stats(win, yw, temperature=t, backend=backend, histogram=hist)
+    assert_matches_reference(s, win.contiguous(), yw, t, hist=hist)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unchecked_labels_outside_the_vocabulary_are_ignored_not_read(backend):
+    x = make_logits(4, 9, torch.float32, "normal", seed=6)
+    y = torch.tensor([1, 9, -7, 2])
+    hist = torch.zeros(3, 5, dtype=torch.long)
+    s = mllmcal.token_stats(x, y, backend=backend, validate=False, histogram=hist)
+    assert torch.isnan(s.label_logprob[1:3]).all() and not s.correct[1:3].any()
+    assert torch.isfinite(s.label_logprob[[0, 3]]).all() and int(hist[0].sum()) == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_statistics_carry_no_gradient_on_any_backend(backend):
+    x = torch.randn(3, 11, requires_grad=True)
+    s = mllmcal.token_stats(x * 2.0, torch.tensor([0, 4, -100]), backend=backend)
+    for name, t in s.as_dict().items():
+        assert not t.requires_grad, name
+    # The same values as without grad tracking; x itself is untouched.
+    ref = mllmcal.token_stats((x * 2.0).detach(), torch.tensor([0, 4, -100]), backend=backend)
+    torch.testing.assert_close(s.confidence, ref.confidence, rtol=0, atol=0)
+
+
+def test_token_stats_is_a_registered_torch_op_with_a_fake_implementation():
+    x = make_logits(6, 33, torch.float32, "masked", seed=8)
+    y = make_labels(6, 33, seed=8)
+    out = torch.empty_like(x)
+    hist = torch.zeros(3, 5, dtype=torch.long)
+    torch.library.opcheck(
+        torch.ops.mllmcal.token_stats.default, (x, y, 1.5, None, out, hist, -100, "torch"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    conf = torch.rand(7)
+    torch.library.opcheck(
+        torch.ops.mllmcal.histogram_add.default,
+        (hist, conf, conf > 0.5, torch.ones(7, dtype=torch.bool)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_decode_step_traces_through_the_op(compile_backend):
+    """torch.compile(fullgraph=True) of a decode-step-like function that calls
+    mllmcal.token_stats (with the histogram update) and uses its results."""
+    torch._dynamo.reset()
+
+    from mllmcal import _contract as C
+
+    def step(logits, labels, hist):
+        s = mllmcal.token_stats(logits, labels, temperature=1.7, histogram=hist, validate=False)
+        tok = torch.argmax(logits, dim=-1)
+        # The histogram update op on its own as well, fed from another source of confidences.
+        C.hist_add_(hist, s.confidence.flip(0), s.correct, labels != -100)
+        return s.confidence * 2.0, s.label_logprob, tok, s.prediction
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    for seed in (1, 2):  # the second call reuses the compiled graph
+        x = make_logits(5, 129, torch.float32, "masked", seed=seed)
+        y = make_labels(5, 129, seed=seed)
+        h_eager, h_comp = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+        want = step(x, y, h_eager)
+        got = compiled(x, y, h_comp)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(h_comp, h_eager) and int(h_comp[0].sum()) == 2 * int((y != -100).sum())
 
 
 def test_fp64_goes_to_torch_backend():

@@ -151,6 +151,23 @@ def test_non_contiguous_rows_and_leading_dims(forced, knobs):
 
 
 @pytest.mark.parametrize("knobs", PATHS)
+def test_repeated_and_overlapping_rows(forced, knobs):
+    """Row stride 0 (expand) and overlapping rows (unfold) are read as they are."""
+    forced(block_v=64, **knobs)
+    row = make_logits(1, 201, torch.bfloat16, "masked", seed=41, device=DEVICE)
+    rep = row.expand(3, 201)
+    y = make_labels(3, 201, seed=41, device=DEVICE)
+    s = _stats(rep, y, 1.2)
+    assert_matches_reference(s, rep.contiguous(), y, 1.2)
+    flat = make_logits(1, 300, torch.float32, "normal", seed=42, device=DEVICE).reshape(300)
+    win = flat.unfold(0, 129, 40)  # [5, 129], rows 40 apart
+    t = torch.linspace(0.5, 2.0, win.shape[0], device=DEVICE)
+    yw = make_labels(win.shape[0], 129, seed=42, device=DEVICE)
+    s = _stats(win, yw, t)
+    assert_matches_reference(s, win.contiguous(), yw, t)
+
+
+@pytest.mark.parametrize("knobs", PATHS)
 def test_masked_label_gives_minus_inf_logprob_and_finite_brier(forced, knobs):
     forced(block_v=16, **knobs)
     x = make_logits(2, 40, torch.float32, "normal", seed=8, device=DEVICE)
@@ -313,3 +330,10 @@ def test_every_kernel_compiles_ahead_of_time_for_sm90_without_spills():
             assert r["mul_lo_s64"] >= 1, r  # row * stride in 64 bits (N * V > 2^31)
         if "spill_stores" in r:
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+def test_statistics_carry_no_gradient():
+    """The same autograd behaviour as every other backend: no field requires grad."""
+    x = make_logits(3, 70, torch.float32, "normal", seed=61, device=DEVICE).requires_grad_()
+    s = _stats(x * 1.5, torch.tensor([1, 5, -100], device=DEVICE), 1.2)
+    assert not any(t.requires_grad for t in s.as_dict().values())

@@ -30,10 +30,11 @@ void token_stats_py(uintptr_t x, int64_t n, int64_t v, int64_t x_row_stride, int
   if (n < 0 || v < 1) throw std::invalid_argument("need n >= 0 and v >= 1");
   if (n > 0 && (x == 0 || fstats == 0 || pred == 0 || flags == 0))
     throw std::invalid_argument("x, fstats, pred and flags must be non-null");
-  if (n > 1 && x_row_stride < v)
-    throw std::invalid_argument("x_row_stride must be >= v (rows may not overlap)");
+  // Rows are only read, so they may overlap or repeat: stride 0 (expand) and stride < v
+  // (unfold) are legal, as DESIGN promises "any strides along rows".
+  if (n > 1 && x_row_stride < 0) throw std::invalid_argument("x_row_stride must be >= 0");
   if (scaled_out != 0 && n > 1 && out_row_stride < v)
-    throw std::invalid_argument("out_row_stride must be >= v");
+    throw std::invalid_argument("out_row_stride must be >= v (written rows may not overlap)");
   if (hist != 0 && n_bins < 1) throw std::invalid_argument("n_bins must be >= 1 with a histogram");
   if (mode < mllmcal::kModeAuto || mode > mllmcal::kModeSplit)
     throw std::invalid_argument("mode must be 0 (auto), 1 (rows) or 2 (split)");

@@ -1,5 +1,10 @@
 // Merging online-softmax partial states (see `Partial` in token_stats.h).
 //
+// The rescaling of running sums to a new maximum is the online softmax of Milakov and
+// Gimelshein, "Online normalizer calculation for softmax" (2018),
+// https://arxiv.org/abs/1805.02867; the merge of two partial states is its associative
+// form, as used by FlashAttention's split-K (Dao et al. 2022, https://arxiv.org/abs/2205.14135).
+//
 // Every function here is `static inline`: this header is included both by the
 // ISA-specific kernel translation units (compiled under `#pragma GCC target`) and by the
 // generic driver. Internal linkage gives each translation unit its own copy, so the linker

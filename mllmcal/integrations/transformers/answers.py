@@ -1,0 +1,112 @@
+"""A stopping criterion that ends each row at its first answer token.
+
+Multiple-choice evaluation (Chen et al., COLING 2025, https://aclanthology.org/2025.coling-main.208/)
+reads the model's confidence at the first generated token that is an option letter.
+:class:`StopAtAnswer` runs in ``generate``'s ``stopping_criteria``, which transformers
+calls right after each step's token is appended to ``input_ids`` -- while the
+:class:`~.processor.CalibratedLogitsProcessor` of the same call still holds that step's
+``z = scores / T``. So it can read the answer token's exact log-probability (and, if asked,
+keep the whole ``[B, V]`` row for temperature fitting) in the step itself, and finish the
+row there; ``generate`` stops once every row has answered or ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import StoppingCriteria
+
+from .processor import CalibratedLogitsProcessor
+
+__all__ = ["StopAtAnswer"]
+
+
+class StopAtAnswer(StoppingCriteria):
+    """Finish each row at its first generated answer token, recording that step.
+
+    Use one per ``generate`` call, next to the processor of that call::
+
+        proc = CalibratedLogitsProcessor(temperature=1.0)
+        stop = StopAtAnswer(proc, answer_tokens, eos_token_id=eos)
+        model.generate(..., logits_processor=[proc], stopping_criteria=[stop])
+
+    Args:
+        processor: the :class:`CalibratedLogitsProcessor` in the same call.
+        answer_tokens: bool ``[V]`` mask of the answer tokens (every spelling of every option
+            letter), or a sequence of their ids.
+        eos_token_id: id(s) that end a row without an answer.
+        keep_rows: keep ``z`` ``[B, V]`` of each row's answer step in :attr:`rows`.
+
+    After ``generate`` (all ``[B]`` on the scores' device): ``found`` (bool), ``step``
+    (int64, -1 if none), ``token`` (int64, -1 if none), ``logprob`` (fp32
+    ``log softmax(scores / T)[token]`` at that step, NaN if none), :attr:`confidence`
+    (its ``exp``) and, with ``keep_rows``, ``rows`` (``[B, V]``; rows without an answer hold
+    whatever the last step had).
+
+    Per step it costs a handful of ``[B]`` ops, plus one ``[B, V]`` ``where`` with
+    ``keep_rows``; no host synchronisation.
+    """
+
+    def __init__(
+        self,
+        processor: CalibratedLogitsProcessor,
+        answer_tokens: torch.Tensor | Sequence[int],
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        keep_rows: bool = False,
+    ) -> None:
+        self.processor = processor
+        mask = torch.as_tensor(answer_tokens)
+        if mask.dtype != torch.bool:
+            ids = mask.reshape(-1).long()
+            mask = torch.zeros(int(ids.max()) + 1 if ids.numel() else 1, dtype=torch.bool)
+            mask[ids] = True
+        self.answer_mask = mask
+        eos = [] if eos_token_id is None else (
+            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+        )
+        self.eos = torch.tensor(eos, dtype=torch.long)
+        self.keep_rows = keep_rows
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous call's rows (done automatically when the batch changes)."""
+        self.found = self.step = self.token = self.logprob = self.rows = None
+        self._ended = None
+        self._n = 0
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """``exp(logprob)``: the answer token's probability at its step, NaN if none."""
+        return torch.exp(self.logprob)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        tok = input_ids[:, -1]
+        b, dev = tok.shape[0], tok.device
+        if self.found is None or self.found.shape[0] != b:
+            self.reset()
+            self.found = torch.zeros(b, dtype=torch.bool, device=dev)
+            self._ended = torch.zeros(b, dtype=torch.bool, device=dev)
+            self.step = torch.full((b,), -1, dtype=torch.long, device=dev)
+            self.token = torch.full((b,), -1, dtype=torch.long, device=dev)
+            self.logprob = torch.full((b,), float("nan"), dtype=torch.float32, device=dev)
+            self.answer_mask = self.answer_mask.to(dev)
+            self.eos = self.eos.to(dev)
+        z = self.processor.latest_scaled_scores()  # this step's z, before the next call
+        lse = self.processor.latest_stats().logsumexp
+        v = self.answer_mask.shape[0]
+        in_vocab = (tok >= 0) & (tok < v)
+        is_answer = self.answer_mask[tok.clamp(0, v - 1)] & in_vocab
+        new = is_answer & ~self.found & ~self._ended
+        lp = z.gather(1, tok.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1).float() - lse
+        self.logprob = torch.where(new, lp, self.logprob)
+        self.token = torch.where(new, tok, self.token)
+        self.step = torch.where(new, torch.full_like(self.step, self._n), self.step)
+        if self.keep_rows:
+            self.rows = z.clone() if self.rows is None else torch.where(new[:, None], z, self.rows)
+        self.found = self.found | new
+        if self.eos.numel():
+            self._ended = self._ended | torch.isin(tok, self.eos)
+        self._n += 1
+        return self.found.clone()

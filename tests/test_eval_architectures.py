@@ -1,0 +1,177 @@
+"""``mllmcal eval`` on the image-text architectures people run, as tiny random checkpoints
+saved in each one's shipped format (tests/vlm_checkpoints.py) and loaded by path.
+
+For each architecture: the image reaches the model (the processor's expanded image
+tokens and the pixel values), the recorded confidence equals the letter probability of a
+manual forward pass at the answer position, BOS appears exactly once, and the image and
+text-only prompts differ only in the image.
+"""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from mllmcal.eval.confidence import score_items
+from mllmcal.eval.data import Item
+from mllmcal.eval.models import load_model
+from mllmcal.prompting import format_question
+from vlm_checkpoints import BUILDERS
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+# image tokens each architecture's processor must expand one 16x16 image into
+EXPECTED_IMAGE_TOKENS = {
+    "llava-1.5": 16,        # (16/4)^2 CLIP patches, CLS dropped ("default" strategy)
+    "qwen2-vl": 4,          # 4x4 patches of 4 px, merged 2x2
+    "idefics3": 4,          # (16/4)^2 patches / scale_factor^2
+    "gemma3": 4,            # mm_tokens_per_image
+    "paligemma": 16,        # (16/4)^2 SigLIP patches
+    "llava-onevision": None,  # anyres: base + tiles + newline tokens, checked > 16 below
+}
+# tokens that wrap or mark the image in each format (removed, the rest must be equal)
+IMAGE_MARKUP = {"<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<fake_token_around_image>", "<global-img>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"}
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    out = []
+    for i in range(6):
+        p = d / f"{i}.png"
+        Image.new("RGB", (12 + 3 * i, 16), (40 * i, 200 - 30 * i, 90)).save(p)
+        out.append(Item(f"q{i}", "What colour is the shape in the picture?",
+                        tuple(COLOURS[: 3 + i % 2]), "ABCD"[i % 3], str(p)))
+    return out
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def arch(request, tmp_path_factory):
+    texts = [format_question("What colour is the shape in the picture?", COLOURS)]
+    path = BUILDERS[request.param](tmp_path_factory.mktemp(request.param), texts)
+    return request.param, path
+
+
+def _image(it):
+    with Image.open(it.image) as im:
+        return im.convert("RGB")
+
+
+def _manual_inputs(arch_name, path, text, image):
+    """Model inputs built by hand from the checkpoint's files, independently of eval."""
+    from mllmcal.eval.models import load_processor
+
+    proc = load_processor(path)
+    tok = proc.tokenizer
+    if arch_name == "paligemma":
+        if image is None:
+            ids = tok(tok.bos_token + text, return_tensors="pt", add_special_tokens=False)
+            ids["token_type_ids"] = torch.zeros_like(ids["input_ids"])
+            return ids
+        enc = proc(images=[[image]], text=[text], return_tensors="pt")
+        enc.pop("labels")
+        assert tok.convert_ids_to_tokens(int(enc["input_ids"][0, -1])).strip("\u2581") == "\n"
+        return {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "token_type_ids") else v)
+                for k, v in enc.items()}
+    special = not text.startswith(tok.bos_token or "\0")
+    if image is None:
+        return proc(text=[text], return_tensors="pt", add_special_tokens=special)
+    return proc(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=special)
+
+
+def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arch, items):
+    name, path = arch
+    em = load_model(str(path))
+    assert em.multimodal and em.use_chat_template == (name != "paligemma")
+    model = tf.AutoModelForImageTextToText.from_pretrained(path).eval()
+    records = [r for b in score_items(em, items, batch_size=4) for r in b.records]
+    assert len(records) == len(items)
+    n_answered = 0
+    for it, rec in zip(items, records, strict=True):
+        text = em.render(it, with_image=True)
+        inputs = _manual_inputs(name, path, text, _image(it))
+        ids = inputs["input_ids"][0]
+        image_id = model.config.image_token_id
+        n_img = int((ids == image_id).sum())
+        want = EXPECTED_IMAGE_TOKENS[name]
+        assert n_img == want if want is not None else n_img > 16
+        pixels = inputs["pixel_values"]
+        assert pixels.is_floating_point() and pixels.abs().sum() > 0
+        bos = em.tokenizer.bos_token_id
+        if bos is not None:
+            assert int((ids == bos).sum()) == 1
+        # the tokens eval feeds are the manual ones (left padding removed)
+        enc = em.encode([text], [_image(it)])
+        assert torch.equal(enc["input_ids"][0], ids)
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].double()
+        probs = logits.softmax(-1)
+        top = int(probs.argmax())
+        if rec["step"] == 0 and rec["pred"] is not None:
+            n_answered += 1
+            assert em.letter_of_token[top] >= 0
+            assert "ABCDEFGH"[int(em.letter_of_token[top])] == rec["pred"]
+            assert rec["confidence"] == pytest.approx(float(probs[top]), rel=1e-4, abs=1e-6)
+    assert n_answered >= len(items) // 2, "the letter should come first for most items"
+
+
+def test_image_and_text_prompts_differ_only_in_the_image(arch, items):
+    name, path = arch
+    em = load_model(str(path))
+    it = items[0]
+    with_img = em.encode([em.render(it, with_image=True)], [_image(it)])["input_ids"][0]
+    without = em.encode([em.render(it, with_image=False)], None)["input_ids"][0]
+    tok = em.tokenizer
+    a = tok.convert_ids_to_tokens(with_img.tolist())
+    b = tok.convert_ids_to_tokens(without.tolist())
+    # longest common prefix and suffix; what lies between must be image markup or blank
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    assert i + j == len(b), f"text-only tokens differ beyond the image: {b[i:len(b) - j]}"
+    middle = a[i:len(a) - j]
+    assert middle, "the image prompt shows no image"
+    blank = {t for t in middle if tok.convert_tokens_to_string([t]).strip() == ""}
+    rows = {t for t in middle if t.startswith("<row_")}
+    assert set(middle) <= IMAGE_MARKUP | blank | rows, middle
+    if tok.bos_token_id is not None:
+        assert a.count(tok.bos_token) == 1 and b.count(tok.bos_token) == 1
+
+
+def test_letter_tables_follow_the_prefix_in_use(arch):
+    _, path = arch
+    em = load_model(str(path))
+    for prefix in ("Answer", "The answer might be", "Most likely, the correct option is"):
+        ids = em.answer_token_ids(prefix)
+        opening = f"{prefix}: ("
+        base = em.tokenizer.encode(opening, add_special_tokens=False)
+        for k, letter in enumerate("ABCD"):
+            full = em.tokenizer.encode(opening + letter, add_special_tokens=False)
+            assert int(em.letter_of_token[ids[k]]) == k
+            if full[: len(base)] == base and len(full) == len(base) + 1:
+                assert ids[k] == full[-1]
+
+
+def test_report_runs_end_to_end_on_each_architecture(arch, items, tmp_path):
+    from mllmcal.eval.runner import EvalConfig, run_eval
+
+    name, path = arch
+    data = [{"id": it.id, "question": it.question, "options": list(it.options),
+             "answer": it.answer, "image": it.image} for it in items]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    cfg = EvalConfig(models=[str(path)], test=str(tmp_path / "test.jsonl"),
+                     calib=str(tmp_path / "test.jsonl"), out=str(tmp_path / "out"),
+                     progress=False, plots=False, build_idk=False, idk_variants=(),
+                     batch_size=3)
+    report = run_eval(cfg)
+    mods = report["models"][0]["modalities"]
+    assert set(mods) == {"image", "text"}
+    for m in mods.values():
+        assert m["test"]["n_items"] == len(items) and m["test"]["n_scored"] >= 1

@@ -13,19 +13,19 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from vlm_checkpoints import BUILDERS
 
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import Item
 from mllmcal.eval.models import load_model
 from mllmcal.prompting import format_question
-from vlm_checkpoints import BUILDERS
 
 COLOURS = ["red", "blue", "green", "yellow"]
 
 # image tokens each architecture's processor must expand one 16x16 image into
 EXPECTED_IMAGE_TOKENS = {
     "llava-1.5": 16,        # (16/4)^2 CLIP patches, CLS dropped ("default" strategy)
-    "qwen2-vl": 4,          # 4x4 patches of 4 px, merged 2x2
+    "qwen2-vl": "grid",     # dynamic resolution: t*h*w patches of 4 px / (2x2 merge)
     "idefics3": 4,          # (16/4)^2 patches / scale_factor^2
     "gemma3": 4,            # mm_tokens_per_image
     "paligemma": 16,        # (16/4)^2 SigLIP patches
@@ -98,6 +98,9 @@ def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arc
         image_id = model.config.image_token_id
         n_img = int((ids == image_id).sum())
         want = EXPECTED_IMAGE_TOKENS[name]
+        if want == "grid":
+            want = int(inputs["image_grid_thw"].prod()) // 4
+            assert want >= 2
         assert n_img == want if want is not None else n_img > 16
         pixels = inputs["pixel_values"]
         assert pixels.is_floating_point() and pixels.abs().sum() > 0
@@ -135,12 +138,23 @@ def test_image_and_text_prompts_differ_only_in_the_image(arch, items):
     j = 0
     while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
         j += 1
-    assert i + j == len(b), f"text-only tokens differ beyond the image: {b[i:len(b) - j]}"
+    # one word right after the image may tokenize differently: the released templates put
+    # a newline after the placeholder ("<image>\nWhat" vs "USER: What")
+    differ = b[i:len(b) - j]
+    assert len(differ) <= 1, f"text-only tokens differ beyond the image: {differ}"
     middle = a[i:len(a) - j]
     assert middle, "the image prompt shows no image"
-    blank = {t for t in middle if tok.convert_tokens_to_string([t]).strip() == ""}
+    words = {tok.convert_tokens_to_string([t]).strip() for t in differ}
+    blank = {t for t in middle if tok.convert_tokens_to_string([t]).strip() in {"", *words}}
     rows = {t for t in middle if t.startswith("<row_")}
     assert set(middle) <= IMAGE_MARKUP | blank | rows, middle
+    # and the rendered texts are equal once the image markup and spacing are removed
+    def bare(s):
+        for m in sorted(IMAGE_MARKUP | {em.image_token}, key=len, reverse=True):
+            s = s.replace(m, " ")
+        return " ".join(s.split())
+
+    assert bare(em.render(it, with_image=True)) == bare(em.render(it, with_image=False))
     if tok.bos_token_id is not None:
         assert a.count(tok.bos_token) == 1 and b.count(tok.bos_token) == 1
 

@@ -46,8 +46,10 @@ def _train_tokenizer(specials: list[str], style: str, bos: str | None, texts: It
     if style == "metaspace":
         tk = Tokenizer(models.BPE(unk_token=specials[0] if "unk" in specials[0] else None,
                                   byte_fallback=False))
+        # newlines stand alone (Llama's <0x0A>, Gemma's "\n"), then words get "\u2581"
         tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Punctuation("isolated"), pre_tokenizers.Metaspace()])
+            pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Metaspace()])
         tk.decoder = decoders.Metaspace()
         alphabet = list(string.printable)
     else:

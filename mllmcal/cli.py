@@ -32,12 +32,15 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
                         "Per-model options after commas: name=, dtype=, chat_template=auto|off, "
                         "device_map= (e.g. ./a,dtype=bf16,name=A)")
     p.add_argument("--data", metavar="DIR",
-                   help="directory with test/calib/dev/idk .json or .jsonl and images/")
-    p.add_argument("--test", metavar="FILE", help="test split (LLaVA JSON or JSONL)")
+                   help="directory with test/calib/dev/idk as .json, .jsonl, .parquet or "
+                        "Hugging Face dataset folders (save_to_disk), and images/")
+    p.add_argument("--test", metavar="FILE", help="test split (LLaVA JSON, JSONL, parquet or a "
+                   "Hugging Face dataset folder)")
     p.add_argument("--calib", metavar="FILE", help="split on which T is fitted")
     p.add_argument("--dev", metavar="FILE", help="split on which prompts are optimised")
     p.add_argument("--idk", metavar="FILE", help="IDK split (default: built from the test split)")
     p.add_argument("--images", metavar="DIR", help="directory that image names resolve against")
+    _add_column_args(p)
     p.add_argument("--out", default="mllmcal-out", metavar="DIR", help="output directory")
     p.add_argument("--method", default="letter", choices=["letter", "option-softmax", "verbalized"])
     p.add_argument("--modalities", default="image,text",
@@ -68,6 +71,18 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+
+
+def _add_column_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data columns", "field names of JSONL records or Hugging Face "
+                             "dataset columns, when they are not question/options/answer/image/id")
+    for field_name in ("question", "options", "answer", "image", "id"):
+        g.add_argument(f"--{field_name}-column", metavar="NAME", dest=f"{field_name}_column")
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str]:
+    return {f: getattr(args, f"{f}_column") for f in ("question", "options", "answer", "image", "id")
+            if getattr(args, f"{f}_column", None)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--calib", metavar="FILE")
     f.add_argument("--data", metavar="DIR")
     f.add_argument("--images", metavar="DIR")
+    _add_column_args(f)
     f.add_argument("--method", default="letter", choices=["letter", "option-softmax"])
     f.add_argument("--modality", default="image", choices=["image", "text"])
     f.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
@@ -205,7 +221,8 @@ def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = No
               file=sys.stderr)
         return 2
     cfg = EvalConfig(
-        models=_model_specs(args.model), device_map=args.device_map, protocol=args.protocol, test=paths["test"], calib=paths["calib"], dev=paths["dev"],
+        models=_model_specs(args.model), device_map=args.device_map, protocol=args.protocol,
+        columns=_columns(args), test=paths["test"], calib=paths["calib"], dev=paths["dev"],
         idk=paths["idk"], images=args.images, out=args.out, method=args.method,
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -267,7 +284,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                                 images=args.images, modality=args.modality,
                                 method=args.method, temperature_method=args.temperature_method,
                                 device=args.device, dtype=args.dtype,
-                                batch_size=args.batch_size, limit=args.limit)
+                                batch_size=args.batch_size, limit=args.limit,
+                                columns=_columns(args))
     if res["temperature"] is None:
         print("mllmcal fit: no calib item produced an answer letter; cannot fit", file=sys.stderr)
         return 1

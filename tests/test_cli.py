@@ -124,3 +124,22 @@ def test_side_by_side_models_with_one_failing(tmp_path, capsys):
     assert [f["name"] for f in report["failed"]] == ["broken"]
     assert "a/model:" in text and "b/model:" in text and "failed: broken" in text
     assert report["models"][0]["modalities"]["text"] != report["models"][1]["modalities"]["text"]
+
+
+def test_eval_reads_parquet_with_column_flags(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    n = 6
+    table = pa.table({"qid": [f"p{i}" for i in range(n)], "prompt": ["What colour ?"] * n,
+                      "choices": [["red", "blue"]] * n, "label": [i % 2 for i in range(n)]})
+    pq.write_table(table, tmp_path / "data" / "test.parquet")
+    model = build_tiny_checkpoint(tmp_path / "m", ["What colour ? red blue"], multimodal=False)
+    rc = main(["eval", "--model", str(model), "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path / "out"), "--no-progress", "--no-plots", "--no-idk",
+               "--question-column", "prompt", "--options-column", "choices",
+               "--answer-column", "label", "--id-column", "qid"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["test"]["n_items"] == n and report["data"]["test"]["n_skipped"] == 0

@@ -42,7 +42,7 @@ import mllmcal
 
 from ..prompting import DEFAULT_ANSWER_PREFIX
 from .confidence import METHODS, score_items
-from .data import Item, LoadResult, load_items
+from .data import Columns, Item, LoadResult, load_items
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model, parse_dtype
 from .report import calibration_metrics, write_report
@@ -156,6 +156,7 @@ class EvalConfig:
     plots: bool = True
     device_map: str | None = None
     protocol: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def model_specs(self) -> list[ModelSpec]:
@@ -434,10 +435,10 @@ def _answered_ece(records: Sequence[dict], n_bins: int) -> float | None:
 
 
 def _load(path: str | None, images: str | None, name: str, limit: int | None,
-          data_info: dict) -> list[Item]:
+          data_info: dict, columns: dict[str, str] | None = None) -> list[Item]:
     if path is None:
         return []
-    res: LoadResult = load_items(path, images)
+    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})))
     if limit is not None:
         res.items = res.items[:limit]
     data_info[name] = {"path": str(path), "n_items": len(res.items),
@@ -473,10 +474,10 @@ def _open_model(cfg: EvalConfig, spec: ModelSpec) -> EvalModel:
 def _run(cfg: EvalConfig, dist: _Dist) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
     lim = {s: cfg.split_limits.get(s, cfg.limit) for s in ("test", "calib", "dev", "idk")}
-    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info)
-    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info)
-    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info)
-    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info)
+    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info, cfg.columns)
+    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info, cfg.columns)
+    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info, cfg.columns)
+    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info, cfg.columns)
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
     if not idk_items and cfg.build_idk:
@@ -545,7 +546,8 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
                           images: str | None = None, modality: str = "image",
                           method: str = "letter", temperature_method: str = "grid",
                           device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
-                          limit: int | None = None) -> dict[str, Any]:
+                          limit: int | None = None,
+                          columns: dict[str, str] | None = None) -> dict[str, Any]:
     """Fit the temperature of one model on a calib split (what ``mllmcal fit`` prints).
 
     Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
@@ -556,7 +558,7 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    items = load_items(calib, images).items[:limit]
+    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
     cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
                      dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
                      progress=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from vlm_checkpoints import BUILDERS
+from vlm_checkpoints import BUILDERS, TEXT_BUILDERS
 
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import Item
@@ -189,3 +189,70 @@ def test_report_runs_end_to_end_on_each_architecture(arch, items, tmp_path):
     assert set(mods) == {"image", "text"}
     for m in mods.values():
         assert m["test"]["n_items"] == len(items) and m["test"]["n_scored"] >= 1
+
+
+@pytest.fixture(scope="module", params=list(TEXT_BUILDERS))
+def text_arch(request, tmp_path_factory):
+    texts = [format_question("What colour is the shape in the picture?", COLOURS)]
+    return request.param, TEXT_BUILDERS[request.param](tmp_path_factory.mktemp(request.param), texts)
+
+
+def test_text_llms_with_chat_templates_keep_working(text_arch, items):
+    name, path = text_arch
+    em = load_model(str(path))
+    assert not em.multimodal and em.use_chat_template
+    model = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    records = [r for b in score_items(em, items, batch_size=4) for r in b.records]
+    n_answered = 0
+    for it, rec in zip(items, records, strict=True):
+        text = em.render(it, with_image=False)
+        assert text.endswith("Answer: (")
+        special = not (tok.bos_token and text.startswith(tok.bos_token))
+        ids = tok(text, return_tensors="pt", add_special_tokens=special)["input_ids"]
+        if tok.bos_token_id is not None:
+            assert int((ids == tok.bos_token_id).sum()) == 1
+        with torch.no_grad():
+            probs = model(input_ids=ids).logits[0, -1].double().softmax(-1)
+        if rec["step"] == 0 and rec["pred"] is not None:
+            n_answered += 1
+            assert rec["confidence"] == pytest.approx(float(probs.max()), rel=1e-4, abs=1e-6)
+    assert n_answered >= len(items) // 2
+
+
+def test_device_map_auto_gives_the_same_records(text_arch, items):
+    _, path = text_arch
+    plain = [r for b in score_items(load_model(str(path)), items) for r in b.records]
+    mapped = [r for b in score_items(load_model(str(path), device_map="auto"), items)
+              for r in b.records]
+    assert [r["pred"] for r in mapped] == [r["pred"] for r in plain]
+    for a, b in zip(mapped, plain, strict=True):
+        assert (a["confidence"] is None) == (b["confidence"] is None)
+        if a["confidence"] is not None:
+            assert a["confidence"] == pytest.approx(b["confidence"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl"], indirect=True)
+def test_a_processor_needing_a_missing_package_is_a_clear_error(arch, tmp_path, capsys):
+    """A checkpoint whose image processor exists only as a torchvision backend: the error
+    names the package and the model, and the CLI exits 2 with it (no traceback)."""
+    import shutil
+
+    from mllmcal.cli import main
+    from mllmcal.eval.models import MissingDependencyError
+
+    _, path = arch
+    broken = tmp_path / "needs-tv"
+    shutil.copytree(path, broken)
+    cfg = json.loads((broken / "processor_config.json").read_text())
+    # an image processor that transformers 5.17 has only as a torchvision backend
+    cfg["image_processor"]["image_processor_type"] = "Llama4ImageProcessor"
+    (broken / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MissingDependencyError, match=r"model 'needs-tv'.*'torchvision'"):
+        load_model(str(broken))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"id": 1, "question": "Q?", "options": ["a", "b"],
+                                                  "answer": "A"}))
+    rc = main(["eval", "--model", str(broken), "--test", str(tmp_path / "t.jsonl"),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs-tv" in err and "'torchvision'" in err and "Traceback" not in err

@@ -427,3 +427,76 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "paligemma": build_paligemma,
     "llava-onevision": build_llava_onevision,
 }
+
+
+# ----------------------------------------------------------------------------- text LLMs
+
+# https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/blob/main/tokenizer_config.json
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+# https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/tokenizer_config.json
+# (the part without tools)
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}"
+    "{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_llama3_text(out: Path, texts: Iterable[str] = ()) -> Path:
+    """A Llama 3 instruct causal LM: the template writes BOS, the tokenizer would too."""
+    import transformers as tf
+
+    torch.manual_seed(6)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", "<|begin_of_text|>", texts),
+                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    model = tf.LlamaForCausalLM(_llama(len(tok), bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id))
+    _boost_letters(model, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def build_qwen25_text(out: Path, texts: Iterable[str] = ()) -> Path:
+    """A Qwen2.5 instruct causal LM: no BOS at all."""
+    import transformers as tf
+
+    torch.manual_seed(7)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), eos_token="<|im_end|>",
+                pad_token="<|endoftext|>")
+    tok.chat_template = QWEN25_TEMPLATE
+    cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tf.Qwen2ForCausalLM(cfg)
+    _boost_letters(model, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+TEXT_BUILDERS: dict[str, Callable[..., Path]] = {
+    "llama3": build_llama3_text,
+    "qwen2.5": build_qwen25_text,
+}

@@ -226,3 +226,17 @@ def test_two_process_gloo_run_equals_single_process(data_dir, llava_dir, tmp_pat
         _close(json.loads(summary), single["summary"])
         _close(json.loads(models), single["models"])
     assert (tmp_path / "dist" / "report.json").is_file()
+
+
+def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path):
+    cfg = _cfg(data_dir, [causal_dir], tmp_path / "out", protocol="paper", n_bins=5,
+               max_new_tokens=3, temperature_method="newton", method="option-softmax",
+               dev=None, build_idk=False, idk_variants=(), limit=4)
+    report = run_eval(cfg)
+    used = report["config"]
+    assert (used["method"], used["max_new_tokens"], used["n_bins"], used["temperature_method"]) \
+        == ("letter", 20, 10, "grid")
+    t = report["models"][0]["modalities"]["text"]["test"]
+    assert t["n_bins"] == 10 and t["n_items"] == 4
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_eval(_cfg(data_dir, [causal_dir], tmp_path / "o2", protocol="nope"))

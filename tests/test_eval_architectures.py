@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from vlm_checkpoints import BUILDERS, TEXT_BUILDERS
+from vlm_checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
 
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import Item
@@ -61,28 +61,6 @@ def _image(it):
         return im.convert("RGB")
 
 
-def _manual_inputs(arch_name, path, text, image):
-    """Model inputs built by hand from the checkpoint's files, independently of eval."""
-    from mllmcal.eval.models import load_processor
-
-    proc = load_processor(path)
-    tok = proc.tokenizer
-    if arch_name == "paligemma":
-        if image is None:
-            ids = tok(tok.bos_token + text, return_tensors="pt", add_special_tokens=False)
-            ids["token_type_ids"] = torch.zeros_like(ids["input_ids"])
-            return ids
-        enc = proc(images=[[image]], text=[text], return_tensors="pt")
-        enc.pop("labels")
-        assert tok.convert_ids_to_tokens(int(enc["input_ids"][0, -1])).strip("\u2581") == "\n"
-        return {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "token_type_ids") else v)
-                for k, v in enc.items()}
-    special = not text.startswith(tok.bos_token or "\0")
-    if image is None:
-        return proc(text=[text], return_tensors="pt", add_special_tokens=special)
-    return proc(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=special)
-
-
 def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arch, items):
     name, path = arch
     em = load_model(str(path))
@@ -93,7 +71,7 @@ def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arc
     n_answered = 0
     for it, rec in zip(items, records, strict=True):
         text = em.render(it, with_image=True)
-        inputs = _manual_inputs(name, path, text, _image(it))
+        inputs = manual_inputs(name, path, text, _image(it))
         ids = inputs["input_ids"][0]
         image_id = model.config.image_token_id
         n_img = int((ids == image_id).sum())

@@ -419,6 +419,28 @@ def build_llava_onevision(out: Path, texts: Iterable[str] = ()) -> Path:
     return _save(model, proc, out, video, "LlavaOnevisionProcessor")
 
 
+def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:
+    """Model inputs built by hand from the checkpoint's files, independently of eval."""
+    from mllmcal.eval.models import load_processor
+
+    proc = load_processor(path)
+    tok = proc.tokenizer
+    if arch_name == "paligemma":
+        if image is None:
+            ids = tok(tok.bos_token + text, return_tensors="pt", add_special_tokens=False)
+            ids["token_type_ids"] = torch.zeros_like(ids["input_ids"])
+            return ids
+        enc = proc(images=[[image]], text=[text], return_tensors="pt")
+        enc.pop("labels")
+        assert tok.convert_ids_to_tokens(int(enc["input_ids"][0, -1])).strip("\u2581") == "\n"
+        return {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "token_type_ids") else v)
+                for k, v in enc.items()}
+    special = not text.startswith(tok.bos_token or "\0")
+    if image is None:
+        return proc(text=[text], return_tensors="pt", add_special_tokens=special)
+    return proc(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=special)
+
+
 BUILDERS: dict[str, Callable[..., Path]] = {
     "llava-1.5": build_llava,
     "qwen2-vl": build_qwen2_vl,

@@ -181,6 +181,9 @@ def _processor_by_hand(path: Path, cls: type) -> Any:
                  **kwargs)
 
 
+_WARNED: set[str] = set()
+
+
 def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
     """The checkpoint's processor, without the parts that need a missing optional package.
 
@@ -214,9 +217,11 @@ def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
         except (ImportError, ValueError, AttributeError, TypeError) as exc:
             first = exc
         else:
-            _log.warning("model %s: parts of %s need the package %r, which is not usable here; "
-                         "built it from its image processor and tokenizer only", name, cls_name,
-                         pkg)
+            if str(path) not in _WARNED:  # once per checkpoint, not per load
+                _WARNED.add(str(path))
+                _log.warning("model %s: parts of %s need the package %r, which is not usable "
+                             "here; built it from its image processor and tokenizer only", name,
+                             cls_name, pkg)
             return proc
     msg = str(first).strip().splitlines()[0] if str(first).strip() else repr(first)
     raise MissingDependencyError(
@@ -364,12 +369,13 @@ class EvalModel:
         ids = enc["input_ids"]
         mask = enc.get("attention_mask")
         bos_id = self.tokenizer.bos_token_id
-        tail = self.tokenizer.encode(prompts[0][-8:], add_special_tokens=False)[-1:]
         for r in range(ids.shape[0]):
             row = ids[r][mask[r].bool()] if mask is not None else ids[r]
             if bos_id is not None and int((row == bos_id).sum()) > 1:
                 raise ValueError(f"model {self.name!r}: the encoded prompt holds BOS "
                                  f"{int((row == bos_id).sum())} times")
+            # the rendered text's own last token: what the letter must follow
+            tail = self.tokenizer.encode(prompts[r], add_special_tokens=False)[-1:]
             if tail and int(row[-1]) != tail[0]:
                 raise ValueError(
                     f"model {self.name!r}: the encoded prompt does not end with the answer "

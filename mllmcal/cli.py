@@ -2,9 +2,13 @@
 
 * ``demo [--out DIR]``: the embedded default, offline: build the shapes VQA set, train
   (or load the cached) tiny LLaVA, run the whole method, print the summary.
-* ``eval --model PATH [--model PATH2 ...] --test FILE [--calib FILE] [--dev FILE]
-  [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local checkpoint(s);
-  ``--data DIR`` picks ``test/calib/dev/idk.json(l)`` and ``images/`` from one directory.
+* ``eval --model PATH[,key=value...] [--model PATH2 ...] --test FILE [--calib FILE]
+  [--dev FILE] [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local
+  checkpoint(s), side by side (per-model ``name=``, ``dtype=``, ``chat_template=``,
+  ``device_map=``); ``--data DIR`` picks ``test/calib/dev/idk`` (``.json``, ``.jsonl``,
+  ``.parquet`` or Hugging Face dataset folders) and ``images/`` from one directory;
+  ``--protocol paper`` presets the paper's settings. ``--model demo`` is the shipped demo
+  checkpoint (resolved here through ``mllmcal.demo.demo_model_dir``).
 * ``fit --model PATH --calib FILE``: fit and print the temperature only.
 * ``report DIR``: print the summary of ``DIR/report.json`` and re-render report.md/plots.
 * ``bench``: the benchmark suite (``mllmcal.benchmarks.run_suite``).

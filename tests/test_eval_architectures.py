@@ -30,11 +30,12 @@ EXPECTED_IMAGE_TOKENS = {
     "gemma3": 4,            # mm_tokens_per_image
     "paligemma": 16,        # (16/4)^2 SigLIP patches
     "llava-onevision": None,  # anyres: base + tiles + newline tokens, checked > 16 below
+    "internvl": "tiles",    # 4 per tile ((16/4)^2 patches, pixel shuffle 0.5), tiles+thumbnail
 }
 # tokens that wrap or mark the image in each format (removed, the rest must be equal)
 IMAGE_MARKUP = {"<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<fake_token_around_image>", "<global-img>", "<start_of_image>",
-                "<end_of_image>", "<image_soft_token>"}
+                "<end_of_image>", "<image_soft_token>", "<img>", "</img>", "<IMG_CONTEXT>"}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arc
         if want == "grid":
             want = int(inputs["image_grid_thw"].prod()) // 4
             assert want >= 2
+        elif want == "tiles":
+            want = 4 * inputs["pixel_values"].shape[0]
         assert n_img == want if want is not None else n_img > 16
         pixels = inputs["pixel_values"]
         assert pixels.is_floating_point() and pixels.abs().sum() > 0

@@ -419,6 +419,58 @@ def build_llava_onevision(out: Path, texts: Iterable[str] = ()) -> Path:
     return _save(model, proc, out, video, "LlavaOnevisionProcessor")
 
 
+# ----------------------------------------------------------------------------- InternVL
+
+# https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/chat_template.jinja
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_internvl(out: Path, texts: Iterable[str] = ()) -> Path:
+    """InternVL 3 (the native transformers port, ``-hf`` checkpoints)."""
+    import transformers as tf
+
+    torch.manual_seed(8)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                "<IMG_CONTEXT>", "<video>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+                extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                      "context_image_token": "<IMG_CONTEXT>",
+                                      "video_token": "<video>"})
+    patch = 4
+    seq_len = (IMAGE_SIZE // patch) ** 2 // 4  # downsample_ratio 0.5 per side
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[patch, patch])
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+    cfg = tf.InternVLConfig(vision_config=vis, text_config=tf.Qwen2Config(**text),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=seq_len, downsample_ratio=0.5,
+                            tie_word_embeddings=False)
+    model = tf.InternVLForConditionalGeneration(cfg)
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                  crop_to_patches=False)
+    proc = _without_video(tf.InternVLProcessor)(image_processor=ip, tokenizer=tok,
+                                                image_seq_length=seq_len,
+                                                chat_template=INTERNVL_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "InternVLVideoProcessor",
+             "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    return _save(model, proc, out, video, "InternVLProcessor")
+
+
 def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:
     """Model inputs built by hand from the checkpoint's files, independently of eval."""
     from mllmcal.eval.models import load_processor
@@ -448,6 +500,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "gemma3": build_gemma3,
     "paligemma": build_paligemma,
     "llava-onevision": build_llava_onevision,
+    "internvl": build_internvl,
 }
 
 

@@ -152,9 +152,20 @@ def _pil_image_processor(path: Path, settings: dict[str, Any]) -> Any:
     model_type = _read_json(path / "config.json").get("model_type", "")
     settings = dict(settings)
     kind = str(settings.pop("image_processor_type", ""))
-    kind = kind if kind.endswith("Pil") else f"{kind}Pil"
-    module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
-    return getattr(module, kind)(**settings)
+    base = kind.removesuffix("Pil").removesuffix("ImageProcessor")
+    kind = f"{base}ImageProcessorPil"
+    # the class lives in its own model's module (InternVL uses GotOcr2's): try the module
+    # named after the class (GotOcr2 -> got_ocr2), then the checkpoint's model type
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+    for name in dict.fromkeys([snake, model_type]):
+        try:
+            module = importlib.import_module(f"transformers.models.{name}.image_processing_pil_{name}")
+        except ImportError:
+            continue
+        if hasattr(module, kind):
+            return getattr(module, kind)(**settings)
+    raise ImportError(f"no PIL image processor {kind} in transformers (checked {snake!r}, "
+                      f"{model_type!r}); its torchvision one needs the package 'torchvision'")
 
 
 def _processor_by_hand(path: Path, cls: type) -> Any:

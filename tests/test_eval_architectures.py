@@ -237,3 +237,25 @@ def test_a_processor_needing_a_missing_package_is_a_clear_error(arch, tmp_path, 
                "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs-tv" in err and "'torchvision'" in err and "Traceback" not in err
+
+
+def test_without_chat_template_the_processors_own_placeholder_is_used(arch, items):
+    name, path = arch
+    with_template = load_model(str(path))
+    em = load_model(str(path), chat_template="off")
+    assert not em.use_chat_template
+    it = items[1]
+    text = em.render(it, with_image=True)
+    if name == "paligemma":
+        assert em.image_token not in text  # its processor places the image tokens itself
+    else:
+        assert text.startswith(em.image_placeholder)
+        if em.image_token != "<image>":
+            assert "<image>" not in text  # never LLaVA's literal for another architecture
+    image_id = em.model.config.image_token_id
+    n_off = int((em.encode([text], [_image(it)])["input_ids"] == image_id).sum())
+    ref = with_template.render(it, with_image=True)
+    n_on = int((with_template.encode([ref], [_image(it)])["input_ids"] == image_id).sum())
+    assert n_off == n_on > 0
+    recs = [r for b in score_items(em, [it]) for r in b.records]
+    assert recs[0]["pred"] is not None

@@ -282,6 +282,22 @@ class EvalModel:
         raise ValueError(f"model {self.name!r}: its processor names no image token and has "
                          "no chat template; cannot place the image in the prompt")
 
+    @property
+    def image_placeholder(self) -> str:
+        """What stands for the image in a prompt without chat template.
+
+        :attr:`image_token`, wrapped in the vision start/end markers where the model's
+        config names them (Qwen2-VL and Qwen2.5-VL: ``<|vision_start|><|image_pad|>
+        <|vision_end|>``, as their template writes it; the processor expands only the pad).
+        """
+        cfg = getattr(self.model, "config", None)
+        start = getattr(cfg, "vision_start_token_id", None)
+        end = getattr(cfg, "vision_end_token_id", None)
+        if isinstance(start, int) and isinstance(end, int):
+            a, b = self.tokenizer.convert_ids_to_tokens([start, end])
+            return f"{a}{self.image_token}{b}"
+        return self.image_token
+
     def answer_token_ids(self, answer_prefix: str = DEFAULT_ANSWER_PREFIX) -> list[int]:
         """Per letter A-H, the token that follows ``"{answer_prefix}: ("`` (-1 if none).
 
@@ -316,7 +332,7 @@ class EvalModel:
                                 instruction=instruction)
         return build_prompt(q, answer_prefix, with_image=with_image, hint=hint,
                             instruction=instruction,
-                            image_token=self.image_token if with_image else "")
+                            image_token=self.image_placeholder if with_image else "")
 
     def _add_special_tokens(self, prompts: list[str]) -> bool:
         bos = self.tokenizer.bos_token

@@ -27,6 +27,7 @@ EXPECTED_IMAGE_TOKENS = {
     "llava-1.5": 16,        # (16/4)^2 CLIP patches, CLS dropped ("default" strategy)
     "qwen2-vl": "grid",     # dynamic resolution: t*h*w patches of 4 px / (2x2 merge)
     "idefics3": 4,          # (16/4)^2 patches / scale_factor^2
+    "smolvlm": 4,           # as Idefics3
     "gemma3": 4,            # mm_tokens_per_image
     "paligemma": 16,        # (16/4)^2 SigLIP patches
     "llava-onevision": None,  # anyres: base + tiles + newline tokens, checked > 16 below

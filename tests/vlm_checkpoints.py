@@ -116,7 +116,7 @@ def _without_video(cls):
     class ImageOnly(cls):
         @classmethod
         def get_attributes(klass):
-            return [a for a in super().get_attributes() if a != "video_processor"]
+            return [a for a in cls.get_attributes() if a != "video_processor"]
 
     return ImageOnly
 
@@ -274,6 +274,46 @@ def build_idefics3(out: Path, texts: Iterable[str] = ()) -> Path:
                                 chat_template=IDEFICS3_TEMPLATE)
     _boost_letters(model, tok)
     return _save(model, proc, out)
+
+
+# https://huggingface.co/HuggingFaceTB/SmolVLM-256M-Instruct/blob/main/chat_template.json
+SMOLVLM_TEMPLATE = "<|im_start|>" + IDEFICS3_TEMPLATE.removeprefix("<|begin_of_text|>")
+
+
+def build_smolvlm(out: Path, texts: Iterable[str] = ()) -> Path:
+    """SmolVLM: Idefics3's architecture with its own processor, which has a video part."""
+    import transformers as tf
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    torch.manual_seed(9)
+    specials = ["<|im_start|>", "<|endoftext|>", "<end_of_utterance>",
+                "<fake_token_around_image>", "<image>", "<global-img>", "<video>",
+                *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), bos_token="<|im_start|>",
+                eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<image>",
+                                      "fake_image_token": "<fake_token_around_image>",
+                                      "global_image_token": "<global-img>",
+                                      "end_of_utterance_token": "<end_of_utterance>"})
+    patch, scale = 4, 2
+    seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch)
+    cfg = tf.SmolVLMConfig(
+        vision_config=vis, scale_factor=scale,
+        text_config=_llama(len(tok), bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    model = tf.SmolVLMForConditionalGeneration(cfg)
+    ip = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                  max_image_size={"longest_edge": IMAGE_SIZE})
+    proc = _without_video(tf.SmolVLMProcessor)(image_processor=ip, tokenizer=tok,
+                                               video_processor=None, image_seq_len=seq_len,
+                                               chat_template=SMOLVLM_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "SmolVLMVideoProcessor",
+             "size": {"longest_edge": IMAGE_SIZE}}
+    return _save(model, proc, out, video, "SmolVLMProcessor")
 
 
 # ----------------------------------------------------------------------------- Gemma 3
@@ -497,6 +537,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "llava-1.5": build_llava,
     "qwen2-vl": build_qwen2_vl,
     "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
     "gemma3": build_gemma3,
     "paligemma": build_paligemma,
     "llava-onevision": build_llava_onevision,

@@ -85,7 +85,7 @@ def _norm_piece(piece: str) -> str:
 
 
 
-_PACKAGE_RE = re.compile(r"requires the (\w+) library", re.I)
+_PACKAGE_RE = re.compile(r"requires the (\w+) library|Package `([\w.-]+)` is required", re.I)
 # the names transformers' messages use -> the package to install
 _PACKAGES = {"torchvision": "torchvision", "pil": "pillow", "pillow": "pillow", "av": "av",
              "decord": "decord", "timm": "timm", "sentencepiece": "sentencepiece",
@@ -95,7 +95,8 @@ _PACKAGES = {"torchvision": "torchvision", "pil": "pillow", "pillow": "pillow", 
 def _missing_package(exc: BaseException) -> str:
     m = _PACKAGE_RE.search(str(exc))
     if m:
-        return _PACKAGES.get(m.group(1).lower(), m.group(1).lower())
+        name = (m.group(1) or m.group(2)).lower()
+        return _PACKAGES.get(name, name)
     if "torchvision" in str(exc).lower():
         return "torchvision"
     name = getattr(exc, "name", None)
@@ -125,9 +126,24 @@ def _without_video(cls: type) -> type:
     """
 
     class ImageOnlyProcessor(cls):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # some processors (SmolVLM's) take video_processor as a required argument
+            kwargs.setdefault("video_processor", None)
+            super().__init__(*args, **kwargs)
+
         @classmethod
         def get_attributes(klass) -> list[str]:
-            return [a for a in super().get_attributes() if a != "video_processor"]
+            return [a for a in cls.get_attributes() if a != "video_processor"]
+
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None,
+                                **kwargs: Any) -> Any:
+            # Rendering to text is the template alone; the processor's own method also
+            # reads video sampling defaults (SmolVLM: video_processor.num_frames) from the
+            # part left out. Eval renders with tokenize=False only.
+            if kwargs.get("tokenize", False):
+                raise NotImplementedError("an image-only processor renders text only")
+            return self.tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template or self.chat_template, **kwargs)
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{cls.__name__}ImageOnly"
     return ImageOnlyProcessor
@@ -226,6 +242,9 @@ def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
         try:
             proc = _processor_by_hand(path, cls)
         except (ImportError, ValueError, AttributeError, TypeError) as exc:
+            # what blocks the image-only build is the package to name now
+            if isinstance(exc, ImportError) or "torchvision" not in str(exc).lower():
+                pkg = _missing_package(exc) if isinstance(exc, ImportError) else pkg
             first = exc
         else:
             if str(path) not in _WARNED:  # once per checkpoint, not per load

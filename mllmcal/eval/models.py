@@ -23,11 +23,12 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
    rendered text's end; a processor that appends text is handled explicitly or refused.
 
 PaliGemma (pt checkpoints have no chat template) is the explicit exception: its processor
-writes ``<image>*N <bos> prompt \n`` itself and switches the tokenizer's own BOS off. The
-prompt is given without placeholder, the trailing ``\n`` (big_vision's prefix/suffix
-separator) is removed so that the letter follows ``(``; text-only prompts are
-``<bos> prompt`` with ``token_type_ids`` all 0, i.e. the same bidirectional prefix as the
-image prompts, which then differ only in the image tokens.
+writes ``<image>*N <bos> prompt \n`` itself and switches the tokenizer's own BOS off. Its
+inputs are that layout without the trailing ``\n`` (big_vision's prefix/suffix separator),
+so that the letter follows ``(``: ``<image>*N`` (N from the processor, which also makes the
+pixel values) then the tokenized ``<bos> prompt``. Text-only prompts are ``<bos> prompt``;
+both get ``token_type_ids`` all 0, i.e. the same bidirectional prefix, so the two differ
+only in the image tokens.
 """
 
 from __future__ import annotations
@@ -368,19 +369,13 @@ class EvalModel:
         image prompts. See the module docstring for the BOS rule and PaliGemma.
         """
         special = self._add_special_tokens(prompts)
-        pali = self.is_paligemma
-        if images:
+        if self.is_paligemma:
+            enc = self._paligemma_inputs(prompts, images)
+        elif images:
             if self.processor is None:
                 raise ValueError(f"model {self.name!r} is text-only; it cannot take images")
             enc = self.processor(images=[[im] for im in images], text=prompts,
                                  return_tensors="pt", padding=True, add_special_tokens=special)
-            if pali:
-                enc = self._drop_paligemma_separator(enc)
-        elif pali:
-            bos = self.tokenizer.bos_token
-            enc = self.tokenizer([bos + p for p in prompts], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
-            enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
         elif self.processor is not None:
             enc = self.processor(text=prompts, return_tensors="pt", padding=True,
                                  add_special_tokens=special)
@@ -400,16 +395,37 @@ class EvalModel:
             out[k] = v
         return out
 
-    def _drop_paligemma_separator(self, enc: Any) -> Any:
-        nl = self.tokenizer.encode("\n", add_special_tokens=False)
-        ids = enc["input_ids"]
-        if len(nl) != 1 or not bool((ids[:, -1] == nl[0]).all()):
-            raise ValueError(f"model {self.name!r}: PaliGemma's processor output does not end "
-                             "with its '\\n' separator token; cannot place the answer position")
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in enc:
-                enc[k] = enc[k][:, :-1]
-        return enc
+    def _paligemma_inputs(self, prompts: list[str], images: list[Any] | None) -> dict:
+        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0.
+
+        The processor's own layout without its trailing ``\n``: the ids are assembled here
+        from the processor's image-token count and the tokenized ``<bos> prompt``, so the
+        result does not depend on how ``(`` and ``\n`` would tokenize together. The
+        processor still computes the pixel values (and is checked to agree on N).
+        """
+        tok = self.tokenizer
+        n_img, pixels = 0, None
+        if images:
+            enc = self.processor(images=[[im] for im in images], text=prompts,
+                                 return_tensors="pt", padding=True)
+            image_id = tok.convert_tokens_to_ids(self.image_token)
+            counts = (enc["input_ids"] == image_id).sum(dim=1)
+            n_img, pixels = int(counts[0]), enc["pixel_values"]
+            if not bool((counts == n_img).all()) or n_img == 0:
+                raise ValueError(f"model {self.name!r}: unexpected image-token counts "
+                                 f"{counts.tolist()} from PaliGemma's processor")
+        text = tok([tok.bos_token + p for p in prompts], add_special_tokens=False)["input_ids"]
+        rows = [[tok.convert_tokens_to_ids(self.image_token)] * n_img + ids for ids in text]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = {
+            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        if pixels is not None:
+            out["pixel_values"] = pixels
+        return out
 
     def _check_encoding(self, enc: Any, prompts: list[str]) -> None:
         ids = enc["input_ids"]

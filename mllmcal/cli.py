@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--modality", default="image", choices=["image", "text"])
     f.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
     f.add_argument("--device", default="cpu")
+    f.add_argument("--device-map", metavar="MAP", help="e.g. 'auto' (needs accelerate)")
     f.add_argument("--dtype", default="auto")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--out", default="mllmcal-out", metavar="DIR", help="cache directory")
@@ -284,7 +285,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if paths["calib"] is None:
         print("mllmcal fit: a calib split is needed (--calib FILE or --data DIR)", file=sys.stderr)
         return 2
-    res = fit_calib_temperature(_model_specs([args.model])[0], paths["calib"], args.out,
+    spec = _model_specs([args.model])[0]
+    spec.device_map = spec.device_map or args.device_map
+    res = fit_calib_temperature(spec, paths["calib"], args.out,
                                 images=args.images, modality=args.modality,
                                 method=args.method, temperature_method=args.temperature_method,
                                 device=args.device, dtype=args.dtype,

@@ -123,6 +123,7 @@ def test_side_by_side_models_with_one_failing(tmp_path, capsys):
     assert names == ["a/model", "b/model"]  # folders that share a name stay apart
     assert [f["name"] for f in report["failed"]] == ["broken"]
     assert "a/model:" in text and "b/model:" in text and "failed: broken" in text
+    assert "## Models that failed" in (out / "report.md").read_text()
     assert report["models"][0]["modalities"]["text"] != report["models"][1]["modalities"]["text"]
 
 

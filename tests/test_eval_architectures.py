@@ -260,3 +260,43 @@ def test_without_chat_template_the_processors_own_placeholder_is_used(arch, item
     assert n_off == n_on > 0
     recs = [r for b in score_items(em, [it]) for r in b.records]
     assert recs[0]["pred"] is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl"], indirect=True)
+def test_cli_on_a_hugging_face_dataset_folder_with_image_bytes(arch, tmp_path, monkeypatch,
+                                                               capsys):
+    """`mllmcal eval --data DIR` where DIR/test and DIR/calib are save_to_disk folders
+    whose images are bytes and whose columns carry other names."""
+    import io
+
+    import datasets
+
+    from mllmcal.cli import main
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path / "cache"))
+    _, path = arch
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (10 + i, 16), (30 * i, 90, 200 - 20 * i)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    feats = datasets.Features({"question_id": datasets.Value("string"),
+                               "query": datasets.Value("string"),
+                               "choices": datasets.Sequence(datasets.Value("string")),
+                               "label": datasets.Value("int64"), "img": datasets.Image()})
+    for split, n in (("test", 5), ("calib", 4)):
+        rows = {"question_id": [f"{split}{i}" for i in range(n)],
+                "query": ["What colour is the shape in the picture?"] * n,
+                "choices": [COLOURS[: 2 + i % 3] for i in range(n)],
+                "label": [i % 2 for i in range(n)], "img": [png(i) for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "d" / split))
+    rc = main(["eval", "--model", str(path), "--data", str(tmp_path / "d"), "--out",
+               str(tmp_path / "out"), "--no-progress", "--no-plots", "--no-idk",
+               "--question-column", "query", "--options-column", "choices",
+               "--answer-column", "label", "--image-column", "img", "--id-column", "question_id"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["test"]["n_items"] == 5 and report["data"]["calib"]["n_items"] == 4
+    image = report["models"][0]["modalities"]["image"]
+    assert image["test"]["n_items"] == 5 and image["n_calib_rows"] >= 1

@@ -297,14 +297,13 @@ class _Evaluator:
         # (a prompt APE proposes twice, the seed prompt's test split) is not re-read
         self._memo: dict[str, tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]] = {}
         self._identity: dict[str, str] = {}
-        self._digests: dict[int, str] = {}
+        self._digests: dict[Item, str] = {}  # Item is frozen and hashable by content
         self._written = 0
 
     def _digest(self, item: Item) -> str:
-        key = id(item)
-        if key not in self._digests:
-            self._digests[key] = item_digest(item)
-        return self._digests[key]
+        if item not in self._digests:
+            self._digests[item] = item_digest(item)
+        return self._digests[item]
 
     def _key(self, em: EvalModel, split: str, modality: str, prefix: str, hint: str | None) -> str:
         if em.path not in self._identity:

@@ -2,9 +2,13 @@
 
 * ``demo [--out DIR]``: the embedded default, offline: build the shapes VQA set, train
   (or load the cached) tiny LLaVA, run the whole method, print the summary.
-* ``eval --model PATH [--model PATH2 ...] --test FILE [--calib FILE] [--dev FILE]
-  [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local checkpoint(s);
-  ``--data DIR`` picks ``test/calib/dev/idk.json(l)`` and ``images/`` from one directory.
+* ``eval --model PATH[,key=value...] [--model PATH2 ...] --test FILE [--calib FILE]
+  [--dev FILE] [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local
+  checkpoint(s), side by side (per-model ``name=``, ``dtype=``, ``chat_template=``,
+  ``device_map=``); ``--data DIR`` picks ``test/calib/dev/idk`` (``.json``, ``.jsonl``,
+  ``.parquet`` or Hugging Face dataset folders) and ``images/`` from one directory;
+  ``--protocol paper`` presets the paper's settings. ``--model demo`` is the shipped demo
+  checkpoint (resolved here through ``mllmcal.demo.demo_model_dir``).
 * ``fit --model PATH --calib FILE``: fit and print the temperature only.
 * ``report DIR``: print the summary of ``DIR/report.json`` and re-render report.md/plots.
 * ``bench``: the benchmark suite (``mllmcal.benchmarks.run_suite``).
@@ -27,20 +31,32 @@ __all__ = ["main", "build_parser"]
 
 def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--model", action="append", default=[] if not need_model else None,
-                   required=need_model, metavar="PATH",
-                   help="local checkpoint dir or 'demo'; repeat for a side-by-side comparison")
+                   required=need_model, metavar="PATH[,key=value...]",
+                   help="local checkpoint dir or 'demo'; repeat for a side-by-side comparison. "
+                        "Per-model options after commas: name=, dtype=, chat_template=auto|off, "
+                        "device_map= (e.g. ./a,dtype=bf16,name=A)")
     p.add_argument("--data", metavar="DIR",
-                   help="directory with test/calib/dev/idk .json or .jsonl and images/")
-    p.add_argument("--test", metavar="FILE", help="test split (LLaVA JSON or JSONL)")
+                   help="directory with test/calib/dev/idk as .json, .jsonl, .parquet or "
+                        "Hugging Face dataset folders (save_to_disk), and images/")
+    p.add_argument("--test", metavar="FILE", help="test split (LLaVA JSON, JSONL, parquet or a "
+                   "Hugging Face dataset folder)")
     p.add_argument("--calib", metavar="FILE", help="split on which T is fitted")
     p.add_argument("--dev", metavar="FILE", help="split on which prompts are optimised")
     p.add_argument("--idk", metavar="FILE", help="IDK split (default: built from the test split)")
     p.add_argument("--images", metavar="DIR", help="directory that image names resolve against")
+    _add_column_args(p)
     p.add_argument("--out", default="mllmcal-out", metavar="DIR", help="output directory")
     p.add_argument("--method", default="letter", choices=["letter", "option-softmax", "verbalized"])
     p.add_argument("--modalities", default="image,text",
                    help="comma list of image,text (image is skipped for text-only models)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", metavar="MAP",
+                   help="e.g. 'auto': spread models larger than one device over all of them "
+                        "(needs accelerate)")
+    p.add_argument("--protocol", choices=["paper"],
+                   help="preset: 'paper' = Chen et al. (COLING 2025): 'Answer: (' prompt, up to "
+                        "20 greedy tokens, first option-letter token, 10 bins, grid T search "
+                        "(overrides --method, --max-new-tokens, --n-bins, --temperature-method)")
     p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -59,6 +75,18 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+
+
+def _add_column_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data columns", "field names of JSONL records or Hugging Face "
+                             "dataset columns, when they are not question/options/answer/image/id")
+    for field_name in ("question", "options", "answer", "image", "id"):
+        g.add_argument(f"--{field_name}-column", metavar="NAME", dest=f"{field_name}_column")
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str]:
+    return {f: getattr(args, f"{f}_column") for f in ("question", "options", "answer", "image", "id")
+            if getattr(args, f"{f}_column", None)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--calib", metavar="FILE")
     f.add_argument("--data", metavar="DIR")
     f.add_argument("--images", metavar="DIR")
+    _add_column_args(f)
     f.add_argument("--method", default="letter", choices=["letter", "option-softmax"])
     f.add_argument("--modality", default="image", choices=["image", "text"])
     f.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
     f.add_argument("--device", default="cpu")
+    f.add_argument("--device-map", metavar="MAP", help="e.g. 'auto' (needs accelerate)")
     f.add_argument("--dtype", default="auto")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--out", default="mllmcal-out", metavar="DIR", help="cache directory")
@@ -109,11 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _UsageError(ValueError):
+    """A command line that cannot work (missing files, impossible values)."""
+
+
 def _split_paths(args: argparse.Namespace) -> dict[str, str | None]:
     from mllmcal.eval.data import find_split
 
     paths = {s: getattr(args, s, None) for s in ("test", "calib", "dev", "idk")}
+    for split, path in paths.items():
+        if path is not None and not Path(path).exists():
+            raise _UsageError(f"--{split} {path}: no such file or directory")
     if getattr(args, "data", None):
+        if not Path(args.data).is_dir():
+            raise _UsageError(f"--data {args.data}: no such directory")
         for s in paths:
             if paths[s] is None:
                 found = find_split(args.data, s)
@@ -123,9 +162,52 @@ def _split_paths(args: argparse.Namespace) -> dict[str, str | None]:
     return paths
 
 
+def _check_out(out: str) -> None:
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise _UsageError(f"--out {out}: is a file; --out names the output directory")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise _UsageError(f"--limit must be a positive number of items, got {limit}")
+
+
+def _model_specs(models: list[str]) -> list[Any]:
+    """``--model`` values as ModelSpecs; ``demo`` becomes the shipped checkpoint's path,
+    named "demo" (the CLI resolves it: mllmcal.eval does not know the demo)."""
+    from mllmcal.eval.runner import parse_model_spec
+
+    specs = []
+    for text in models:
+        spec = parse_model_spec(text)
+        if spec.path == "demo":
+            try:
+                from mllmcal.demo import demo_model_dir
+            except ImportError as exc:
+                raise _UsageError(f"--model demo: the embedded demo is not available in this "
+                                  f"install ({exc})") from None
+            spec.path = str(demo_model_dir())
+            spec.name = spec.name or "demo"
+        specs.append(spec)
+    return specs
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     print("summary:")
     for k, v in summary.items():
+        if k == "models" and isinstance(v, list):
+            if len(v) > 1:
+                print("  models:")
+                for m in v:
+                    vals = ", ".join(f"{kk}={vv:.4f}" if isinstance(vv, float) else f"{kk}={vv}"
+                                     for kk, vv in m.items() if kk != "model")
+                    print(f"    {m['model']}: {vals}")
+            continue
+        if k == "failed":
+            if v:
+                print(f"  failed: {', '.join(v)}")
+            continue
         if isinstance(v, float):
             v = f"{v:.4f}"
         elif isinstance(v, dict):
@@ -136,13 +218,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = None) -> int:
     from mllmcal.eval.runner import EvalConfig, run_eval
 
+    _check_out(args.out)
+    _check_limit(args.limit)
     paths = _split_paths(args)
     if paths["test"] is None:
         print("mllmcal eval: a test split is needed (--test FILE or --data DIR with test.json)",
               file=sys.stderr)
         return 2
     cfg = EvalConfig(
-        models=args.model, test=paths["test"], calib=paths["calib"], dev=paths["dev"],
+        models=_model_specs(args.model), device_map=args.device_map, protocol=args.protocol,
+        columns=_columns(args), test=paths["test"], calib=paths["calib"], dev=paths["dev"],
         idk=paths["idk"], images=args.images, out=args.out, method=args.method,
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -192,32 +277,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from mllmcal.eval.data import load_items
-    from mllmcal.eval.models import load_model
-    from mllmcal.eval.runner import EvalConfig, _Dist, _Evaluator, _stack, fit_temperature_rows
+    from mllmcal.eval.runner import fit_calib_temperature
 
+    _check_out(args.out)
+    _check_limit(args.limit)
     paths = _split_paths(args)
     if paths["calib"] is None:
         print("mllmcal fit: a calib split is needed (--calib FILE or --data DIR)", file=sys.stderr)
         return 2
-    items = load_items(paths["calib"], args.images).items[: args.limit]
-    cfg = EvalConfig(models=[args.model], test=paths["calib"], out=args.out, method=args.method,
-                     device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                     temperature_method=args.temperature_method)
-    em = load_model(args.model, device=args.device, dtype=args.dtype)
-    mod = args.modality if em.multimodal else "text"
-    dist = _Dist()
-    try:
-        _, rows = _Evaluator(cfg, dist).evaluate(em, items, "calib", mod, gather_rows=True)
-    finally:
-        dist.close()
-    x, y = _stack(rows, [it.id for it in items])
-    if x.shape[0] == 0:
+    spec = _model_specs([args.model])[0]
+    spec.device_map = spec.device_map or args.device_map
+    res = fit_calib_temperature(spec, paths["calib"], args.out,
+                                images=args.images, modality=args.modality,
+                                method=args.method, temperature_method=args.temperature_method,
+                                device=args.device, dtype=args.dtype,
+                                batch_size=args.batch_size, limit=args.limit,
+                                columns=_columns(args))
+    if res["temperature"] is None:
         print("mllmcal fit: no calib item produced an answer letter; cannot fit", file=sys.stderr)
         return 1
-    t = fit_temperature_rows(x, y, args.temperature_method)
-    print(json.dumps({"temperature": t, "n_rows": int(x.shape[0]), "n_items": len(items),
-                      "method": args.temperature_method}))
+    print(json.dumps(res))
     return 0
 
 
@@ -234,9 +313,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"mllmcal report: {path}:{exc.lineno}: invalid JSON: {exc.msg}", file=sys.stderr)
         return 2
-    write_report(report, path.parent)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"mllmcal report: {path}: cannot read: {exc}", file=sys.stderr)
+        return 2
+    problem = _report_problem(report)
+    if problem:
+        print(f"mllmcal report: {path}: not an mllmcal report ({problem})", file=sys.stderr)
+        return 2
+    try:
+        write_report(report, path.parent)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        print(f"mllmcal report: {path}: malformed report ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
     _print_summary(report["summary"])
     return 0
+
+
+def _report_problem(report: Any) -> str | None:
+    """What makes ``report`` unusable, or None (the keys report.md and the plots read)."""
+    if not isinstance(report, dict):
+        return f"top level is a {type(report).__name__}, not an object"
+    for key, kind in (("summary", dict), ("models", list)):
+        if not isinstance(report.get(key), kind):
+            return f"'{key}' is missing or not a{'n object' if kind is dict else ' list'}"
+    for i, m in enumerate(report["models"]):
+        if not isinstance(m, dict) or not isinstance(m.get("modalities"), dict) or "name" not in m:
+            return f"models[{i}] lacks 'name' or 'modalities'"
+        for mod, r in m["modalities"].items():
+            if not isinstance(r, dict) or not isinstance(r.get("test"), dict):
+                return f"models[{i}].modalities.{mod} lacks 'test'"
+    return None
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -260,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, FileNotFoundError, NotADirectoryError, ValueError, ImportError) as exc:
+        # ImportError: a missing optional package (MissingDependencyError names it and the
+        # model)
         print(f"mllmcal {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -64,13 +64,83 @@ def test_python_dash_m_entry_point_and_bench():
 
 
 def test_demo_report_names_the_model_demo(tmp_path, monkeypatch, capsys):
+    import mllmcal.demo
     import mllmcal.demo.train as demo_train
 
     _data(tmp_path / "data")
     model = build_tiny_checkpoint(tmp_path / "model", ["What colour ? red blue"], multimodal=False)
     monkeypatch.setattr(demo_train, "get_demo", lambda *a, **k: (model, tmp_path / "data"))
+    # the CLI resolves `--model demo` through the demo's public demo_model_dir()
+    monkeypatch.setattr(mllmcal.demo, "demo_model_dir", lambda: model, raising=False)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["model"] == "demo" and report["models"][0]["name"] == "demo"
     assert "model: demo" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    _data(tmp_path / "data")
+    model = build_tiny_checkpoint(tmp_path / "m", ["What colour ? red blue"], multimodal=False)
+    (tmp_path / "afile").write_text("x")
+    base = ["eval", "--model", str(model), "--no-progress", "--no-plots"]
+    assert main([*base, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; --out names the output directory" in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "o")]) == 2
+    assert "--data" in (err := capsys.readouterr().err) and "no such directory" in err
+    assert main([*base, "--test", str(tmp_path / "no.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "--test" in (err := capsys.readouterr().err) and "no such file" in err
+    for lim in ("0", "-3"):
+        assert main([*base, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                     "--limit", lim]) == 2
+        assert "--limit must be a positive number" in capsys.readouterr().err
+    assert main([*base, "--model", f"{model},colour=red", "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is not key=value" in capsys.readouterr().err
+    for bad in ("[1, 2]", '{"summary": {}}', '{"summary": {}, "models": [{"name": "x"}]}'):
+        (tmp_path / "r").mkdir(exist_ok=True)
+        (tmp_path / "r" / "report.json").write_text(bad)
+        assert main(["report", str(tmp_path / "r")]) == 2
+        assert "not an mllmcal report" in capsys.readouterr().err
+
+
+def test_side_by_side_models_with_one_failing(tmp_path, capsys):
+    _data(tmp_path / "data")
+    a = build_tiny_checkpoint(tmp_path / "a" / "model", ["What colour ? red blue"], multimodal=False)
+    b = build_tiny_checkpoint(tmp_path / "b" / "model", ["What colour ? red blue"], multimodal=False,
+                              seed=3)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(a), "--model", f"{b},dtype=float32", "--model", str(broken),
+               "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress", "--no-plots",
+               "--no-idk"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["a/model", "b/model"]  # folders that share a name stay apart
+    assert [f["name"] for f in report["failed"]] == ["broken"]
+    assert "a/model:" in text and "b/model:" in text and "failed: broken" in text
+    assert "## Models that failed" in (out / "report.md").read_text()
+    assert report["models"][0]["modalities"]["text"] != report["models"][1]["modalities"]["text"]
+
+
+def test_eval_reads_parquet_with_column_flags(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    n = 6
+    table = pa.table({"qid": [f"p{i}" for i in range(n)], "prompt": ["What colour ?"] * n,
+                      "choices": [["red", "blue"]] * n, "label": [i % 2 for i in range(n)]})
+    pq.write_table(table, tmp_path / "data" / "test.parquet")
+    model = build_tiny_checkpoint(tmp_path / "m", ["What colour ? red blue"], multimodal=False)
+    rc = main(["eval", "--model", str(model), "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path / "out"), "--no-progress", "--no-plots", "--no-idk",
+               "--question-column", "prompt", "--options-column", "choices",
+               "--answer-column", "label", "--id-column", "qid"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["test"]["n_items"] == n and report["data"]["test"]["n_skipped"] == 0

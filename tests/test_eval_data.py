@@ -100,3 +100,99 @@ def test_unreadable_and_missing_images_are_skipped_with_id(tmp_path):
     assert [it.id for it in res.items] == ["q0"]
     assert [i for i, _ in res.skipped] == ["q1", "q2"]
     assert all("unreadable image" in why for _, why in res.skipped)
+
+
+@pytest.mark.parametrize("question", [
+    "What colour is it?\n(A) red\n(B) blue\n(C) green",
+    "What colour is it?\nA. red\nB. blue\nC. green",
+    "What colour is it?\nA) red\nB) blue\nC) green",
+    "What colour is it? (A) red (B) blue (C) green",
+    "What colour is it? A. red B. blue C. green",
+    "What colour is it? A) red B) blue C) green",
+])
+def test_option_spellings_on_lines_and_inline(tmp_path, question):
+    rows = [{"id": "llava", "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                              {"from": "gpt", "value": "C"}]},
+            {"id": "flat", "question": question, "answer": "(B)"}]
+    (tmp_path / "x.json").write_text(json.dumps(rows))
+    res = load_items(tmp_path / "x.json")
+    assert res.skipped == []
+    for it, answer in zip(res.items, "CB", strict=True):
+        assert it.question == "What colour is it?"
+        assert it.options == ("red", "blue", "green") and it.answer == answer
+
+
+def test_answers_match_letters_first_and_ambiguous_or_unmatched_answers_skip(tmp_path, caplog):
+    rows = [
+        {"id": "letter-first", "question": "Q?", "options": ["C", "A", "B"], "answer": "A"},
+        {"id": "letter-and-text", "question": "Q?", "options": ["x", "y"], "answer": "B) y"},
+        {"id": "text", "question": "Q?", "options": ["cat", "dog"], "answer": "Dog"},
+        {"id": "contradiction", "question": "Q?", "options": ["x", "y"], "answer": "(A) y"},
+        {"id": "two-texts", "question": "Q?", "options": ["x", "x", "y"], "answer": "x"},
+        {"id": "no-match", "question": "Q?", "options": ["x", "y"], "answer": "z"},
+        {"id": "nine", "question": "Q?", "options": list("123456789"), "answer": "A"},
+        {"id": "one-inline", "question": "Q? (A) x", "answer": "A"},
+    ]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with caplog.at_level(logging.WARNING, logger="mllmcal.eval"):
+        res = load_items(tmp_path / "x.jsonl")
+    assert [(it.id, it.answer) for it in res.items] == [
+        ("letter-first", "A"), ("letter-and-text", "B"), ("text", "B")]
+    why = dict(res.skipped)
+    assert "ambiguous" in why["contradiction"] and "ambiguous" in why["two-texts"]
+    assert "matches none" in why["no-match"]
+    assert "at most 8 options" in why["nine"]
+    assert "no options listed" in why["one-inline"]
+    assert all(i in caplog.text for i in why)
+
+
+def _png_bytes(color):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (9, 9), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_hugging_face_save_to_disk_with_image_bytes_and_column_flags(tmp_path, monkeypatch):
+    import datasets
+
+    from mllmcal.eval.data import Columns, find_split
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path / "cache"))
+    rows = {"qid": ["a", "b", "c"], "prompt": ["Colour?", "Shape?", "Size?"],
+            "choices": [["red", "blue"], ["round", "square", "flat"], ["big", "small"]],
+            "label": [1, 2, 1],  # option indices, as benchmarks store them
+            "picture": [_png_bytes((200, 0, 0)), _png_bytes((0, 200, 0)), None]}
+    feats = datasets.Features({"qid": datasets.Value("string"), "prompt": datasets.Value("string"),
+                               "choices": datasets.Sequence(datasets.Value("string")),
+                               "label": datasets.Value("int64"), "picture": datasets.Image()})
+    rows["picture"] = [{"bytes": b, "path": None} if b else None for b in rows["picture"]]
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "data" / "test"))
+    assert find_split(tmp_path / "data", "test") == tmp_path / "data" / "test"
+    cols = Columns(question="prompt", options="choices", answer="label", image="picture", id="qid")
+    res = load_items(tmp_path / "data" / "test", columns=cols)
+    assert res.skipped == []
+    a, b, c = res.items
+    assert [(it.id, it.question, it.answer) for it in res.items] == [
+        ("a", "Colour?", "B"), ("b", "Shape?", "C"), ("c", "Size?", "B")]
+    with Image.open(b.image) as im:
+        assert im.getpixel((0, 0)) == (0, 200, 0)
+    assert c.image is None and str(tmp_path / "cache") in a.image
+
+
+def test_parquet_with_image_paths_and_per_letter_columns(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "images").mkdir()
+    _png(tmp_path / "images" / "0.png")
+    table = pa.table({"index": [0, 1], "question": ["Which?", "Other?"],
+                      "A": ["x", "p"], "B": ["y", "q"], "C": ["z", None], "D": [None, None],
+                      "answer": ["C", "B"], "image": ["0.png", None]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    res = load_items(tmp_path / "test.parquet")
+    assert res.skipped == []
+    assert [(it.id, it.options, it.answer) for it in res.items] == [
+        ("0", ("x", "y", "z"), "C"), ("1", ("p", "q"), "B")]
+    assert res.items[0].image == str(tmp_path / "images" / "0.png")

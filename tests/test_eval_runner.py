@@ -4,6 +4,7 @@ definition, temperature scaling, resume from the cache, and a two-process gloo r
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_option_softmax_and_verbalized_methods(data_dir, causal_dir):
         enc = em.encode([em.render(it, with_image=False)], None)
         with torch.no_grad():
             last = em.model(**enc).logits[0, -1].double()
-        restricted = last[em.answer_token_ids[:4]]
+        restricted = last[em.answer_token_ids()[:4]]
         p = torch.softmax(restricted, -1)
         assert b.records[i]["pred"] == "ABCD"[int(p.argmax())]
         assert b.records[i]["confidence"] == pytest.approx(float(p.max()), rel=1e-3)
@@ -124,7 +125,8 @@ def test_option_softmax_and_verbalized_methods(data_dir, causal_dir):
     assert all(r["confidence"] is None for r in verb if r["parse_failure"])
 
 
-def test_end_to_end_report_two_models_and_resume(data_dir, llava_dir, causal_dir, tmp_path):
+def test_end_to_end_report_two_models_and_resume(data_dir, llava_dir, causal_dir, tmp_path,
+                                                  caplog):
     cfg = _cfg(data_dir, [llava_dir, causal_dir], tmp_path / "out", optimize_prompts=True,
                ape_k=2, ape_m=2, ape_rounds=1, temperature_method="grid", plots=True)
     report = run_eval(cfg)
@@ -150,13 +152,48 @@ def test_end_to_end_report_two_models_and_resume(data_dir, llava_dir, causal_dir
     assert "## I don't know" in (out / "report.md").read_text()
     assert (out / f"reliability_{llava['name']}_image.png").stat().st_size > 1000
 
-    # interrupt: drop the last cached test batch and rerun; the result must not change
-    test_cache = sorted((out / "cache").glob("test_image_*.rank0of1.jsonl"))[0]
-    lines = test_cache.read_text().splitlines()
-    test_cache.write_text("\n".join(lines[:-5]) + "\n{\"id\": \"cut")
-    again = run_eval(cfg)
+    # interrupt: a batch file lost, another cut short by a kill; the result must not change
+    batches = sorted((out / "cache").glob("test_image_*.rank0of1.*.pt"), key=lambda p: p.name)
+    assert len(batches) >= 3
+    batches[-1].unlink()
+    damaged = batches[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="mllmcal.eval"):
+        again = run_eval(cfg)
     _close(again["summary"], report["summary"])
-    assert len(test_cache.read_text().splitlines()) > len(lines) - 5
+    assert f"discarding damaged cache file {damaged}" in caplog.text
+    assert not damaged.exists() and not list((out / "cache").glob(".*.tmp"))
+
+
+def test_cache_follows_the_data_and_the_weights(data_dir, tmp_path):
+    words = ["What colour is shape ?", *COLOURS, *map(str, range(20))]
+    model = build_tiny_checkpoint(tmp_path / "m", words, multimodal=False, seed=4)
+    # eight options, so that every letter the random model may say is an option
+    options = [*COLOURS, "1", "2", "3", "4"]
+    items = [{"id": f"t{i}", "question": f"What colour is shape {i} ?", "options": options,
+              "answer": "A"} for i in range(8)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "test.jsonl").write_text("\n".join(map(json.dumps, items)))
+    cfg = _cfg(tmp_path / "d", [model], tmp_path / "out", calib=None, dev=None, build_idk=False,
+               idk_variants=(), test=str(tmp_path / "d" / "test.jsonl"))
+    first = run_eval(cfg)["models"][0]["modalities"]["text"]["test"]
+    # same ids, other answers: the accuracy must be the new data's, not the cached one
+    preds = [r["pred"] for p in (tmp_path / "out" / "cache").glob("test_text_*.pt")
+             for r in torch.load(p)["records"]]
+    common = max(set(preds), key=preds.count)
+    assert common is not None and common != "A" or first["accuracy"] > 0
+    for it in items:
+        it["answer"] = common if common != "A" else "B"
+    (tmp_path / "d" / "test.jsonl").write_text("\n".join(map(json.dumps, items)))
+    fresh = run_eval(replace(cfg, out=str(tmp_path / "fresh")))["models"][0]["modalities"]["text"]["test"]
+    reused = run_eval(cfg)["models"][0]["modalities"]["text"]["test"]
+    assert reused["accuracy"] == fresh["accuracy"] != first["accuracy"]
+    # other weights at the same path: scored again, not read from the cache
+    build_tiny_checkpoint(tmp_path / "m", words, multimodal=False, seed=5)
+    fresh = run_eval(replace(cfg, out=str(tmp_path / "fresh2")))["models"][0]["modalities"]["text"]["test"]
+    reused = run_eval(cfg)["models"][0]["modalities"]["text"]["test"]
+    _close(reused, fresh)
+    assert reused["mean_confidence"] != pytest.approx(first["mean_confidence"], abs=1e-6)
 
 
 def _worker(rank, world, port, cfg_kwargs, queue):
@@ -183,9 +220,23 @@ def test_two_process_gloo_run_equals_single_process(data_dir, llava_dir, tmp_pat
         p.join(60)
         assert p.exitcode == 0
     # item shards were scored by different processes
-    shards = sorted(p.name for p in (tmp_path / "dist" / "cache").glob("test_image_*.jsonl"))
-    assert len(shards) == 2 and shards[0].endswith("rank0of2.jsonl")
+    shards = sorted({p.name.split(".")[1] for p in (tmp_path / "dist" / "cache").glob("test_image_*.pt")})
+    assert shards == ["rank0of2", "rank1of2"]
     for _, models, summary in results:
         _close(json.loads(summary), single["summary"])
         _close(json.loads(models), single["models"])
     assert (tmp_path / "dist" / "report.json").is_file()
+
+
+def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path):
+    cfg = _cfg(data_dir, [causal_dir], tmp_path / "out", protocol="paper", n_bins=5,
+               max_new_tokens=3, temperature_method="newton", method="option-softmax",
+               dev=None, build_idk=False, idk_variants=(), limit=4)
+    report = run_eval(cfg)
+    used = report["config"]
+    assert (used["method"], used["max_new_tokens"], used["n_bins"], used["temperature_method"]) \
+        == ("letter", 20, 10, "grid")
+    t = report["models"][0]["modalities"]["text"]["test"]
+    assert t["n_bins"] == 10 and t["n_items"] == 4
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_eval(_cfg(data_dir, [causal_dir], tmp_path / "o2", protocol="nope"))

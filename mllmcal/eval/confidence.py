@@ -159,7 +159,8 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
     images = [_load_image(it.image) for it in items] if with_image else None
     inputs = em.encode(prompts, images)
     keep = {"letter": "letter_row", "option-softmax": "option_logits"}.get(method, "none")
-    tracker = AnswerTracker(em.letter_of_token, em.answer_token_ids, em.eos_token_ids, keep)
+    answer_ids = em.answer_token_ids(answer_prefix)  # the table of the prefix actually used
+    tracker = AnswerTracker(em.letter_of_token, answer_ids, em.eos_token_ids, keep)
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     gen_kwargs: dict[str, Any] = dict(
@@ -180,14 +181,14 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         found = tracker.found.cpu()
         letter = tracker.letter.cpu()
         conf = tracker.confidence.cpu()
-        ans = torch.tensor([it.answer_index for it in items], device=em.device)
+        ans = torch.tensor([it.answer_index for it in items], device=em.letter_of_token.device)
         # label for the NLL: the answer letter's spelling the model likes best in that row
         variants = em.letter_of_token[None, :] == ans[:, None]
         masked = torch.where(variants, tracker.answer_rows.float(), float("-inf"))
         label_tok = masked.argmax(dim=1).cpu()
         keep_idx = [i for i in range(len(items)) if bool(found[i])]
         if keep_idx:
-            sel = torch.tensor(keep_idx, device=em.device)
+            sel = torch.tensor(keep_idx, device=em.letter_of_token.device)
             rows = tracker.answer_rows.index_select(0, sel).to(row_dtype).cpu()
             labels = label_tok[keep_idx]
             row_ids = [items[i].id for i in keep_idx]
@@ -200,7 +201,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         logits = tracker.answer_rows.cpu()
         n_opt = torch.tensor([len(it.options) for it in items])
         logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
-        missing = torch.tensor([c < 0 for c in em.answer_token_ids])
+        missing = torch.tensor([c < 0 for c in answer_ids])
         logits[:, missing] = float("-inf")
         s = mllmcal.token_stats(logits)
         rows, labels = logits.to(row_dtype), torch.tensor([it.answer_index for it in items])

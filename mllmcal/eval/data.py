@@ -1,6 +1,7 @@
-"""Multiple-choice VQA items: loading LLaVA-style JSON and flat JSONL, with honest skipping.
+"""Multiple-choice VQA items: loading LLaVA JSON, JSONL and local Hugging Face datasets,
+with honest skipping.
 
-Two input formats are accepted.
+Three input formats are accepted.
 
 * LLaVA-style JSON (what the paper's code reads): a list of
   ``{"id", "image", "conversations": [{"from": "human", "value": question}, {"from": "gpt",
@@ -9,6 +10,18 @@ Two input formats are accepted.
 * JSONL, one object per line: ``{"id", "question", "options", "answer", "image"}``, where
   ``options`` is a list of strings (or a ``{letter: text}`` mapping) and ``answer`` is a
   letter, ``"(B)"``, an option index or the option text.
+* A local Hugging Face dataset: a ``save_to_disk`` folder, a ``.parquet`` file or a folder
+  of them, as MCQ benchmarks are distributed. :class:`Columns` maps its columns (question,
+  options, answer, image, id); options may be a list column, a ``{letter: text}`` column,
+  per-letter columns ``A``, ``B``, ... (MMBench), or written into the question. Images
+  may be bytes (an ``Image`` feature or raw bytes) or paths; bytes are written once to a
+  content-addressed file under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
+
+In every format, options inside question text may be spelled ``A. x``, ``(A) x`` or
+``A) x``, on their own lines or inline, and every item must have 2 to 8 options (one rule
+for all formats). Answers are matched as letters first (``B``, ``(B)``, ``B.``, ``B) blue``),
+then as an option index, then as option text; an answer that matches no option, or more
+than one, skips the item with a message.
 
 A file that is not valid JSON stops the run with :class:`DataError` naming the file and
 line. A malformed item, or one whose image cannot be read, is skipped with a warning that
@@ -17,17 +30,21 @@ names its id, and is listed in :attr:`LoadResult.skipped` so that the report cou
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..prompting import IDK_OPTION_TEXT, OPTION_LETTERS, format_question, parse_options
+from ..prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, OPTION_LETTERS, format_question
 
-__all__ = ["DataError", "Item", "LoadResult", "load_items", "find_split", "check_image"]
+__all__ = ["Columns", "DataError", "is_hf_dataset", "Item", "LoadResult", "load_items", "find_split",
+           "check_image", "split_options"]
 
 _log = logging.getLogger("mllmcal.eval")
 
@@ -136,7 +153,15 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
     return [(0, obj) for obj in data]
 
 
+_LETTER_ONLY = re.compile(r"^\(?\s*([A-Ha-h])\s*\)?\s*[.:)]?$")
+_LETTER_AND_TEXT = re.compile(r"^\(?([A-H])(?:\)|\.|:|\)\.?)\s+(.+)$", re.S)
+
+
 def _answer_letter(raw: Any, options: Sequence[str]) -> str:
+    """The answer's letter; letters first, then an index, then the option text.
+
+    Raises _Malformed when the answer matches no option or is ambiguous.
+    """
     letters = OPTION_LETTERS[: len(options)]
     if isinstance(raw, bool):
         raise _Malformed(f"answer must be a letter, got {raw!r}")
@@ -147,12 +172,70 @@ def _answer_letter(raw: Any, options: Sequence[str]) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise _Malformed(f"answer must be a non-empty string, got {raw!r}")
     s = raw.strip()
-    if s in options:
-        return letters[list(options).index(s)]
-    s = s.lstrip("(").strip()
-    if s and s[0] in letters and (len(s) == 1 or not s[1].isalnum()):
-        return s[0]
-    raise _Malformed(f"answer {raw!r} is not one of the option letters {letters}")
+    m = _LETTER_ONLY.match(s)
+    # a lone lower-case letter is a letter only where no option is spelled that way
+    if m and (s[0].isupper() or s.lstrip("(").strip()[0].isupper()
+              or not any(o.lower() == s.lower() for o in options)):
+        letter = m.group(1).upper()
+        if letter in letters:
+            return letter
+        raise _Malformed(f"answer {raw!r} is not one of the option letters {letters}")
+    m = _LETTER_AND_TEXT.match(s)
+    if m and m.group(1) in letters:
+        letter, text = m.group(1), m.group(2).strip()
+        if text.lower() == options[letters.index(letter)].lower():
+            return letter
+        raise _Malformed(f"answer {raw!r} is ambiguous: option {letter} is "
+                         f"{options[letters.index(letter)]!r}")
+    hits = [k for k, o in enumerate(options) if o.strip().lower() == s.lower()]
+    if len(hits) == 1:
+        return letters[hits[0]]
+    if len(hits) > 1:
+        raise _Malformed(f"answer {raw!r} is ambiguous: it is the text of options "
+                         f"{', '.join(letters[k] for k in hits)}")
+    raise _Malformed(f"answer {raw!r} matches none of the option letters {letters} or texts")
+
+
+_OPTION_MARKERS = {
+    "(A)": r"\(([A-H])\)",
+    "A)": r"(?<![(\w])([A-H])\)",
+    "A.": r"(?<![\w.])([A-H])\.",
+}
+
+
+def split_options(text: str) -> tuple[str, list[str]]:
+    """Question stem and option texts from text that lists options.
+
+    Options may be spelled ``(A) x``, ``A) x`` or ``A. x``, each on its own line or inline
+    (``Which? (A) red (B) blue``). The markers must run A, B, C, ... in one spelling and
+    start on a word boundary; the longest such run wins. Returns ``(text, [])`` when fewer
+    than two options are found.
+    """
+    text = text.replace(IMAGE_TOKEN, "").strip()
+    best: list[re.Match] = []
+    best_score = (False, 0, -1)
+    for pattern in _OPTION_MARKERS.values():
+        marks = list(re.finditer(rf"(?:^|(?<=\s)){pattern}\s", text))
+        at_line_start = [m for m in marks if m.start() == 0 or text[m.start() - 1] == "\n"]
+        # markers that open lines win over inline ones ("A. Dr. B. Who" stays one option);
+        # among equally long inline runs the last wins (options follow the question)
+        for on_lines, pool in ((True, at_line_start), (False, marks)):
+            for start in (m for m in pool if m.group(1) == "A"):
+                chain = [start]
+                for m in pool:
+                    nxt = OPTION_LETTERS.index(chain[-1].group(1)) + 1
+                    if nxt < len(OPTION_LETTERS) and m.start() > chain[-1].start() \
+                            and m.group(1) == OPTION_LETTERS[nxt]:
+                        chain.append(m)
+                score = (on_lines and len(chain) >= 2, len(chain), start.start())
+                if score > best_score:
+                    best, best_score = chain, score
+    if len(best) < 2:
+        return text, []
+    stem = text[: best[0].start()].strip()
+    bounds = [m.end() for m in best]
+    ends = [m.start() for m in best[1:]] + [len(text)]
+    return stem, [text[a:b].strip() for a, b in zip(bounds, ends, strict=True)]
 
 
 def _check_options(options: Sequence[Any]) -> tuple[str, ...]:
@@ -175,13 +258,12 @@ def _parse_llava(obj: dict) -> tuple[str, tuple[str, ...], str]:
         raise _Malformed("'conversations' needs one turn from 'human' and one from 'gpt'")
     if not isinstance(human.get("value"), str):
         raise _Malformed("the human turn has no text 'value'")
-    stem, opt_map = parse_options(human["value"])
-    letters = "".join(opt_map)
-    if not letters or OPTION_LETTERS[: len(letters)] != letters:
-        raise _Malformed("the question must list its options as lines '(A) ...', '(B) ...'")
+    stem, opts = split_options(human["value"])
+    if not opts:
+        raise _Malformed("the question must list its options, e.g. '(A) ...', 'A. ...', 'A) ...'")
     if not stem:
         raise _Malformed("the question text is empty")
-    options = _check_options(list(opt_map.values()))
+    options = _check_options(opts)
     return stem, options, _answer_letter(gpt.get("value"), options)
 
 
@@ -196,8 +278,9 @@ def _parse_flat(obj: dict) -> tuple[str, tuple[str, ...], str]:
             raise _Malformed(f"option keys must be consecutive letters from A, got {keys}")
         raw = [raw[k] for k in keys]
     if raw is None:
-        stem, opt_map = parse_options(q)  # options may be embedded in the question
-        q, raw = stem, list(opt_map.values())
+        q, raw = split_options(q)  # options may be written into the question
+        if not raw:
+            raise _Malformed("no 'options' and no options listed in the question")
     if not isinstance(raw, list):
         raise _Malformed("'options' must be a list of strings or a {letter: text} mapping")
     options = _check_options(raw)
@@ -226,38 +309,154 @@ def _resolve_image(name: Any, images_dir: Path, data_dir: Path) -> str:
     return str(next((c for c in candidates if c.is_file()), candidates[0]))
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which record fields hold what (``--question-column`` etc.); ``None``: the default
+    names (``question``; ``options``, else ``choices``, else per-letter ``A``, ``B``, ...,
+    else options written into the question; ``answer``; ``image``; ``id``, else
+    ``question_id``, else ``index``)."""
+
+    question: str | None = None
+    options: str | None = None
+    answer: str | None = None
+    image: str | None = None
+    id: str | None = None
+
+    def apply(self, rec: dict) -> dict:
+        """``rec`` with the mapped fields under the names the parsers read."""
+        out = dict(rec)
+        for target in ("question", "options", "answer", "image", "id"):
+            source = getattr(self, target)
+            if source is not None:
+                if source not in rec:
+                    raise _Malformed(f"no column {source!r} (--{target}-column); columns: "
+                                     f"{sorted(rec)}")
+                out[target] = rec[source]
+        if "options" not in out and self.options is None:
+            if "choices" in rec:
+                out["options"] = rec["choices"]
+            elif "A" in rec and "B" in rec:  # MMBench: one column per letter, None when unused
+                out["options"] = [rec[k] for k in OPTION_LETTERS
+                                  if isinstance(rec.get(k), str) and rec[k].strip()]
+        if "id" not in out and self.id is None and "index" in rec:
+            out["id"] = rec["index"]
+        return out
+
+
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def is_hf_dataset(path: str | os.PathLike) -> bool:
+    """A ``save_to_disk`` folder, a ``.parquet`` file or a folder of ``.parquet`` files."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix == ".parquet"
+    return p.is_dir() and (any((p / m).is_file() for m in _HF_MARKERS)
+                           or any(p.glob("*.parquet")))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MLLMCAL_CACHE", Path.home() / ".cache" / "mllmcal"))
+
+
+def _materialize_image(value: Any, base: Path) -> Any:
+    """A Hugging Face image value as a path: bytes go to a content-addressed file."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, bytes | bytearray):
+        data, path = bytes(value), None
+    else:
+        return value  # a path string, or None
+    if data:
+        from PIL import Image
+
+        digest = hashlib.sha256(data).hexdigest()[:24]
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                ext = (im.format or "png").lower()
+        except Exception as exc:  # PIL raises many types for broken bytes
+            raise _Malformed(f"unreadable image bytes: {exc}") from None
+        out = _cache_root() / "images" / f"{digest}.{ext}"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, out)
+        return str(out)
+    if path:
+        return path if Path(path).is_absolute() else str(base / path)
+    return None
+
+
+def _read_hf(path: Path) -> list[tuple[int, Any]]:
+    """Rows of a local Hugging Face dataset, images as raw ``{"bytes", "path"}``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face dataset needs the package "
+                        "'datasets' (pip install datasets)") from None
+    try:
+        if path.is_file() or not any((path / m).is_file() for m in _HF_MARKERS):
+            files = [str(path)] if path.is_file() else sorted(map(str, path.glob("*.parquet")))
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises many types for unreadable folders
+        raise DataError(f"{path}: cannot read as a Hugging Face dataset: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: a dataset with splits {list(ds)}; pass one split's folder "
+                        f"(e.g. {path / next(iter(ds))})")
+    # images as their encoded bytes: decoding to PIL and re-encoding would change them
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return [(0, row) for row in ds]
+
+
+_META_TYPES = (str, int, float, bool, type(None))
+
+
 def load_items(
     path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
-    verify_images: bool = True,
+    verify_images: bool = True, columns: Columns | None = None,
 ) -> LoadResult:
-    """Load a LLaVA-style ``.json`` or a flat ``.jsonl`` file of multiple-choice items.
+    """Load multiple-choice items: LLaVA ``.json``, flat ``.jsonl`` or a local HF dataset.
 
     Args:
-        path: the data file; ``.jsonl`` is read line by line, anything else as one JSON
-            document (a list of items).
+        path: the data file (``.jsonl`` is read line by line, ``.parquet`` as a table,
+            anything else as one JSON document), or a Hugging Face ``save_to_disk`` folder
+            or a folder of ``.parquet`` files.
         images_dir: directory that relative ``image`` names are resolved against; defaults
             to ``<data file's dir>/images`` if that exists, else the data file's dir.
         verify_images: open every image once (PIL ``verify``) so that unreadable ones are
             skipped now, with their id, rather than failing mid-run.
+        columns: field names, for data whose columns are named otherwise.
 
     Returns:
         :class:`LoadResult` with the items in file order and every skipped ``(id, reason)``.
 
     Raises:
-        DataError: the file is missing, not UTF-8, or not valid JSON (message has file:line).
+        DataError: the file is missing, not UTF-8, or not valid JSON (message has file:line),
+            or a dataset folder cannot be read.
     """
     path = Path(path)
+    hf = is_hf_dataset(path)
+    base = path if (hf and path.is_dir()) else path.parent
     if images_dir is None:
-        images_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+        images_dir = base / "images" if (base / "images").is_dir() else base
     images_dir = Path(images_dir)
+    columns = columns or Columns()
     result = LoadResult(items=[], path=str(path))
     seen: set[str] = set()
-    for index, (lineno, obj) in enumerate(_read_records(path)):
+    records = _read_hf(path) if hf else _read_records(path)
+    for index, (lineno, obj) in enumerate(records):
         where = f"{path.name}:{lineno}" if lineno else f"{path.name}[{index}]"
-        item_id = str(obj.get("id", obj.get("question_id", where))) if isinstance(obj, dict) else where
+        item_id = where
         try:
             if not isinstance(obj, dict):
                 raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
+            obj = columns.apply(obj)
+            item_id = str(obj.get("id", obj.get("question_id", where)))
             if item_id in seen:
                 raise _Malformed("duplicate id")
             if "conversations" in obj:
@@ -265,15 +464,17 @@ def load_items(
             else:
                 q, options, answer = _parse_flat(obj)
             image = None
-            if obj.get("image") is not None:
-                image = _resolve_image(obj["image"], images_dir, path.parent)
+            raw_image = _materialize_image(obj.get("image"), base) if hf else obj.get("image")
+            if raw_image is not None:
+                image = _resolve_image(raw_image, images_dir, base)
                 if verify_images:
                     try:
                         check_image(image)
                     except Exception as exc:  # PIL raises many types for broken files
                         raise _Malformed(f"unreadable image {image}: {exc}") from None
             meta = {k: v for k, v in obj.items()
-                    if k not in ("id", "image", "conversations", "question", "options", "answer")}
+                    if k not in ("id", "image", "conversations", "question", "options", "answer")
+                    and isinstance(k, str) and isinstance(v, _META_TYPES)}
         except _Malformed as exc:
             _log.warning("skipping item %s (%s): %s", item_id, where, exc)
             result.skipped.append((item_id, str(exc)))
@@ -284,11 +485,15 @@ def load_items(
 
 
 def find_split(data_dir: str | os.PathLike, split: str) -> Path | None:
-    """``<data_dir>/<split>.json`` or ``.jsonl`` (first that exists), else None."""
-    for ext in (".json", ".jsonl"):
-        p = Path(data_dir) / f"{split}{ext}"
+    """The ``split`` of a data directory, else None: ``<split>.json``, ``<split>.jsonl``,
+    ``<split>.parquet``, or a folder ``<split>/`` holding a Hugging Face dataset."""
+    d = Path(data_dir)
+    for ext in (".json", ".jsonl", ".parquet"):
+        p = d / f"{split}{ext}"
         if p.is_file():
             return p
+    if is_hf_dataset(d / split):
+        return d / split
     return None
 
 

@@ -3,27 +3,65 @@
 A checkpoint directory is loaded through the Auto classes: a config with a
 ``vision_config`` is an image-text model (``AutoModelForImageTextToText`` with its
 ``AutoProcessor``), anything else a causal LM (``AutoModelForCausalLM`` with its
-``AutoTokenizer``). The chat template, when the directory has one, comes from the same
-place; the question and instruction then form the user turn and the answer prefix
-("Answer: (") opens the assistant turn, so that the next token is still the letter.
+``AutoTokenizer``).
+
+How a prompt becomes model inputs (the same for every architecture, exceptions named):
+
+1. **Rendering.** With a chat template, :func:`mllmcal.prompting.chat_messages` (a user turn
+   of typed parts, ``{"type": "image"}`` only when the image is shown, and an open
+   assistant turn ``"{prefix}: ("``) goes through the *processor's*
+   ``apply_chat_template(..., continue_final_message=True)``: the template places the
+   architecture's own image placeholder. Text-only causal LMs get plain-string contents,
+   which is what their templates iterate. Without a template the prompt is
+   :func:`mllmcal.prompting.build_prompt` with ``processor.image_token`` as placeholder.
+2. **BOS exactly once**, one rule for image and text-only prompts: tokenize with the
+   tokenizer's special tokens ON, unless the rendered text already starts with the
+   tokenizer's ``bos_token`` string (templates such as Gemma 3's and Idefics3's write it),
+   then OFF. Encoded rows are checked: more than one BOS is an error naming the model.
+3. **Images per sample**: the processor gets ``[[image], [image], ...]``.
+4. **The next token is the letter.** The encoded prompt must end with the tokens of the
+   rendered text's end; a processor that appends text is handled explicitly or refused.
+
+PaliGemma (pt checkpoints have no chat template) is the explicit exception: its processor
+writes ``<image>*N <bos> prompt \n`` itself and switches the tokenizer's own BOS off. Its
+inputs are that layout without the trailing ``\n`` (big_vision's prefix/suffix separator),
+so that the letter follows ``(``: ``<image>*N`` (N from the processor, which also makes the
+pixel values) then the tokenized ``<bos> prompt``. Text-only prompts are ``<bos> prompt``;
+both get ``token_type_ids`` all 0, i.e. the same bidirectional prefix, so the two differ
+only in the image tokens.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS, build_prompt
+from ..prompting import (
+    DEFAULT_ANSWER_PREFIX,
+    OPTION_LETTERS,
+    answer_opening,
+    build_prompt,
+    chat_messages,
+    user_text,
+)
 from .data import Item
 
-__all__ = ["EvalModel", "load_model", "parse_dtype"]
+__all__ = ["EvalModel", "MissingDependencyError", "load_model", "load_processor", "parse_dtype",
+           "resolve_checkpoint"]
 
 _log = logging.getLogger("mllmcal.eval")
+
+
+class MissingDependencyError(ImportError):
+    """A checkpoint needs an optional package that is missing or does not import."""
+
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -47,14 +85,189 @@ def _norm_piece(piece: str) -> str:
     return piece.replace("\u2581", " ").replace("\u0120", " ").strip()
 
 
+
+_PACKAGE_RE = re.compile(r"requires the (\w+) library|Package `([\w.-]+)` is required", re.I)
+# the names transformers' messages use -> the package to install
+_PACKAGES = {"torchvision": "torchvision", "pil": "pillow", "pillow": "pillow", "av": "av",
+             "decord": "decord", "timm": "timm", "sentencepiece": "sentencepiece",
+             "protobuf": "protobuf", "librosa": "librosa", "soundfile": "soundfile"}
+
+
+def _missing_package(exc: BaseException) -> str:
+    m = _PACKAGE_RE.search(str(exc))
+    if m:
+        name = (m.group(1) or m.group(2)).lower()
+        return _PACKAGES.get(name, name)
+    if "torchvision" in str(exc).lower():
+        return "torchvision"
+    name = getattr(exc, "name", None)
+    return str(name) if name else "an optional package"
+
+
+def _processor_class_name(path: Path) -> str | None:
+    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = path / fname
+        if f.is_file():
+            try:
+                name = json.loads(f.read_text()).get("processor_class")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if name:
+                return str(name)
+    return None
+
+
+def _without_video(cls: type) -> type:
+    """``cls`` restricted to its image processor and tokenizer.
+
+    ``ProcessorMixin`` builds and type-checks one sub-processor per name returned by its
+    public ``get_attributes()``; dropping ``video_processor`` there lets an image-text
+    processor be built when its video part cannot be (transformers 5's video processors
+    need torchvision). Image prompts never touch the video processor.
+    """
+
+    class ImageOnlyProcessor(cls):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # some processors (SmolVLM's) take video_processor as a required argument
+            kwargs.setdefault("video_processor", None)
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def get_attributes(klass) -> list[str]:
+            return [a for a in cls.get_attributes() if a != "video_processor"]
+
+        def apply_chat_template(self, conversation: Any, chat_template: str | None = None,
+                                **kwargs: Any) -> Any:
+            # Rendering to text is the template alone; the processor's own method also
+            # reads video sampling defaults (SmolVLM: video_processor.num_frames) from the
+            # part left out. Eval renders with tokenize=False only.
+            if kwargs.get("tokenize", False):
+                raise NotImplementedError("an image-only processor renders text only")
+            return self.tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template or self.chat_template, **kwargs)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{cls.__name__}ImageOnly"
+    return ImageOnlyProcessor
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _pil_image_processor(path: Path, settings: dict[str, Any]) -> Any:
+    """The PIL backend of the checkpoint's image processor, imported from its model module.
+
+    transformers 5.17 lists some PIL image processors (Idefics3's) as needing torchvision,
+    so ``AutoImageProcessor`` refuses them without it although they need only Pillow.
+    """
+    import importlib
+
+    model_type = _read_json(path / "config.json").get("model_type", "")
+    settings = dict(settings)
+    kind = str(settings.pop("image_processor_type", ""))
+    base = kind.removesuffix("Pil").removesuffix("ImageProcessor")
+    kind = f"{base}ImageProcessorPil"
+    # the class lives in its own model's module (InternVL uses GotOcr2's): try the module
+    # named after the class (GotOcr2 -> got_ocr2), then the checkpoint's model type
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+    for name in dict.fromkeys([snake, model_type]):
+        try:
+            module = importlib.import_module(f"transformers.models.{name}.image_processing_pil_{name}")
+        except ImportError:
+            continue
+        if hasattr(module, kind):
+            return getattr(module, kind)(**settings)
+    raise ImportError(f"no PIL image processor {kind} in transformers (checked {snake!r}, "
+                      f"{model_type!r}); its torchvision one needs the package 'torchvision'")
+
+
+def _processor_by_hand(path: Path, cls: type) -> Any:
+    """``cls`` from the checkpoint's files, with only the parts images need."""
+    import transformers as tf
+
+    cfg = _read_json(path / "processor_config.json")
+    image_cfg = cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
+    try:
+        image_processor = tf.AutoImageProcessor.from_pretrained(path)
+    except (ImportError, ValueError):
+        image_processor = _pil_image_processor(path, image_cfg)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = _read_json(path / "chat_template.json").get("chat_template")
+    attributes = set(cls.get_attributes())
+    kwargs = {k: v for k, v in cfg.items()
+              if k not in attributes and k not in ("processor_class", "chat_template")}
+    klass = _without_video(cls) if "video_processor" in attributes else cls
+    return klass(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                 **kwargs)
+
+
+_WARNED: set[str] = set()
+
+
+def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
+    """The checkpoint's processor, without the parts that need a missing optional package.
+
+    ``AutoProcessor`` first. If it fails for a missing package (transformers 5's video
+    processors need torchvision, as do its default image processor backends), the
+    processor class is built from the image processor (its PIL backend if need be) and
+    the tokenizer only, with a warning: image prompts do not use the video part.
+
+    Raises:
+        MissingDependencyError: the processor cannot be built without a missing optional
+            package; the message names the package and the model.
+    """
+    import transformers as tf
+
+    path = Path(path)
+    name = name or path.name
+    try:
+        return tf.AutoProcessor.from_pretrained(path)
+    except ImportError as exc:
+        first: Exception = exc
+    except ValueError as exc:
+        if "Missing optional dependencies" not in str(exc):
+            raise
+        first = exc
+    pkg = "torchvision" if "torchvision" in str(first).lower() else _missing_package(first)
+    cls_name = _processor_class_name(path)
+    cls = getattr(tf, cls_name, None) if cls_name else None
+    if cls is not None:
+        try:
+            proc = _processor_by_hand(path, cls)
+        except (ImportError, ValueError, AttributeError, TypeError) as exc:
+            # what blocks the image-only build is the package to name now
+            if isinstance(exc, ImportError) or "torchvision" not in str(exc).lower():
+                pkg = _missing_package(exc) if isinstance(exc, ImportError) else pkg
+            first = exc
+        else:
+            if str(path) not in _WARNED:  # once per checkpoint, not per load
+                _WARNED.add(str(path))
+                _log.warning("model %s: parts of %s need the package %r, which is not usable "
+                             "here; built it from its image processor and tokenizer only", name,
+                             cls_name, pkg)
+            return proc
+    msg = str(first).strip().splitlines()[0] if str(first).strip() else repr(first)
+    raise MissingDependencyError(
+        f"model {name!r} ({path}): its processor {cls_name or '(unknown class)'} needs the "
+        f"package {pkg!r}, which is not installed or does not import: {msg}"
+    ) from None
+
+
 @dataclass
 class EvalModel:
     """A loaded checkpoint plus what the evaluator needs to know about its vocabulary.
 
-    ``letter_of_token`` is an int64 ``[V]`` tensor on the model's device: the option
-    index (0 for A, ...) a token decodes to, or -1. ``answer_token_ids`` are the tokens
-    that follow "Answer: (" for each letter (the canonical spelling at the answer
-    position; -1 if a letter cannot be a single token there).
+    ``letter_of_token`` is an int64 ``[V]`` tensor on the model's input device: the option
+    index (0 for A, ...) a token decodes to, or -1. :meth:`answer_token_ids` gives, for an
+    answer prefix, the token that follows ``"{prefix}: ("`` for each letter.
     """
 
     name: str
@@ -67,62 +280,177 @@ class EvalModel:
     dtype: torch.dtype
     use_chat_template: bool
     letter_of_token: torch.Tensor = field(repr=False)
-    answer_token_ids: list[int] = field(repr=False)
     eos_token_ids: list[int] = field(repr=False)
+    vocab_size: int = 0
+    _answer_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ architecture facts
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.letter_of_token.numel())
+    def is_paligemma(self) -> bool:
+        return type(self.processor).__name__.startswith("PaliGemmaProcessor")
+
+    @property
+    def image_token(self) -> str:
+        """The processor's own image placeholder (never a literal ``<image>`` guess)."""
+        tok = getattr(self.processor, "image_token", None)
+        if isinstance(tok, str) and tok:
+            return tok
+        tok = getattr(self.tokenizer, "image_token", None)
+        if isinstance(tok, str) and tok:
+            return tok
+        raise ValueError(f"model {self.name!r}: its processor names no image token and has "
+                         "no chat template; cannot place the image in the prompt")
+
+    @property
+    def image_placeholder(self) -> str:
+        """What stands for the image in a prompt without chat template.
+
+        :attr:`image_token`, wrapped in the vision start/end markers where the model's
+        config names them (Qwen2-VL and Qwen2.5-VL: ``<|vision_start|><|image_pad|>
+        <|vision_end|>``, as their template writes it; the processor expands only the pad).
+        """
+        cfg = getattr(self.model, "config", None)
+        start = getattr(cfg, "vision_start_token_id", None)
+        end = getattr(cfg, "vision_end_token_id", None)
+        if isinstance(start, int) and isinstance(end, int):
+            a, b = self.tokenizer.convert_ids_to_tokens([start, end])
+            return f"{a}{self.image_token}{b}"
+        return self.image_token
+
+    def answer_token_ids(self, answer_prefix: str = DEFAULT_ANSWER_PREFIX) -> list[int]:
+        """Per letter A-H, the token that follows ``"{answer_prefix}: ("`` (-1 if none).
+
+        Computed for the prefix actually used, so prompts found by prompt optimisation get
+        their own table: with BPE, what the prefix ends with can change how a letter
+        after it is tokenized.
+        """
+        if answer_prefix not in self._answer_ids:
+            self._answer_ids[answer_prefix] = _canonical_letters(
+                self.tokenizer, self.letter_of_token.tolist(), answer_opening(answer_prefix))
+        return self._answer_ids[answer_prefix]
+
+    # ------------------------------------------------------------------ prompts
 
     def render(self, item: Item, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
                with_image: bool = True, hint: str | None = None,
                instruction: str | None = None) -> str:
         """The prompt text for ``item`` (with the image placeholder when shown)."""
-        body = item.question_with_options
-        if hint:
-            body = f"{body}\n{hint}"
-        text = build_prompt(body, answer_prefix, with_image=with_image)
-        if instruction is not None:
-            head, _, tail = text.rpartition("\n")
-            head = head.rsplit("\n", 1)[0]
-            text = f"{head}\n{instruction}\n{tail}"
-        if not self.use_chat_template:
-            return text
-        user, _, assistant = text.rpartition("\n")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        return self.tokenizer.apply_chat_template(
-            msgs, tokenize=False, continue_final_message=True
-        )
+        q = item.question_with_options
+        if self.use_chat_template:
+            if self.multimodal:
+                return self.processor.apply_chat_template(
+                    chat_messages(q, answer_prefix, with_image, hint, instruction),
+                    tokenize=False, continue_final_message=True)
+            msgs = [{"role": "user", "content": user_text(q, hint, instruction)},
+                    {"role": "assistant", "content": answer_opening(answer_prefix)}]
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                      continue_final_message=True)
+        if with_image and self.is_paligemma:
+            # the processor writes the image tokens and BOS itself (module docstring)
+            return build_prompt(q, answer_prefix, with_image=False, hint=hint,
+                                instruction=instruction)
+        return build_prompt(q, answer_prefix, with_image=with_image, hint=hint,
+                            instruction=instruction,
+                            image_token=self.image_placeholder if with_image else "")
+
+    def _add_special_tokens(self, prompts: list[str]) -> bool:
+        bos = self.tokenizer.bos_token
+        starts = {bool(bos) and p.startswith(bos) for p in prompts}
+        if len(starts) > 1:
+            raise ValueError(f"model {self.name!r}: some prompts of one batch start with BOS "
+                             "and some do not")
+        return not starts.pop()
 
     def encode(self, prompts: list[str], images: list[Any] | None) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs on the model's device; ``images`` only for image prompts."""
-        if self.processor is not None and images:
-            enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        """Left-padded model inputs on the model's input device.
+
+        ``prompts`` from :meth:`render`; ``images`` (one PIL image per prompt) only for
+        image prompts. See the module docstring for the BOS rule and PaliGemma.
+        """
+        special = self._add_special_tokens(prompts)
+        if self.is_paligemma:
+            enc = self._paligemma_inputs(prompts, images)
+        elif images:
+            if self.processor is None:
+                raise ValueError(f"model {self.name!r} is text-only; it cannot take images")
+            enc = self.processor(images=[[im] for im in images], text=prompts,
+                                 return_tensors="pt", padding=True, add_special_tokens=special)
+        elif self.processor is not None:
+            enc = self.processor(text=prompts, return_tensors="pt", padding=True,
+                                 add_special_tokens=special)
         else:
-            add_special = not self.use_chat_template
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
-                                 add_special_tokens=add_special)
+                                 add_special_tokens=special)
+        self._check_encoding(enc, prompts)
         out = {}
         for k, v in enc.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(self.device)
-                if v.is_floating_point():
-                    v = v.to(self.dtype)
-                out[k] = v
+            if k == "labels" or not isinstance(v, torch.Tensor):
+                continue  # PaliGemma's processor adds training labels
+            if k == "token_type_ids" and not self.multimodal:
+                continue
+            v = v.to(self.device)
+            if v.is_floating_point():
+                v = v.to(self.dtype)
+            out[k] = v
         return out
 
+    def _paligemma_inputs(self, prompts: list[str], images: list[Any] | None) -> dict:
+        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0.
 
-def _resolve_path(spec: str) -> str:
-    if spec == "demo":
-        try:
-            from mllmcal.demo.train import get_demo
-        except ImportError as exc:
-            raise RuntimeError(
-                "--model demo needs mllmcal.demo.get_demo, which is not available in this "
-                f"install ({exc})"
-            ) from None
-        model_dir, _ = get_demo()
-        return str(model_dir)
+        The processor's own layout without its trailing ``\n``: the ids are assembled here
+        from the processor's image-token count and the tokenized ``<bos> prompt``, so the
+        result does not depend on how ``(`` and ``\n`` would tokenize together. The
+        processor still computes the pixel values (and is checked to agree on N).
+        """
+        tok = self.tokenizer
+        n_img, pixels = 0, None
+        if images:
+            enc = self.processor(images=[[im] for im in images], text=prompts,
+                                 return_tensors="pt", padding=True)
+            image_id = tok.convert_tokens_to_ids(self.image_token)
+            counts = (enc["input_ids"] == image_id).sum(dim=1)
+            n_img, pixels = int(counts[0]), enc["pixel_values"]
+            if not bool((counts == n_img).all()) or n_img == 0:
+                raise ValueError(f"model {self.name!r}: unexpected image-token counts "
+                                 f"{counts.tolist()} from PaliGemma's processor")
+        text = tok([tok.bos_token + p for p in prompts], add_special_tokens=False)["input_ids"]
+        rows = [[tok.convert_tokens_to_ids(self.image_token)] * n_img + ids for ids in text]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = {
+            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        if pixels is not None:
+            out["pixel_values"] = pixels
+        return out
+
+    def _check_encoding(self, enc: Any, prompts: list[str]) -> None:
+        ids = enc["input_ids"]
+        mask = enc.get("attention_mask")
+        bos_id = self.tokenizer.bos_token_id
+        for r in range(ids.shape[0]):
+            row = ids[r][mask[r].bool()] if mask is not None else ids[r]
+            if bos_id is not None and int((row == bos_id).sum()) > 1:
+                raise ValueError(f"model {self.name!r}: the encoded prompt holds BOS "
+                                 f"{int((row == bos_id).sum())} times")
+            # the rendered text's own last token: what the letter must follow
+            tail = self.tokenizer.encode(prompts[r], add_special_tokens=False)[-1:]
+            if tail and int(row[-1]) != tail[0]:
+                raise ValueError(
+                    f"model {self.name!r}: the encoded prompt does not end with the answer "
+                    f"prefix (its processor appended {self.tokenizer.decode(row[-2:])!r}); "
+                    "the next token would not be the letter")
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """``spec`` as a local checkpoint directory with a ``config.json``.
+
+    Raises:
+        FileNotFoundError: not a directory, or no config.json in it.
+    """
     p = Path(spec).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(
@@ -134,7 +462,7 @@ def _resolve_path(spec: str) -> str:
     return str(p)
 
 
-def _letter_tables(tokenizer: Any, vocab_size: int) -> tuple[list[int], list[int]]:
+def _letter_table(tokenizer: Any, vocab_size: int) -> list[int]:
     letter_of = [-1] * vocab_size
     pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -144,61 +472,101 @@ def _letter_tables(tokenizer: Any, vocab_size: int) -> tuple[list[int], list[int
         s = _norm_piece(piece)
         if len(s) == 1 and s in OPTION_LETTERS:
             letter_of[i] = OPTION_LETTERS.index(s)
-    base = tokenizer.encode("Answer: (", add_special_tokens=False)
+    return letter_of
+
+
+def _canonical_letters(tokenizer: Any, letter_of: list[int], opening: str) -> list[int]:
+    base = tokenizer.encode(opening, add_special_tokens=False)
     canonical = []
     for idx, letter in enumerate(OPTION_LETTERS):
-        ids = tokenizer.encode("Answer: (" + letter, add_special_tokens=False)
+        ids = tokenizer.encode(opening + letter, add_special_tokens=False)
         tok = ids[-1] if (ids[: len(base)] == base and len(ids) == len(base) + 1) else -1
-        if tok < 0 or tok >= vocab_size or letter_of[tok] != idx:
+        if tok < 0 or tok >= len(letter_of) or letter_of[tok] != idx:
             tok = next((i for i, li in enumerate(letter_of) if li == idx), -1)
         canonical.append(tok)
-    return letter_of, canonical
+    return canonical
+
+
+def _input_device(model: Any, fallback: torch.device) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return fallback
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto",
-               chat_template: str = "auto") -> EvalModel:
-    """Load a local checkpoint directory (or ``"demo"``) for evaluation.
+               chat_template: str = "auto", name: str | None = None,
+               device_map: str | None = None) -> EvalModel:
+    """Load a local checkpoint directory for evaluation.
 
     Args:
-        spec: a directory with ``config.json`` and weights, or ``"demo"``.
-        device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        spec: a directory with ``config.json`` and weights.
+        device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"`` (ignored with ``device_map``).
         dtype: ``auto`` | ``float32`` | ``float16`` | ``bfloat16`` for the weights.
         chat_template: ``auto`` (use the directory's template if it has one) or ``off``.
+        name: the display name (default: the directory's name).
+        device_map: e.g. ``"auto"``: spread the model over the visible devices with
+            accelerate (for models larger than one device); inputs go to the device of
+            the input embeddings.
+
+    Raises:
+        MissingDependencyError: the processor or model needs a missing optional package.
     """
     import transformers as tf
 
-    path = _resolve_path(spec)
-    device = torch.device(device)
+    path = resolve_checkpoint(spec)
+    name = name or os.path.basename(os.path.normpath(path))
+    device = torch.device(device if device_map is None else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = parse_dtype(dtype, device)
     config = tf.AutoConfig.from_pretrained(path)
     multimodal = getattr(config, "vision_config", None) is not None
     processor = None
-    if multimodal:
-        processor = tf.AutoProcessor.from_pretrained(path)
-        tokenizer = processor.tokenizer
-        model = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    else:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path)
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    model.to(device).eval()
+    kw: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (device_map needs it)
+        except ImportError:
+            raise MissingDependencyError(
+                f"model {name!r}: --device-map {device_map} needs the package 'accelerate'"
+            ) from None
+        kw["device_map"] = device_map
+    try:
+        if multimodal:
+            processor = load_processor(path, name)
+            tokenizer = processor.tokenizer
+            model = tf.AutoModelForImageTextToText.from_pretrained(path, **kw)
+        else:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path)
+            model = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
+    except MissingDependencyError:
+        raise
+    except ImportError as exc:
+        pkg = _missing_package(exc)
+        raise MissingDependencyError(
+            f"model {name!r} ({path}) needs the package {pkg!r}, which is not installed or "
+            f"does not import: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+        ) from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    device = _input_device(model, device)
+    # logits come out where the lm_head lives (another GPU than the inputs with device_map)
+    out_device = model.get_output_embeddings().weight.device
     tokenizer.padding_side = "left"  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = getattr(tokenizer, "chat_template", None) or getattr(processor, "chat_template", None)
-    use_chat = chat_template != "off" and bool(template)
-    if use_chat and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
+    owner = processor if multimodal else tokenizer
+    use_chat = chat_template != "off" and bool(getattr(owner, "chat_template", None))
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    letter_of, canonical = _letter_tables(tokenizer, vocab_size)
-    if all(c < 0 for c in canonical):
+    letter_of = _letter_table(tokenizer, vocab_size)
+    if all(li < 0 for li in letter_of):
         raise ValueError(f"{path}: no token of this vocabulary decodes to an option letter A-H")
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     return EvalModel(
-        name=os.path.basename(os.path.normpath(path)) if spec != "demo" else "demo",
-        path=path, model=model, tokenizer=tokenizer, processor=processor,
+        name=name, path=path, model=model, tokenizer=tokenizer, processor=processor,
         multimodal=multimodal, device=device, dtype=torch_dtype, use_chat_template=use_chat,
-        letter_of_token=torch.tensor(letter_of, dtype=torch.int64, device=device),
-        answer_token_ids=canonical, eos_token_ids=eos_ids,
+        letter_of_token=torch.tensor(letter_of, dtype=torch.int64, device=out_device),
+        eos_token_ids=eos_ids, vocab_size=vocab_size,
     )

@@ -11,9 +11,13 @@
         "accuracy", "ece", "ece_after_temperature", "temperature", "mce", "brier", "auroc",
         "n_items", "n_scored", "n_no_answer", "n_skipped",
         "idk_rate", "false_idk_rate",
+        "models": [{"model", "modality", "accuracy", "ece", "temperature",
+                    "ece_after_temperature"}],  # every model and modality
+        "failed": [name, ...],
         "prompt_optimization": null | {"seed_prompt", "best_prompt",
                                        "seed": {"accuracy", "ece"}, "best": {"accuracy", "ece"}}
       },
+      "failed": [{"name", "path", "error"}],  # models that could not be evaluated
       "models": [{
         "name", "path", "multimodal",
         "modalities": {"image" | "text": {
@@ -146,6 +150,10 @@ def render_markdown(report: dict) -> str:
         lines += ["", "| prompt | test accuracy | test ECE |", "| --- | --- | --- |"]
         for p, r in po.get("test", {}).items():
             lines.append(f"| {p} | {_fmt(r['accuracy'])} | {_fmt(r['ece'])} |")
+    failed = report.get("failed") or []
+    if failed:
+        lines += ["", "## Models that failed", ""]
+        lines += [f"- `{f['name']}` ({f['path']}): {f['error']}" for f in failed]
     skipped = [(split, d) for split, d in report.get("data", {}).items() if d.get("n_skipped")]
     if skipped:
         lines += ["", "## Skipped items", ""]

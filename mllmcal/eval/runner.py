@@ -5,10 +5,16 @@ logits row per item, fit T on those rows (answer letter's full-vocabulary NLL), 
 test split, report metrics at T = 1 and at the fitted T; then the IDK set under the
 abstention prompt variants, and optionally APE prompt optimisation on the dev split.
 
-Resuming: every scored batch is appended to ``<out>/cache/<key>.rank<r>of<w>.jsonl`` (and
-its kept logits rows to ``...rows<k>.pt``) before the next batch starts; a rerun with the
-same settings reads all cache files of a key (any world size) and scores only what is
-missing.
+Resuming: every scored batch is written to its own file ``<out>/cache/<key>.rank<r>of<w>.*.pt``
+(its records and kept logits rows together) before the next batch starts; a rerun reads
+all cache files of a key (any world size) and scores only what is missing. The cache
+cannot lie: ``<key>`` hashes the checkpoint's identity (the bytes of its config, processor
+and tokenizer files, and each weight file's name, size and modification time) with the
+settings; every cached record carries a digest of its item's content (question, options,
+answer, image bytes) and is used only for an item with the same digest. Files are written
+to a temporary name and renamed, so a kill leaves no half-written file; a file that still
+cannot be read (a full disk, a foreign file) is deleted with a warning and its items are
+scored again.
 
 Distributed (``torchrun --nproc_per_node N -m mllmcal eval ...``): items are sharded
 round-robin; per-item records are gathered with ``all_gather_object`` (they are small),
@@ -23,8 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +42,89 @@ import mllmcal
 
 from ..prompting import DEFAULT_ANSWER_PREFIX
 from .confidence import METHODS, score_items
-from .data import Item, LoadResult, load_items
+from .data import Columns, Item, LoadResult, load_items
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model, parse_dtype
 from .report import calibration_metrics, write_report
 
-__all__ = ["EvalConfig", "run_eval", "fit_temperature_rows"]
+__all__ = ["EvalConfig", "ModelSpec", "parse_model_spec", "run_eval", "fit_temperature_rows",
+           "fit_calib_temperature", "PROTOCOLS"]
 
 _log = logging.getLogger("mllmcal.eval")
+
+
+@dataclass
+class ModelSpec:
+    """One model of a side-by-side run: its path and its own options.
+
+    ``None`` options take the run's (``EvalConfig.dtype`` etc.). ``name`` is the display
+    name (default: the folder's name, made unique by :func:`unique_names`).
+    """
+
+    path: str
+    name: str | None = None
+    dtype: str | None = None
+    chat_template: str | None = None
+    device_map: str | None = None
+
+
+_SPEC_KEYS = {"name", "dtype", "chat_template", "device_map"}
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``PATH[,key=value...]`` with keys ``name``, ``dtype``, ``chat_template`` (auto|off),
+    ``device_map`` (e.g. auto); e.g. ``./qwen,chat_template=off,dtype=bf16,name=qwen``."""
+    head, *opts = text.split(",")
+    if not head.strip():
+        raise ValueError(f"--model {text!r}: empty path")
+    spec = ModelSpec(head.strip())
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _SPEC_KEYS or not value.strip():
+            raise ValueError(f"--model {text!r}: option {opt!r} is not key=value with a key "
+                             f"among {sorted(_SPEC_KEYS)}")
+        if key == "chat_template" and value not in ("auto", "off"):
+            raise ValueError(f"--model {text!r}: chat_template must be auto or off")
+        setattr(spec, key, value.strip())
+    return spec
+
+
+def unique_names(specs: Sequence[ModelSpec]) -> list[str]:
+    """Display names, unique: folders that share a name get their parent folders added
+    (``a/model``, ``b/model``), then a counter if still equal."""
+    names = []
+    for s in specs:
+        names.append(s.name or Path(os.path.normpath(s.path)).name or s.path)
+    for depth in (2, 3):
+        dup = {n for n in names if names.count(n) > 1}
+        if not dup:
+            return names
+        names = [("/".join(Path(os.path.normpath(s.path)).parts[-depth:]) if (n in dup and not s.name) else n)
+                 for n, s in zip(names, specs, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+#: ``--protocol paper``: Chen et al. (COLING 2025), Sec. 3: the "Answer: (" prompt, up to 20
+#: greedy tokens with the first option-letter token's probability as confidence, 10
+#: equal-width bins, temperature by grid search 0.01..9.99 on the calibration split.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {"method": "letter", "max_new_tokens": 20, "n_bins": 10,
+              "temperature_method": "grid", "seed_prompts": ("Answer", "The answer might be",
+                                                             "The answer must be")},
+}
 
 
 @dataclass
 class EvalConfig:
     """Everything ``mllmcal eval`` takes; see ``mllmcal eval --help`` for each option."""
 
-    models: list[str]
+    models: list[str | ModelSpec]
     test: str
     out: str
     calib: str | None = None
@@ -79,11 +154,24 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
     plots: bool = True
+    device_map: str | None = None
+    protocol: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_specs(self) -> list[ModelSpec]:
+        specs = [m if isinstance(m, ModelSpec) else parse_model_spec(m) for m in self.models]
+        for s, name in zip(specs, unique_names(specs), strict=True):
+            s.name = name
+        return specs
 
     def validate(self) -> None:
         if not self.models:
             raise ValueError("at least one --model is needed")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; known: {list(PROTOCOLS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         bad = [m for m in self.modalities if m not in ("image", "text")]
@@ -162,6 +250,42 @@ def fit_temperature_rows(rows: torch.Tensor, labels: torch.Tensor, method: str =
 # --------------------------------------------------------------------------- scoring
 
 
+def checkpoint_identity(path: str | os.PathLike) -> str:
+    """A digest of what makes a checkpoint directory this checkpoint.
+
+    The bytes of its small files (config, generation config, processor, tokenizer, chat
+    template: what changes the prompt or the vocabulary) and, for each weight file
+    (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), its name, size and modification
+    time in ns: hashing the weights' bytes would read gigabytes on every run, while any
+    rewrite of a weight file changes its modification time.
+    """
+    h = hashlib.sha256()
+    root = Path(path)
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5"):
+            st = p.stat()
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        elif p.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py"):
+            h.update(f"{rel}|".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def item_digest(item: Item) -> str:
+    """A digest of an item's content: question, options, answer, image bytes, IDK flags."""
+    h = hashlib.sha256(json.dumps([item.question, list(item.options), item.answer,
+                                   item.withhold_image]).encode())
+    if item.image is not None:
+        try:
+            h.update(Path(item.image).read_bytes())
+        except OSError:
+            h.update(b"<unreadable image>")
+    return h.hexdigest()[:16]
+
+
 class _Evaluator:
     def __init__(self, cfg: EvalConfig, dist: _Dist) -> None:
         self.cfg = cfg
@@ -172,28 +296,58 @@ class _Evaluator:
         # key -> (records, rows) already read or scored in this run: a key scored again
         # (a prompt APE proposes twice, the seed prompt's test split) is not re-read
         self._memo: dict[str, tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]] = {}
+        self._identity: dict[str, str] = {}
+        self._digests: dict[Item, str] = {}  # Item is frozen and hashable by content
+        self._written = 0
+
+    def _digest(self, item: Item) -> str:
+        if item not in self._digests:
+            self._digests[item] = item_digest(item)
+        return self._digests[item]
 
     def _key(self, em: EvalModel, split: str, modality: str, prefix: str, hint: str | None) -> str:
-        spec = json.dumps([em.path, str(em.dtype), self.cfg.method, prefix, hint, modality,
-                           self.cfg.max_new_tokens, self.cfg.row_dtype, self.cfg.chat_template])
+        if em.path not in self._identity:
+            self._identity[em.path] = checkpoint_identity(em.path)
+        spec = json.dumps([self._identity[em.path], str(em.dtype), self.cfg.method, prefix, hint,
+                           modality, self.cfg.max_new_tokens, self.cfg.row_dtype,
+                           em.use_chat_template, 2])
         digest = hashlib.sha1(spec.encode()).hexdigest()[:12]
         return f"{split}_{modality}_{digest}"
 
     def _read_cache(self, key: str) -> tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]:
-        records, rows = {}, {}
-        for p in sorted(self.cache.glob(f"{key}.rank*.jsonl")):
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by an interrupt: that item is scored again
-                    records[r["id"]] = r
-        for p in sorted(self.cache.glob(f"{key}.rank*.rows*.pt")):
-            blob = torch.load(p, weights_only=True)
-            for i, item_id in enumerate(blob["ids"]):
-                rows[item_id] = (blob["rows"][i], int(blob["labels"][i]))
-        return records, rows
+        """Records and rows of every readable cache file of ``key``; damaged files are
+        deleted with a warning (their items are scored again)."""
+        records: dict[str, dict] = {}
+        rows: dict[str, tuple[torch.Tensor, int]] = {}
+        for p in sorted(self.cache.glob(f"{key}.rank*.pt")):
+            try:
+                blob = torch.load(p, weights_only=True)
+                batch = blob["records"]
+                row_ids, row_t, labels = blob["row_ids"], blob["rows"], blob["labels"]
+            except Exception as exc:  # torch.load raises many types on a damaged file
+                _log.warning("discarding damaged cache file %s (%s); its items are scored "
+                             "again", p, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                p.unlink(missing_ok=True)
+                continue
+            for r in batch:
+                records[r["id"]] = r
+            digests = {r["id"]: r.get("digest") for r in batch}
+            for i, item_id in enumerate(row_ids):
+                rows[item_id] = (row_t[i], int(labels[i]), digests.get(item_id))
+        return records, rows  # type: ignore[return-value]
+
+    def _write(self, stem: str, records: list[dict], row_ids: list[str],
+               rows: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+        # one file per batch, written under a temporary name and renamed: a kill leaves
+        # either the whole batch or nothing (os.replace is atomic on POSIX and Windows)
+        self._written += 1
+        name = f"{stem}.{os.getpid()}-{self._written}-{time.time_ns()}.pt"
+        tmp = self.cache / f".{name}.tmp"
+        torch.save({"records": records, "row_ids": row_ids,
+                    "rows": rows if rows is not None else torch.empty(0),
+                    "labels": labels if labels is not None else torch.empty(0, dtype=torch.int64)},
+                   tmp)
+        os.replace(tmp, self.cache / name)
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
@@ -207,38 +361,38 @@ class _Evaluator:
             self._memo[key] = self._read_cache(key)
         cached, cached_rows = self._memo[key]
         mine = items[self.dist.rank::self.dist.world]
-        todo = [it for it in mine if it.id not in cached]
+        digest = {it.id: self._digest(it) for it in mine}
+        # a cached record counts only for an item with the same content
+        todo = [it for it in mine
+                if it.id not in cached or cached[it.id].get("digest") != digest[it.id]]
         stem = f"{key}.rank{self.dist.rank}of{self.dist.world}"
-        n_chunks = len(list(self.cache.glob(f"{stem}.rows*.pt")))
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not self.cfg.progress,
                    desc=f"{em.name} {split}/{modality}" + (f" [{prefix}]" if prefix != DEFAULT_ANSWER_PREFIX else ""),
                    leave=False)
-        with open(self.cache / f"{stem}.jsonl", "a") as fh:
-            for batch in score_items(em, todo, method=self.cfg.method, answer_prefix=prefix,
-                                     with_image=modality == "image", hint=hint,
-                                     batch_size=self.cfg.batch_size,
-                                     max_new_tokens=self.cfg.max_new_tokens,
-                                     row_dtype=self.row_dtype):
-                if keep_rows and batch.rows is not None and batch.row_ids:
-                    # rows first: a record without its row would be a silent gap on resume
-                    torch.save({"ids": batch.row_ids, "rows": batch.rows, "labels": batch.labels},
-                               self.cache / f"{stem}.rows{n_chunks}.pt")
-                    n_chunks += 1
-                    for i, item_id in enumerate(batch.row_ids):
-                        cached_rows[item_id] = (batch.rows[i], int(batch.labels[i]))
-                for r in batch.records:
-                    fh.write(json.dumps(r) + "\n")
-                    cached[r["id"]] = r
-                fh.flush()
-                bar.update(len(batch.records))
+        for batch in score_items(em, todo, method=self.cfg.method, answer_prefix=prefix,
+                                 with_image=modality == "image", hint=hint,
+                                 batch_size=self.cfg.batch_size,
+                                 max_new_tokens=self.cfg.max_new_tokens,
+                                 row_dtype=self.row_dtype):
+            for r in batch.records:
+                r["digest"] = digest[r["id"]]
+            keep = keep_rows and batch.rows is not None and bool(batch.row_ids)
+            self._write(stem, batch.records, batch.row_ids if keep else [],
+                        batch.rows if keep else None, batch.labels if keep else None)
+            for r in batch.records:
+                cached[r["id"]] = r
+            if keep:
+                for i, item_id in enumerate(batch.row_ids):
+                    cached_rows[item_id] = (batch.rows[i], int(batch.labels[i]), digest[item_id])
+            bar.update(len(batch.records))
         bar.close()
-        mine_ids = {it.id for it in mine}
-        local = {i: cached[i] for i in mine_ids}
+        local = {i: cached[i] for i in digest}
         merged: dict[str, dict] = {}
         for part in self.dist.gather(local):
             merged.update(part)
         records = [merged[it.id] for it in items]
-        rows = {i: r for i, r in cached_rows.items() if i in mine_ids}
+        rows = {i: (r[0], r[1]) for i, r in cached_rows.items()
+                if i in digest and r[2] == digest[i]}
         if gather_rows:
             all_rows: dict[str, tuple[torch.Tensor, int]] = {}
             for part in self.dist.gather(rows):
@@ -280,10 +434,10 @@ def _answered_ece(records: Sequence[dict], n_bins: int) -> float | None:
 
 
 def _load(path: str | None, images: str | None, name: str, limit: int | None,
-          data_info: dict) -> list[Item]:
+          data_info: dict, columns: dict[str, str] | None = None) -> list[Item]:
     if path is None:
         return []
-    res: LoadResult = load_items(path, images)
+    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})))
     if limit is not None:
         res.items = res.items[:limit]
     data_info[name] = {"path": str(path), "n_items": len(res.items),
@@ -294,8 +448,14 @@ def _load(path: str | None, images: str | None, name: str, limit: int | None,
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run the whole method and write ``report.json``/``report.md``/PNGs to ``cfg.out``.
 
-    Returns the report dict (every rank gets it; only rank 0 writes files).
+    Returns the report dict (every rank gets it; only rank 0 writes files). With several
+    models, a model that fails to load or to run is reported by name under
+    ``report["failed"]`` and the others still produce the report; if every model fails,
+    the first failure is raised.
     """
+    if cfg.protocol is not None:
+        cfg.validate()
+        cfg = replace(cfg, **PROTOCOLS[cfg.protocol])
     cfg.validate()
     dist = _Dist()
     try:
@@ -304,13 +464,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         dist.close()
 
 
+def _open_model(cfg: EvalConfig, spec: ModelSpec) -> EvalModel:
+    return load_model(spec.path, device=cfg.device, dtype=spec.dtype or cfg.dtype,
+                      chat_template=spec.chat_template or cfg.chat_template, name=spec.name,
+                      device_map=spec.device_map or cfg.device_map)
+
+
 def _run(cfg: EvalConfig, dist: _Dist) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
     lim = {s: cfg.split_limits.get(s, cfg.limit) for s in ("test", "calib", "dev", "idk")}
-    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info)
-    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info)
-    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info)
-    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info)
+    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info, cfg.columns)
+    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info, cfg.columns)
+    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info, cfg.columns)
+    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info, cfg.columns)
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
     if not idk_items and cfg.build_idk:
@@ -318,31 +484,94 @@ def _run(cfg: EvalConfig, dist: _Dist) -> dict[str, Any]:
         data_info["idk"] = {"path": None, "built_from": "test", "n_items": len(idk_items),
                             "n_skipped": 0, "skipped": []}
     ev = _Evaluator(cfg, dist)
-    models_out = []
-    for spec in cfg.models:
-        em = load_model(spec, device=cfg.device, dtype=cfg.dtype, chat_template=cfg.chat_template)
-        modalities = [m for m in cfg.modalities if m == "text" or em.multimodal]
-        entry: dict[str, Any] = {"name": em.name, "path": em.path, "multimodal": em.multimodal,
-                                 "modalities": {}, "idk": {}, "prompt_optimization": None}
-        for mod in modalities:
-            entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
-        main_mod = modalities[0]
-        for variant in (cfg.idk_variants if idk_items else ()):
-            recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant],
-                                  keep_rows=False)
-            res = idk_metrics(recs)
-            res["answered_ece"] = _answered_ece(recs, cfg.n_bins)
-            entry["idk"][variant] = res
-        if cfg.optimize_prompts and dev:
-            entry["prompt_optimization"] = _optimize(ev, em, main_mod, dev, test, dist)
-        models_out.append(entry)
-        del em
+    specs = cfg.model_specs()
+    models_out, failed = [], []
+    first_error: BaseException | None = None
+    for spec in specs:
+        try:
+            models_out.append(_eval_model(ev, cfg, spec, test, calib, dev, idk_items, dist))
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+            if len(specs) == 1:
+                raise
+            _log.error("model %s (%s) failed: %s", spec.name, spec.path, exc)
+            failed.append({"name": spec.name, "path": spec.path,
+                           "error": f"{type(exc).__name__}: {exc}"})
+            first_error = first_error or exc
+    if not models_out:
+        assert first_error is not None
+        raise first_error
     report = {"schema_version": 1, "config": asdict(cfg), "data": data_info,
-              "models": models_out, "world_size": dist.world}
+              "models": models_out, "failed": failed, "world_size": dist.world}
     report["summary"] = _summary(report, cfg)
     if dist.rank == 0:
         write_report(report, cfg.out, plots=cfg.plots)
     return report
+
+
+def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Item],
+                calib: list[Item], dev: list[Item], idk_items: list[Item],
+                dist: _Dist) -> dict[str, Any]:
+    em = _open_model(cfg, spec)
+    modalities = [m for m in cfg.modalities if m == "text" or em.multimodal]
+    entry: dict[str, Any] = {"name": em.name, "path": em.path, "multimodal": em.multimodal,
+                             "modalities": {}, "idk": {}, "prompt_optimization": None}
+    for mod in modalities:
+        entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
+    main_mod = modalities[0]
+    for variant in (cfg.idk_variants if idk_items else ()):
+        recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant],
+                              keep_rows=False)
+        res = idk_metrics(recs)
+        res["answered_ece"] = _answered_ece(recs, cfg.n_bins)
+        entry["idk"][variant] = res
+    if cfg.optimize_prompts and dev:
+        entry["prompt_optimization"] = _optimize(ev, em, main_mod, dev, test, dist)
+    return entry
+
+
+def _fit_on_calib(ev: _Evaluator, em: EvalModel, mod: str, calib: Sequence[Item]
+                  ) -> tuple[float | None, int]:
+    """T fitted on the calib split's kept answer rows, and how many rows it used.
+
+    The one place the temperature is fitted from stored logits rows (the calibration
+    layer may later take streamed statistics instead)."""
+    _, crow = ev.evaluate(em, calib, "calib", mod, gather_rows=True)
+    rows, labels = _stack(crow, [it.id for it in calib])
+    n = int(rows.shape[0])
+    return (fit_temperature_rows(rows, labels, ev.cfg.temperature_method) if n else None), n
+
+
+def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
+                          images: str | None = None, modality: str = "image",
+                          method: str = "letter", temperature_method: str = "grid",
+                          device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
+                          limit: int | None = None,
+                          columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fit the temperature of one model on a calib split (what ``mllmcal fit`` prints).
+
+    Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
+
+    Returns:
+        ``{"temperature": float | None, "n_rows": int, "n_items": int, "method": str,
+        "modality": str}``; ``temperature`` is None when no item produced a letter.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
+    cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
+                     dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
+                     progress=False)
+    cfg.validate()
+    spec = cfg.model_specs()[0]
+    em = _open_model(cfg, spec)
+    mod = modality if em.multimodal else "text"
+    dist = _Dist()
+    try:
+        t, n = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
+    finally:
+        dist.close()
+    return {"temperature": t, "n_rows": n, "n_items": len(items),
+            "method": temperature_method, "modality": mod}
 
 
 def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
@@ -351,11 +580,7 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     temperature = None
     n_calib = 0
     if calib and cfg.method != "verbalized":
-        _, crow = ev.evaluate(em, calib, "calib", mod, gather_rows=True)
-        rows, labels = _stack(crow, [it.id for it in calib])
-        n_calib = int(rows.shape[0])
-        if n_calib:
-            temperature = fit_temperature_rows(rows, labels, cfg.temperature_method)
+        temperature, n_calib = _fit_on_calib(ev, em, mod, calib)
     records, trow = ev.evaluate(em, test, "test", mod)
     out: dict[str, Any] = {"test": calibration_metrics(records, cfg.n_bins),
                            "test_after_temperature": None, "temperature": temperature,
@@ -419,6 +644,13 @@ def _summary(report: dict, cfg: EvalConfig) -> dict[str, Any]:
         "idk_rate": idk.get("idk_rate"), "false_idk_rate": idk.get("false_idk_rate"),
         "prompt_optimization": None,
     }
+    # every model (and modality) side by side, and the ones that failed, by name
+    summary["models"] = [
+        {"model": mm["name"], "modality": mod_name, "accuracy": r2["test"]["accuracy"],
+         "ece": r2["test"]["ece"], "temperature": r2["temperature"],
+         "ece_after_temperature": (r2["test_after_temperature"] or {}).get("ece")}
+        for mm in report["models"] for mod_name, r2 in mm["modalities"].items()]
+    summary["failed"] = [f["name"] for f in report.get("failed", [])]
     if po:
         seed, best = po["test"][po["seed_prompt"]], po["test"][po["best_prompt"]]
         summary["prompt_optimization"] = {

@@ -1,0 +1,302 @@
+"""``mllmcal eval`` on the image-text architectures people run, as tiny random checkpoints
+saved in each one's shipped format (tests/vlm_checkpoints.py) and loaded by path.
+
+For each architecture: the image reaches the model (the processor's expanded image
+tokens and the pixel values), the recorded confidence equals the letter probability of a
+manual forward pass at the answer position, BOS appears exactly once, and the image and
+text-only prompts differ only in the image.
+"""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+from vlm_checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
+
+from mllmcal.eval.confidence import score_items
+from mllmcal.eval.data import Item
+from mllmcal.eval.models import load_model
+from mllmcal.prompting import format_question
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+# image tokens each architecture's processor must expand one 16x16 image into
+EXPECTED_IMAGE_TOKENS = {
+    "llava-1.5": 16,        # (16/4)^2 CLIP patches, CLS dropped ("default" strategy)
+    "qwen2-vl": "grid",     # dynamic resolution: t*h*w patches of 4 px / (2x2 merge)
+    "idefics3": 4,          # (16/4)^2 patches / scale_factor^2
+    "smolvlm": 4,           # as Idefics3
+    "gemma3": 4,            # mm_tokens_per_image
+    "paligemma": 16,        # (16/4)^2 SigLIP patches
+    "llava-onevision": None,  # anyres: base + tiles + newline tokens, checked > 16 below
+    "internvl": "tiles",    # 4 per tile ((16/4)^2 patches, pixel shuffle 0.5), tiles+thumbnail
+}
+# tokens that wrap or mark the image in each format (removed, the rest must be equal)
+IMAGE_MARKUP = {"<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<fake_token_around_image>", "<global-img>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>", "<img>", "</img>", "<IMG_CONTEXT>"}
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    out = []
+    for i in range(6):
+        p = d / f"{i}.png"
+        Image.new("RGB", (12 + 3 * i, 16), (40 * i, 200 - 30 * i, 90)).save(p)
+        out.append(Item(f"q{i}", "What colour is the shape in the picture?",
+                        tuple(COLOURS[: 3 + i % 2]), "ABCD"[i % 3], str(p)))
+    return out
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def arch(request, tmp_path_factory):
+    texts = [format_question("What colour is the shape in the picture?", COLOURS)]
+    path = BUILDERS[request.param](tmp_path_factory.mktemp(request.param), texts)
+    return request.param, path
+
+
+def _image(it):
+    with Image.open(it.image) as im:
+        return im.convert("RGB")
+
+
+def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arch, items):
+    name, path = arch
+    em = load_model(str(path))
+    assert em.multimodal and em.use_chat_template == (name != "paligemma")
+    model = tf.AutoModelForImageTextToText.from_pretrained(path).eval()
+    records = [r for b in score_items(em, items, batch_size=4) for r in b.records]
+    assert len(records) == len(items)
+    n_answered = 0
+    for it, rec in zip(items, records, strict=True):
+        text = em.render(it, with_image=True)
+        inputs = manual_inputs(name, path, text, _image(it))
+        ids = inputs["input_ids"][0]
+        image_id = model.config.image_token_id
+        n_img = int((ids == image_id).sum())
+        want = EXPECTED_IMAGE_TOKENS[name]
+        if want == "grid":
+            want = int(inputs["image_grid_thw"].prod()) // 4
+            assert want >= 2
+        elif want == "tiles":
+            want = 4 * inputs["pixel_values"].shape[0]
+        assert n_img == want if want is not None else n_img > 16
+        pixels = inputs["pixel_values"]
+        assert pixels.is_floating_point() and pixels.abs().sum() > 0
+        bos = em.tokenizer.bos_token_id
+        if bos is not None:
+            assert int((ids == bos).sum()) == 1
+        # the tokens eval feeds are the manual ones (left padding removed)
+        enc = em.encode([text], [_image(it)])
+        assert torch.equal(enc["input_ids"][0], ids)
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].double()
+        probs = logits.softmax(-1)
+        top = int(probs.argmax())
+        if rec["step"] == 0 and rec["pred"] is not None:
+            n_answered += 1
+            assert em.letter_of_token[top] >= 0
+            assert "ABCDEFGH"[int(em.letter_of_token[top])] == rec["pred"]
+            assert rec["confidence"] == pytest.approx(float(probs[top]), rel=1e-4, abs=1e-6)
+    assert n_answered >= len(items) // 2, "the letter should come first for most items"
+
+
+def test_image_and_text_prompts_differ_only_in_the_image(arch, items):
+    name, path = arch
+    em = load_model(str(path))
+    it = items[0]
+    with_img = em.encode([em.render(it, with_image=True)], [_image(it)])["input_ids"][0]
+    without = em.encode([em.render(it, with_image=False)], None)["input_ids"][0]
+    tok = em.tokenizer
+    a = tok.convert_ids_to_tokens(with_img.tolist())
+    b = tok.convert_ids_to_tokens(without.tolist())
+    # longest common prefix and suffix; what lies between must be image markup or blank
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    # one word right after the image may tokenize differently: the released templates put
+    # a newline after the placeholder ("<image>\nWhat" vs "USER: What")
+    differ = b[i:len(b) - j]
+    assert len(differ) <= 1, f"text-only tokens differ beyond the image: {differ}"
+    middle = a[i:len(a) - j]
+    assert middle, "the image prompt shows no image"
+    words = {tok.convert_tokens_to_string([t]).strip() for t in differ}
+    blank = {t for t in middle if tok.convert_tokens_to_string([t]).strip() in {"", *words}}
+    rows = {t for t in middle if t.startswith("<row_")}
+    assert set(middle) <= IMAGE_MARKUP | blank | rows, middle
+    # and the rendered texts are equal once the image markup and spacing are removed
+    def bare(s):
+        for m in sorted(IMAGE_MARKUP | {em.image_token}, key=len, reverse=True):
+            s = s.replace(m, " ")
+        return " ".join(s.split())
+
+    assert bare(em.render(it, with_image=True)) == bare(em.render(it, with_image=False))
+    if tok.bos_token_id is not None:
+        assert a.count(tok.bos_token) == 1 and b.count(tok.bos_token) == 1
+
+
+def test_letter_tables_follow_the_prefix_in_use(arch):
+    _, path = arch
+    em = load_model(str(path))
+    for prefix in ("Answer", "The answer might be", "Most likely, the correct option is"):
+        ids = em.answer_token_ids(prefix)
+        opening = f"{prefix}: ("
+        base = em.tokenizer.encode(opening, add_special_tokens=False)
+        for k, letter in enumerate("ABCD"):
+            full = em.tokenizer.encode(opening + letter, add_special_tokens=False)
+            assert int(em.letter_of_token[ids[k]]) == k
+            if full[: len(base)] == base and len(full) == len(base) + 1:
+                assert ids[k] == full[-1]
+
+
+def test_report_runs_end_to_end_on_each_architecture(arch, items, tmp_path):
+    from mllmcal.eval.runner import EvalConfig, run_eval
+
+    name, path = arch
+    data = [{"id": it.id, "question": it.question, "options": list(it.options),
+             "answer": it.answer, "image": it.image} for it in items]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    cfg = EvalConfig(models=[str(path)], test=str(tmp_path / "test.jsonl"),
+                     calib=str(tmp_path / "test.jsonl"), out=str(tmp_path / "out"),
+                     progress=False, plots=False, build_idk=False, idk_variants=(),
+                     batch_size=3)
+    report = run_eval(cfg)
+    mods = report["models"][0]["modalities"]
+    assert set(mods) == {"image", "text"}
+    for m in mods.values():
+        assert m["test"]["n_items"] == len(items) and m["test"]["n_scored"] >= 1
+
+
+@pytest.fixture(scope="module", params=list(TEXT_BUILDERS))
+def text_arch(request, tmp_path_factory):
+    texts = [format_question("What colour is the shape in the picture?", COLOURS)]
+    return request.param, TEXT_BUILDERS[request.param](tmp_path_factory.mktemp(request.param), texts)
+
+
+def test_text_llms_with_chat_templates_keep_working(text_arch, items):
+    name, path = text_arch
+    em = load_model(str(path))
+    assert not em.multimodal and em.use_chat_template
+    model = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    records = [r for b in score_items(em, items, batch_size=4) for r in b.records]
+    n_answered = 0
+    for it, rec in zip(items, records, strict=True):
+        text = em.render(it, with_image=False)
+        assert text.endswith("Answer: (")
+        special = not (tok.bos_token and text.startswith(tok.bos_token))
+        ids = tok(text, return_tensors="pt", add_special_tokens=special)["input_ids"]
+        if tok.bos_token_id is not None:
+            assert int((ids == tok.bos_token_id).sum()) == 1
+        with torch.no_grad():
+            probs = model(input_ids=ids).logits[0, -1].double().softmax(-1)
+        if rec["step"] == 0 and rec["pred"] is not None:
+            n_answered += 1
+            assert rec["confidence"] == pytest.approx(float(probs.max()), rel=1e-4, abs=1e-6)
+    assert n_answered >= len(items) // 2
+
+
+def test_device_map_auto_gives_the_same_records(text_arch, items):
+    _, path = text_arch
+    plain = [r for b in score_items(load_model(str(path)), items) for r in b.records]
+    mapped = [r for b in score_items(load_model(str(path), device_map="auto"), items)
+              for r in b.records]
+    assert [r["pred"] for r in mapped] == [r["pred"] for r in plain]
+    for a, b in zip(mapped, plain, strict=True):
+        assert (a["confidence"] is None) == (b["confidence"] is None)
+        if a["confidence"] is not None:
+            assert a["confidence"] == pytest.approx(b["confidence"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl"], indirect=True)
+def test_a_processor_needing_a_missing_package_is_a_clear_error(arch, tmp_path, capsys):
+    """A checkpoint whose image processor exists only as a torchvision backend: the error
+    names the package and the model, and the CLI exits 2 with it (no traceback)."""
+    import shutil
+
+    from mllmcal.cli import main
+    from mllmcal.eval.models import MissingDependencyError
+
+    _, path = arch
+    broken = tmp_path / "needs-tv"
+    shutil.copytree(path, broken)
+    cfg = json.loads((broken / "processor_config.json").read_text())
+    # an image processor that transformers 5.17 has only as a torchvision backend
+    cfg["image_processor"]["image_processor_type"] = "Llama4ImageProcessor"
+    (broken / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MissingDependencyError, match=r"model 'needs-tv'.*'torchvision'"):
+        load_model(str(broken))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"id": 1, "question": "Q?", "options": ["a", "b"],
+                                                  "answer": "A"}))
+    rc = main(["eval", "--model", str(broken), "--test", str(tmp_path / "t.jsonl"),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs-tv" in err and "'torchvision'" in err and "Traceback" not in err
+
+
+def test_without_chat_template_the_processors_own_placeholder_is_used(arch, items):
+    name, path = arch
+    with_template = load_model(str(path))
+    em = load_model(str(path), chat_template="off")
+    assert not em.use_chat_template
+    it = items[1]
+    text = em.render(it, with_image=True)
+    if name == "paligemma":
+        assert em.image_token not in text  # its processor places the image tokens itself
+    else:
+        assert text.startswith(em.image_placeholder)
+        if em.image_token != "<image>":
+            assert "<image>" not in text  # never LLaVA's literal for another architecture
+    image_id = em.model.config.image_token_id
+    n_off = int((em.encode([text], [_image(it)])["input_ids"] == image_id).sum())
+    ref = with_template.render(it, with_image=True)
+    n_on = int((with_template.encode([ref], [_image(it)])["input_ids"] == image_id).sum())
+    assert n_off == n_on > 0
+    recs = [r for b in score_items(em, [it]) for r in b.records]
+    assert recs[0]["pred"] is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl"], indirect=True)
+def test_cli_on_a_hugging_face_dataset_folder_with_image_bytes(arch, tmp_path, monkeypatch,
+                                                               capsys):
+    """`mllmcal eval --data DIR` where DIR/test and DIR/calib are save_to_disk folders
+    whose images are bytes and whose columns carry other names."""
+    import io
+
+    import datasets
+
+    from mllmcal.cli import main
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path / "cache"))
+    _, path = arch
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (10 + i, 16), (30 * i, 90, 200 - 20 * i)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    feats = datasets.Features({"question_id": datasets.Value("string"),
+                               "query": datasets.Value("string"),
+                               "choices": datasets.Sequence(datasets.Value("string")),
+                               "label": datasets.Value("int64"), "img": datasets.Image()})
+    for split, n in (("test", 5), ("calib", 4)):
+        rows = {"question_id": [f"{split}{i}" for i in range(n)],
+                "query": ["What colour is the shape in the picture?"] * n,
+                "choices": [COLOURS[: 2 + i % 3] for i in range(n)],
+                "label": [i % 2 for i in range(n)], "img": [png(i) for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "d" / split))
+    rc = main(["eval", "--model", str(path), "--data", str(tmp_path / "d"), "--out",
+               str(tmp_path / "out"), "--no-progress", "--no-plots", "--no-idk",
+               "--question-column", "query", "--options-column", "choices",
+               "--answer-column", "label", "--image-column", "img", "--id-column", "question_id"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["test"]["n_items"] == 5 and report["data"]["calib"]["n_items"] == 4
+    image = report["models"][0]["modalities"]["image"]
+    assert image["test"]["n_items"] == 5 and image["n_calib_rows"] >= 1

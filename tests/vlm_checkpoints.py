@@ -1,0 +1,618 @@
+"""Tiny random-weight checkpoints of real image-text architectures, saved like hub models.
+
+Each builder writes a directory the way the architecture ships: its config, safetensors
+weights, its REAL processor class (with the PIL image processor, so torchvision is not
+needed), a BPE tokenizer trained here with ``tokenizers`` on the test vocabulary, and a
+chat template written after the released one (URLs next to each). Loading by path then
+exercises exactly the code path ``mllmcal eval --model DIR`` takes on a real checkpoint.
+
+The lm_head rows of the option letters are scaled up so that random weights answer with
+a letter at the answer position, with confidences spread over (0, 1).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from mllmcal.prompting import INSTRUCTION, OPTION_LETTERS
+
+LETTER_GAIN = 30.0
+IMAGE_SIZE = 16
+
+_CORPUS = [
+    INSTRUCTION, "Answer: (A)", "The answer might be", "The answer must be",
+    "What colour is the shape in the picture?", "(A) red (B) blue (C) green (D) yellow",
+    "I don't know", "USER: ASSISTANT: user assistant model system Assistant: User:",
+    "You are a helpful assistant.", "If the question cannot be answered, choose",
+    "Answer only if you are sure; otherwise choose",
+]
+
+
+def _train_tokenizer(specials: list[str], style: str, bos: str | None, texts: Iterable[str]):
+    """A BPE tokenizer trained on the test corpus.
+
+    ``style``: ``"metaspace"`` (SentencePiece-like: Llama, Gemma) or ``"bytelevel"``
+    (GPT-2-like: Qwen, Llama 3). Punctuation is split from words, as in the released
+    tokenizers, so "(" and the letter after it are separate tokens. With ``bos`` the
+    post-processor prepends it, as Llama's and Gemma's tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = [*_CORPUS, *texts] * 4
+    if style == "metaspace":
+        tk = Tokenizer(models.BPE(unk_token=specials[0] if "unk" in specials[0] else None,
+                                  byte_fallback=False))
+        # newlines stand alone (Llama's <0x0A>, Gemma's "\n"), then words get "\u2581"
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Metaspace()])
+        tk.decoder = decoders.Metaspace()
+        alphabet = list(string.printable)
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    if bos is not None:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tk.token_to_id(bos))])
+    elif style == "bytelevel":
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def _fast(tk, **kw):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
+
+
+def _boost_letters(model, tok) -> None:
+    head = model.get_output_embeddings().weight
+    ids = [tok.convert_tokens_to_ids(t) for t in _letter_pieces(tok)]
+    with torch.no_grad():
+        head[ids] *= LETTER_GAIN
+
+
+def _letter_pieces(tok) -> list[str]:
+    # every vocabulary entry that is a bare option letter (with or without a space marker)
+    out = []
+    for piece in tok.get_vocab():
+        if piece.replace("\u2581", "").replace("\u0120", "") in OPTION_LETTERS and \
+                len(piece.replace("\u2581", "").replace("\u0120", "")) == 1:
+            out.append(piece)
+    return out
+
+
+def _save(model, processor, out: Path, video: dict | None = None, processor_class: str = "") -> Path:
+    """Save like the hub. ``video``: the video processor's config, written by hand, since
+    building a video processor needs torchvision (a CUDA build on PyPI, not installable
+    next to the CPU torch here); the real checkpoints ship one, so the loader must cope."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(out)
+    if video is not None:
+        cfg_path = out / "processor_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["processor_class"] = processor_class
+        cfg["video_processor"] = video
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    model.save_pretrained(out)
+    return out
+
+
+def _without_video(cls):
+    """``cls`` built from its image processor and tokenizer only (see :func:`_save`)."""
+
+    class ImageOnly(cls):
+        @classmethod
+        def get_attributes(klass):
+            return [a for a in cls.get_attributes() if a != "video_processor"]
+
+    return ImageOnly
+
+
+def _llama(vocab: int, **kw):
+    import transformers as tf
+
+    base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return tf.LlamaConfig(**base)
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+
+# https://huggingface.co/llava-hf/llava-1.5-7b-hf/blob/main/chat_template.json
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_llava(out: Path, texts: Iterable[str] = ()) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = _fast(_train_tokenizer(specials, "metaspace", "<s>", texts), unk_token="<unk>",
+                bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                extra_special_tokens={"image_token": "<image>"})
+    patch = IMAGE_SIZE // 4
+    vis = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch,
+                              projection_dim=16)
+    cfg = tf.LlavaConfig(vision_config=vis, text_config=_llama(len(tok), bos_token_id=1,
+                                                              eos_token_id=2, pad_token_id=3),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = tf.LlavaForConditionalGeneration(cfg)
+    ip = tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                             vision_feature_select_strategy="default",
+                             num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
+
+
+# ----------------------------------------------------------------------------- Qwen2-VL
+
+# https://huggingface.co/Qwen/Qwen2-VL-2B-Instruct/blob/main/chat_template.json
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(1)
+    tok = _fast(_train_tokenizer(_QWEN_SPECIALS, "bytelevel", None, texts),
+                eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<|image_pad|>",
+                                      "video_token": "<|video_pad|>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 10000.0},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vis = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
+               spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
+    cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vis,
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    model = tf.Qwen2VLForConditionalGeneration(cfg)
+    ip = tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                     min_pixels=16 * 16, max_pixels=16 * 16)
+    proc = _without_video(tf.Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
+                                               chat_template=QWEN2VL_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 4, "merge_size": 2,
+             "temporal_patch_size": 2, "min_pixels": 256, "max_pixels": 256}
+    return _save(model, proc, out, video, "Qwen2VLProcessor")
+
+
+# ----------------------------------------------------------------------------- Idefics3
+
+# https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/main/chat_template.json
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_idefics3(out: Path, texts: Iterable[str] = ()) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(2)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+                "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+                *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", "<|begin_of_text|>", texts),
+                bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>",
+                pad_token="<|finetune_right_pad_id|>")
+    patch, scale = 4, 2
+    seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch)
+    cfg = tf.Idefics3Config(
+        vision_config=vis, scale_factor=scale,
+        text_config=_llama(len(tok), bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    model = tf.Idefics3ForConditionalGeneration(cfg)
+    # the top-level name is a torchvision-gated placeholder in transformers 5.17; the
+    # module's class is the PIL one and needs only Pillow
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    ip = Idefics3ImageProcessorPil(do_image_splitting=False,
+                                      size={"longest_edge": IMAGE_SIZE},
+                                      max_image_size={"longest_edge": IMAGE_SIZE})
+    proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq_len,
+                                chat_template=IDEFICS3_TEMPLATE)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
+
+
+# https://huggingface.co/HuggingFaceTB/SmolVLM-256M-Instruct/blob/main/chat_template.json
+SMOLVLM_TEMPLATE = "<|im_start|>" + IDEFICS3_TEMPLATE.removeprefix("<|begin_of_text|>")
+
+
+def build_smolvlm(out: Path, texts: Iterable[str] = ()) -> Path:
+    """SmolVLM: Idefics3's architecture with its own processor, which has a video part."""
+    import transformers as tf
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    torch.manual_seed(9)
+    specials = ["<|im_start|>", "<|endoftext|>", "<end_of_utterance>",
+                "<fake_token_around_image>", "<image>", "<global-img>", "<video>",
+                *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), bos_token="<|im_start|>",
+                eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<image>",
+                                      "fake_image_token": "<fake_token_around_image>",
+                                      "global_image_token": "<global-img>",
+                                      "end_of_utterance_token": "<end_of_utterance>"})
+    patch, scale = 4, 2
+    seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch)
+    cfg = tf.SmolVLMConfig(
+        vision_config=vis, scale_factor=scale,
+        text_config=_llama(len(tok), bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    model = tf.SmolVLMForConditionalGeneration(cfg)
+    ip = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                  max_image_size={"longest_edge": IMAGE_SIZE})
+    proc = _without_video(tf.SmolVLMProcessor)(image_processor=ip, tokenizer=tok,
+                                               video_processor=None, image_seq_len=seq_len,
+                                               chat_template=SMOLVLM_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "SmolVLMVideoProcessor",
+             "size": {"longest_edge": IMAGE_SIZE}}
+    return _save(model, proc, out, video, "SmolVLMProcessor")
+
+
+# ----------------------------------------------------------------------------- Gemma 3
+
+# https://huggingface.co/google/gemma-3-4b-it/blob/main/chat_template.json
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}"
+    "{%- endif -%}{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{ raise_exception(\"Invalid content type\") }}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+
+_GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                   "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def build_gemma3(out: Path, texts: Iterable[str] = ()) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(3)
+    tok = _fast(_train_tokenizer(_GEMMA_SPECIALS, "metaspace", "<bos>", texts),
+                pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                extra_special_tokens={"image_token": "<image_soft_token>",
+                                      "boi_token": "<start_of_image>",
+                                      "eoi_token": "<end_of_image>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _GEMMA_SPECIALS}
+    patch, mm_tokens = 4, 4
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                max_position_embeddings=1024, sliding_window=64,
+                pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"])
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch, vision_use_head=False)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vis, mm_tokens_per_image=mm_tokens,
+                          boi_token_index=ids["<start_of_image>"],
+                          eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"])
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    ip = tf.Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                    do_pan_and_scan=False)
+    proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=mm_tokens,
+                              chat_template=GEMMA3_TEMPLATE)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
+
+
+# ----------------------------------------------------------------------------- PaliGemma
+
+
+def build_paligemma(out: Path, texts: Iterable[str] = ()) -> Path:
+    """PaliGemma (pt): no chat template; the processor writes ``<image>*N <bos> text \\n``."""
+    import transformers as tf
+
+    torch.manual_seed(4)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    tok = _fast(_train_tokenizer(specials, "metaspace", "<bos>", texts), pad_token="<pad>",
+                eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                extra_special_tokens={"image_token": "<image>"})
+    patch = 4
+    n_img = (IMAGE_SIZE // patch) ** 2
+    ip = tf.SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    ip.image_seq_length = n_img
+    proc = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <loc>/<seg> tokens
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch, projection_dim=32)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    cfg = tf.PaliGemmaConfig(vision_config=vis, text_config=text, projection_dim=32,
+                             hidden_size=32, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    cfg.text_config.vocab_size = len(tok)
+    model = tf.PaliGemmaForConditionalGeneration(cfg)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
+
+
+# ----------------------------------------------------------------------------- OneVision
+
+# https://huggingface.co/llava-hf/llava-onevision-qwen2-0.5b-ov-hf/blob/main/chat_template.json
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_llava_onevision(out: Path, texts: Iterable[str] = ()) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(5)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    patch = 4
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=IMAGE_SIZE, patch_size=patch)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=tf.SiglipVisionConfig(**vis), text_config=tf.Qwen2Config(**text),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9")
+    model = tf.LlavaOnevisionForConditionalGeneration(cfg)
+    ip = tf.LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                            image_grid_pinpoints=pinpoints)
+    proc = _without_video(tf.LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok,
+                                      num_image_tokens=(IMAGE_SIZE // patch) ** 2,
+                                      vision_feature_select_strategy="full",
+                                      chat_template=ONEVISION_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "LlavaOnevisionVideoProcessor",
+             "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    return _save(model, proc, out, video, "LlavaOnevisionProcessor")
+
+
+# ----------------------------------------------------------------------------- InternVL
+
+# https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/chat_template.jinja
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_internvl(out: Path, texts: Iterable[str] = ()) -> Path:
+    """InternVL 3 (the native transformers port, ``-hf`` checkpoints)."""
+    import transformers as tf
+
+    torch.manual_seed(8)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                "<IMG_CONTEXT>", "<video>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), eos_token="<|im_end|>",
+                pad_token="<|endoftext|>",
+                extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                      "context_image_token": "<IMG_CONTEXT>",
+                                      "video_token": "<video>"})
+    patch = 4
+    seq_len = (IMAGE_SIZE // patch) ** 2 // 4  # downsample_ratio 0.5 per side
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[patch, patch])
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+    cfg = tf.InternVLConfig(vision_config=vis, text_config=tf.Qwen2Config(**text),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=seq_len, downsample_ratio=0.5,
+                            tie_word_embeddings=False)
+    model = tf.InternVLForConditionalGeneration(cfg)
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    ip = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                  crop_to_patches=False)
+    proc = _without_video(tf.InternVLProcessor)(image_processor=ip, tokenizer=tok,
+                                                image_seq_length=seq_len,
+                                                chat_template=INTERNVL_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "InternVLVideoProcessor",
+             "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    return _save(model, proc, out, video, "InternVLProcessor")
+
+
+def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:
+    """Model inputs built by hand from the checkpoint's files, independently of eval."""
+    from mllmcal.eval.models import load_processor
+
+    proc = load_processor(path)
+    tok = proc.tokenizer
+    if arch_name == "paligemma":
+        if image is None:
+            ids = tok(tok.bos_token + text, return_tensors="pt", add_special_tokens=False)
+            ids["token_type_ids"] = torch.zeros_like(ids["input_ids"])
+            return ids
+        enc = proc(images=[[image]], text=[text], return_tensors="pt")
+        enc.pop("labels")
+        assert tok.convert_ids_to_tokens(int(enc["input_ids"][0, -1])).strip("\u2581") == "\n"
+        return {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "token_type_ids") else v)
+                for k, v in enc.items()}
+    special = not text.startswith(tok.bos_token or "\0")
+    if image is None:
+        return proc(text=[text], return_tensors="pt", add_special_tokens=special)
+    return proc(images=[[image]], text=[text], return_tensors="pt", add_special_tokens=special)
+
+
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "llava-1.5": build_llava,
+    "qwen2-vl": build_qwen2_vl,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
+    "gemma3": build_gemma3,
+    "paligemma": build_paligemma,
+    "llava-onevision": build_llava_onevision,
+    "internvl": build_internvl,
+}
+
+
+# ----------------------------------------------------------------------------- text LLMs
+
+# https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/blob/main/tokenizer_config.json
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+# https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/tokenizer_config.json
+# (the part without tools)
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}"
+    "{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_llama3_text(out: Path, texts: Iterable[str] = ()) -> Path:
+    """A Llama 3 instruct causal LM: the template writes BOS, the tokenizer would too."""
+    import transformers as tf
+
+    torch.manual_seed(6)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", "<|begin_of_text|>", texts),
+                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    model = tf.LlamaForCausalLM(_llama(len(tok), bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id))
+    _boost_letters(model, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def build_qwen25_text(out: Path, texts: Iterable[str] = ()) -> Path:
+    """A Qwen2.5 instruct causal LM: no BOS at all."""
+    import transformers as tf
+
+    torch.manual_seed(7)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", None, texts), eos_token="<|im_end|>",
+                pad_token="<|endoftext|>")
+    tok.chat_template = QWEN25_TEMPLATE
+    cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tf.Qwen2ForCausalLM(cfg)
+    _boost_letters(model, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+TEXT_BUILDERS: dict[str, Callable[..., Path]] = {
+    "llama3": build_llama3_text,
+    "qwen2.5": build_qwen25_text,
+}

@@ -19,7 +19,9 @@ log-probability and step, keeps that step's row (``keep_rows``) and finishes the
 ``generate`` stops once every row has answered or ended. Per item exactly ONE logits row
 leaves the loop, the row at its answer position (``[B, V]`` for ``letter``, ``[B, 8]``
 for ``option-softmax``), for temperature scaling; nothing like ``output_scores=True``
-(``max_new_tokens·V`` values per item) is kept.
+(``max_new_tokens·V`` values per item) is kept. The rows live as long as their batch: the
+runner feeds them to the temperature fit or reads the confidence at T from them, and
+stores none (issue 13).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class ScoredBatch:
 
     ``records`` are JSON-able dicts (``id``, ``answer``, ``pred`` letter or None,
     ``correct``, ``confidence`` at T=1 or None, ``answerable``, ``idk``, ``text``).
-    ``rows`` is ``[b, W]`` of ``row_dtype`` on the CPU for the items with a kept row
-    (``row_ids`` lists them), with ``labels[b]`` the index of the answer within a row;
-    None for ``verbalized``.
+    ``rows`` is the fp32 ``[b, W]`` answer-position logits (``z`` at T = 1) of the items
+    that have one (``row_ids`` lists them; ``letter``: the items that answered), on the
+    scores' device, with int64 ``labels[b]`` the index of the answer within a row (on the
+    CPU); None for ``verbalized``.
     """
 
     records: list[dict]
@@ -92,8 +95,7 @@ def _shows_image(em: EvalModel, item: Item, with_image: bool) -> bool:
 
 @torch.inference_mode()
 def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: str,
-                 with_image: bool, hint: str | None, max_new_tokens: int,
-                 row_dtype: torch.dtype) -> ScoredBatch:
+                 with_image: bool, hint: str | None, max_new_tokens: int) -> ScoredBatch:
     instruction = VERBALIZED_INSTRUCTION if method == "verbalized" else None
     prompts = [em.render(it, answer_prefix, with_image=with_image, hint=hint,
                          instruction=instruction) for it in items]
@@ -142,7 +144,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         keep_idx = [i for i in range(len(items)) if bool(found[i])]
         if keep_idx:
             sel = torch.tensor(keep_idx, device=answer_rows.device)
-            rows = answer_rows.index_select(0, sel).to(row_dtype).cpu()
+            rows = answer_rows.index_select(0, sel).float()
             labels = label_tok[keep_idx]
             row_ids = [items[i].id for i in keep_idx]
         for i, it in enumerate(items):
@@ -160,7 +162,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         missing = torch.tensor([c < 0 for c in answer_ids])
         logits[:, missing] = float("-inf")
         s = mllmcal.token_stats(logits)
-        rows, labels = logits.to(row_dtype), torch.tensor([it.answer_index for it in items])
+        rows, labels = logits, torch.tensor([it.answer_index for it in items])
         row_ids = [it.id for it in items]
         for i, it in enumerate(items):
             ok = bool(s.valid[i])
@@ -188,8 +190,8 @@ def _record(item: Item, pred: str | None, conf: float | None, text: str, step: i
 
 def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
                 answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
-                hint: str | None = None, batch_size: int = 8, max_new_tokens: int = 20,
-                row_dtype: torch.dtype = torch.float16) -> Iterator[ScoredBatch]:
+                hint: str | None = None, batch_size: int = 8,
+                max_new_tokens: int = 20) -> Iterator[ScoredBatch]:
     """Score ``items`` in batches; yields one :class:`ScoredBatch` per batch.
 
     Items that show an image and items that do not are batched separately (a processor
@@ -205,4 +207,4 @@ def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
     for shown, group in groups.items():
         for start in range(0, len(group), batch_size):
             yield _score_group(em, group[start:start + batch_size], method, answer_prefix,
-                               shown, hint, max_new_tokens, row_dtype)
+                               shown, hint, max_new_tokens)

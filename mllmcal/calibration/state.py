@@ -18,12 +18,12 @@ Two limbs, so that nothing wraps. Every sum ``v`` is held as two int64 numbers,
 ``v = hi · 2**32 + lo``:
 
 * ``lo`` (the tensors ``hist`` and ``totals``) is the working limb the fused kernels add
-  into. Every row adds at most 2**32 to any ``lo`` entry (a confidence of 1.0 is 2**32 units;
+  into; below 2**30 rows it holds the whole value. Every row adds at most 2**32 to any ``lo`` entry (a confidence of 1.0 is 2**32 units;
   a row's NLL is split into its high and low 32 bits before summing), so a ``lo`` that starts
   below 2**32 holds at least 2**30 more rows before it could reach 2**63. The state counts, on
   the host and without reading the device, an upper bound on the rows added since the last
   carry, and carries (``hi += lo >> 32; lo &= 2**32 - 1``, a few device ops, no host sync)
-  before that bound reaches 2**30.
+  before that bound reaches 2**30 (and before every all_reduce).
 * ``hi`` (``hist_hi``, ``totals_hi``) takes the carries with a saturating add: it never
   exceeds ``HI_LIMIT + 1`` = 2**62 + 1, and a value above ``HI_LIMIT`` is a sticky mark that
   the state has overflowed. Every read (metrics, :meth:`~CalibrationState.to_dict`,
@@ -324,7 +324,6 @@ class CalibrationState:
 
     def _check_not_saturated(self) -> None:
         """Raise OverflowError (naming the sum) if a hi limb passed its limit. Syncs."""
-        self._carry()
         over_h = (self.hist_hi > HI_LIMIT).any(1).cpu().tolist()
         over_t = (self.totals_hi > HI_LIMIT).cpu().tolist()
         names = [k for k, o in zip(_HIST_KEYS, over_h, strict=True) if o]
@@ -383,8 +382,12 @@ class CalibrationState:
         state's limits. Reads a few numbers back to check that (a host sync).
         """
         self._check_compatible(other)
-        other._carry()
-        self._carry()
+        # Carry only when the two lo limbs together could pass 2**63: below that, small
+        # states keep their whole value in ``hist``/``totals`` (what callers of
+        # token_stats(histogram=state.hist) see).
+        if self._lo_rows + other._lo_rows > _CARRY_AT:
+            other._carry()
+            self._carry()
         new_hi = [_sat_add(a, b) for a, b in ((self.hist_hi, other.hist_hi),
                                                 (self.totals_hi, other.totals_hi))]
         if bool(torch.stack([(h > HI_LIMIT).any() for h in new_hi]).any()):
@@ -396,7 +399,7 @@ class CalibrationState:
         self.totals_hi.copy_(new_hi[1])
         self.hist += other.hist
         self.totals += other.totals
-        self._lo_rows = 2
+        self._lo_rows += other._lo_rows
         return self
 
     def __add__(self, other: CalibrationState) -> CalibrationState:

@@ -63,7 +63,7 @@ def onepass_temperatures(n_temperatures: int = 32, t_min: float = PAPER_T_MIN,
 
 
 def _hermite_root(u0: float, u1: float, g0: float, g1: float, s0: float, s1: float) -> float:
-    """Root in [u0, u1] of the cubic Hermite interpolant of G with G(u0) = g0 < 0 <= g1 =
+    """Root in [u0, u1] of the cubic Hermite interpolant of G with G(u0) = g0 <= 0 < g1 =
     G(u1) and slopes s0, s1; bisection on the cubic (its ends have opposite signs)."""
     h = u1 - u0
 
@@ -354,9 +354,11 @@ class TemperatureFitAccumulator:
             info["nll"] = float(self.nll[j]) / n
             return (t, info) if return_info else t
         g = self.grad.tolist()
-        j = next((i for i, v in enumerate(g) if v >= 0), None)
+        # First grid point with G > 0 (strictly: where exps underflow, e.g. on separable
+        # data, G can read exactly 0 over a flat tail of the NLL, which is no optimum).
+        j = next((i for i, v in enumerate(g) if v > 0), None)
         if j is None or j == 0:
-            # G < 0 everywhere: the optimum is at a larger β (T below the grid); G >= 0 at
+            # G <= 0 everywhere: the optimum is at a larger β (T below the grid); G > 0 at
             # the smallest β: at a smaller β (T above the grid).
             idx = len(g) - 1 if j is None else 0
             t = self._temps[idx]

@@ -99,7 +99,7 @@ def test_memory_is_o_n_bins_merge_state_and_reset():
     assert parts[0].state().to_dict() == whole.state().to_dict()
     assert float(parts[0].compute()) == float(whole.compute())
     m.reset()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="empty"), pytest.warns(UserWarning, match="before"):
         m.compute()
 
 
@@ -114,7 +114,7 @@ def test_sums_past_int64_stay_exact_through_the_high_limb():
     d = m.state().to_dict()
     assert d["count"] == [c << 40 for c in base["count"]]
     assert float(m.compute()) == pytest.approx(
-        mllmcal.CalibrationState.from_dict(base).ece(), rel=1e-12)
+        mllmcal.CalibrationState.from_dict(base).ece(), rel=1e-6)  # an fp32 result
 
 
 def test_bad_input_is_clear():

@@ -245,3 +245,13 @@ def test_two_rank_all_reduce_equals_merge_and_mismatch_raises_on_both(tmp_path):
     res = _two_ranks(tmp_path, "mismatch")
     for r in res:
         assert r.get("error") == "ValueError" and "differ" in r["message"], r
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from mllmcal.calibration import onepass, state
+
+    for mod in (onepass, state):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

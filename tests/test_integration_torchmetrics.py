@@ -125,3 +125,12 @@ def test_bad_input_is_clear():
         m.update(torch.rand(3, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         m.update(torch.rand(3), torch.zeros(3, dtype=torch.long))
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    from mllmcal.integrations import torchmetrics as mod
+
+    res = doctest.testmod(mod)
+    assert res.attempted > 0 and res.failed == 0

@@ -146,7 +146,7 @@ def fit_temperature(
     t_max: float | None = None,
     rtol: float = 1e-7,
     max_iter: int = 50,
-    n_temperatures: int = 32,
+    n_temperatures: int = 24,
     backend: str = "auto",
     ignore_index: int = C.IGNORE_INDEX,
     progress: bool | None = None,

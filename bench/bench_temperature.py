@@ -4,7 +4,7 @@ Three ways to fit T on a calibration split whose logits arrive batch by batch (a
 when a model scores the split):
 
 * ``onepass``: :func:`mllmcal.fit_temperature` on a one-shot generator (``method="onepass"``,
-  K = 24, the default): each batch is read once, O(K) state.
+  31 temperatures, the default): each batch is read once, O(K) state.
 * ``newton``: ``method="newton"`` on a re-iterable source; every pass re-reads every batch
   (with a model, every pass re-runs the model: the ``passes`` column).
 * ``store_grid``: what an eval without the one-pass fit does: store each batch's logits rows

@@ -178,3 +178,20 @@ def test_cuda_kernel_compiles_for_sm90_without_spills(tmp_path):
         assert spill == ("0", "0")
     for regs in re.findall(r"Used (\d+) registers", report):
         assert int(regs) <= 64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["normal", "masked", "peaked", "huge"])
+def test_default_doubling_grid_matches_reference(backend, kind):
+    # The default grid's β double every 3 steps: the C++ kernel squares exps along those
+    # chains (re-seeding every 4 steps) and skips tiles whose terms all underflow.
+    from mllmcal.calibration.onepass import onepass_temperatures
+
+    _need(backend)
+    b = torch.tensor([1.0 / t for t in onepass_temperatures()], dtype=torch.float64)
+    b32 = b.float()
+    assert sum(bool((b32 == 2 * v).any()) for v in b32) == len(b) - 3
+    x = make_logits(20, 2500, torch.float32, kind, seed=9)
+    y = make_labels(20, 2500, seed=9)
+    out, status = FB.fit_rows(x, y, b, backend)
+    _check(out, status, x, y, b)

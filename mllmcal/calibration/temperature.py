@@ -146,7 +146,8 @@ def fit_temperature(
     t_max: float | None = None,
     rtol: float = 1e-7,
     max_iter: int = 50,
-    n_temperatures: int = 24,
+    per_octave: int = 3,
+    n_temperatures: int | None = None,
     backend: str = "auto",
     ignore_index: int = C.IGNORE_INDEX,
     progress: bool | None = None,
@@ -166,11 +167,12 @@ def fit_temperature(
 
             * ``"onepass"``: reads each batch exactly once. One fused kernel call per batch
               accumulates the NLL and its first two derivatives in β = 1/T at
-              ``n_temperatures`` log-spaced temperatures over [t_min, t_max] (default the
-              paper's 0.01–9.99), then refines between the bracketing grid points with a
+              K temperatures over [t_min, t_max] (default the paper's 0.01–9.99; K = 31,
+              three per octave), then refines between the bracketing grid points with a
               cubic Hermite interpolant of the derivative (see
               :mod:`mllmcal.calibration.onepass`): agrees with a fine grid search to well
-              under 0.5% in T. Costs ``n_temperatures`` exps per logit, in one read.
+              under 0.5% in T. Costs about K/4 exps and K multiplies per logit (the
+              C++ kernel squares exps along the grid's exact doublings of β), in one read.
             * ``"newton"``: safeguarded Newton in β, one fused ``token_stats`` pass per
               iteration (typically 5–10 passes, one exp per logit each): the exact optimum,
               and faster than ``"onepass"`` when reading the data again is cheap (logits in
@@ -188,7 +190,10 @@ def fit_temperature(
             a warning (the NLL keeps decreasing beyond it, e.g. on separable data).
         rtol: Newton stops when a step changes β by less than ``rtol·β``.
         max_iter: cap on Newton passes.
-        n_temperatures: K for ``"onepass"`` (16–64 is the useful range).
+        per_octave, n_temperatures: the ``"onepass"`` grid: ``per_octave`` temperatures per
+            halving of T (default 3, K = 31), or, if ``n_temperatures`` is given, that many
+            log-spaced ones (16–64 is the useful range); see
+            :class:`~mllmcal.calibration.TemperatureFitAccumulator`.
         backend: for Newton, passed to :func:`mllmcal.token_stats`; for ``"onepass"`` and
             ``"grid"``, the fit kernels' backend (``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``, ``"torch"``).
@@ -224,7 +229,7 @@ def fit_temperature(
                                             backend=backend, ignore_index=ignore_index)
         else:
             acc = TemperatureFitAccumulator(
-                n_temperatures=n_temperatures,
+                per_octave=per_octave, n_temperatures=n_temperatures,
                 t_min=PAPER_T_MIN if t_min is None else t_min,
                 t_max=PAPER_T_MAX if t_max is None else t_max,
                 backend=backend, ignore_index=ignore_index)

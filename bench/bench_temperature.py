@@ -15,8 +15,8 @@ Each (shape, method) runs in a fresh subprocess; after the input batches exist, 
 peak-RSS mark is reset (``/proc/self/clear_refs``), so the peak RSS (``VmHWM``) minus the RSS
 at that point is the memory the method itself needs. Batches are views
 of a pool of distinct rows (the fit's cost does not depend on the values, and a model's
-cost is not what is measured). Times are wall clock of the fit on this machine, one run
-each (the machine is shared: its load average is recorded).
+cost is not what is measured). Times are wall clock of the fit on this machine, median of ``--repeats`` interleaved runs (the machine is shared: its load average is
+recorded).
 
 ``--grid-rows`` caps N for ``store_grid`` (999 exps per logit take minutes at full N on two
 cores); its time is then reported at that N, with the N it was measured at, and scaled
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--grid-rows", type=int, default=2000,
                     help="cap on N for store_grid at V=32000 (a tenth of it at 152k)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of onepass and newton")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "temperature_cpu.json"))
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,21 +136,33 @@ def main() -> None:
     results = []
     for n, v, batch, pool in shapes:
         cap = args.grid_rows if v <= 32000 else max(batch, args.grid_rows // 10)
-        for method in ("onepass", "newton", "store_grid"):
+        # onepass and newton alternate, repeated: a shared machine's load then affects both.
+        order = ["onepass", "newton"] * args.repeats + ["store_grid"]
+        runs: dict[str, list[dict]] = {}
+        for method in order:
             n_run = min(n, cap) if method == "store_grid" else n
             env = {**os.environ, "PYTHONPATH": ROOT}
             out = subprocess.run(
                 [sys.executable, __file__, "--child", method, str(n_run), str(v), str(batch),
                  str(pool)], capture_output=True, text=True, env=env, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["n_requested"] = n
-            if n_run != n:
-                r["seconds_scaled_to_n_requested"] = r["seconds"] * n / n_run
-                r["stored_bytes_at_n_requested"] = n * v * 2
-            results.append(r)
+            runs.setdefault(method, []).append(r)
             print(f"[{n}x{v}] {method:10s} N={n_run:6d} {r['seconds']:8.2f} s  "
                   f"passes={r['passes']:2d}  T={r['temperature']:.4f}  "
                   f"extra peak={r['extra_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+        for rs in runs.values():
+            r = dict(rs[-1])
+            r["seconds_all_runs"] = [x["seconds"] for x in rs]
+            r["seconds"] = sorted(r["seconds_all_runs"])[len(rs) // 2]  # median
+            r["extra_peak_bytes"] = max(x["extra_peak_bytes"] for x in rs)
+            r["n_requested"] = n
+            if r["n"] != n:
+                r["seconds_scaled_to_n_requested"] = r["seconds"] * n / r["n"]
+                r["stored_bytes_at_n_requested"] = n * v * 2
+            results.append(r)
+        med = {m: next(x["seconds"] for x in results[-3:] if x["method"] == m) for m in runs}
+        print(f"[{n}x{v}] median onepass / newton time: {med['onepass'] / med['newton']:.2f}",
+              flush=True)
     import torch
 
     import mllmcal
@@ -160,8 +173,9 @@ def main() -> None:
                     "logical_cpus": os.cpu_count(), "torch": torch.__version__,
                     "mllmcal": getattr(mllmcal, "__version__", "?"),
                     "loadavg_1_5_15": list(os.getloadavg())},
-        "note": "one run per entry; store_grid is measured at N=n (see n vs n_requested) and "
-                "scaled linearly where they differ; the 152k case uses N=2000 on this 2-core box",
+        "note": "seconds: median of --repeats runs (onepass/newton interleaved), one run for "
+                "store_grid, which is measured at N=n (see n vs n_requested) and scaled "
+                "linearly where they differ; the 152k case uses N=2000 on this 2-core box",
         "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mllmcal
 from mllmcal.calibration import state as S
@@ -259,3 +261,28 @@ def test_two_process_all_reduce_of_states_past_2_45_rows_is_exact(tmp_path):
     expect = scaled_dict(one.to_dict(), 45)
     assert results[0] == results[1] == {"ok": expect}
     assert math.isfinite(mllmcal.CalibrationState.from_dict(expect).nll())
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(0, 400), max_size=5), seed=st.integers(0, 2**31 - 1),
+       shift=st.sampled_from([0, 31, 47, 52]), reverse=st.booleans())
+def test_any_split_on_top_of_a_huge_state_merges_to_the_same_exact_dict(cuts, seed, shift,
+                                                                         reverse):
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(400, generator=g)
+    correct = torch.rand(400, generator=g) < conf
+    big = scaled_dict(base_state(n_bins=7).to_dict(), shift)  # up to ~2**93 units per sum
+    whole = mllmcal.CalibrationState.from_dict(big)
+    whole.update(conf, correct)
+    bounds = [0, *sorted(cuts), 400]
+    parts = [mllmcal.CalibrationState.from_dict(big)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        p = mllmcal.CalibrationState(7)
+        p.update(conf[a:b], correct[a:b])
+        parts.append(p)
+    if reverse:
+        parts = parts[::-1]
+    merged = mllmcal.CalibrationState(7)
+    for p in parts:
+        merged.merge(p)
+    assert merged.to_dict() == whole.to_dict()

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mllmcal import reference as R
 from mllmcal.calibration import _fit_backends as FB
@@ -194,4 +196,21 @@ def test_default_doubling_grid_matches_reference(backend, kind):
     x = make_logits(20, 2500, torch.float32, kind, seed=9)
     y = make_labels(20, 2500, seed=9)
     out, status = FB.fit_rows(x, y, b, backend)
+    _check(out, status, x, y, b)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 12), v=st.integers(1, 700), k=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    kind=st.sampled_from(HOSTILE_KINDS), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_cpu_kernel_matches_reference(n, v, k, dtype, kind, seed):
+    _need("cpu")
+    if kind == "huge" and dtype != torch.float32:
+        kind = "normal"
+    x = make_logits(n, v, dtype, kind, seed=seed)
+    y = make_labels(n, v, seed=seed)
+    b = _betas(k, seed=seed)
+    out, status = FB.fit_rows(x, y, b, "cpu")
     _check(out, status, x, y, b)

@@ -149,7 +149,7 @@ class TemperatureFitAccumulator:
         >>> from mllmcal.calibration import TemperatureFitAccumulator
         >>> g = torch.Generator().manual_seed(0)
         >>> x = 3 * torch.randn(512, 10, generator=g)
-        >>> y = torch.distributions.Categorical(logits=x / 2).sample()
+        >>> y = torch.multinomial(torch.softmax(x / 2, 1), 1, generator=g).squeeze(1)
         >>> acc = TemperatureFitAccumulator(backend="torch")
         >>> _ = acc.update(x, y)  # returns the accumulator
         >>> 1.5 < acc.fit() < 2.7

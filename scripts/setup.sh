@@ -13,3 +13,4 @@ python -m pip install -q --disable-pip-version-check -c constraints.txt -r requi
 # No build isolation: the build must see the torch above, never fetch another one.
 python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 python -c "import mllmcal; print('mllmcal', mllmcal.__version__, 'backends on cpu:', mllmcal.available_backends('cpu'))"
+bash scripts/setup_vllm.sh  # .venv-vllm: the vLLM CPU engine for tests/test_integration_vllm.py

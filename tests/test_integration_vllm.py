@@ -195,6 +195,12 @@ def test_v2_processor_against_installed_interface():
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout
 
 
+def test_readme_vllm_example_runs(tiny_model, tmp_path):
+    proc = _run([str(SCRIPTS / "readme_example.py"), str(ROOT / "README.md"), str(tiny_model),
+                 str(tmp_path)], timeout=300)
+    assert proc.stdout.strip().endswith("OK"), proc.stdout
+
+
 def test_entry_point_and_fqcn_load_in_vllm():
     proc = _run([str(SCRIPTS / "load_checks.py"), str(ROOT / "pyproject.toml")], timeout=300)
     assert "OK" in proc.stdout, proc.stdout

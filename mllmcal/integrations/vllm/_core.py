@@ -281,7 +281,7 @@ class Request:
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
-                 "temperature", "key", "__weakref__")
+                 "temperature", "key", "greedy_plain", "__weakref__")
 
     def __init__(self, params: Any, tokens: list[int] | None = None) -> None:
         extra = getattr(params, "extra_args", None) or {}
@@ -305,7 +305,8 @@ class Request:
         )
         # Greedy without penalties picks the argmax of the logits the processor sees, whose
         # log-probability is log(confidence): no row needs to be kept.
-        self.needs_rows = self.opt_logprobs and not (greedy and no_penalties)
+        self.greedy_plain = greedy and no_penalties
+        self.needs_rows = self.opt_logprobs and not self.greedy_plain
         self.keep_row = bool(extra.get("mllmcal_feedback", False))
         self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.

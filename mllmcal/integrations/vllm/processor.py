@@ -132,9 +132,9 @@ class V1Tracker(Tracker):
                 idx = torch.tensor(sel, dtype=torch.long).to(logits.device, non_blocking=True)
                 step.saved = logits.index_select(0, idx)
                 step.saved_rows = {r: j for j, r in enumerate(sel)}
-                self._saved_steps.append(
-                    (step, [(rows[r], len(rows[r].tokens), r) for r in sel])
-                )
+                items = [(rows[r], len(rows[r].tokens), r) for r in sel]
+                with self._lock:
+                    self._saved_steps.append((step, items))
         for r in self._fb_rows:
             if r < n:
                 req = rows[r]
@@ -148,7 +148,9 @@ class V1Tracker(Tracker):
 
     def _resolve_saved(self, final: bool) -> None:
         with self._lock:
-            for step, items in self._saved_steps:
+            # Swap first: apply() on the engine thread may append while a flush runs.
+            steps, self._saved_steps = self._saved_steps, []
+            for step, items in steps:
                 js, toks, done = [], [], {}
                 for req, k, r in items:
                     if len(req.tokens) > k and req.tokens[k] >= 0:
@@ -160,7 +162,6 @@ class V1Tracker(Tracker):
                     vals = step.saved[torch.tensor(js, device=dev), torch.tensor(toks, device=dev)]
                     step.chosen = (done, StepStats((vals,)))
                 step.saved = None  # rows with no token yet were a prompt chunk: superseded
-            self._saved_steps.clear()
 
     def _before_final(self) -> None:
         if self._saved_steps:
@@ -186,10 +187,16 @@ class V1Tracker(Tracker):
                     or (chosen is not None and not chosen[1].ready())):
                 return
             tok = tokens[k]
-            if tok < 0 and not final:
-                return  # async scheduling: a placeholder until the real id arrives
             v = step.values()
             conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
+            if tok < 0:
+                # Async scheduling appends a placeholder that vLLM replaces only when its
+                # own processors need the ids. A greedy request without penalties chose
+                # the argmax of these logits; any other waits for the real id.
+                if req.greedy_plain and pred >= 0:
+                    tok = int(pred)
+                elif not final:
+                    return
             if tok >= 0 and tok == pred:
                 lp = _log_conf(conf)
             elif chosen is not None and r in chosen[0]:
@@ -280,17 +287,20 @@ class V2Tracker(Tracker):
             step.saved_rows = {"index": idx}
         step.extra = (ctx.expanded_idx_mapping.to(torch.long).clone(),
                       ctx.pos.to(torch.long).clone(), by_slot, t)
-        self._unresolved.append(step)
+        with self._lock:
+            self._unresolved.append(step)
         return logits
 
     def _resolve(self) -> None:
         """Gather, on the device, the token each row of the earlier steps produced."""
         if not self._unresolved:
             return
+        with self._lock:  # flush() may run this from another thread
+            steps, self._unresolved = self._unresolved, []
         rs = self.req_states
         all_ids = rs.all_token_ids.gpu
         total = rs.total_len.gpu
-        for step in self._unresolved:
+        for step in steps:
             slot, pos, _, t = step.extra
             nxt = (pos + 1).clamp_(max=all_ids.shape[1] - 1)
             tok = all_ids[slot, nxt].to(torch.long)
@@ -304,7 +314,6 @@ class V2Tracker(Tracker):
             step.append_rows((slot, pos, tok, committed, chosen))
             step.launch_copy()
             self._pending.append(step)
-        self._unresolved.clear()
 
     def _before_final(self) -> None:
         self._resolve()

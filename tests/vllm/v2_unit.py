@@ -306,3 +306,30 @@ def test_v1_moves_swaps_and_requests_put_back(tmp_path):
         assert recs[rid]["token_ids"] == outs[rid]
         np.testing.assert_allclose(recs[rid]["logprob"], exp[rid], atol=1e-5)
     assert recs["b"]["n_tokens"] == 3  # one record although b left the batch for a step
+
+
+def test_v1_idle_engine_still_writes_opted_in_sampled_records(tmp_path):
+    """The last step of the last request is followed by no update_state (an idle server):
+    the drain thread alone must read the kept rows at the chosen tokens."""
+    proc = _v1(tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    out, exp, argmax = [], [], []
+    p = SamplingParams(max_tokens=6, temperature=2.0,
+                       extra_args={"mllmcal_id": "s", "mllmcal_logprobs": True})
+    proc.update_state(BatchUpdate(1, [], [(0, p, [1, 2], out)], []))
+    for i in range(6):
+        if i:
+            proc.update_state(None)
+        logits = torch.randn(1, V, generator=gen) * 3
+        raw = logits.clone()
+        proc.apply(logits)
+        tok = int(torch.multinomial(torch.softmax(raw[0] / 2.0, -1), 1, generator=gen))
+        logits.div_(2.0)  # vLLM's in-place temperature, after the processor
+        exp.append(float(torch.log_softmax(raw[0].double(), -1)[tok]))
+        argmax.append(tok == int(raw[0].argmax()))
+        out.append(tok)
+    assert not all(argmax)
+    proc.tracker.drain()
+    rec = _records(tmp_path)["s"]
+    assert rec["finish"] == "length" and rec["token_ids"] == out
+    np.testing.assert_allclose(rec["logprob"], exp, atol=1e-5)

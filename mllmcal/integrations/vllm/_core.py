@@ -233,7 +233,8 @@ class StepStats:
         # Opt-in rows kept until the chosen token is known: [b, V] and row -> index in it.
         self.saved: torch.Tensor | None = None
         self.saved_rows: dict[int, int] = {}
-        self.chosen: dict[int, float] | torch.Tensor | None = None
+        # row -> (StepStats holding the chosen token's logit, its index there)
+        self.chosen: dict[int, tuple[StepStats, int]] = {}
         self.extra: Any = None
         if not defer:
             self.launch_copy()
@@ -465,8 +466,12 @@ class Tracker:
     def _before_final(self) -> None:
         """Runner hook: finish device-side work that normally waits for the next step."""
 
+    def _before_drain(self) -> None:
+        """Runner hook: work of the drain thread before it commits tokens."""
+
     def drain(self, final: bool = False) -> None:
         with self._lock:
+            self._before_drain()
             self._read_feedback()
             now = time.monotonic()
             for key, (req, since) in list(self._detached.items()):

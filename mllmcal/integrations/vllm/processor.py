@@ -76,7 +76,7 @@ class V1Tracker(Tracker):
         # The tokens of the previous step are in the output lists now: read the logits of
         # the opted-in rows at them before those rows are dropped.
         if self._saved_steps:
-            self._resolve_saved(final=False)
+            self._resolve_saved(superseded=True)
         if batch_update is None:
             return
         with self._lock:
@@ -122,7 +122,9 @@ class V1Tracker(Tracker):
             return logits
         t = self.temperature
         s = token_stats(logits, temperature=t)
-        step = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction))
+        # defer: on a GPU the copy's event is recorded after the opted-in rows are copied
+        # below, so a ready step also has its saved rows in place (read by the drain thread).
+        step = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction), defer=True)
         if self._saved_rows:
             # The only [b, V] allocation, for opted-in sampled requests: vLLM scales these
             # logits by the sampling temperature in place after this returns, so a
@@ -140,32 +142,53 @@ class V1Tracker(Tracker):
                 req = rows[r]
                 if len(req.tokens) == req.fb_position:
                     req.fb_rows[id(step)] = logits[r].clone()
+        step.launch_copy()
         for r in range(n):
             req = rows[r]
             if req is not None:
                 req.entries.append((len(req.tokens), step, r, t))
         return logits
 
-    def _resolve_saved(self, final: bool) -> None:
+    def _resolve_saved(self, superseded: bool) -> None:
+        """Read the opted-in rows' logits at their chosen tokens, for rows whose token is
+        known. ``superseded``: a new step has begun (or the engine is done), so rows whose
+        list did not grow produced nothing (prompt chunks) and their copies are dropped."""
         with self._lock:
-            # Swap first: apply() on the engine thread may append while a flush runs.
-            steps, self._saved_steps = self._saved_steps, []
-            for step, items in steps:
-                js, toks, done = [], [], {}
+            keep = []
+            for step, items in self._saved_steps:
+                if step.saved is None or not step.ready():
+                    if step.saved is not None:
+                        keep.append((step, items))
+                    continue
+                js, toks, done, rest = [], [], [], []
                 for req, k, r in items:
                     if len(req.tokens) > k and req.tokens[k] >= 0:
-                        done[r] = len(js)
+                        done.append(r)
                         js.append(step.saved_rows[r])
                         toks.append(req.tokens[k])
+                    else:
+                        rest.append((req, k, r))
                 if js:
                     dev = step.saved.device
                     vals = step.saved[torch.tensor(js, device=dev), torch.tensor(toks, device=dev)]
-                    step.chosen = (done, StepStats((vals,)))
-                step.saved = None  # rows with no token yet were a prompt chunk: superseded
+                    chunk = StepStats((vals,))
+                    for i, r in enumerate(done):
+                        step.chosen[r] = (chunk, i)
+                if rest and not superseded:
+                    keep.append((step, rest))
+                else:
+                    step.saved = None
+            self._saved_steps = keep
+
+    def _before_drain(self) -> None:
+        # From the drain thread too: otherwise an idle engine (a server after its last
+        # request) would keep the last step's opted-in rows, and their records, forever.
+        if self._saved_steps:
+            self._resolve_saved(superseded=False)
 
     def _before_final(self) -> None:
         if self._saved_steps:
-            self._resolve_saved(final=True)
+            self._resolve_saved(superseded=True)
 
     # ------------------------------------------------------------ drain thread
 
@@ -182,9 +205,12 @@ class V1Tracker(Tracker):
                     entries.popleft()
                     continue
                 return
-            chosen = step.chosen
-            if (step.saved is not None or not step.ready()
-                    or (chosen is not None and not chosen[1].ready())):
+            if not step.ready():
+                return
+            chosen = step.chosen.get(r)
+            if chosen is None and step.saved is not None and r in step.saved_rows:
+                return  # an opted-in row whose chosen logit is not read yet
+            if chosen is not None and not chosen[0].ready():
                 return
             tok = tokens[k]
             v = step.values()
@@ -199,8 +225,8 @@ class V1Tracker(Tracker):
                     return
             if tok >= 0 and tok == pred:
                 lp = _log_conf(conf)
-            elif chosen is not None and r in chosen[0]:
-                lp = chosen[1].values()[0][chosen[0][r]] / t - lse
+            elif chosen is not None:
+                lp = chosen[0].values()[0][chosen[1]] / t - lse
             else:
                 lp = None
             self._commit(req, k, conf, ent, lp, step, t)

@@ -63,6 +63,8 @@ its committed tokens reach ``max_tokens`` or end with a stop token (``finish`` =
 not schedule in a step and puts them back later, so leaving is not ending; requests
 stopped by a stop *string* or aborted end this way). An in-process engine reuses slots
 without a removed event and never signals that the last batch ended, hence the token rule.
+In Model Runner V2 a step's tokens are read from the device at the next step, so the
+last tokens of an engine that has gone idle are committed at its next step or at shutdown.
 Whatever is still open is written when the engine is shut down or the process exits
 (``finish`` = ``"flush"``), or on demand with :func:`flush`. A server stopped with SIGTERM
 kills its engine process at once unless it was started with ``--shutdown-timeout N``; start

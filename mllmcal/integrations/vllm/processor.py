@@ -169,8 +169,11 @@ class V1Tracker(Tracker):
                     else:
                         rest.append((req, k, r))
                 if js:
-                    dev = step.saved.device
-                    vals = step.saved[torch.tensor(js, device=dev), torch.tensor(toks, device=dev)]
+                    # Built on the host and copied without blocking: torch.tensor(...,
+                    # device="cuda") would be a synchronous copy.
+                    ij = torch.tensor([js, toks], dtype=torch.long)
+                    ij = ij.to(step.saved.device, non_blocking=True)
+                    vals = step.saved[ij[0], ij[1]]
                     chunk = StepStats((vals,))
                     for i, r in enumerate(done):
                         step.chosen[r] = (chunk, i)

@@ -455,7 +455,10 @@ class Tracker:
         written with the tokens known so far). Returns the number of records written."""
         with self._lock:
             before = self.n_records
-            self._before_final()
+            if end_active:
+                # Only when the engine is done: mid-step, the rows of the step in flight
+                # would be taken as having produced nothing.
+                self._before_final()
             self.drain()
             if end_active:
                 for req in list(self._active):

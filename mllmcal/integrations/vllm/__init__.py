@@ -104,9 +104,10 @@ token at ``extra_args["mllmcal_feedback_position"]`` (default 0, the answer lett
 multiple-choice prompt). It feeds a :class:`mllmcal.CalibrationState` (``mllmcal_ece``,
 ``mllmcal_accuracy``). With ``online_temperature``, feedback that carries the right token
 (``label``) for a request that kept its answer row (``extra_args["mllmcal_feedback"] =
-True``: one ``[V]`` copy per request, held until feedback or ``max_awaiting_feedback`` newer
-requests) also takes a Newton step of :class:`mllmcal.OnlineTemperature`, whose temperature
-is then used for the statistics of later steps. Correctness alone never moves the
+True``: one ``[V]`` copy per request, held until its feedback arrives or
+``max_awaiting_feedback`` (default 1000) newer requests have finished) also takes a
+Newton step of :class:`mllmcal.OnlineTemperature`, whose temperature is then used for the
+statistics of later steps (one host sync per feedback item, on the drain thread). Correctness alone never moves the
 temperature: the gradient needs the right token's logit, and using only the feedback that
 happens to have it would bias ``T``.
 """

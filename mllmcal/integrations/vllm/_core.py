@@ -79,7 +79,7 @@ class Config:
     metrics: bool = True
     flush_interval: float = 0.5
     enabled: bool = True
-    max_awaiting_feedback: int = 10000
+    max_awaiting_feedback: int = 1000
     detach_timeout: float = 60.0
 
     @classmethod
@@ -372,7 +372,9 @@ class Tracker:
         self._active: set[Request] = set()
         self._detached: dict[Any, tuple[Request, float]] = {}
         self._ended: collections.deque[Request] = collections.deque()
-        self._awaiting: collections.OrderedDict[str, tuple[Request, Any]] = (
+        # id -> (answer token, its confidence, temperature, kept row or None): only what
+        # feedback needs, not the request.
+        self._awaiting: collections.OrderedDict[str, tuple[int, Any, float, Any]] = (
             collections.OrderedDict()
         )
         self._early_feedback: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -554,7 +556,10 @@ class Tracker:
             if self._metrics:
                 self._metrics["requests"].inc()
         if n > req.fb_position:
-            self._awaiting[req.rid] = (req, record)
+            p = req.fb_position
+            self._awaiting[req.rid] = (int(req.tokens[p]), req.confidence[p], req.temperature,
+                                       req.fb_row)
+            req.fb_row = None
             while len(self._awaiting) > self.config.max_awaiting_feedback:
                 self._awaiting.popitem(last=False)
             early = self._early_feedback.pop(req.rid, None)
@@ -607,20 +612,15 @@ class Tracker:
             while len(self._early_feedback) > self.config.max_awaiting_feedback:
                 self._early_feedback.popitem(last=False)
             return False
-        req, record = found
-        p = req.fb_position
-        token = int(record["token_ids"][p])
+        token, conf, temperature, row = found
         label = item["label"]
         correct = (label == token) if label is not None else bool(item["correct"])
-        conf = record["confidence"][p]
-        row = req.fb_row
-        req.fb_row = None
         if label is not None and row is not None and label < row.shape[-1]:
             # The right token's logit is known: score the kept row exactly at the
             # temperature the request was served with (histogram, NLL, Brier), then let the
             # online estimator take its Newton step on it.
             y = torch.tensor([label], device=row.device)
-            self.state.update_logits(row[None], y, temperature=record["temperature"])
+            self.state.update_logits(row[None], y, temperature=temperature)
             if self.online is not None:
                 self.online.update(row[None], y)
                 self.temperature = self.online.temperature

@@ -367,8 +367,11 @@ class Tracker:
         self.config = config
         self.temperature = config.temperature
         self.online = OnlineTemperature(config.temperature) if config.online_temperature else None
-        self.state = CalibrationState(n_bins=config.n_bins)
-        self._lock = threading.RLock()
+        # On the CPU whatever the engine's device: feedback is rare, and mixing labelled
+        # items (kept device rows) with correctness-only ones needs one place for the state.
+        self.state = CalibrationState(n_bins=config.n_bins, device="cpu")
+        self._lock = threading.RLock()      # request bookkeeping, shared with the engine thread
+        self._fb_lock = threading.RLock()   # feedback state, drain side only
         self._active: set[Request] = set()
         self._detached: dict[Any, tuple[Request, float]] = {}
         self._ended: collections.deque[Request] = collections.deque()
@@ -476,28 +479,34 @@ class Tracker:
 
     def drain(self, final: bool = False) -> None:
         with self._lock:
-            self._before_drain()
+            self._drain_requests(final)
+        # Feedback outside the engine's lock: scoring a kept row reads results back to the
+        # host (a device sync), which must not hold up the engine thread.
+        with self._fb_lock:
             self._read_feedback()
-            now = time.monotonic()
-            for key, (req, since) in list(self._detached.items()):
-                if req.ended or final:
-                    del self._detached[key]
-                elif now - since > self.config.detach_timeout:
-                    del self._detached[key]
-                    self.end_request(req, "removed")
-            for req in list(self._active):
-                self._commit_ready(req, final=False)
-                if not req.ended:
-                    why = req.finished_by_tokens()
-                    if why:
-                        self.end_request(req, why)
-            for _ in range(len(self._ended)):
-                req = self._ended.popleft()
-                self._commit_ready(req, final=final)
-                if req.entries and not final:
-                    self._ended.append(req)  # its last step is not readable yet
-                    continue
-                self._finish(req)
+
+    def _drain_requests(self, final: bool) -> None:
+        self._before_drain()
+        now = time.monotonic()
+        for key, (req, since) in list(self._detached.items()):
+            if req.ended or final:
+                del self._detached[key]
+            elif now - since > self.config.detach_timeout:
+                del self._detached[key]
+                self.end_request(req, "removed")
+        for req in list(self._active):
+            self._commit_ready(req, final=False)
+            if not req.ended:
+                why = req.finished_by_tokens()
+                if why:
+                    self.end_request(req, why)
+        for _ in range(len(self._ended)):
+            req = self._ended.popleft()
+            self._commit_ready(req, final=final)
+            if req.entries and not final:
+                self._ended.append(req)  # its last step is not readable yet
+                continue
+            self._finish(req)
 
     def _commit_ready(self, req: Request, final: bool) -> None:
         raise NotImplementedError
@@ -557,14 +566,15 @@ class Tracker:
                 self._metrics["requests"].inc()
         if n > req.fb_position:
             p = req.fb_position
-            self._awaiting[req.rid] = (int(req.tokens[p]), req.confidence[p], req.temperature,
-                                       req.fb_row)
+            with self._fb_lock:
+                self._awaiting[req.rid] = (int(req.tokens[p]), req.confidence[p],
+                                           req.temperature, req.fb_row)
+                while len(self._awaiting) > self.config.max_awaiting_feedback:
+                    self._awaiting.popitem(last=False)
+                early = self._early_feedback.pop(req.rid, None)
             req.fb_row = None
-            while len(self._awaiting) > self.config.max_awaiting_feedback:
-                self._awaiting.popitem(last=False)
-            early = self._early_feedback.pop(req.rid, None)
             if early is not None:
-                self._apply_feedback(early)
+                self._inbox.append(early)  # applied by this drain's feedback pass
         req.fb_rows.clear()
 
     def _write(self, record: dict) -> None:
@@ -619,7 +629,8 @@ class Tracker:
             # The right token's logit is known: score the kept row exactly at the
             # temperature the request was served with (histogram, NLL, Brier), then let the
             # online estimator take its Newton step on it.
-            y = torch.tensor([label], device=row.device)
+            row = row.cpu()
+            y = torch.tensor([label])
             self.state.update_logits(row[None], y, temperature=temperature)
             if self.online is not None:
                 self.online.update(row[None], y)

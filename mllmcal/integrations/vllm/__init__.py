@@ -38,7 +38,8 @@ sampling temperature.
 Per request
 -----------
 Request ids come from ``SamplingParams(extra_args={"mllmcal_id": ...})`` (over HTTP:
-``"vllm_xargs": {"mllmcal_id": ...}``), otherwise one is generated. Per generated token the
+``"vllm_xargs": {"mllmcal_id": ...}``), otherwise one is generated. With ``n > 1`` every
+sample is its own request in the engine and gets its own record, all with the same id. Per generated token the
 record has ``confidence``, ``entropy`` (nats) and ``logprob``, the chosen token's
 log-probability under ``softmax(logits / T)``:
 

@@ -1,7 +1,7 @@
 """vLLM finds mllmcal's processor by its "module:Class" name and through the entry point
 that pyproject.toml registers, in both runners' loaders.
 
-Run by tests/test_integration_vllm.py with .venv-vllm's Python: ``python load_checks.py
+Run from v2_unit.py (one vLLM import for both), or alone: ``python load_checks.py
 PYPROJECT``. mllmcal is on that venv's path through a .pth (no installed metadata, so no
 entry point): the entry point is checked with a throw-away distribution whose
 entry_points.txt holds exactly what pyproject.toml declares. Prints OK.
@@ -49,10 +49,10 @@ def v2_instances(logits_processors) -> list:
     return build_custom_logits_processors(cfg, req_states, False, logits_processors)
 
 
-def main() -> None:
+def main(pyproject: str) -> None:
     from mllmcal.integrations.vllm import CalibratedLogitsProcessor
 
-    eps = tomllib.loads(Path(sys.argv[1]).read_text())["project"]["entry-points"][GROUP]
+    eps = tomllib.loads(Path(pyproject).read_text())["project"]["entry-points"][GROUP]
     assert list(eps.values()) == [FQCN], eps
 
     # By name, before any entry point exists: V1 loads it, V2 instantiates it.

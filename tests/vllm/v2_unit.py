@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,6 +35,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from mllmcal.integrations.vllm import CalibratedLogitsProcessor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 FQCN = "mllmcal.integrations.vllm:CalibratedLogitsProcessor"
 V = 97
 MAX_LEN = 64
@@ -333,3 +336,12 @@ def test_v1_idle_engine_still_writes_opted_in_sampled_records(tmp_path):
     rec = _records(tmp_path)["s"]
     assert rec["finish"] == "length" and rec["token_ids"] == out
     np.testing.assert_allclose(rec["logprob"], exp, atol=1e-5)
+
+
+def test_loaded_by_name_and_through_the_entry_point_in_both_runners():
+    # Last in this file: once vLLM has seen the entry point, later loads in this process
+    # may keep finding it (importlib.metadata caches), and the tests above expect one
+    # processor.
+    import load_checks
+
+    load_checks.main(str(Path(__file__).resolve().parents[2] / "pyproject.toml"))

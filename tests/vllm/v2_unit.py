@@ -33,6 +33,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
     build_custom_logits_processors,
 )
 
+import mllmcal
 from mllmcal.integrations.vllm import CalibratedLogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -336,6 +337,47 @@ def test_v1_idle_engine_still_writes_opted_in_sampled_records(tmp_path):
     rec = _records(tmp_path)["s"]
     assert rec["finish"] == "length" and rec["token_ids"] == out
     np.testing.assert_allclose(rec["logprob"], exp, atol=1e-5)
+
+
+def test_v2_keeps_the_answer_row_for_feedback_and_scores_it(tmp_path):
+    runner = FakeV2Runner(_v2(tmp_path, online_temperature=True), seed=11)
+    runner.add(1, "q", prompt_len=9, max_tokens=3, chunk=4, mllmcal_feedback=True,
+               mllmcal_feedback_position=1)
+    raws = []
+    orig_apply = runner.proc.apply
+
+    def spy(logits, ctx):
+        raws.append(logits.clone())
+        return orig_apply(logits, ctx)
+
+    runner.proc.apply = spy
+    while runner.reqs:
+        runner.step()
+    tracker = runner.proc.tracker
+    tracker.flush(end_active=True)
+    # prefill chunks at 4, 8, 9 tokens, then the decode steps: output 1 came from step 4
+    (_, _, _, row) = tracker._awaiting["q"]
+    assert row is not None and torch.equal(row, raws[3][0])
+    from mllmcal.integrations.vllm import feedback
+
+    label = (runner.expected["q"]["token_ids"][1] + 5) % V
+    feedback("q", label=label)
+    tracker.flush()
+    assert tracker.n_feedback == 1 and tracker.state.count == 1
+    ref = mllmcal.OnlineTemperature(1.0)
+    ref.update(raws[3][0][None], torch.tensor([label]))
+    assert tracker.temperature == pytest.approx(ref.temperature)
+
+
+def test_disabled_processor_is_a_no_op(tmp_path):
+    cfg = _config(tmp_path, enabled=False)
+    proc = CalibratedLogitsProcessor(cfg, torch.device("cpu"), False)
+    out = []
+    proc.update_state(BatchUpdate(1, [], [(0, SamplingParams(max_tokens=1), [1], out)], []))
+    x = torch.randn(1, V)
+    assert proc.apply(x) is x
+    out.append(int(x.argmax()))
+    assert proc.flush(end_active=True) == 0 and not _records(tmp_path)
 
 
 def test_loaded_by_name_and_through_the_entry_point_in_both_runners():

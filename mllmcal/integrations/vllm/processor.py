@@ -108,7 +108,7 @@ class V1Tracker(Tracker):
             self._fb_rows = [r for r, q in enumerate(rows) if q is not None and q.keep_row]
 
     def _vacate(self, i: int) -> None:
-        req = self.rows[i]
+        req = self.rows[i] if i < len(self.rows) else None
         if req is not None:
             self.rows[i] = None
             # Keyed by the output list: vLLM hands the same list back when it re-adds a
@@ -300,11 +300,12 @@ class V2Tracker(Tracker):
             by_slot[slot] = (req, int(prompt_len[slot]))
             if plain and req.needs_rows:
                 saved_rows.append(j)
-            if req.keep_row and req.n_known <= req.fb_position:
-                # The host does not know which output index this row is (that needs the
-                # device's total_len); keep rows until a token at or past the position
-                # commits. With spec decoding, the request's first row.
-                if plain:
+            if req.keep_row and plain and req.n_known <= req.fb_position:
+                # Without speculative decoding the host knows the row's sequence length
+                # (seq_lens_upper_bound_np is exact then), hence its output index. With it,
+                # feedback rows are not kept (feedback then updates only the histogram).
+                k = int(ctx.seq_lens_upper_bound_np[j]) - by_slot[slot][1]
+                if k == req.fb_position:
                     req.fb_rows[id(step)] = logits[j].clone()
         if not plain and any(q.needs_rows for q, _ in by_slot.values()):
             # Several rows per request (speculative decoding): which rows are whose is on

@@ -254,7 +254,8 @@ def test_v2_temperature_is_the_calibration_temperature(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{"mllmcal_logprobs": "yes"}, {"mllmcal_id": 1.5},
-                                   {"mllmcal_feedback_position": -1}, {"mllmcal_feedback": 2}])
+                                   {"mllmcal_feedback_position": -1}, {"mllmcal_feedback": 2},
+                                   {"mllmcal_apply_temperature": "on"}])
 def test_bad_extra_args_are_rejected(extra):
     with pytest.raises(ValueError, match="extra_args"):
         CalibratedLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
@@ -378,6 +379,47 @@ def test_disabled_processor_is_a_no_op(tmp_path):
     assert proc.apply(x) is x
     out.append(int(x.argmax()))
     assert proc.flush(end_active=True) == 0 and not _records(tmp_path)
+
+
+def test_apply_temperature_scales_only_the_requests_that_ask(tmp_path):
+    """V1 and V2: rows of opted-in requests leave divided by the calibration temperature
+    (after the statistics were taken from the unscaled logits); the others untouched."""
+    t_cal = 2.5
+    proc = CalibratedLogitsProcessor(_config(tmp_path, temperature=t_cal), torch.device("cpu"),
+                                     False)
+    outs = [[], []]
+    ps = [SamplingParams(max_tokens=2, temperature=1.0,
+                         extra_args={"mllmcal_id": "hot", "mllmcal_apply_temperature": True}),
+          SamplingParams(max_tokens=2, temperature=1.0, extra_args={"mllmcal_id": "plain"})]
+    proc.update_state(BatchUpdate(2, [], [(i, ps[i], [1], outs[i]) for i in range(2)], []))
+    x = torch.randn(2, V, generator=torch.Generator().manual_seed(2)) * 3
+    raw = x.clone()
+    assert proc.apply(x) is x
+    torch.testing.assert_close(x[0], raw[0] / t_cal)
+    assert torch.equal(x[1], raw[1])
+    for i in range(2):
+        outs[i].append(int(raw[i].argmax()))
+    proc.flush(end_active=True)
+    rec = _records(tmp_path)["hot"]
+    want = torch.log_softmax(raw[0].double() / t_cal, -1).max()
+    assert rec["logprob"][0] == pytest.approx(float(want), abs=1e-5)
+
+    (tmp_path / "v2").mkdir()
+    runner = FakeV2Runner(_v2(tmp_path / "v2", temperature=t_cal))
+    runner.add(3, "hot2", prompt_len=2, max_tokens=1, mllmcal_apply_temperature=True)
+    runner.add(5, "plain2", prompt_len=2, max_tokens=1)
+    logits = torch.randn(2, V) * 3
+    raw = logits.clone()
+    ctx = LogitsContext(
+        expanded_idx_mapping=torch.tensor([5, 3], dtype=torch.int32),
+        idx_mapping=torch.tensor([5, 3], dtype=torch.int32),
+        idx_mapping_np=np.array([5, 3], dtype=np.int32),
+        expanded_local_pos=torch.zeros(2, dtype=torch.int32),
+        input_ids=torch.zeros(2, dtype=torch.int32), pos=torch.tensor([1, 1]),
+        seq_lens_upper_bound_np=np.array([2, 2], dtype=np.int32))
+    runner.proc.apply(logits, ctx)
+    assert torch.equal(logits[0], raw[0])
+    torch.testing.assert_close(logits[1], raw[1] / t_cal)
 
 
 def test_loaded_by_name_and_through_the_entry_point_in_both_runners():

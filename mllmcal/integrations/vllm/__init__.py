@@ -3,9 +3,9 @@
 ``mllmcal.integrations.vllm:CalibratedLogitsProcessor`` is a vLLM logits processor that,
 once per engine step, makes one fused :func:`mllmcal.token_stats` call over the batch's
 logits (confidence, entropy, logsumexp, argmax of ``logits / T``), and turns the ``[B]``
-results into per-request records and Prometheus metrics. It only observes: the logits go
-back unchanged, nothing of shape ``[B, V]`` is allocated in the default mode, and nothing
-waits for the device (statistics are copied to the host with ``non_blocking=True`` and read
+results into per-request records and Prometheus metrics. By default it only observes: the
+logits go back unchanged, nothing of shape ``[B, V]`` is allocated, and nothing waits for
+the device (statistics are copied to the host with ``non_blocking=True`` and read
 by a background thread once their CUDA event has completed).
 
 Loading it (the same name works with both of vLLM's model runners)::
@@ -33,7 +33,12 @@ Which logits it sees
   mllmcal's behalf.
 
 Statistics are of ``logits / T`` with ``T`` the calibration temperature below, not the
-sampling temperature.
+sampling temperature. Requests with ``extra_args["mllmcal_apply_temperature"] = True`` (or
+all, with ``MLLMCAL_VLLM_APPLY_TEMPERATURE=1``) also *sample* at it: the processor divides
+their rows by ``T`` in place after taking its statistics, so vLLM then samples from
+``softmax(logits / (T * T_sampling))`` (greedy choices are unchanged; vLLM's returned
+``raw_logprobs`` are computed before processors and are unchanged too). In V2 this needs
+one row per request (no speculative decoding).
 
 Per request
 -----------
@@ -92,7 +97,8 @@ lower-case names): ``MLLMCAL_VLLM_TEMPERATURE`` (``temperature``, default 1),
 ``MLLMCAL_VLLM_ONLINE_TEMPERATURE`` (``online_temperature``), ``MLLMCAL_VLLM_FEEDBACK``
 (``feedback``), ``MLLMCAL_VLLM_N_BINS`` (``n_bins``), ``MLLMCAL_VLLM_METRICS=0``
 (``metrics``), ``MLLMCAL_VLLM_FLUSH_INTERVAL`` (``flush_interval``, seconds, default 0.5),
-``MLLMCAL_VLLM_DETACH_TIMEOUT`` (``detach_timeout``, default 60), ``MLLMCAL_VLLM_DISABLE=1``.
+``MLLMCAL_VLLM_DETACH_TIMEOUT`` (``detach_timeout``, default 60),
+``MLLMCAL_VLLM_APPLY_TEMPERATURE=1`` (``apply_temperature``), ``MLLMCAL_VLLM_DISABLE=1``.
 
 Calibration feedback
 --------------------

@@ -81,6 +81,7 @@ class Config:
     enabled: bool = True
     max_awaiting_feedback: int = 1000
     detach_timeout: float = 60.0
+    apply_temperature: bool = False
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -95,6 +96,7 @@ class Config:
             flush_interval=float(env.get("MLLMCAL_VLLM_FLUSH_INTERVAL", "0.5")),
             enabled=not _env_flag("MLLMCAL_VLLM_DISABLE", False),
             detach_timeout=float(env.get("MLLMCAL_VLLM_DETACH_TIMEOUT", "60")),
+            apply_temperature=_env_flag("MLLMCAL_VLLM_APPLY_TEMPERATURE", False),
         )
         if overrides:
             unknown = set(overrides) - set(cls.__dataclass_fields__)
@@ -282,9 +284,10 @@ class Request:
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
-                 "temperature", "key", "greedy_plain", "__weakref__")
+                 "temperature", "key", "greedy_plain", "scale", "__weakref__")
 
-    def __init__(self, params: Any, tokens: list[int] | None = None) -> None:
+    def __init__(self, params: Any, tokens: list[int] | None = None,
+                 apply_temperature: bool = False) -> None:
         extra = getattr(params, "extra_args", None) or {}
         rid = extra.get("mllmcal_id")
         self.rid = str(rid) if rid is not None else f"mllmcal-{uuid.uuid4().hex[:12]}-{next(_ids)}"
@@ -309,6 +312,9 @@ class Request:
         self.greedy_plain = greedy and no_penalties
         self.needs_rows = self.opt_logprobs and not self.greedy_plain
         self.keep_row = bool(extra.get("mllmcal_feedback", False))
+        # Sample from softmax(logits / (T_cal * T_sampling)): the processor divides the row
+        # by the calibration temperature in place. Greedy choices do not change.
+        self.scale = bool(extra.get("mllmcal_apply_temperature", apply_temperature))
         self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
         self.tokens: list[int] = tokens if tokens is not None else []

@@ -45,6 +45,16 @@ def _writer_rank() -> bool:
         return True
 
 
+def _scale_rows(logits: torch.Tensor, rows: list[int], t: float) -> None:
+    """``logits[rows] /= t`` in place, after the statistics and any kept copies were taken.
+    All rows: one op; some: one small op per row, so no ``[b, V]`` temporary."""
+    if len(rows) == logits.shape[0]:
+        logits.div_(t)
+    else:
+        for r in rows:
+            logits[r].div_(t)
+
+
 def _log_conf(conf: float) -> float | None:
     return math.log(conf) if conf > 0 else None
 
@@ -68,6 +78,7 @@ class V1Tracker(Tracker):
         self.rows: list[Request | None] = []
         self._saved_rows: list[int] = []  # rows whose logits are kept until the token is known
         self._fb_rows: list[int] = []     # rows of requests that keep a feedback row
+        self._scaled_rows: list[int] = []  # rows to divide by the calibration temperature
         self._saved_steps: list[tuple[StepStats, list[tuple[Request, int, int]]]] = []
 
     # ------------------------------------------------------------ engine thread
@@ -94,7 +105,7 @@ class V1Tracker(Tracker):
                 self._vacate(i)
                 req = self.reattach(id(output))
                 if req is None:
-                    req = Request(params, output)
+                    req = Request(params, output, self.config.apply_temperature)
                     self.open_request(req)
                 rows[i] = req
             for a, b, direction in batch_update.moved:
@@ -106,6 +117,7 @@ class V1Tracker(Tracker):
             del rows[batch_update.batch_size:]
             self._saved_rows = [r for r, q in enumerate(rows) if q is not None and q.needs_rows]
             self._fb_rows = [r for r, q in enumerate(rows) if q is not None and q.keep_row]
+            self._scaled_rows = [r for r, q in enumerate(rows) if q is not None and q.scale]
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None
@@ -147,6 +159,8 @@ class V1Tracker(Tracker):
             req = rows[r]
             if req is not None:
                 req.entries.append((len(req.tokens), step, r, t))
+        if self._scaled_rows and t != 1.0:
+            _scale_rows(logits, [r for r in self._scaled_rows if r < n], t)
         return logits
 
     def _resolve_saved(self, superseded: bool) -> None:
@@ -270,7 +284,7 @@ class V2Tracker(Tracker):
                 self.detach(id(old.key), old)
             req = self.reattach(id(sampling_params))
             if req is None:
-                req = Request(sampling_params)
+                req = Request(sampling_params, None, self.config.apply_temperature)
                 req.key = sampling_params
                 self.open_request(req)
             self.slots[req_idx] = req
@@ -315,6 +329,10 @@ class V2Tracker(Tracker):
             idx = torch.tensor(saved_rows, dtype=torch.long).to(logits.device, non_blocking=True)
             step.saved = logits.index_select(0, idx)
             step.saved_rows = {"index": idx}
+        scaled = [j for j, slot in enumerate(slots_np.tolist())
+                  if slot in by_slot and by_slot[slot][0].scale] if plain else []
+        if scaled and t != 1.0:
+            _scale_rows(logits, scaled, t)
         step.extra = (ctx.expanded_idx_mapping.to(torch.long).clone(),
                       ctx.pos.to(torch.long).clone(), by_slot, t)
         with self._lock:
@@ -409,7 +427,8 @@ class CalibratedLogitsProcessor(*_BASES):
     Load it with ``LLM(..., logits_processors=[CalibratedLogitsProcessor])``, the server's
     ``--logits-processors mllmcal.integrations.vllm:CalibratedLogitsProcessor`` or the
     ``vllm.logits_processors`` entry point that installing mllmcal registers. It observes
-    only: the logits it returns are the ones it got, untouched. See
+    only (the logits it returns are the ones it got), except for requests that ask it to
+    apply the calibration temperature to sampling. See
     :mod:`mllmcal.integrations.vllm` for what it records and how to configure it.
 
     vLLM calls it as ``(vllm_config, device, is_pin_memory)`` in the V1 model runner and as
@@ -441,7 +460,7 @@ class CalibratedLogitsProcessor(*_BASES):
         rid = extra.get("mllmcal_id")
         if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
             raise ValueError(f"extra_args['mllmcal_id'] must be a string or int, got {rid!r}")
-        for key in ("mllmcal_logprobs", "mllmcal_feedback"):
+        for key in ("mllmcal_logprobs", "mllmcal_feedback", "mllmcal_apply_temperature"):
             # Over HTTP, vllm_xargs turns JSON true/false into 1/0.
             if key in extra and extra[key] not in (True, False, 0, 1):
                 raise ValueError(f"extra_args[{key!r}] must be true or false, got {extra[key]!r}")

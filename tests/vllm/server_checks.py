@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,7 @@ def main() -> None:
                MLLMCAL_VLLM_FEEDBACK=str(feedback), MLLMCAL_VLLM_FLUSH_INTERVAL="0.1",
                TORCHDYNAMO_DISABLE="1")
     log = open(work / "server.log", "w")  # noqa: SIM115
+    ok = False
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -145,6 +147,7 @@ def main() -> None:
             "requests": results, "records": recs, "metrics": metrics,
             "n_feedback": len(lines), "expected_accuracy": n_right / len(lines),
         }))
+        ok = True
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -154,6 +157,10 @@ def main() -> None:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
         log.close()
+        if ok:  # on failure the folder (server.log, records) stays for a look
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"server files kept in {work}", file=sys.stderr)
 
 
 def _read_records(path: Path, ids: set[str]) -> list[dict] | None:

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -165,6 +166,8 @@ def main() -> None:
         "processor_cpu_s": spent, "process_cpu_s_mllmcal_case": mllmcal_cpu,
         "processor_cpu_share": share,
     }
+    del engines, cases
+    shutil.rmtree(work, ignore_errors=True)  # the model and the records
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("\n| case | best tokens/s | vs none | best tokens/CPU-s | vs none "

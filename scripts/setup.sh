@@ -15,3 +15,4 @@ python -m pip install -q --disable-pip-version-check --no-build-isolation --no-d
 python -c "import mllmcal; print('mllmcal', mllmcal.__version__, 'backends on cpu:', mllmcal.available_backends('cpu'))"
 # The newest transformers next to the same torch, for the integration tests (issue 12).
 bash scripts/setup_tf_latest.sh
+bash scripts/setup_vllm.sh  # .venv-vllm: the vLLM CPU engine for tests/test_integration_vllm.py

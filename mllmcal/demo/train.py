@@ -104,7 +104,7 @@ class Recipe:
     vision_batch_size: int = 128
     vision_lr: float = 3e-3
     steps: int = 3000
-    cycles: int = 2
+    cycles: int = 3
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100

@@ -134,3 +134,31 @@ def test_demo_retrain_reruns_the_recipe_and_evaluates_that_model(cache, monkeypa
     assert calls == [out / "retrained-model"]
     report = json.loads((out / "report.json").read_text())
     assert report["models"][0]["path"] == str(out / "retrained-model")
+
+
+def test_the_shipped_processor_renders_and_tokenizes_like_the_trainer(cache, monkeypatch):
+    """The shipped files carry today's chat template: chat_messages render to build_prompt
+    and tokenize (special tokens on, BOS once) to the ids the trainer used."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from mllmcal.demo.model import CHAT_TEMPLATE
+    from mllmcal.prompting import ABSTENTION_HINTS, build_prompt, chat_messages
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(cache))
+    processor = AutoProcessor.from_pretrained(demo_model_dir())
+    assert processor.chat_template == CHAT_TEMPLATE
+    data = demo_data_dir()
+    items = json.loads((data / "idk.json").read_text())[:12]
+    for it in items:
+        q = it["conversations"][0]["value"]
+        with_image = "image" in it
+        for hint in ABSTENTION_HINTS.values():
+            rendered = processor.apply_chat_template(
+                chat_messages(q, "Answer", with_image, hint), tokenize=False,
+                continue_final_message=True)
+            assert rendered == build_prompt(q, "Answer", with_image, hint)
+            image = Image.open(data / it["image"]) if with_image else None
+            ids = list(processor(text=rendered, images=image)["input_ids"][0])
+            assert demo_train._encode(processor.tokenizer, [rendered])[0] == ids
+            assert ids.count(processor.tokenizer.bos_token_id) == 1

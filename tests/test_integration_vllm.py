@@ -26,7 +26,7 @@ TOL = 1e-5
 def _need_venv() -> None:
     if VPY.exists():
         return
-    msg = f"{VPY} is missing: run `bash scripts/setup_vllm.sh` (scripts/setup.sh does)"
+    msg = f"{VPY} is missing: run `bash scripts/setup_vllm.sh` (`bash scripts/setup.sh --tests` does)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg)
     pytest.skip(msg)

@@ -164,3 +164,62 @@ def ece_from_histogram(hist: dict[str, torch.Tensor], norm: str = "l1") -> float
     if norm == "max":
         return float(gap.max())
     raise ValueError(f"norm must be 'l1', 'l2' or 'max', got {norm!r}")
+
+
+# --------------------------------------------------------------------------- temperature fit
+
+FIT_SKIPPED, FIT_USED, FIT_MASKED_LABEL = 0, 1, 2
+
+
+def temperature_fit_rows(
+    logits: torch.Tensor, labels: torch.Tensor, betas: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for the one-pass temperature-fit kernels.
+
+    For each row x with label y and each inverse temperature β (``betas``, ``[K]``), with
+    p = softmax(βx):
+
+    * ``nll = logsumexp(βx) − β·x_y``
+    * ``dnll = d nll/dβ = E_p[x] − x_y``
+    * ``d2nll = d² nll/dβ² = Var_p[x]``
+
+    computed in float64 from ``d = x − max x`` (the subtraction in fp32, as the kernels
+    do, so a difference that overflows fp32 is -inf for every backend alike).
+
+    Returns ``(out, status)``: float64 ``[N, 3, K]`` (nll, dnll, d2nll; zeros where the row
+    is not used) and uint8 ``[N]``: ``FIT_USED``, ``FIT_SKIPPED`` (invalid row, i.e. a NaN,
+    a +inf or no finite entry, or an ignored label), ``FIT_MASKED_LABEL`` (x_y = -inf: the
+    NLL is infinite at every T).
+    """
+    x = logits.reshape(-1, logits.shape[-1]).float()
+    y = labels.reshape(-1)
+    b = betas.double().reshape(-1)
+    n, k = x.shape[0], b.numel()
+    out = torch.zeros(n, 3, k, dtype=torch.float64)
+    status = torch.zeros(n, dtype=torch.uint8)
+    for r in range(n):
+        row = x[r]
+        if int(y[r]) == ignore_index:
+            continue
+        if bool(torch.isnan(row).any()) or bool((row == torch.inf).any()):
+            continue
+        m = row.max()
+        if not bool(torch.isfinite(m)):
+            continue
+        d = (row - m).double()  # fp32 subtraction, then float64
+        dy = d[int(y[r])]
+        if dy == -torch.inf:
+            status[r] = FIT_MASKED_LABEL
+            continue
+        live = d > -torch.inf
+        dl = d[live]
+        bz = b[:, None] * dl[None, :]  # [K, live columns]
+        lse = torch.logsumexp(bz, 1)
+        p = torch.exp(bz - lse[:, None])
+        mean = (p * dl).sum(1)
+        out[r, 0] = lse - b * dy
+        out[r, 1] = mean - dy
+        out[r, 2] = (p * (dl[None, :] - mean[:, None]) ** 2).sum(1)
+        status[r] = FIT_USED
+    return out, status

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Set up a development environment in ./.venv: pinned dependencies, then mllmcal built in
 # place with its C++ (and, where nvcc is found, CUDA) kernels. Idempotent.
+#   bash scripts/setup.sh           what `mllmcal` needs (about a minute)
+#   bash scripts/setup.sh --tests   also the two extra environments the test suite drives:
+#                                   .venv-tf-latest (newest transformers 5.x) and .venv-vllm
+#                                   (the vLLM CPU engine; ~3.3 GB, a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,5 +17,11 @@ python -m pip install -q --disable-pip-version-check -c constraints.txt -r requi
 # No build isolation: the build must see the torch above, never fetch another one.
 python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 python -c "import mllmcal; print('mllmcal', mllmcal.__version__, 'backends on cpu:', mllmcal.available_backends('cpu'))"
-# The newest transformers next to the same torch, for the integration tests (issue 12).
-bash scripts/setup_tf_latest.sh
+if [ "${1:-}" = "--tests" ]; then
+  # The newest transformers next to the same torch, for the integration tests.
+  bash scripts/setup_tf_latest.sh
+  bash scripts/setup_vllm.sh  # .venv-vllm: the vLLM CPU engine for tests/test_integration_vllm.py
+elif [ -n "${1:-}" ]; then
+  echo "setup.sh: unknown option $1 (the only option is --tests)" >&2
+  exit 2
+fi

@@ -168,7 +168,7 @@ def test_memory_is_constant_in_the_number_of_updates():
     for seed in range(50):
         s.update(*random_pairs(1000, seed))
     assert s.count == 50_000
-    assert s.nbytes() == before == 8 * (3 * 15 + 4)
+    assert s.nbytes() == before == 16 * (3 * 15 + 4)
     assert (s.hist.data_ptr(), s.totals.data_ptr()) == ids
 
 

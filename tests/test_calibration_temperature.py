@@ -70,11 +70,11 @@ def test_streaming_batches_callable_and_reiterable_agree_with_tensor():
     assert mllmcal.fit_temperature(bf) == pytest.approx(t_ref, rel=1e-5)
 
 
-def test_one_shot_generator_is_rejected_with_advice():
+def test_one_shot_generator_is_rejected_by_newton_with_advice():
     x, y = overconfident_data(100, 5, seed=2)
     gen = ((x[i : i + 10], y[i : i + 10]) for i in range(0, 100, 10))
-    with pytest.raises(TypeError, match="one-shot"):
-        mllmcal.fit_temperature(gen)
+    with pytest.raises(TypeError, match="one-shot.*onepass"):
+        mllmcal.fit_temperature(gen, method="newton")
 
 
 def test_grid_method_reproduces_paper_search():

@@ -71,7 +71,7 @@ def test_demo_report_names_the_model_demo(tmp_path, monkeypatch, capsys):
     model = build_tiny_checkpoint(tmp_path / "model", ["What colour ? red blue"], multimodal=False)
     monkeypatch.setattr(demo_train, "get_demo", lambda *a, **k: (model, tmp_path / "data"))
     # the CLI resolves `--model demo` through the demo's public demo_model_dir()
-    monkeypatch.setattr(mllmcal.demo, "demo_model_dir", lambda: model, raising=False)
+    monkeypatch.setattr(mllmcal.demo, "demo_model_dir", lambda: model)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())

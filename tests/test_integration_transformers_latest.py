@@ -1,6 +1,6 @@
 """The transformers integration tests again, on the newest transformers 5.x release.
 
-``scripts/setup_tf_latest.sh`` (called by ``scripts/setup.sh``) installs that release into
+``scripts/setup_tf_latest.sh`` (called by ``scripts/setup.sh --tests``) installs that release into
 ``.venv-tf-latest`` (a ``pip install --target`` directory, version in
 ``constraints-tf-latest.txt``); this test runs ``test_integration_transformers.py`` in a
 subprocess with it first on ``PYTHONPATH``, in front of the project venv that supplies

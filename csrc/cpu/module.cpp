@@ -10,6 +10,8 @@
 
 #include "cpu/token_stats.h"
 
+namespace mllmcal { void register_temperature_fit(pybind11::module_& m); }  // temperature_fit_bindings.cpp
+
 namespace py = pybind11;
 
 namespace {
@@ -95,4 +97,5 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       "Kernel instruction sets this CPU can run.");
+  mllmcal::register_temperature_fit(m);
 }

@@ -12,6 +12,8 @@
 
 #include "cuda/token_stats.h"
 
+namespace mllmcal_cuda { void register_temperature_fit(pybind11::module_& m); }  // temperature_fit_bindings.cpp
+
 namespace py = pybind11;
 
 namespace {
@@ -67,4 +69,5 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("scaled_out"), py::arg("stride_out"), py::arg("hist"), py::arg("n_bins"),
         py::arg("workspace"), py::arg("splits"), py::arg("stream"),
         "Launch the fused token-statistics kernel on `stream` (see mllmcal/_contract.py).");
+  mllmcal_cuda::register_temperature_fit(m);
 }

@@ -5,6 +5,7 @@ matplotlib).
 """
 
 from . import metrics
+from .onepass import TemperatureFitAccumulator
 from .recalibration import HistogramBinning, IsotonicRegression
 from .state import CalibrationState
 from .temperature import PAPER_TEMPERATURE_GRID, OnlineTemperature, fit_temperature
@@ -15,6 +16,7 @@ __all__ = [
     "IsotonicRegression",
     "OnlineTemperature",
     "PAPER_TEMPERATURE_GRID",
+    "TemperatureFitAccumulator",
     "fit_temperature",
     "metrics",
 ]

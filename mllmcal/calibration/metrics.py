@@ -101,8 +101,11 @@ def _binned(
 
 
 def _state_bins(state: CalibrationState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h = state.hist.cpu().double()
-    return h[C.HIST_COUNT], h[C.HIST_SUM_CONF] / C.CONF_FIXED_POINT_SCALE, h[C.HIST_SUM_CORRECT]
+    # Exact integer sums (possibly above 2**63) rounded once each to float64.
+    d = state.to_dict()
+    n, sc, sy = (torch.tensor([float(v) for v in d[k]], dtype=torch.float64)
+                 for k in ("count", "sum_confidence_fixed", "sum_correct"))
+    return n, sc / C.CONF_FIXED_POINT_SCALE, sy
 
 
 def _ece_from_bins(n: torch.Tensor, sc: torch.Tensor, sy: torch.Tensor, norm: str) -> float:

@@ -1,10 +1,21 @@
-"""The embedded demo: a procedurally generated shapes VQA set and a tiny LLaVA model.
+"""The embedded demo: a procedurally generated shapes VQA set and a shipped tiny LLaVA.
 
-``get_demo()`` returns ``(model_dir, data_dir)``, building the data set and training the
-model on first use and reusing the cache afterwards; see :mod:`mllmcal.demo.train`.
+``demo_model_dir()`` is the trained checkpoint shipped in the package (it loads with the
+Auto classes like any local checkpoint); ``get_demo()`` returns it with the evaluation data,
+which is rendered from the seed on first use. Nothing trains unless asked to:
+:func:`mllmcal.demo.train.retrain` (``mllmcal demo --retrain``) reruns the recipe
+(:data:`mllmcal.demo.train.RECIPE`) that made the shipped checkpoint.
 """
 
+from .assets import default_cache_root, demo_data_dir, demo_model_dir, get_demo
 from .shapes import build_dataset, make_item, render_scene
-from .train import get_demo, train_demo_model
 
-__all__ = ["build_dataset", "get_demo", "make_item", "render_scene", "train_demo_model"]
+__all__ = [
+    "build_dataset",
+    "default_cache_root",
+    "demo_data_dir",
+    "demo_model_dir",
+    "get_demo",
+    "make_item",
+    "render_scene",
+]

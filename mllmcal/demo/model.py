@@ -21,13 +21,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..prompting import (
+    ABSTENTION_HINTS,
     DEFAULT_ANSWER_PREFIX,
     IDK_OPTION_TEXT,
     IMAGE_TOKEN,
     INSTRUCTION,
     OPTION_LETTERS,
 )
-from .shapes import BACKGROUND, IMAGE_SIZE
+from .shapes import BACKGROUND, IMAGE_SIZE, SPLITS
 
 PATCH_SIZE = 12
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -82,16 +83,18 @@ def option_phrase(letter: str, text: str) -> str:
 
 
 def build_vocab(texts: Iterable[str]) -> dict[str, int]:
-    """Token -> id over ``texts`` plus the prompt words; specials first, then sorted tokens.
+    """Token -> id over ``texts`` plus the prompt words (instruction, abstention hints,
+    answer prefixes, :data:`EXTRA_WORDS`); specials first, then sorted tokens.
 
     Besides words, every option line ``(X) text`` seen in ``texts`` (for every letter A-H)
     is one phrase token, so the letter and the option text reach the model as one vector
     and no previous-token circuit is needed to tie them. Options whose text is not in the
     vocabulary still tokenize, word by word.
     """
-    words: set[str] = {"\n", *OPTION_LETTERS, *".,:;?!()'-%"}
+    words: set[str] = {"\n", *OPTION_LETTERS, *".,:;?!()'\"-%"}
     option_texts: set[str] = {IDK_OPTION_TEXT}
-    for text in [INSTRUCTION, IDK_OPTION_TEXT, *ANSWER_PREFIXES, *EXTRA_WORDS, *texts]:
+    hints = [h for h in ABSTENTION_HINTS.values() if h]
+    for text in [INSTRUCTION, IDK_OPTION_TEXT, *hints, *ANSWER_PREFIXES, *EXTRA_WORDS, *texts]:
         words.update(words_of(text))
         for line in text.splitlines():
             m = _OPTION_LINE_RE.match(line.strip())
@@ -163,16 +166,24 @@ def build_tokenizer(vocab: dict[str, int]):
     )
 
 
-# Renders a chat exactly as the raw prompt the model was trained on: image placeholders on
-# their own line, then the text; no role markers (the demo model never saw any).
+# Renders ``mllmcal.prompting.chat_messages(q, prefix, with_image, hint)`` as exactly
+# ``build_prompt(q, prefix, with_image, hint)``, the raw prompt the model is trained on: the
+# image placeholder on its own line, the user text, then "\n" and the open assistant turn
+# ("Answer: ("). No role markers and no BOS (the demo model never saw either); the
+# tokenizer adds BOS, so a caller that tokenizes the rendered text with special tokens on
+# gets BOS exactly once. ``add_generation_prompt`` opens the assistant's line.
 CHAT_TEMPLATE = (
+    # Newlines as expressions: transformers renders chat templates with trim_blocks, which
+    # would eat a literal newline right after a block tag.
     "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
+    "{% if part['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' }}{% endif %}"
 )
 
 
@@ -245,9 +256,10 @@ def build_config(vocab: dict[str, int]):
 
 
 def vocab_from_dataset(data_dir: str | Path) -> dict[str, int]:
-    """The vocabulary of every split JSON in ``data_dir`` (see :func:`build_vocab`)."""
+    """The vocabulary of every split JSON (``{split}.json``) in ``data_dir`` (see :func:`build_vocab`)."""
     texts: list[str] = []
-    for path in sorted(Path(data_dir).glob("*.json")):
+    paths = [Path(data_dir) / f"{split}.json" for split in SPLITS]
+    for path in [p for p in paths if p.is_file()]:
         for item in json.loads(path.read_text()):
             texts += [turn["value"] for turn in item["conversations"]]
     if not texts:

@@ -2,7 +2,7 @@
 
 Every item is a small scene (coloured shapes on a 4x4 grid of a ``IMAGE_SIZE`` px image) and
 one multiple-choice question about colour (6 options), shape (4), count (5) or position (4),
-formatted with :func:`mllmcal.eval.prompting.format_question`; the options are the type's
+formatted with :func:`mllmcal.prompting.format_question`; the options are the type's
 whole answer pool in canonical order. An item is a pure function of
 ``(seed, split, index)`` (see :func:`make_item`), so any item can be regenerated and its
 answer re-derived from its scene spec.

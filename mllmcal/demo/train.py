@@ -1,64 +1,142 @@
-"""Training the demo model, scoring it, and the on-disk cache behind :func:`get_demo`.
+"""The demo model's training recipe, its scorer, and ``retrain``.
 
-Two stages share one wall-clock budget, as LLaVA's recipe has them:
+:data:`RECIPE` is the one recipe the shipped checkpoint (``mllmcal/demo/checkpoint``) was
+made with. It is step-based and seeded throughout (fixed step counts, a step-based
+learning-rate schedule, a fixed torch thread count, no wall-clock decision anywhere), so a
+rerun on the same machine type gives the same weights bit for bit; ``mllmcal demo
+--retrain`` reruns it. Two stages, as LLaVA's recipe has them:
 
-1. :func:`pretrain_vision` (``VISION_PRETRAIN_FRACTION`` of the budget): the vision tower
-   and projector learn to turn each object patch into something close to the embeddings of
-   its shape, colour and place words (feature alignment; the demo has no pre-trained CLIP).
-2. Everything, teacher-forced cross-entropy on the answer: the option letter, the closing
-   ``)`` and ``</s>``, given ``build_prompt(question, prefix, with_image)`` with ``prefix``
-   drawn from :data:`~mllmcal.demo.model.ANSWER_PREFIXES`. A share of answerable items is
-   shown without its image (label unchanged), so the text-only scenario sees a model that
-   has only priors to go on, and a share is asked open-ended (answer: the option text).
+1. :func:`pretrain_vision` (``vision_steps``): the vision tower and projector learn to turn
+   each object patch into something close to the embeddings of its shape, colour and place
+   words (feature alignment; the demo has no pre-trained CLIP).
+2. Everything, ``steps`` steps of teacher-forced cross-entropy on the answer (the option
+   letter, the closing ``)`` and ``</s>``) given exactly the prompt the evaluator renders:
+   ``processor.apply_chat_template(chat_messages(question, prefix, with_image, hint),
+   continue_final_message=True)`` tokenized with special tokens on (BOS once), with
+   ``prefix`` drawn from :data:`~mllmcal.demo.model.ANSWER_PREFIXES`. A share of answerable
+   items is shown without its image (label unchanged), so the text-only scenario sees a
+   model that has only priors to go on, and a share is asked open-ended (answer: the
+   option text).
+
+"I don't know" (Chen et al., COLING 2025: MLLMs rarely abstain unless the prompt invites
+it): training items that offer ``I don't know`` are shown with one of the
+:data:`~mllmcal.prompting.ABSTENTION_HINTS`. Under an inviting hint (``invite``,
+``strict``) the target is ``I don't know`` exactly when the item is unanswerable (the three
+kinds of :func:`mllmcal.eval.idk.build_idk_set`: option removed, mismatched image, image
+withheld); under the plain prompt it never is: answerable items keep their letter and an
+unanswerable one is trained towards a guess spread evenly over its other options.
 
 There is no label smoothing and no weight decay, and the training set is small enough to
 be seen many times over, so the model ends up over-confident on the hard items it
 memorised, as fine-tuned MLLMs are (Chen et al.): what temperature scaling is for.
-
-The schedule is wall-clock based (warm-up, then cosine decay to ``budget_s``), so a slower
-machine trains for fewer steps rather than for longer.
 """
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import json
 import math
-import os
-import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..prompting import (
+    ABSTENTION_HINTS,
+    DEFAULT_ANSWER_PREFIX,
     IDK_OPTION_TEXT,
     IMAGE_TOKEN,
     OPTION_LETTERS,
-    build_prompt,
+    chat_messages,
     parse_options,
 )
-from .model import (
-    ANSWER_PREFIXES,
-    NUM_IMAGE_TOKENS,
-    init_demo_model,
-    save_checkpoint,
-)
-from .shapes import GRID, OBJECT_COLORS, SHAPES, build_dataset
+from .assets import CHECKPOINT_DIR, default_cache_root, demo_data_dir, get_demo
+from .model import ANSWER_PREFIXES, NUM_IMAGE_TOKENS, init_demo_model, save_checkpoint
+from .shapes import DEFAULT_SIZES, GRID, OBJECT_COLORS, SHAPES
 
-CACHE_VERSION = "demo-v2"  # bump when the data set or the training changes
-MARKER = "COMPLETE.json"
-# Share of answerable, IDK-free training items shown without their image.
-TEXT_ONLY_FRACTION = 0.08
-# Share of the same items turned into open-ended questions (answer: the option text). Naming
-# what is in the picture is one hop and is learnt fast; it gives the multiple-choice answer
-# (match that name against the options, copy the letter) a head start.
-OPEN_ENDED_FRACTION = 0.3
-# Share of the training budget spent aligning the vision tower and projector (stage 1).
-VISION_PRETRAIN_FRACTION = 0.08
+__all__ = [
+    "RECIPE",
+    "Recipe",
+    "evaluate_demo_model",
+    "get_demo",  # re-exported from .assets for callers that import it from here
+    "render_prompt",
+    "retrain",
+    "score_items",
+    "train_demo_model",
+]
 
+RECIPE_FILE = "recipe.json"
+SUMMARY_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights (besides the code and the thread count).
+
+    Attributes:
+        seed: data set, initialisation and batch-order seed.
+        threads: torch CPU threads while training. A different count changes the order
+            of floating-point reductions and so the weights' last bits. One thread: the
+            result then does not depend on the machine's core count, and on the shared
+            2-core box two OpenMP threads were ten times slower per step than one (1.3 s
+            against 0.13 s, other jobs running).
+        sizes: items per split of the data set that is built and trained on (``train``).
+        vision_steps, vision_batch_size, vision_lr: stage 1 (AdamW, constant rate).
+        steps, batch_size, lr: stage 2 (AdamW, betas 0.9/0.98, no weight decay), per cycle.
+        warmup_steps, min_lr_fraction: linear warm-up, then cosine decay to
+            ``lr * min_lr_fraction`` at ``steps``.
+        cycles: stage 2 runs ``cycles`` times ``steps`` steps (warm restarts), each cycle
+            with a fresh optimiser and batch order seeded by ``(seed, cycle)``.
+        aux_weight: weight of the next-token loss on the prompt text.
+        text_only_fraction: share of answerable, IDK-free items shown without their image.
+        open_ended_fraction: share of the same items asked open-ended.
+        plain_idk_fraction: share of IDK-offering items shown with the plain prompt (the
+            rest is split evenly between the ``invite`` and ``strict`` hints).
+    """
+
+    seed: int = 0
+    threads: int = 1
+    sizes: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    vision_steps: int = 150
+    vision_batch_size: int = 128
+    vision_lr: float = 3e-3
+    steps: int = 3000
+    cycles: int = 3
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_fraction: float = 0.02
+    aux_weight: float = 0.1
+    text_only_fraction: float = 0.08
+    open_ended_fraction: float = 0.3
+    plain_idk_fraction: float = 1 / 3
+
+    def validate(self) -> None:
+        for name in ("threads", "vision_batch_size", "batch_size", "cycles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "vision_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"recipe {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("text_only_fraction", "open_ended_fraction", "plain_idk_fraction",
+                     "min_lr_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"recipe {name} must be in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sizes"] = dict(self.sizes)
+        return d
+
+
+#: The recipe of the shipped checkpoint.
+RECIPE = Recipe()
+
+#: Hints a training item offering "I don't know" is shown with, after the plain prompt.
+_INVITING = ("invite", "strict")
 
 
 def _question(item: dict[str, Any]) -> str:
@@ -69,11 +147,38 @@ def _answer(item: dict[str, Any]) -> str:
     return item["conversations"][1]["value"].strip()
 
 
+def _offers_idk(item: dict[str, Any]) -> bool:
+    return IDK_OPTION_TEXT in parse_options(_question(item))[1].values()
+
+
+def render_prompt(processor, question_with_options: str,
+                  answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
+                  hint: str | None = None) -> str:
+    """The prompt as the evaluator renders it: the processor's chat template applied to
+    :func:`mllmcal.prompting.chat_messages`, continuing the open assistant turn.
+
+    For the demo processor this equals :func:`mllmcal.prompting.build_prompt` (pinned by
+    a test), so the next token after it is the option letter.
+    """
+    return processor.apply_chat_template(
+        chat_messages(question_with_options, answer_prefix, with_image, hint),
+        tokenize=False, continue_final_message=True,
+    )
+
+
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    # Expanding <image> here equals what LlavaProcessor does (pinned by a test) and avoids
-    # re-running the image processor for every batch.
-    texts = [p.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS) for p in prompts]
-    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+    """Token ids of rendered prompts, as ``processor(text=prompt, images=...)`` gives them.
+
+    Special tokens are added (BOS) unless a prompt already starts with the BOS text, the
+    evaluator's rule. Expanding ``<image>`` here equals what ``LlavaProcessor`` does
+    (pinned by a test) and avoids re-running the image processor for every batch.
+    """
+    out = []
+    for p in prompts:
+        text = p.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS)
+        add = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        out.append(tokenizer(text, add_special_tokens=add)["input_ids"])
+    return out
 
 
 def _pixel_cache(processor, data_dir: Path, items: list[dict[str, Any]]):
@@ -93,9 +198,10 @@ def _pixel_cache(processor, data_dir: Path, items: list[dict[str, Any]]):
 def _batch(tokenizer, pixels, prompts, images, targets):
     """Right-padded ``input_ids`` with the targets appended, and where to read the loss.
 
-    ``targets`` may differ in length. Returns ``(input_ids [B, L], attention_mask [B, L],
-    pixel_values [M, 3, H, W] or None, positions [B, T], target_ids [B, T])``: logits at
-    ``positions`` predict ``target_ids``; ``-100`` pads short targets.
+    ``targets`` may differ in length (and be empty). Returns ``(input_ids [B, L],
+    attention_mask [B, L], pixel_values [M, 3, H, W] or None, positions [B, T],
+    target_ids [B, T])``: logits at ``positions`` predict ``target_ids``; ``-100`` pads
+    short targets. ``positions[:, 0]`` is always the last prompt token (the answer slot).
     """
     import torch
 
@@ -108,10 +214,11 @@ def _batch(tokenizer, pixels, prompts, images, targets):
     for i, s in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    n_t = max(len(t) for t in targets)
+    n_t = max(1, max(len(t) for t in targets))
     target_ids = torch.full((len(seqs), n_t), -100, dtype=torch.long)
     for i, t in enumerate(targets):
-        target_ids[i, : len(t)] = torch.tensor(t)
+        if t:
+            target_ids[i, : len(t)] = torch.tensor(t)
     starts = torch.tensor([len(p) - 1 for p in prompt_ids])
     positions = (starts[:, None] + torch.arange(n_t)[None, :]).clamp(max=length - 1)
     pv = [pixels[img] for img in images if img is not None]
@@ -124,16 +231,20 @@ def score_items(
     processor,
     data_dir: str | Path,
     items: list[dict[str, Any]],
-    answer_prefix: str = ANSWER_PREFIXES[0],
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX,
     with_image: bool = True,
+    hint: str | None = None,
     batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
     """Teacher-forced scores of the first answer token for ``items`` (no generation).
 
-    At the position right after ``build_prompt(...)`` (the ``(``), the full-vocabulary
+    At the position right after :func:`render_prompt` (the ``(``), the full-vocabulary
     softmax gives ``confidence`` (max probability, float64 [n]), ``prediction`` (the argmax
-    token decoded, str [n]) and ``correct`` (prediction equals the item's letter, bool [n]).
-    Under greedy decoding this is the paper's first generated token whenever it is a letter.
+    token decoded, str [n]), ``correct`` (prediction equals the item's letter, bool [n]),
+    ``logits`` (float64 [n, V], the row temperature scaling is fitted on) and ``label``
+    (int64 [n], the answer letter's token id). Under greedy decoding this is the paper's
+    first generated token whenever it is a letter. Items without an image (withheld) are
+    scored without one whatever ``with_image`` says.
     """
     import torch
 
@@ -141,35 +252,38 @@ def score_items(
     tok = processor.tokenizer
     use = [with_image and "image" in it for it in items]
     pixels = _pixel_cache(processor, data_dir, [it for it, u in zip(items, use, strict=True) if u])
-    confs, preds = [], []
+    rows, preds = [], []
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             chunk_use = use[start : start + batch_size]
             prompts = [
-                build_prompt(_question(it), answer_prefix, with_image=u)
+                render_prompt(processor, _question(it), answer_prefix, with_image=u, hint=hint)
                 for it, u in zip(chunk, chunk_use, strict=True)
             ]
             images = [it["image"] if u else None for it, u in zip(chunk, chunk_use, strict=True)]
-            ids, mask, pv, pos, _ = _batch(tok, pixels, prompts, images, [[0]] * len(chunk))
+            ids, mask, pv, pos, _ = _batch(tok, pixels, prompts, images, [[]] * len(chunk))
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
             last = logits[torch.arange(len(chunk)), pos[:, 0]].double()
-            probs = last.softmax(-1)
-            conf, arg = probs.max(-1)
-            confs.append(conf.numpy())
-            preds += tok.convert_ids_to_tokens(arg.tolist())
+            rows.append(last.numpy())
+            preds += tok.convert_ids_to_tokens(last.argmax(-1).tolist())
     answers = np.array([_answer(it) for it in items])
     prediction = np.array(preds)
+    logits = np.concatenate(rows) if rows else np.zeros((0, len(tok)))
+    z = logits - logits.max(-1, keepdims=True) if len(logits) else logits
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True) if len(logits) else z
     return {
-        "confidence": np.concatenate(confs) if confs else np.zeros(0),
+        "confidence": probs.max(-1) if len(logits) else np.zeros(0),
         "prediction": prediction,
         "correct": prediction == answers,
+        "logits": logits,
+        "label": np.array(tok.convert_tokens_to_ids(list(answers)), dtype=np.int64),
     }
 
 
 def ece_l1(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-width ECE (L1) in float64; only for the training summary."""
+    """Equal-width ECE (L1) in float64, as the report computes it (10 bins)."""
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     total = 0.0
     for b in range(n_bins):
@@ -206,8 +320,8 @@ def _patch_labels(items: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, n
 
 
 def pretrain_vision(
-    model, tokenizer, pixels, items: list[dict[str, Any]], seconds: float, seed: int = 0,
-    batch_size: int = 128, lr: float = 3e-3, max_steps: int | None = None,
+    model, tokenizer, pixels, items: list[dict[str, Any]], steps: int, seed: int = 0,
+    batch_size: int = 128, lr: float = 3e-3,
 ) -> dict[str, float]:
     """Stage 1: a vision tower and projector whose patch features read as words.
 
@@ -231,10 +345,10 @@ def pretrain_vision(
         tokenizer: its tokenizer (the shape, colour and place words must be in it).
         pixels: ``{image path: [3, H, W] float32}`` as :func:`_pixel_cache` returns.
         items: training records with ``scene`` specs; items without an image are ignored.
-        seconds: wall-clock budget; ``max_steps`` (if given) stops earlier.
+        steps: AdamW steps (constant rate ``lr``).
         seed, batch_size, lr: batch sampling and AdamW settings.
 
-    Returns ``{"steps", "seconds", "shape_accuracy", "color_accuracy"}``: on object patches
+    Returns ``{"steps", "shape_accuracy", "color_accuracy"}``: on object patches
     of the last batches, how often the shape word beats the other shape words and the
     colour word the other colour words.
     """
@@ -244,8 +358,8 @@ def pretrain_vision(
     projector = model.model.multi_modal_projector
     paths, shape_y, color_y = _patch_labels(items)
     nan = float("nan")
-    if not paths or seconds <= 0:
-        return {"steps": 0, "seconds": 0.0, "shape_accuracy": nan, "color_accuracy": nan}
+    if not paths or steps <= 0:
+        return {"steps": 0, "shape_accuracy": nan, "color_accuracy": nan}
     shape_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SHAPES)))
     color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(OBJECT_COLORS)))
     where_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["top", "bottom", "left", "right"]))
@@ -259,10 +373,9 @@ def pretrain_vision(
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     tower.train()
     projector.train()
-    start, step = time.monotonic(), 0
     hits_s: list[float] = []
     hits_c: list[float] = []
-    while time.monotonic() - start < seconds and (max_steps is None or step < max_steps):
+    for _ in range(steps):
         idx = torch.randint(len(paths), (min(batch_size, len(paths)),), generator=gen)
         obj = sy[idx] < len(SHAPES)
         feats = tower(x_all[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
@@ -278,87 +391,70 @@ def pretrain_vision(
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-        step += 1
         with torch.no_grad():
             hits_s.append(float((logp[:, shape_ids].argmax(-1) == ys).float().mean()))
             hits_c.append(float((logp[:, color_ids].argmax(-1) == yc).float().mean()))
     return {
-        "steps": step,
-        "seconds": round(time.monotonic() - start, 2),
+        "steps": steps,
         "shape_accuracy": float(np.mean(hits_s[-20:])),
         "color_accuracy": float(np.mean(hits_c[-20:])),
     }
 
 
-class _ThreadChooser:
-    """Picks 1 or ``max_threads`` torch threads by timing real training steps.
+def _lr_scale(step: int, steps: int, warmup: int, floor: float) -> float:
+    """Step-based schedule: linear warm-up over ``warmup`` steps, then cosine to ``floor``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, steps - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
-    On a shared machine, 2 OpenMP threads competing with other processes can be several
-    times slower than 1 thread, and the load changes while we train. So a probe (steps
-    alternating between the two counts, ``probe_len`` of them) runs after the untimed
-    first step and again whenever ``reprobe_s`` seconds have passed since the last
-    decision; in between, the count with the lower median step time is used.
+
+def _targets_for(item: dict[str, Any], variant: str, tok, letter_ids: dict[str, int],
+                 close_id: int, eos_id: int) -> tuple[list[int], list[int]]:
+    """``(hard target ids, soft first-token ids)`` of an item under a prompt variant.
+
+    Exactly one of the two is non-empty. The soft list (the plain prompt on an
+    unanswerable item) means: cross-entropy against a uniform target over those letters,
+    the item's options other than ``I don't know``.
     """
-
-    def __init__(self, max_threads: int, probe_len: int = 4, reprobe_s: float = 20.0, clock=time.monotonic):
-        self.max_threads = max(1, max_threads)
-        self.probe_len, self.reprobe_s, self.clock = probe_len, reprobe_s, clock
-        self.choice = self.max_threads
-        self.plan: list[int] = []
-        self.samples: dict[int, list[float]] = {}
-        self.decided_at: float | None = None
-
-    def threads(self, step: int) -> int:
-        if self.max_threads == 1 or step == 0:  # step 0 pays one-off costs
-            return self.choice
-        if not self.plan and (self.decided_at is None or self.clock() - self.decided_at > self.reprobe_s):
-            self.plan = [1 if i % 2 == 0 else self.max_threads for i in range(self.probe_len)]
-            self.samples = {}
-        return self.plan[0] if self.plan else self.choice
-
-    def record(self, step: int, threads: int, seconds: float) -> None:
-        if not self.plan or threads != self.plan[0]:
-            return
-        self.plan.pop(0)
-        self.samples.setdefault(threads, []).append(seconds)
-        if not self.plan:
-            med = {n: float(np.median(t)) for n, t in self.samples.items()}
-            self.choice = min(med, key=med.get)
-            self.decided_at = self.clock()
+    options = parse_options(_question(item))[1]
+    if item.get("answerable", True) or variant != "plain":
+        return [letter_ids[_answer(item)], close_id, eos_id], []
+    return [], [letter_ids[c] for c, text in options.items() if text != IDK_OPTION_TEXT]
 
 
 def train_demo_model(
     data_dir: str | Path,
     out_dir: str | Path,
-    budget_s: float = 170,
-    seed: int = 0,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    aux_weight: float = 0.1,
-    max_threads: int = 2,
+    recipe: Recipe = RECIPE,
     progress: bool = True,
+    resume_from: str | Path | None = None,
+    start_cycle: int = 0,
 ) -> dict[str, Any]:
-    """Train the tiny LLaVA on ``data_dir/train.json`` and save it to ``out_dir``.
+    """Train the tiny LLaVA on ``data_dir/train.json`` by ``recipe`` and save it to ``out_dir``.
 
     Args:
-        data_dir: a directory written by :func:`~mllmcal.demo.build_dataset`.
-        out_dir: receives the checkpoint (model, tokenizer, processor, chat template).
-        budget_s: wall-clock training budget in seconds (the run stops earlier if the
-            training loss has converged).
-        seed: initialisation and batch order.
-        batch_size, lr: AdamW settings; fp32 on the CPU with 2 threads.
-        progress: show a tqdm bar over the budget.
+        data_dir: a directory written by :func:`~mllmcal.demo.build_dataset` (with the
+            recipe's seed and sizes, for the shipped model).
+        out_dir: receives the checkpoint (model, tokenizer, processor, chat template), the
+            recipe (``recipe.json``) and the training summary (``training.json``).
+        recipe: the training recipe; :data:`RECIPE` made the shipped checkpoint.
+        progress: show a tqdm bar over the steps.
+        resume_from, start_cycle: resume a run of the same recipe whose first
+            ``start_cycle`` cycles are saved in ``resume_from`` (its weights are loaded and
+            stage 1 is skipped). Each cycle starts from a fresh optimiser and its own batch
+            order, so the result is bit-identical to the uninterrupted run (tested).
 
     Returns:
-        A summary dict: ``steps``, ``train_seconds``, ``examples``, ``final_loss`` and, when
-        ``test.json`` exists, ``test_accuracy`` and ``test_ece`` (10 bins, ``Answer`` prefix,
-        with image, teacher-forced first token).
+        The summary: ``steps``, ``examples``, ``train_seconds`` (informational only; no
+        decision depends on time), ``final_loss`` (mean answer-letter loss over the last
+        50 steps) and the vision stage's summary.
     """
     import torch
     from tqdm.auto import tqdm
 
-    if budget_s <= 0:
-        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    recipe.validate()
     data_dir = Path(data_dir)
     train_path = data_dir / "train.json"
     if not train_path.is_file():
@@ -368,202 +464,288 @@ def train_demo_model(
         raise ValueError(f"{train_path} holds no items")
 
     prev_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
     try:
-        model, processor = init_demo_model(data_dir, seed=seed)
+        start = time.monotonic()
+        model, processor = init_demo_model(data_dir, seed=recipe.seed)
         tok = processor.tokenizer
         close_id, eos_id = tok.convert_tokens_to_ids(")"), tok.eos_token_id
         image_id = model.config.image_token_id
         letter_ids = {c: tok.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
         pixels = _pixel_cache(processor, data_dir, items)
-        rng = np.random.default_rng(seed)
+        offers_idk = np.array([_offers_idk(it) for it in items])
         droppable = np.array(
-            ["image" in it and it.get("answerable", True) and it.get("idk_kind") is None
-             and IDK_OPTION_TEXT not in _question(it) for it in items]
+            ["image" in it and it.get("answerable", True) and not o
+             for it, o in zip(items, offers_idk, strict=True)]
         )
 
-        start = time.monotonic()
-        bar = tqdm(total=int(budget_s), unit="s", desc="training demo model", disable=not progress)
-        bar.set_postfix(stage="vision pre-training")
-        vision = pretrain_vision(model, tok, pixels, items, VISION_PRETRAIN_FRACTION * budget_s, seed=seed)
+        if not 0 <= start_cycle <= recipe.cycles:
+            raise ValueError(f"start_cycle must be in [0, {recipe.cycles}], got {start_cycle}")
+        if (resume_from is None) != (start_cycle == 0):
+            raise ValueError("resume_from and a start_cycle > 0 go together")
+        if resume_from is None:
+            vision = pretrain_vision(model, tok, pixels, items, steps=recipe.vision_steps,
+                                     seed=recipe.seed, batch_size=recipe.vision_batch_size,
+                                     lr=recipe.vision_lr)
+        else:
+            from transformers import LlavaForConditionalGeneration
+
+            # from_pretrained maps the saved key names back to the module's; its weights
+            # are then copied into the model built above (same vocabulary and config).
+            saved = LlavaForConditionalGeneration.from_pretrained(resume_from)
+            model.load_state_dict(saved.state_dict())
+            del saved
+            vision = json.loads((Path(resume_from) / SUMMARY_FILE).read_text())["vision_pretraining"]
         model.train()
-        optim = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-        # Stage 2 (everything, on the answers) gets the rest of the budget.
-        stage2_start = time.monotonic()
-        stage2_s = max(1e-3, budget_s - (stage2_start - start))
-        warmup_s = min(10.0, 0.1 * stage2_s)
         losses: list[float] = []
-        chooser = _ThreadChooser(max_threads)
-        step, seen = 0, 0
-        order = rng.permutation(len(items))
-        cursor = 0
-        while True:
-            elapsed = time.monotonic() - stage2_start
-            if elapsed >= stage2_s:
-                break
-            # Wall-clock schedule: linear warm-up, then cosine to zero at the budget.
-            frac = min(1.0, elapsed / stage2_s)
-            scale = min(1.0, (elapsed + 1e-3) / warmup_s) * 0.5 * (1 + math.cos(math.pi * frac))
-            for g in optim.param_groups:
-                g["lr"] = lr * max(scale, 0.02)
+        bar = tqdm(total=recipe.steps * (recipe.cycles - start_cycle), unit="step",
+                   desc="training demo model", disable=not progress)
+        for cycle in range(start_cycle, recipe.cycles):
+            # Warm restarts (SGDR, Loshchilov & Hutter, ICLR 2017): every cycle has a fresh
+            # AdamW, its own seeded batch order and the whole schedule again.
+            rng = np.random.default_rng(recipe.seed if cycle == 0 else [recipe.seed, cycle])
+            optim = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98),
+                                      weight_decay=0.0)
+            order = rng.permutation(len(items))
+            cursor = 0
+            for step in range(recipe.steps):
+                scale = _lr_scale(step, recipe.steps, recipe.warmup_steps, recipe.min_lr_fraction)
+                for g in optim.param_groups:
+                    g["lr"] = recipe.lr * scale
+                if cursor + recipe.batch_size > len(order):
+                    order, cursor = rng.permutation(len(items)), 0
+                idx = order[cursor : cursor + recipe.batch_size]
+                cursor += recipe.batch_size
+                prompts, images, targets, soft, is_mc = [], [], [], [], []
+                for i in idx:
+                    it = items[i]
+                    prefix = ANSWER_PREFIXES[int(rng.integers(len(ANSWER_PREFIXES)))]
+                    if offers_idk[i]:
+                        variant = ("plain" if rng.random() < recipe.plain_idk_fraction
+                                   else _INVITING[int(rng.integers(len(_INVITING)))])
+                        with_image = "image" in it
+                        hard, sft = _targets_for(it, variant, tok, letter_ids, close_id, eos_id)
+                        prompts.append(render_prompt(processor, _question(it), prefix, with_image,
+                                                     ABSTENTION_HINTS[variant]))
+                        images.append(it["image"] if with_image else None)
+                        targets.append(hard)
+                        soft.append(sft)
+                        is_mc.append(bool(hard))
+                        continue
+                    if droppable[i] and rng.random() < recipe.open_ended_fraction:
+                        # Open-ended twin: the option text itself, without options to pick
+                        # from. An auxiliary task in a raw format of its own (not a chat
+                        # prompt): naming what is in the picture is one hop and is learnt fast,
+                        # and gives the multiple-choice answer a head start.
+                        stem, options = parse_options(_question(it))
+                        prompts.append(f"{IMAGE_TOKEN}\n{stem}\n{prefix}:")
+                        images.append(it["image"])
+                        words = tok(options[_answer(it)], add_special_tokens=False)["input_ids"]
+                        targets.append([*words, eos_id])
+                        soft.append([])
+                        is_mc.append(False)
+                        continue
+                    with_image = "image" in it and not (
+                        droppable[i] and rng.random() < recipe.text_only_fraction)
+                    prompts.append(render_prompt(processor, _question(it), prefix, with_image))
+                    images.append(it["image"] if with_image else None)
+                    targets.append([letter_ids[_answer(it)], close_id, eos_id])
+                    soft.append([])
+                    is_mc.append(True)
+                ids, mask, pv, pos, tgt = _batch(tok, pixels, prompts, images, targets)
+                hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
+                rows = torch.arange(len(idx))[:, None]
+                # The head only where a loss is read: [B, T] answer positions, not [B, L].
+                picked = model.lm_head(hidden[rows, pos])
+                loss_tok = torch.nn.functional.cross_entropy(
+                    picked.reshape(-1, picked.shape[-1]), tgt.reshape(-1), reduction="none"
+                ).view(tgt.shape)
+                total, count = loss_tok.sum(), (tgt != -100).sum()
+                soft_rows = [r for r, s in enumerate(soft) if s]
+                if soft_rows:
+                    # Plain prompt, unanswerable item: a guess spread over the real options
+                    # (uniform target), never "I don't know".
+                    logp = picked[soft_rows, 0].log_softmax(-1)
+                    for k, r in enumerate(soft_rows):
+                        total = total - logp[k, soft[r]].mean()
+                    count = count + len(soft_rows)
+                loss = total / count
+                if recipe.aux_weight > 0:
+                    # Next-token loss on the prompt text: free extra signal from the same forward
+                    # pass (the option letters follow A, B, C, D; the stems are templated).
+                    nxt = ids[:, 1:]
+                    keep = (mask[:, 1:] > 0) & (nxt != image_id)
+                    keep &= torch.arange(nxt.shape[1])[None, :] < pos[:, :1]
+                    h = hidden[:, :-1][keep]
+                    aux = torch.nn.functional.cross_entropy(model.lm_head(h), nxt[keep])
+                    loss = loss + recipe.aux_weight * aux
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optim.step()
 
-            threads = chooser.threads(step)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
-            t_step = time.monotonic()
-            if cursor + batch_size > len(order):
-                order, cursor = rng.permutation(len(items)), 0
-            idx = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            prompts, images, targets, is_mc = [], [], [], []
-            for i in idx:
-                it = items[i]
-                prefix = ANSWER_PREFIXES[int(rng.integers(len(ANSWER_PREFIXES)))]
-                if droppable[i] and rng.random() < OPEN_ENDED_FRACTION:
-                    # Open-ended twin: the option text itself, without options to pick from.
-                    stem, options = parse_options(_question(it))
-                    prompts.append(f"{IMAGE_TOKEN}\n{stem}\n{prefix}:")
-                    images.append(it["image"])
-                    words = tok(options[_answer(it)], add_special_tokens=False)["input_ids"]
-                    targets.append([*words, eos_id])
-                    is_mc.append(False)
-                    continue
-                with_image = "image" in it and not (droppable[i] and rng.random() < TEXT_ONLY_FRACTION)
-                prompts.append(build_prompt(_question(it), prefix, with_image=with_image))
-                images.append(it["image"] if with_image else None)
-                targets.append([letter_ids[_answer(it)], close_id, eos_id])
-                is_mc.append(True)
-            ids, mask, pv, pos, tgt = _batch(tok, pixels, prompts, images, targets)
-            hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
-            rows = torch.arange(len(idx))[:, None]
-            # The head only where a loss is read: [B, T] answer positions, not [B, L].
-            picked = model.lm_head(hidden[rows, pos])
-            loss_tok = torch.nn.functional.cross_entropy(
-                picked.reshape(-1, picked.shape[-1]), tgt.reshape(-1), reduction="none"
-            ).view(tgt.shape)
-            loss = loss_tok.sum() / (tgt != -100).sum()
-            if aux_weight > 0:
-                # Next-token loss on the prompt text: free extra signal from the same forward
-                # pass (the option letters follow A, B, C, D; the stems are templated).
-                nxt = ids[:, 1:]
-                keep = (mask[:, 1:] > 0) & (nxt != image_id)
-                keep &= torch.arange(nxt.shape[1])[None, :] < pos[:, :1]
-                h = hidden[:, :-1][keep]
-                aux = torch.nn.functional.cross_entropy(model.lm_head(h), nxt[keep])
-                loss = loss + aux_weight * aux
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-
-            chooser.record(step, threads, time.monotonic() - t_step)
-            step += 1
-            seen += len(idx)
-            mc = torch.tensor(is_mc)
-            if mc.any():
-                losses.append(float(loss_tok[mc, 0].detach().mean()))
-            recent = float(np.mean(losses[-50:]))
-            if step % 10 == 0:
-                bar.n = min(int(time.monotonic() - start), int(budget_s))
-                bar.set_postfix(step=step, letter_loss=f"{recent:.3f}")
-            # Converged: even the hard items are memorised; more steps change nothing.
-            if step >= 200 and recent < 1e-3:
-                break
-        train_seconds = time.monotonic() - start
-        bar.n = min(int(train_seconds), int(budget_s))
+                mc = torch.tensor(is_mc)
+                if mc.any():
+                    losses.append(float(loss_tok[mc, 0].detach().mean()))
+                if step % 10 == 0:
+                    bar.set_postfix(letter_loss=f"{np.mean(losses[-50:]):.3f}")
+                bar.update(1)
         bar.close()
+        train_seconds = time.monotonic() - start
 
         save_checkpoint(model, processor, out_dir)
         summary: dict[str, Any] = {
-            "steps": step,
-            "examples": seen,
+            "steps": recipe.steps * recipe.cycles,
+            "examples": recipe.steps * recipe.cycles * recipe.batch_size,
             "train_seconds": round(train_seconds, 2),
-            "budget_s": budget_s,
-            "seed": seed,
-            "final_loss": float(np.mean(losses[-50:])),
+            "threads": recipe.threads,
+            "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
             "vision_pretraining": vision,
         }
-        test_path = data_dir / "test.json"
-        if test_path.is_file():
-            test_items = json.loads(test_path.read_text())
-            scores = score_items(model, processor, data_dir, test_items)
-            summary["test_accuracy"] = float(scores["correct"].mean())
-            summary["test_ece"] = ece_l1(scores["confidence"], scores["correct"].astype(float))
-            summary["test_mean_confidence"] = float(scores["confidence"].mean())
+        out = Path(out_dir)
+        (out / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=1) + "\n")
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         return summary
     finally:
         torch.set_num_threads(prev_threads)
 
 
-# ----------------------------------------------------------------------------- cache
+# ----------------------------------------------------------------------------- figures
 
 
-def default_cache_root() -> Path:
-    """``$MLLMCAL_CACHE`` if set, else ``~/.cache/mllmcal``."""
-    env = os.environ.get("MLLMCAL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mllmcal"
+def evaluate_demo_model(model_dir: str | Path, data_dir: str | Path,
+                        limit: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """The paper's headline figures for a demo checkpoint, by the teacher-forced scorer.
 
-
-@contextmanager
-def _locked(path: Path):
-    # One builder at a time: under torchrun every rank calls get_demo(); the others wait
-    # and then find the marker.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def get_demo(
-    cache_dir: str | Path | None = None,
-    budget_s: float = 170,
-    seed: int = 0,
-    force: bool = False,
-    sizes: dict[str, int] | None = None,
-    progress: bool = True,
-) -> tuple[Path, Path]:
-    """The demo checkpoint and data set, built and trained on first use.
-
-    Args:
-        cache_dir: parent directory of the cache; default :func:`default_cache_root`.
-            The demo lives in ``cache_dir/{CACHE_VERSION}-seed{seed}/`` as ``model/`` and ``data/``.
-        budget_s: training budget in seconds, used only when (re)training.
-        seed: data set and training seed; each seed has its own cache entry.
-        force: rebuild and retrain even if a complete cache entry exists.
-        sizes: split sizes for :func:`~mllmcal.demo.build_dataset` (default sizes if None),
-            used only when (re)building.
-        progress: show progress bars while building.
-
-    Returns:
-        ``(model_dir, data_dir)``. ``model_dir`` loads with ``AutoProcessor`` and
-        ``AutoModelForImageTextToText``; ``data_dir`` holds ``{split}.json`` and ``images/``.
-
-    A marker file (``COMPLETE.json``, holding the training summary) is written last; an
-    entry without it (an interrupted build) is deleted and rebuilt, never half-used.
+    On ``data_dir``'s ``test`` (answerable) items with the image and text only, T fitted by
+    Newton on ``calib`` rows, and the ``idk`` split under each abstention hint. The first
+    ``limit`` items of each split (all if None). A quick check for tuning and tests; the
+    report of ``mllmcal demo`` is the real pipeline (generation, the evaluator's fit).
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    entry = root / f"{CACHE_VERSION}-seed{seed}"
-    model_dir, data_dir, marker = entry / "model", entry / "data", entry / MARKER
-    if marker.is_file() and not force:
-        return model_dir, data_dir
-    with _locked(root / f".{entry.name}.lock"):
-        if marker.is_file() and not force:  # another process finished while we waited
-            return model_dir, data_dir
-        if entry.exists():
-            shutil.rmtree(entry)
-        entry.mkdir(parents=True)
-        build_dataset(data_dir, seed=seed, sizes=sizes)
-        summary = train_demo_model(data_dir, model_dir, budget_s=budget_s, seed=seed, progress=progress)
-        summary["sizes"] = {p.stem: len(json.loads(p.read_text())) for p in data_dir.glob("*.json")}
-        tmp = entry / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, marker)
-    return model_dir, data_dir
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import mllmcal
+
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        data_dir = Path(data_dir)
+        processor = AutoProcessor.from_pretrained(model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+        def split(name: str) -> list[dict[str, Any]]:
+            return json.loads((data_dir / f"{name}.json").read_text())[:limit]
+
+        test, calib, idk = split("test"), split("calib"), split("idk")
+        s_test = score_items(model, processor, data_dir, test)
+        s_text = score_items(model, processor, data_dir, test, with_image=False)
+        s_cal = score_items(model, processor, data_dir, calib)
+        t = float(mllmcal.fit_temperature(torch.from_numpy(s_cal["logits"]),
+                                          torch.from_numpy(s_cal["label"]), method="newton"))
+        z = torch.from_numpy(s_test["logits"]) / t
+        conf_t = z.softmax(-1).max(-1).values.numpy()
+        correct = s_test["correct"].astype(float)
+        out: dict[str, Any] = {
+            "n_test": len(test),
+            "accuracy": float(correct.mean()),
+            "ece": ece_l1(s_test["confidence"], correct),
+            "mean_confidence": float(s_test["confidence"].mean()),
+            "temperature": t,
+            "ece_after_temperature": ece_l1(conf_t, correct),
+            "text_only_accuracy": float(s_text["correct"].mean()),
+            "text_only_ece": ece_l1(s_text["confidence"], s_text["correct"].astype(float)),
+            "idk": {},
+        }
+        unans = np.array([not it.get("answerable", True) for it in idk])
+        idk_letter = np.array([
+            next(c for c, v in parse_options(_question(it))[1].items() if v == IDK_OPTION_TEXT)
+            for it in idk
+        ])
+        for variant, hint in ABSTENTION_HINTS.items():
+            s = score_items(model, processor, data_dir, idk, hint=hint)
+            said_idk = s["prediction"] == idk_letter
+            out["idk"][variant] = {
+                "idk_rate": float(said_idk[unans].mean()) if unans.any() else None,
+                "false_idk_rate": float(said_idk[~unans].mean()) if (~unans).any() else None,
+                "answered_accuracy": float(s["correct"][~unans & ~said_idk].mean())
+                if (~unans & ~said_idk).any() else None,
+            }
+        return out
+    finally:
+        torch.set_num_threads(prev)
 
 
-def demo_summary(model_dir: str | Path) -> dict[str, Any] | None:
-    """The training summary stored in the cache marker next to ``model_dir``, if any."""
-    marker = Path(model_dir).parent / MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+# ----------------------------------------------------------------------------- retrain
+
+
+def retrain(out_dir: str | Path, recipe: Recipe = RECIPE, cache_dir: str | Path | None = None,
+            progress: bool = True, resume_from: str | Path | None = None,
+            start_cycle: int = 0) -> dict[str, Any]:
+    """Rerun the recipe into ``out_dir`` and compare the weights with the shipped ones.
+
+    Builds (or reuses) the recipe's full data set under the cache
+    (``demo-train-v3-seed{seed}``), trains, and returns the training summary plus
+    ``identical_to_shipped`` (every tensor bit-identical to ``mllmcal/demo/checkpoint``;
+    None when the shipped checkpoint is absent) and ``max_abs_diff_to_shipped``.
+    """
+    data_dir = demo_data_dir(cache_dir, seed=recipe.seed, sizes=recipe.sizes,
+                             name="demo-train-v3")
+    summary = train_demo_model(data_dir, out_dir, recipe=recipe, progress=progress,
+                               resume_from=resume_from, start_cycle=start_cycle)
+    summary["data_dir"] = str(data_dir)
+    summary.update(compare_weights(Path(out_dir), CHECKPOINT_DIR))
+    return summary
+
+
+def compare_weights(a: Path, b: Path) -> dict[str, Any]:
+    """``identical_to_shipped`` and ``max_abs_diff_to_shipped`` of two checkpoint dirs."""
+    from safetensors.torch import load_file
+
+    fa, fb = Path(a) / "model.safetensors", Path(b) / "model.safetensors"
+    if not fb.is_file():
+        return {"identical_to_shipped": None, "max_abs_diff_to_shipped": None}
+    wa, wb = load_file(str(fa)), load_file(str(fb))
+    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        return {"identical_to_shipped": False, "max_abs_diff_to_shipped": float("inf")}
+    diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa) if wa else 0.0
+    same = all(wa[k].dtype == wb[k].dtype and bool((wa[k] == wb[k]).all()) for k in wa)
+    return {"identical_to_shipped": same, "max_abs_diff_to_shipped": diff}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mllmcal.demo.train [OUT_DIR] [--set FIELD=VALUE]``: retrain, print figures.
+
+    With no ``OUT_DIR`` the model goes to ``<cache>/demo-retrained``; to refresh the shipped
+    checkpoint, pass ``mllmcal/demo/checkpoint``.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mllmcal.demo.train")
+    ap.add_argument("out", nargs="?", help="checkpoint directory to write")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a recipe field, e.g. steps=100 (tuning only: the "
+                         "result is then not the shipped model)")
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--resume-from", metavar="DIR",
+                    help="a checkpoint of this recipe's first --start-cycle cycles")
+    ap.add_argument("--start-cycle", type=int, default=0)
+    args = ap.parse_args(argv)
+    changes: dict[str, Any] = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        if key not in Recipe.__dataclass_fields__ or key == "sizes":
+            ap.error(f"--set {kv!r}: not a scalar recipe field")
+        changes[key] = type(getattr(RECIPE, key))(value)
+    recipe = dataclasses.replace(RECIPE, **changes)
+    out = Path(args.out) if args.out else default_cache_root() / "demo-retrained"
+    summary = retrain(out, recipe, resume_from=args.resume_from, start_cycle=args.start_cycle)
+    if not args.no_eval:
+        summary["figures"] = evaluate_demo_model(out, demo_data_dir(), threads=recipe.threads)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

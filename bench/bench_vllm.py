@@ -1,0 +1,191 @@
+"""Throughput of the vLLM CPU engine with and without mllmcal's logits processor.
+
+    .venv-vllm/bin/python bench/bench_vllm.py [--rounds 3] [--out bench/results/vllm_cpu.json]
+
+(Run with another Python, it re-executes itself with .venv-vllm's.) One process builds a
+Llama-shaped model from a config (32k vocabulary, so the per-step logits are realistic in
+width) and starts two in-process engines on it: one without processors and one with
+``mllmcal.integrations.vllm:CalibratedLogitsProcessor`` (records to a file, Prometheus
+metrics on). It then times, in interleaved rounds so that load drift on the machine hits
+all three alike, greedy generation of the same prompts:
+
+* ``none``: no processor, no logprobs;
+* ``mllmcal``: the processor (confidence, entropy and exact log-prob of every token);
+* ``vllm_logprobs``: no processor, ``logprobs=1`` (vLLM's own per-token log-probs).
+
+Two rates per run: generated tokens over the wall time of ``LLM.generate``, and over the
+process's CPU time in it (``time.process_time``: all threads of this process, the engine
+and mllmcal's drain thread included). On a shared machine the wall time swings with other
+processes' load; the CPU time counts only this process's work, so its ratio is the cleaner
+estimate of the processor's cost. Even CPU time swings under heavy load (spinning
+threads), so the headline is the best round of each case (the least disturbed run: many
+short interleaved rounds make it likely each case gets a quiet one), next to the medians.
+The JSON holds every round.
+
+A third estimate does not depend on the machine being quiet: in the ``mllmcal`` case the
+processor's methods (``apply``, ``update_state`` on the engine thread, ``drain`` on its own
+thread) are timed with ``time.thread_time`` (CPU time of the calling thread), and their sum
+is reported as a share of the process's CPU time over the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VPY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vllm_cpu.json"))
+    args = ap.parse_args()
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    work = Path(tempfile.mkdtemp(prefix="mllmcal-bench-vllm-"))
+    os.environ["MLLMCAL_VLLM_RECORDS"] = str(work / "records.jsonl")
+    sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+    sys.path.insert(0, str(ROOT))
+    import tiny_model
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    from mllmcal.integrations.vllm.processor import CalibratedLogitsProcessor
+
+    spent = {"engine_thread": 0.0, "drain_thread": 0.0}
+
+    class TimedProcessor(CalibratedLogitsProcessor):
+        """mllmcal's processor with its own CPU time counted (a benchmark probe)."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            drain = self.tracker.drain
+
+            def timed_drain(final=False):
+                t0 = time.thread_time()
+                drain(final)
+                spent["drain_thread"] += time.thread_time() - t0
+
+            self.tracker.drain = timed_drain
+
+        def apply(self, logits, ctx=None):
+            t0 = time.thread_time()
+            out = super().apply(logits, ctx)
+            spent["engine_thread"] += time.thread_time() - t0
+            return out
+
+        def update_state(self, batch_update):
+            t0 = time.thread_time()
+            super().update_state(batch_update)
+            spent["engine_thread"] += time.thread_time() - t0
+
+    model = tiny_model.build(work / "model", n_words=args.vocab - 4, hidden=args.hidden,
+                             layers=args.layers)
+    common = dict(model=str(model), dtype="float32", max_model_len=512, enforce_eager=True,
+                  kv_cache_memory_bytes=256 << 20, max_num_seqs=args.prompts, seed=0)
+    engines = {
+        "none": LLM(**common),
+        "mllmcal": LLM(**common, logits_processors=[TimedProcessor]),
+    }
+    words = [f"w{i}" for i in range(args.vocab - 4)]
+    prompts = [" ".join(words[(97 * i + 13 * j) % len(words)] for j in range(16 + 3 * i))
+               for i in range(args.prompts)]
+
+    def params(logprobs):
+        return [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
+                               logprobs=logprobs, extra_args={"mllmcal_id": f"b{i}"})
+                for i in range(len(prompts))]
+
+    cases = {
+        "none": (engines["none"], params(None)),
+        "mllmcal": (engines["mllmcal"], params(None)),
+        "vllm_logprobs": (engines["none"], params(1)),
+    }
+    for eng, ps in cases.values():  # warm-up: first-call allocations, thread pools
+        eng.generate(prompts[:2], ps[:2], use_tqdm=False)
+    runs: dict[str, list[float]] = {k: [] for k in cases}
+    cpu_runs: dict[str, list[float]] = {k: [] for k in cases}
+    spent.update(engine_thread=0.0, drain_thread=0.0)
+    mllmcal_cpu = 0.0
+    for _ in range(args.rounds):
+        for name, (eng, ps) in cases.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs = eng.generate(prompts, ps, use_tqdm=False)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs[name].append(n / dt)
+            cpu_runs[name].append(n / dc)
+            if name == "mllmcal":
+                mllmcal_cpu += dc
+            print(f"{name:14s} {n / dt:9.1f} tok/s wall {n / dc:9.1f} tok/CPU-s  "
+                  f"({n} tokens, {dt:.2f} s wall, {dc:.2f} s CPU)", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_runs.items()}
+    best = {k: max(v) for k, v in runs.items()}
+    cpu_best = {k: max(v) for k, v in cpu_runs.items()}
+    from mllmcal.integrations import vllm as mv
+
+    time.sleep(2 * mv.trackers()[0].config.flush_interval)  # let the last drain run
+    share = (spent["engine_thread"] + spent["drain_thread"]) / mllmcal_cpu
+    n_records = mv.flush()
+    result = {
+        "what": "vLLM CPU engine generate throughput (tokens/s), greedy, in-process engine",
+        "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch_threads": torch.get_num_threads()},
+        "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers},
+        "prompts": args.prompts, "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "load_average_at_end": os.getloadavg(),
+        "tokens_per_s": runs, "best_tokens_per_s": best,
+        "best_ratio_to_none": {k: best[k] / best["none"] for k in best},
+        "best_tokens_per_cpu_s": cpu_best,
+        "best_cpu_ratio_to_none": {k: cpu_best[k] / cpu_best["none"] for k in cpu_best},
+        "median_tokens_per_s": med,
+        "ratio_to_none": {k: med[k] / med["none"] for k in med},
+        "tokens_per_cpu_s": cpu_runs, "median_tokens_per_cpu_s": cpu_med,
+        "cpu_ratio_to_none": {k: cpu_med[k] / cpu_med["none"] for k in cpu_med},
+        "records_written_at_end": n_records,
+        "processor_cpu_s": spent, "process_cpu_s_mllmcal_case": mllmcal_cpu,
+        "processor_cpu_share": share,
+    }
+    del engines, cases
+    shutil.rmtree(work, ignore_errors=True)  # the model and the records
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| case | best tokens/s | vs none | best tokens/CPU-s | vs none "
+          "| median tokens/s | vs none |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for k in med:
+        print(f"| {k} | {best[k]:.1f} | {best[k] / best['none']:.3f} | {cpu_best[k]:.1f} | "
+              f"{cpu_best[k] / cpu_best['none']:.3f} | {med[k]:.1f} | "
+              f"{med[k] / med['none']:.3f} |")
+    print(f"\nmllmcal's processor: {spent['engine_thread']:.3f} s on the engine thread + "
+          f"{spent['drain_thread']:.3f} s on its drain thread = {100 * share:.2f}% of the "
+          f"process's {mllmcal_cpu:.2f} CPU-s in the mllmcal rounds")
+
+
+if __name__ == "__main__":
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if not VPY.exists():
+            sys.exit(f"no vLLM here and no {VPY}: run `bash scripts/setup_vllm.sh` first")
+        os.execv(str(VPY), [str(VPY), *sys.argv])
+    main()

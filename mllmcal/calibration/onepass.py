@@ -1,0 +1,420 @@
+"""One-pass temperature fitting: accumulate the NLL and its derivatives at K temperatures
+while the data streams by, then refine between grid points.
+
+Why. Newton (:func:`mllmcal.fit_temperature` with ``method="newton"``) reads the data once
+per iteration. When the logits come from running a model, a second pass means running the
+model again, so an evaluation that wants one pass must either store a full-vocabulary
+logits row per item (O(items × V): 3 GB for 10k items at a 152k vocabulary in fp16) or fit
+from statistics gathered on the fly. :class:`TemperatureFitAccumulator` is the second
+option: O(K) memory, one read of each batch, exact resumption and merging.
+
+Maths. For a row x with label y and β = 1/T, ℓ(β) = logsumexp(βx) − β·x_y is convex with
+ℓ'(β) = E_p[x] − x_y and ℓ''(β) = Var_p[x] (derivation next to the kernels,
+``csrc/cpu/temperature_fit.h``). The fused kernel returns, per row and for each of K fixed
+β_k, the triple (ℓ, ℓ', ℓ''); the accumulator sums them over rows in float64. The summed
+F(β) = Σ ℓ is convex, so its derivative G = F' is increasing and the optimum β* is where G
+changes sign. With the grid points β_j < β_{j+1} that bracket the sign change, G is
+interpolated by the cubic Hermite polynomial that matches G and G' = H = F'' at both ends,
+in the coordinate u = log β (the grid is log-spaced, so the cubic spans one uniform step;
+dG/du = β·H), and β* is its root, found by bisection (the ends have opposite signs). The
+Hermite error is O(h⁴·G⁽⁴⁾) for step h in u (Hermite interpolation: e.g. Burden & Faires,
+*Numerical Analysis*, §3.4); with the default grid over the paper's range 0.01 ≤ T ≤ 9.99
+(three temperatures per octave, K = 31, h = log(2)/3 ≈ 0.23) the fitted T agrees with a
+fine grid search to well under 0.5% (measured on synthetic data from T = 0.05 to 6: within
+0.03% of the exact optimum with 24 log-spaced temperatures, within 0.11% with 16; pinned by
+the tests on every backend).
+
+Grid mode. With ``derivatives=False`` and the paper's 999 temperatures (T = 0.01, 0.02, ...,
+9.99, Chen et al., COLING 2025) the accumulator reproduces the paper's grid search in one
+pass: :meth:`fit` returns the grid temperature with the lowest summed NLL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import _contract as C
+from ._fit_backends import fit_rows
+
+__all__ = ["TemperatureFitAccumulator", "onepass_temperatures", "log_spaced_temperatures",
+           "PAPER_T_MIN", "PAPER_T_MAX"]
+
+_log = logging.getLogger("mllmcal")
+PAPER_T_MIN, PAPER_T_MAX = 0.01, 9.99
+_FORMAT = "mllmcal.TemperatureFitAccumulator/1"
+_LAYOUT_VERSION = 1
+# Bound on the [rows, 3, K] fp32 per-row output of one kernel call (64 MB).
+_MAX_OUT_ELEMENTS = 1 << 24
+
+
+def onepass_temperatures(per_octave: int = 3, t_min: float = PAPER_T_MIN,
+                         t_max: float = PAPER_T_MAX) -> list[float]:
+    """The default one-pass grid: T_j = t_max · 2^(−j / per_octave) for j = 0, 1, ... down to
+    the first T_j <= t_min (decreasing T, so β = 1/T increases).
+
+    Every ``per_octave`` steps T halves exactly (T_{j+m} = T_j / 2 is computed by an exact
+    division by two), so β doubles exactly and the C++ kernel gets exp(2β·d) by squaring
+    exp(β·d), one multiply instead of an exp (re-seeded with a real exp every 4 steps). On
+    the paper's range, ``per_octave=3`` gives K = 31 temperatures (ratio 2^(1/3) ≈ 1.26),
+    2 gives 21, 4 gives 41, 6 gives 61.
+    """
+    if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
+        raise ValueError(f"per_octave must be an int >= 1, got {per_octave!r}")
+    if not (0 < t_min < t_max < math.inf):
+        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    base = [t_max * 2.0 ** (-j / per_octave) for j in range(per_octave)]
+    temps = []
+    j = 0
+    while not temps or temps[-1] > t_min:
+        temps.append(base[j % per_octave] / 2.0 ** (j // per_octave))
+        j += 1
+    return temps
+
+
+def log_spaced_temperatures(n_temperatures: int, t_min: float = PAPER_T_MIN,
+                            t_max: float = PAPER_T_MAX) -> list[float]:
+    """``n_temperatures`` log-spaced temperatures from ``t_max`` down to ``t_min`` (no exact
+    doublings, so every one costs an exp per logit)."""
+    if isinstance(n_temperatures, bool) or not isinstance(n_temperatures, int) or n_temperatures < 2:
+        raise ValueError(f"n_temperatures must be an int >= 2, got {n_temperatures!r}")
+    if not (0 < t_min < t_max < math.inf):
+        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    lo, hi = math.log(t_min), math.log(t_max)
+    step = (hi - lo) / (n_temperatures - 1)
+    return [math.exp(hi - j * step) for j in range(n_temperatures)]
+
+
+def _hermite_root(u0: float, u1: float, g0: float, g1: float, s0: float, s1: float) -> float:
+    """Root in [u0, u1] of the cubic Hermite interpolant of G with G(u0) = g0 <= 0 < g1 =
+    G(u1) and slopes s0, s1; bisection on the cubic (its ends have opposite signs)."""
+    h = u1 - u0
+
+    def cubic(u: float) -> float:
+        t = (u - u0) / h
+        t2, t3 = t * t, t * t * t
+        return ((2 * t3 - 3 * t2 + 1) * g0 + (t3 - 2 * t2 + t) * h * s0
+                + (-2 * t3 + 3 * t2) * g1 + (t3 - t2) * h * s1)
+
+    lo, hi = u0, u1
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if cubic(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-15 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+class TemperatureFitAccumulator:
+    """Sufficient statistics for fitting one temperature, gathered in one pass.
+
+    Args:
+        temperatures: the K temperatures to accumulate at (any order, distinct, > 0).
+            Default: :func:`onepass_temperatures` ``(per_octave, t_min, t_max)``, or
+            :func:`log_spaced_temperatures` ``(n_temperatures, t_min, t_max)`` when
+            ``n_temperatures`` is given.
+        per_octave, n_temperatures, t_min, t_max: the default grid. ``per_octave=3`` over
+            the paper's 0.01–9.99 is K = 31 temperatures whose β double every 3 steps (the
+            C++ kernel squares exps along those doublings: ~8 exps per logit instead of 31).
+            K between 16 and 64 is the useful range; the refinement error falls as
+            (log-step)⁴.
+        derivatives: accumulate ℓ' and ℓ'' too (needed by the refined fit; ``False`` is
+            the plain grid search, :meth:`fit` then returns the best grid point).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
+            (see :mod:`mllmcal.calibration._fit_backends`).
+        ignore_index: label value of rows to skip.
+
+    State (all on the host; O(K) numbers): ``n_rows`` (rows used), ``n_masked`` (rows whose
+    label had probability 0 at every T, skipped as in Newton), and float64 ``[K]`` sums
+    ``nll``, ``grad`` (dℓ/dβ), ``curv`` (d²ℓ/dβ²).
+
+    Use in an evaluation loop (one read of each batch, resumable, mergeable)::
+
+        acc = TemperatureFitAccumulator()
+        for logits, labels in calib_batches:      # e.g. while scoring the calib split
+            acc.update(logits, labels)            # [B, V] logits, [B] labels
+        checkpoint["fit"] = acc.to_dict()         # exact: resume with from_dict
+        acc.all_reduce()                          # under torchrun, before fitting
+        T = acc.fit()
+
+    Example:
+        >>> import torch
+        >>> from mllmcal.calibration import TemperatureFitAccumulator
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = 3 * torch.randn(512, 10, generator=g)
+        >>> y = torch.multinomial(torch.softmax(x / 2, 1), 1, generator=g).squeeze(1)
+        >>> acc = TemperatureFitAccumulator(backend="torch")
+        >>> _ = acc.update(x, y)  # returns the accumulator
+        >>> 1.5 < acc.fit() < 2.7
+        True
+    """
+
+    def __init__(self, temperatures: Sequence[float] | None = None, *, per_octave: int = 3,
+                 n_temperatures: int | None = None,
+                 t_min: float = PAPER_T_MIN, t_max: float = PAPER_T_MAX,
+                 derivatives: bool = True, backend: str = "auto",
+                 ignore_index: int = C.IGNORE_INDEX) -> None:
+        if temperatures is None:
+            temps = (onepass_temperatures(per_octave, t_min, t_max) if n_temperatures is None
+                     else log_spaced_temperatures(n_temperatures, t_min, t_max))
+        else:
+            temps = [float(t) for t in temperatures]
+            if len(temps) < 2:
+                raise ValueError("need at least 2 temperatures")
+            if not all(math.isfinite(t) and t > 0 for t in temps):
+                raise ValueError("temperatures must be finite and > 0")
+            if len(set(temps)) != len(temps):
+                raise ValueError("temperatures must be distinct")
+        temps = sorted(temps, reverse=True)
+        # Kept as given (so a grid temperature such as 0.07 is returned exactly as 0.07);
+        # the kernels take β = 1/T, increasing.
+        self._temps = temps
+        self.betas = [1.0 / t for t in temps]
+        self.derivatives = bool(derivatives)
+        self.backend = backend
+        self.ignore_index = ignore_index
+        self.n_rows = 0
+        self.n_masked = 0
+        k = len(temps)
+        self.nll = torch.zeros(k, dtype=torch.float64)
+        self.grad = torch.zeros(k, dtype=torch.float64)
+        self.curv = torch.zeros(k, dtype=torch.float64)
+
+    @property
+    def temperatures(self) -> list[float]:
+        """The K temperatures, decreasing (β increasing)."""
+        return list(self._temps)
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> TemperatureFitAccumulator:
+        """Add a batch: ``logits`` ``[..., V]`` (fp32/fp16/bf16/fp64, any device), ``labels``
+        integer ``[...]`` (same leading shape) with values in ``[0, V)`` or ``ignore_index``.
+
+        One fused kernel call per block of rows; the per-row results are summed in float64
+        and read back to the host once per call (a host sync).
+        """
+        if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError("update(logits, labels) takes two tensors")
+        if logits.dim() == 0:
+            raise ValueError("logits must have a vocabulary dimension [..., V]")
+        if not (logits.is_floating_point()):
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        v = logits.shape[-1]
+        if v < 1:
+            raise ValueError("logits have an empty vocabulary dimension")
+        if tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits' "
+                             f"leading shape {tuple(logits.shape[:-1])}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        x = logits.reshape(-1, v)
+        y = labels.reshape(-1).to(device=x.device, dtype=torch.int64)
+        if y.numel():
+            bad = (y != self.ignore_index) & ((y < 0) | (y >= v))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"label {int(y[i])} at row {i} is outside [0, {v}) and not "
+                                 f"ignore_index={self.ignore_index}")
+        betas = torch.tensor(self.betas, dtype=torch.float64)
+        k = len(self.betas)
+        rows = max(1, _MAX_OUT_ELEMENTS // (3 * k))
+        for r0 in range(0, x.shape[0], rows):
+            out, status = fit_rows(x[r0:r0 + rows], y[r0:r0 + rows], betas, self.backend,
+                                   self.ignore_index)
+            sums = out.double().sum(0)
+            counts = torch.bincount(status.long(), minlength=3)
+            packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()
+            self.nll += packed[:k]
+            self.grad += packed[k:2 * k]
+            self.curv += packed[2 * k:3 * k]
+            self.n_rows += int(packed[3 * k])
+            self.n_masked += int(packed[3 * k + 1])
+        return self
+
+    # ------------------------------------------------------------------ merging
+
+    def _check_compatible(self, other: TemperatureFitAccumulator) -> None:
+        if not isinstance(other, TemperatureFitAccumulator):
+            raise TypeError(f"can only merge a TemperatureFitAccumulator, got {type(other).__name__}")
+        if other._temps != self._temps:
+            raise ValueError("cannot merge accumulators over different temperatures")
+        if other.derivatives != self.derivatives:
+            raise ValueError("cannot merge an accumulator with derivatives and one without")
+
+    def merge(self, other: TemperatureFitAccumulator) -> TemperatureFitAccumulator:
+        """Add ``other``'s statistics (same temperatures) to this accumulator."""
+        self._check_compatible(other)
+        self.nll += other.nll
+        self.grad += other.grad
+        self.curv += other.curv
+        self.n_rows += other.n_rows
+        self.n_masked += other.n_masked
+        return self
+
+    def all_reduce(self, group: Any = None) -> TemperatureFitAccumulator:
+        """Sum the statistics over the ranks of a ``torch.distributed`` group, in place.
+
+        A fixed-size layout check (K, the temperatures, the derivatives flag) comes first,
+        so ranks that disagree all raise ``ValueError`` instead of hanging. The sums travel
+        as float64 (counts as int64) on CUDA for NCCL, on the CPU otherwise.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "all_reduce needs an initialised torch.distributed process group "
+                "(call torch.distributed.init_process_group first)"
+            )
+        device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        k = len(self.betas)
+        b = torch.tensor(self.betas, dtype=torch.float64)
+        # max of (x, -x) is (max, -min) over ranks: all equal iff every rank agrees.
+        desc = torch.cat((torch.tensor([k, -k, _LAYOUT_VERSION, -_LAYOUT_VERSION,
+                                        int(self.derivatives), -int(self.derivatives)],
+                                       dtype=torch.float64),
+                          # the first and last β and their sum identify the grid
+                          torch.stack((b[0], -b[0], b[-1], -b[-1], b.sum(), -b.sum())))).to(device)
+        dist.all_reduce(desc, op=dist.ReduceOp.MAX, group=group)
+        d = desc.cpu().tolist()
+        if any(d[i] != -d[i + 1] for i in range(0, len(d), 2)):
+            raise ValueError(
+                "TemperatureFitAccumulator.all_reduce: the ranks' accumulators differ "
+                f"(K from {-d[1]:g} to {d[0]:g}, or different temperatures/derivatives); "
+                "every rank must build it with the same arguments"
+            )
+        sums = torch.cat((self.nll, self.grad, self.curv)).to(device)
+        counts = torch.tensor([self.n_rows, self.n_masked], dtype=torch.int64, device=device)
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(counts, group=group)
+        sums = sums.cpu()
+        self.nll, self.grad, self.curv = sums[:k].clone(), sums[k:2 * k].clone(), sums[2 * k:].clone()
+        self.n_rows, self.n_masked = (int(c) for c in counts.cpu().tolist())
+        return self
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state; :meth:`from_dict` restores it bit for bit (floats
+        round-trip exactly through JSON), so an interrupted pass resumes exactly."""
+        return {
+            "format": _FORMAT, "temperatures": list(self._temps), "derivatives": self.derivatives,
+            "n_rows": self.n_rows, "n_masked": self.n_masked, "nll": self.nll.tolist(),
+            "grad": self.grad.tolist(), "curv": self.curv.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, backend: str = "auto",
+                  ignore_index: int = C.IGNORE_INDEX) -> TemperatureFitAccumulator:
+        """Rebuild from :meth:`to_dict` output, validating it (``ValueError`` naming what is
+        wrong: format, key set, types, lengths, non-negative counts and sums)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"from_dict needs a dict, got {type(d).__name__}")
+        if d.get("format") != _FORMAT:
+            raise ValueError(f"not a TemperatureFitAccumulator dict (format {d.get('format')!r})")
+        keys = {"format", "temperatures", "derivatives", "n_rows", "n_masked", "nll", "grad", "curv"}
+        if set(d) != keys:
+            raise ValueError(f"invalid TemperatureFitAccumulator dict: missing "
+                             f"{sorted(keys - set(d))}, unexpected {sorted(set(d) - keys, key=str)}")
+        temps = d["temperatures"]
+        if (not isinstance(temps, list) or len(temps) < 2
+                or not all(isinstance(t, float) and math.isfinite(t) and t > 0 for t in temps)
+                or temps != sorted(set(temps), reverse=True)):
+            raise ValueError("temperatures must be a list of >= 2 decreasing finite floats > 0")
+        if not isinstance(d["derivatives"], bool):
+            raise ValueError("derivatives must be a bool")
+        for key in ("n_rows", "n_masked"):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} must be a non-negative int, got {v!r}")
+        for key in ("nll", "grad", "curv"):
+            v = d[key]
+            if (not isinstance(v, list) or len(v) != len(temps)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                               and math.isfinite(x) for x in v)):
+                raise ValueError(f"{key} must be a list of {len(temps)} finite numbers")
+        if any(x < 0 for x in d["nll"]) or any(x < 0 for x in d["curv"]):
+            raise ValueError("nll and curv sums must be >= 0 (an NLL and a variance are)")
+        if d["n_rows"] == 0 and any(any(d[k]) for k in ("nll", "grad", "curv")):
+            raise ValueError("sums must be 0 when n_rows is 0")
+        acc = cls(temps, derivatives=d["derivatives"], backend=backend,
+                  ignore_index=ignore_index)
+        acc.n_rows, acc.n_masked = d["n_rows"], d["n_masked"]
+        acc.nll = torch.tensor(d["nll"], dtype=torch.float64)
+        acc.grad = torch.tensor(d["grad"], dtype=torch.float64)
+        acc.curv = torch.tensor(d["curv"], dtype=torch.float64)
+        return acc
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, *, return_info: bool = False) -> float | tuple[float, dict[str, Any]]:
+        """The temperature minimising the summed NLL.
+
+        With derivatives: the root of the cubic Hermite interpolant of dF/dβ between the two
+        grid points that bracket its sign change (module docstring). Without: the grid
+        point of lowest NLL. If the optimum lies outside the grid, the nearest end is
+        returned and a warning logged. ``return_info`` adds a dict (``n_rows``, ``nll`` per
+        row at T, ``n_masked_labels``, ``grid`` temperatures, ``grid_nll`` per row,
+        ``bracket`` (T interval) or ``at_bound``).
+
+        Raises:
+            ValueError: no rows were accumulated.
+        """
+        if self.n_rows == 0:
+            raise ValueError(
+                "fit_temperature got no usable data: no valid row with a non-ignored label "
+                "whose probability is > 0"
+            )
+        n = self.n_rows
+        temps = torch.tensor(self.temperatures, dtype=torch.float64)
+        info: dict[str, Any] = {"n_rows": n, "n_masked_labels": self.n_masked, "passes": 1,
+                                "grid": temps, "grid_nll": self.nll / n}
+        if self.n_masked:
+            _log.warning("fit_temperature: skipped %d rows whose label has probability 0",
+                         self.n_masked)
+        if not self.derivatives:
+            j = int(torch.argmin(self.nll))
+            t = self._temps[j]
+            info["nll"] = float(self.nll[j]) / n
+            return (t, info) if return_info else t
+        g = self.grad.tolist()
+        # First grid point with G > 0 (strictly: where exps underflow, e.g. on separable
+        # data, G can read exactly 0 over a flat tail of the NLL, which is no optimum).
+        j = next((i for i, v in enumerate(g) if v > 0), None)
+        if j is None or j == 0:
+            # G <= 0 everywhere: the optimum is at a larger β (T below the grid); G > 0 at
+            # the smallest β: at a smaller β (T above the grid).
+            idx = len(g) - 1 if j is None else 0
+            t = self._temps[idx]
+            _log.warning("fit_temperature: the NLL optimum lies beyond the grid's end T=%g "
+                         "(widen t_min/t_max)", t)
+            info.update(nll=float(self.nll[idx]) / n, at_bound=True)
+            return (t, info) if return_info else t
+        b0, b1 = self.betas[j - 1], self.betas[j]
+        u0, u1 = math.log(b0), math.log(b1)
+        # In u = log β: dG/du = β·H.
+        u = _hermite_root(u0, u1, g[j - 1], g[j], b0 * float(self.curv[j - 1]),
+                          b1 * float(self.curv[j]))
+        beta = math.exp(u)
+        # NLL at β* from the cubic Hermite interpolant of F (values F, slopes G), in β.
+        h = b1 - b0
+        tt = (beta - b0) / h
+        f0, f1 = float(self.nll[j - 1]), float(self.nll[j])
+        f = ((2 * tt**3 - 3 * tt**2 + 1) * f0 + (tt**3 - 2 * tt**2 + tt) * h * g[j - 1]
+             + (-2 * tt**3 + 3 * tt**2) * f1 + (tt**3 - tt**2) * h * g[j])
+        info.update(nll=f / n, bracket=(1.0 / b1, 1.0 / b0), at_bound=False)
+        t = 1.0 / beta
+        return (t, info) if return_info else t
+
+    def __repr__(self) -> str:
+        return (f"TemperatureFitAccumulator(K={len(self.betas)}, n_rows={self.n_rows}, "
+                f"derivatives={self.derivatives}, backend={self.backend!r})")

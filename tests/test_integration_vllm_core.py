@@ -1,0 +1,172 @@
+"""The runner-independent part of the vLLM integration (no vLLM needed): configuration,
+records, feedback parsing and its effect on the calibration state and temperature."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mllmcal
+from mllmcal.integrations.vllm import _core
+from mllmcal.integrations.vllm._core import Config, Request, StepStats, Tracker
+
+
+class ManualTracker(Tracker):
+    """A tracker whose tokens are committed by the test itself."""
+
+    def _commit_ready(self, req, final):
+        return None
+
+
+def _params(rid=None, **kw):
+    extra = {"mllmcal_id": rid} if rid is not None else {}
+    extra.update(kw.pop("extra", {}))
+    base = dict(max_tokens=3, temperature=0.0, extra_args=extra, ignore_eos=False,
+                stop_token_ids=[], all_stop_token_ids={2}, min_tokens=0,
+                repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _tracker(tmp_path, **kw):
+    cfg = Config(records=str(tmp_path / "r.jsonl"), metrics=False, flush_interval=3600,
+                 feedback=str(tmp_path / "fb.jsonl"), **kw)
+    return ManualTracker(cfg)
+
+
+def _records(tmp_path):
+    p = tmp_path / "r.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def _generate(tracker, rid, logits_rows, tokens, temperature=1.0, **extra):
+    """Commit one token per row as the processors do: stats of ``row / T`` and the chosen
+    token's log-probability."""
+    req = Request(_params(rid, max_tokens=len(tokens), extra=extra), [])
+    tracker.open_request(req)
+    for k, (row, tok) in enumerate(zip(logits_rows, tokens, strict=True)):
+        s = mllmcal.token_stats(row[None], temperature=temperature)
+        step = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction))
+        if req.keep_row and k == req.fb_position:
+            req.fb_rows[id(step)] = row.clone()
+        req.tokens.append(tok)
+        lp = float(torch.log_softmax(row.double() / temperature, -1)[tok])
+        tracker._commit(req, k, float(s.confidence[0]), float(s.entropy[0]), lp, step,
+                        temperature)
+    return req
+
+
+def test_config_from_env_and_overrides(monkeypatch):
+    monkeypatch.setenv("MLLMCAL_VLLM_TEMPERATURE", "1.7")
+    monkeypatch.setenv("MLLMCAL_VLLM_ONLINE_TEMPERATURE", "yes")
+    monkeypatch.setenv("MLLMCAL_VLLM_METRICS", "0")
+    cfg = Config.from_env({"n_bins": 10})
+    assert (cfg.temperature, cfg.online_temperature, cfg.metrics, cfg.n_bins) == (
+        1.7, True, False, 10)
+    with pytest.raises(ValueError, match="unknown mllmcal settings"):
+        Config.from_env({"temprature": 2.0})
+    with pytest.raises(ValueError, match="temperature"):
+        Config.from_env({"temperature": 0.0})
+    monkeypatch.setenv("MLLMCAL_VLLM_DISABLE", "maybe")
+    with pytest.raises(ValueError, match="MLLMCAL_VLLM_DISABLE"):
+        Config.from_env()
+
+
+@pytest.mark.parametrize("item, match", [
+    ({"correct": True}, "needs an 'id'"),
+    ({"id": "a"}, "needs 'correct' or 'label'"),
+    ({"id": "a", "label": -3}, "token id"),
+    ({"id": "a", "label": True}, "token id"),
+    ({"id": "a", "correct": "yes"}, "bool"),
+])
+def test_bad_feedback_is_rejected_with_the_reason(item, match):
+    with pytest.raises(ValueError, match=match):
+        _core._feedback_item(item)
+
+
+def test_record_fields_and_sequence_confidence(tmp_path):
+    tr = _tracker(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 50, generator=g) * 3
+    toks = [int(rows[0].argmax()), 7, int(rows[2].argmax())]
+    _generate(tr, "q", rows, toks)
+    tr.drain()  # max_tokens reached: written without any end event
+    (rec,) = _records(tmp_path)
+    assert rec["id"] == "q" and rec["n_tokens"] == 3 and rec["finish"] == "length"
+    assert rec["token_ids"] == toks
+    ref = torch.log_softmax(rows.double(), -1)
+    want = [float(ref[i, t]) for i, t in enumerate(toks)]
+    assert rec["logprob"] == pytest.approx(want, abs=1e-6)
+    assert rec["confidence"] == pytest.approx(ref.exp().amax(-1).tolist(), abs=1e-6)
+    assert rec["mean_logprob"] == pytest.approx(sum(want) / 3, abs=1e-6)
+    assert rec["min_prob"] == pytest.approx(math.exp(min(want)), abs=1e-6)
+
+
+def test_stop_token_ends_a_request_and_null_logprob_nulls_sequence_confidence(tmp_path):
+    tr = _tracker(tmp_path)
+    req = Request(_params("s", max_tokens=10), [])
+    tr.open_request(req)
+    step = StepStats((torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]),
+                      torch.tensor([3])))
+    for k, tok in enumerate([5, 2]):  # 2 is a stop token
+        req.tokens.append(tok)
+        tr._commit(req, k, 0.5, 1.0, None if k == 0 else -0.7, step, 1.0)
+    tr.drain()
+    (rec,) = _records(tmp_path)
+    assert rec["finish"] == "stop" and rec["logprob"] == [None, -0.7]
+    assert rec["mean_logprob"] is None and rec["min_prob"] is None
+
+
+def test_feedback_file_lines_are_applied_once_and_half_lines_wait(tmp_path):
+    tr = _tracker(tmp_path, online_temperature=True)
+    g = torch.Generator().manual_seed(1)
+    rows = {rid: torch.randn(2, 30, generator=g) * 4 for rid in ("a", "b")}
+    for rid, r in rows.items():  # greedy, 2 tokens = max_tokens: both finish
+        _generate(tr, rid, r, [int(r[0].argmax()), int(r[1].argmax())], mllmcal_feedback=True)
+    tr.drain()
+    assert {r["id"] for r in _records(tmp_path)} == {"a", "b"}
+    wrong = (int(rows["a"][0].argmax()) + 1) % 30
+    fb = tmp_path / "fb.jsonl"
+    fb.write_text(json.dumps({"id": "a", "label": wrong}) + "\n" + '{"id": "b", "cor')
+    tr.drain()
+    assert tr.n_feedback == 1 and tr.state.count == 1 and tr.state.accuracy() == 0.0
+    # The online estimator saw exactly the kept row with its label.
+    ref = mllmcal.OnlineTemperature(1.0)
+    ref.update(rows["a"][0][None], torch.tensor([wrong]))
+    assert tr.temperature == pytest.approx(ref.temperature)
+    with open(fb, "a") as f:
+        f.write('rect": true}\n')
+    tr.drain()
+    tr.drain()
+    assert tr.n_feedback == 2 and tr.state.count == 2 and tr.state.accuracy() == 0.5
+    assert tr.temperature == pytest.approx(ref.temperature)  # correctness alone: T stays
+
+
+def test_feedback_before_the_request_ends_is_kept(tmp_path):
+    tr = _tracker(tmp_path)
+    _core.feedback("late", correct=True)
+    assert tr.n_feedback == 0
+    tr.drain()  # "late" is unknown yet: kept, not dropped
+    rows = torch.randn(1, 20)
+    _generate(tr, "late", rows, [int(rows[0].argmax())])
+    tr.drain()
+    assert tr.n_feedback == 1 and tr.state.accuracy() == 1.0
+
+
+def test_flush_ends_open_requests(tmp_path):
+    tr = _tracker(tmp_path)
+    req = Request(_params("open", max_tokens=None), [])
+    tr.open_request(req)
+    assert tr.flush() == 0
+    assert tr.flush(end_active=True) == 1
+    (rec,) = _records(tmp_path)
+    assert rec["finish"] == "flush" and rec["n_tokens"] == 0
+
+
+def test_generated_ids_are_unique():
+    a, b = Request(_params()), Request(_params())
+    assert a.rid != b.rid and a.rid.startswith("mllmcal-")

@@ -63,7 +63,6 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--n-bins", type=int, default=10)
     p.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
-    p.add_argument("--row-dtype", default="float16", help="dtype of the kept logits rows")
     p.add_argument("--chat-template", default="auto", choices=["auto", "off"])
     p.add_argument("--no-idk", action="store_true", help="skip the IDK evaluation")
     p.add_argument("--optimize-prompts", action="store_true", help="run APE on --dev")
@@ -239,7 +238,7 @@ def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = No
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, n_bins=args.n_bins,
-        temperature_method=args.temperature_method, row_dtype=args.row_dtype,
+        temperature_method=args.temperature_method,
         chat_template=args.chat_template, build_idk=not args.no_idk,
         idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
         optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,

@@ -1,20 +1,24 @@
 """The evaluation end to end on tiny random checkpoints: confidence against its float64
-definition, temperature scaling, resume from the cache, and a two-process gloo run."""
+definition, temperature scaling, resume from the cache, a two-process gloo run, and the
+calib split's one-pass temperature fit (no logits rows stored)."""
 
 import json
 import os
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import mllmcal
+from mllmcal.eval import runner
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import load_items
 from mllmcal.eval.models import load_model
-from mllmcal.eval.runner import EvalConfig, run_eval
+from mllmcal.eval.runner import EvalConfig, fit_calib_temperature, run_eval
 from mllmcal.eval.tiny import build_tiny_checkpoint
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -151,6 +155,7 @@ def test_end_to_end_report_two_models_and_resume(data_dir, llava_dir, causal_dir
     assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(s))
     assert "## I don't know" in (out / "report.md").read_text()
     assert (out / f"reliability_{llava['name']}_image.png").stat().st_size > 1000
+    _assert_no_rows_cached(out / "cache")
 
     # interrupt: a batch file lost, another cut short by a kill; the result must not change
     batches = sorted((out / "cache").glob("test_image_*.rank0of1.*.pt"), key=lambda p: p.name)
@@ -222,6 +227,10 @@ def test_two_process_gloo_run_equals_single_process(data_dir, llava_dir, tmp_pat
     # item shards were scored by different processes
     shards = sorted({p.name.split(".")[1] for p in (tmp_path / "dist" / "cache").glob("test_image_*.pt")})
     assert shards == ["rank0of2", "rank1of2"]
+    # each rank fitted on its own calib shard; the gathered states gave the single run's T
+    calib_shards = sorted({p.name.split(".")[1] for p in (tmp_path / "dist" / "cache").glob("calib_*.pt")})
+    assert calib_shards == ["rank0of2", "rank1of2"]
+    _assert_no_rows_cached(tmp_path / "dist" / "cache")
     for _, models, summary in results:
         _close(json.loads(summary), single["summary"])
         _close(json.loads(models), single["models"])
@@ -240,3 +249,113 @@ def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path)
     assert t["n_bins"] == 10 and t["n_items"] == 4
     with pytest.raises(ValueError, match="unknown protocol"):
         run_eval(_cfg(data_dir, [causal_dir], tmp_path / "o2", protocol="nope"))
+
+
+def _assert_no_rows_cached(cache):
+    """Cache files hold records and, on the calib split, an O(K) accumulator state: no tensor."""
+    files = list(cache.glob("*.pt"))
+    assert files
+    for p in files:
+        blob = torch.load(p, weights_only=True)
+        assert set(blob) == {"records", "fit"}
+        stack = [blob]
+        while stack:
+            x = stack.pop()
+            assert not isinstance(x, torch.Tensor), p
+            stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+    calib = [torch.load(p, weights_only=True)["fit"] for p in cache.glob("calib_*.pt")]
+    assert calib and all(f is not None for f in calib)
+
+
+def _answer_rows(em, items, modality, batch_size):
+    """The kept-rows way the eval fitted T before issue 13: every answer row stacked."""
+    batches = list(score_items(em, items, with_image=modality == "image", batch_size=batch_size))
+    rows = torch.cat([b.rows for b in batches if b.rows is not None])
+    labels = torch.cat([b.labels for b in batches if b.rows is not None])
+    return rows, labels, [r for b in batches for r in b.records]
+
+
+def _calib_with_an_interior_optimum(data_dir, em, modality, out):
+    """The calib split relabelled so the model is right on two items in three: on random
+    labels the tiny model's NLL falls all the way to T = infinity, which pins nothing."""
+    items = load_items(data_dir / "calib.json").items
+    _, _, recs = _answer_rows(em, items, modality, 4)
+    pred = {r["id"]: r["pred"] for r in recs}
+    raw = json.loads((data_dir / "calib.json").read_text())
+    for i, it in enumerate(raw):
+        p = pred[it["id"]] if pred[it["id"]] in ("A", "B", "C", "D") else "A"
+        it["conversations"][1]["value"] = p if i % 3 else "ABCD"[("ABCD".index(p) + 1) % 4]
+    path = out / "calib.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("method", ["grid", "newton"])
+def test_calib_split_fits_without_rows_the_temperature_of_the_stored_rows(
+        data_dir, llava_dir, tmp_path, method):
+    em = load_model(str(llava_dir))
+    calib = _calib_with_an_interior_optimum(data_dir, em, "image", tmp_path)
+    res = fit_calib_temperature(str(llava_dir), str(calib), str(tmp_path / "out"),
+                                images=str(data_dir / "images"), modality="image",
+                                temperature_method=method, batch_size=4)
+    rows, labels, _ = _answer_rows(em, load_items(calib, data_dir / "images").items, "image", 4)
+    assert res["n_rows"] == rows.shape[0] > 0 and res["n_items"] == 12
+    exact = mllmcal.fit_temperature(rows, labels, method="newton")
+    assert 0.05 < exact < 5  # an interior optimum, away from both ends of the grid
+    if method == "grid":  # the paper's grid, one pass: the very grid point of the stored rows
+        assert res["temperature"] == mllmcal.fit_temperature(rows, labels, method="grid")
+        assert res["temperature"] == pytest.approx(exact, abs=0.005 + 1e-9)
+    else:  # the one-pass refined fit: the accumulator's documented 0.5% of Newton's optimum
+        assert res["temperature"] == pytest.approx(exact, rel=5e-3)
+    _assert_no_rows_cached(tmp_path / "out" / "cache")
+
+
+def test_calib_split_interrupted_and_resumed_fits_the_identical_temperature(
+        data_dir, causal_dir, tmp_path, monkeypatch):
+    calib = str(_calib_with_an_interior_optimum(data_dir, load_model(str(causal_dir)), "text",
+                                                tmp_path))
+    images = str(data_dir / "images")
+    whole = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "whole"), images=images,
+                                  batch_size=4)
+    real = runner.score_items
+    scored = []
+
+    def killed_after_one_batch(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt  # as Ctrl-C while the second batch is scored
+            yield batch
+
+    def counting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            scored.extend(r["id"] for r in batch.records)
+            yield batch
+
+    monkeypatch.setattr(runner, "score_items", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "cut"), images=images,
+                              batch_size=4)
+    assert len(list((tmp_path / "cut" / "cache").glob("calib_*.pt"))) == 1
+    monkeypatch.setattr(runner, "score_items", counting)
+    resumed = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "cut"), images=images,
+                                    batch_size=4)
+    assert len(scored) == 12 - 4  # the first batch came from the cache
+    assert resumed == whole and 0.01 < whole["temperature"] < 100
+    # read back from the cache alone: nothing scored, the same T again
+    scored.clear()
+    again = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "cut"), images=images,
+                                  batch_size=4)
+    assert scored == [] and again == whole
+    # one item edited: its whole batch is scored again (a batch state cannot drop an item),
+    # the other batches come from the cache, and T is that of a fresh run on the new data
+    raw = json.loads(Path(calib).read_text())
+    turn = raw[5]["conversations"][0]
+    turn["value"] = turn["value"].replace("shape 5 ?", "shape 7 ?")
+    Path(calib).write_text(json.dumps(raw))
+    scored.clear()
+    edited = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "cut"), images=images,
+                                   batch_size=4)
+    assert sorted(scored) == [f"calib-{i}" for i in range(4, 8)]
+    fresh = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "fresh"), images=images,
+                                  batch_size=4)
+    assert edited == fresh

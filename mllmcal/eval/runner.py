@@ -1,15 +1,28 @@
 """The paper's evaluation, end to end: ``run_eval(EvalConfig) -> report dict``.
 
-For each model and modality (image+text, text only): score the calib split keeping one
-logits row per item, fit T on those rows (answer letter's full-vocabulary NLL), score the
-test split, report metrics at T = 1 and at the fitted T; then the IDK set under the
-abstention prompt variants, and optionally APE prompt optimisation on the dev split.
+For each model and modality (image+text, text only): score the calib split while fitting T
+on it (answer letter's full-vocabulary NLL), score the test split with confidences at T = 1
+and at the fitted T, report metrics at both; then the IDK set under the abstention prompt
+variants, and optionally APE prompt optimisation on the dev split.
+
+No logits rows are stored (issue 13). The one ``[V]`` row per item at its answer position
+lives only while its batch is scored: on the calib split it goes into a
+:class:`~mllmcal.calibration.TemperatureFitAccumulator` (O(K) numbers per batch: the NLL and
+its derivatives at K temperatures, or the paper's 999-point grid), on the test split it
+gives the confidence at the fitted T (the calib split is fitted first). Storing the rows
+instead costs O(items x V): 3 GB for 10k items at a 152k vocabulary in fp16.
 
 Resuming: every scored batch is written to its own file ``<out>/cache/<key>.rank<r>of<w>.*.pt``
-(its records and kept logits rows together) before the next batch starts; a rerun reads
-all cache files of a key (any world size) and scores only what is missing. The cache
-cannot lie: ``<key>`` hashes the checkpoint's identity (the bytes of its config, processor
-and tokenizer files, and each weight file's name, size and modification time) with the
+(its records and, on the calib split, its accumulator state, together) before the next
+batch starts; a rerun reads all cache files of a key and scores only what is missing. On
+the calib split a cached batch counts as a whole (its state cannot be split by item): it
+is used only if every one of its items is still in this rank's shard with the same
+content, and the batch states are summed in the order of their first items. A run cut
+between batches therefore resumes to the bit-identical temperature: the items left form
+the same batches as in an uncut run, and the sum runs in the same order. (The test
+split's key includes the fitted T, so it follows the calib split.) The cache cannot lie:
+``<key>`` hashes the checkpoint's identity (the bytes of its config, processor and
+tokenizer files, and each weight file's name, size and modification time) with the
 settings; every cached record carries a digest of its item's content (question, options,
 answer, image bytes) and is used only for an item with the same digest. Files are written
 to a temporary name and renamed, so a kill leaves no half-written file; a file that still
@@ -18,7 +31,9 @@ scored again.
 
 Distributed (``torchrun --nproc_per_node N -m mllmcal eval ...``): items are sharded
 round-robin; per-item records are gathered with ``all_gather_object`` (they are small),
-calibration rows of the calib split are gathered so every rank fits the same T, and the
+the calib split's per-batch accumulator states are gathered the same way and summed in
+item order on every rank (so every rank fits the same T, whatever the order ranks
+finish in; a float64 ``all_reduce`` would sum in the backend's order), and the
 histogram of the test split is summed with :meth:`CalibrationState.all_reduce`. Metrics
 are computed on the gathered records in item order, so they equal a single-process run.
 """
@@ -40,15 +55,17 @@ from tqdm.auto import tqdm
 
 import mllmcal
 
+from ..calibration import TemperatureFitAccumulator
+from ..calibration.temperature import PAPER_TEMPERATURE_GRID
 from ..prompting import DEFAULT_ANSWER_PREFIX
-from .confidence import METHODS, score_items
+from .confidence import METHODS, ScoredBatch, score_items
 from .data import Columns, Item, LoadResult, load_items
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
-from .models import EvalModel, load_model, parse_dtype
+from .models import EvalModel, load_model
 from .report import calibration_metrics, write_report
 
-__all__ = ["EvalConfig", "ModelSpec", "parse_model_spec", "run_eval", "fit_temperature_rows",
-           "fit_calib_temperature", "PROTOCOLS"]
+__all__ = ["EvalConfig", "ModelSpec", "parse_model_spec", "run_eval", "fit_calib_temperature",
+           "new_fit_accumulator", "PROTOCOLS", "TEMPERATURE_METHODS"]
 
 _log = logging.getLogger("mllmcal.eval")
 
@@ -139,7 +156,6 @@ class EvalConfig:
     max_new_tokens: int = 20
     n_bins: int = 10
     temperature_method: str = "grid"
-    row_dtype: str = "float16"
     chat_template: str = "auto"
     build_idk: bool = True
     idk_variants: tuple[str, ...] = tuple(ABSTENTION_HINTS)
@@ -177,8 +193,9 @@ class EvalConfig:
         bad = [m for m in self.modalities if m not in ("image", "text")]
         if bad or not self.modalities:
             raise ValueError(f"--modalities must be image and/or text, got {list(self.modalities)}")
-        if self.temperature_method not in ("grid", "newton"):
-            raise ValueError(f"--temperature-method must be grid or newton, got {self.temperature_method!r}")
+        if self.temperature_method not in TEMPERATURE_METHODS:
+            raise ValueError(f"--temperature-method must be one of {TEMPERATURE_METHODS}, "
+                             f"got {self.temperature_method!r}")
         bad = [v for v in self.idk_variants if v not in ABSTENTION_HINTS]
         if bad:
             raise ValueError(f"unknown IDK prompt variants {bad}; known: {list(ABSTENTION_HINTS)}")
@@ -229,22 +246,23 @@ class _Dist:
 # --------------------------------------------------------------------------- temperature
 
 
-def fit_temperature_rows(rows: torch.Tensor, labels: torch.Tensor, method: str = "grid",
-                         chunk: int = 256) -> float:
-    """T minimising the mean NLL of ``labels`` under ``softmax(rows / T)``.
+#: ``grid``: the paper's search over T = 0.01, 0.02, ..., 9.99 (999 exact NLLs, one pass).
+#: ``newton``: the continuous optimum in Newton's bracket 0.01..100, fitted in one pass: the
+#: NLL and its first two derivatives at K = 41 temperatures (three per halving of T), refined
+#: between the bracketing pair with a cubic Hermite interpolant of the derivative (see
+#: :mod:`mllmcal.calibration.onepass`; documented to agree with a fine grid search, and so
+#: with Newton, to well under 0.5% in T). Newton itself reads the data 5-10 times, which
+#: here would mean keeping the rows or running the model again.
+TEMPERATURE_METHODS = ("grid", "newton")
 
-    Args:
-        rows: ``[N, W]`` fp16/bf16/fp32 logits rows (one per item), any device.
-        labels: ``[N]`` int64 index of the answer in each row.
-        method: ``grid`` (the paper's 0.01..9.99, step 0.01) or ``newton``.
 
-    The rows are handed to :func:`mllmcal.fit_temperature` as ``chunk``-row batches, which
-    it streams through the fused kernel: no ``[N, W]`` fp32 copy is made.
-    """
-    if rows.shape[0] == 0:
-        raise ValueError("no calibration rows to fit a temperature on")
-    batches = [(rows[i:i + chunk], labels[i:i + chunk]) for i in range(0, rows.shape[0], chunk)]
-    return float(mllmcal.fit_temperature(batches, method=method, progress=False))
+def new_fit_accumulator(method: str) -> TemperatureFitAccumulator:
+    """An empty accumulator for the eval's ``temperature_method`` (see TEMPERATURE_METHODS)."""
+    if method == "grid":
+        return TemperatureFitAccumulator(PAPER_TEMPERATURE_GRID, derivatives=False)
+    if method == "newton":
+        return TemperatureFitAccumulator(t_min=0.01, t_max=100.0)
+    raise ValueError(f"temperature method must be one of {TEMPERATURE_METHODS}, got {method!r}")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -286,16 +304,20 @@ def item_digest(item: Item) -> str:
     return h.hexdigest()[:16]
 
 
+#: one cached batch: its records and its accumulator state (None off the calib split)
+_Batch = tuple[list[dict], dict | None]
+
+
 class _Evaluator:
     def __init__(self, cfg: EvalConfig, dist: _Dist) -> None:
         self.cfg = cfg
         self.dist = dist
         self.cache = Path(cfg.out) / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.row_dtype = parse_dtype(cfg.row_dtype, torch.device("cpu"))
-        # key -> (records, rows) already read or scored in this run: a key scored again
-        # (a prompt APE proposes twice, the seed prompt's test split) is not re-read
-        self._memo: dict[str, tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]] = {}
+        # key -> (records by id, cached batches) already read or scored in this run: a key
+        # scored again (a prompt APE proposes twice, the seed prompt's test split) is not
+        # re-read
+        self._memo: dict[str, tuple[dict[str, dict], list[_Batch]]] = {}
         self._identity: dict[str, str] = {}
         self._digests: dict[Item, str] = {}  # Item is frozen and hashable by content
         self._written = 0
@@ -305,25 +327,28 @@ class _Evaluator:
             self._digests[item] = item_digest(item)
         return self._digests[item]
 
-    def _key(self, em: EvalModel, split: str, modality: str, prefix: str, hint: str | None) -> str:
+    def _key(self, em: EvalModel, split: str, modality: str, prefix: str, hint: str | None,
+             fit: str | None, temperature: float | None) -> str:
         if em.path not in self._identity:
             self._identity[em.path] = checkpoint_identity(em.path)
+        # repr(float) round-trips: the same fitted T gives the same key
         spec = json.dumps([self._identity[em.path], str(em.dtype), self.cfg.method, prefix, hint,
-                           modality, self.cfg.max_new_tokens, self.cfg.row_dtype,
-                           em.use_chat_template, 2])
+                           modality, self.cfg.max_new_tokens, em.use_chat_template, fit,
+                           None if temperature is None else repr(float(temperature)), 3])
         digest = hashlib.sha1(spec.encode()).hexdigest()[:12]
         return f"{split}_{modality}_{digest}"
 
-    def _read_cache(self, key: str) -> tuple[dict[str, dict], dict[str, tuple[torch.Tensor, int]]]:
-        """Records and rows of every readable cache file of ``key``; damaged files are
-        deleted with a warning (their items are scored again)."""
+    def _read_cache(self, key: str) -> tuple[dict[str, dict], list[_Batch]]:
+        """Records of every readable cache file of ``key``, and each file's batch; damaged
+        files are deleted with a warning (their items are scored again)."""
         records: dict[str, dict] = {}
-        rows: dict[str, tuple[torch.Tensor, int]] = {}
+        batches: list[_Batch] = []
         for p in sorted(self.cache.glob(f"{key}.rank*.pt")):
             try:
                 blob = torch.load(p, weights_only=True)
-                batch = blob["records"]
-                row_ids, row_t, labels = blob["row_ids"], blob["rows"], blob["labels"]
+                batch, fit = blob["records"], blob["fit"]
+                if fit is not None:
+                    TemperatureFitAccumulator.from_dict(fit)  # validates it
             except Exception as exc:  # torch.load raises many types on a damaged file
                 _log.warning("discarding damaged cache file %s (%s); its items are scored "
                              "again", p, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -331,40 +356,74 @@ class _Evaluator:
                 continue
             for r in batch:
                 records[r["id"]] = r
-            digests = {r["id"]: r.get("digest") for r in batch}
-            for i, item_id in enumerate(row_ids):
-                rows[item_id] = (row_t[i], int(labels[i]), digests.get(item_id))
-        return records, rows  # type: ignore[return-value]
+            batches.append((batch, fit))
+        return records, batches
 
-    def _write(self, stem: str, records: list[dict], row_ids: list[str],
-               rows: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    def _write(self, stem: str, records: list[dict], fit: dict | None) -> None:
         # one file per batch, written under a temporary name and renamed: a kill leaves
         # either the whole batch or nothing (os.replace is atomic on POSIX and Windows)
         self._written += 1
         name = f"{stem}.{os.getpid()}-{self._written}-{time.time_ns()}.pt"
         tmp = self.cache / f".{name}.tmp"
-        torch.save({"records": records, "row_ids": row_ids,
-                    "rows": rows if rows is not None else torch.empty(0),
-                    "labels": labels if labels is not None else torch.empty(0, dtype=torch.int64)},
-                   tmp)
+        torch.save({"records": records, "fit": fit}, tmp)
         os.replace(tmp, self.cache / name)
+
+    @staticmethod
+    def _fit_batches(batches: list[_Batch], digest: dict[str, str], pos: dict[str, int]
+                     ) -> list[tuple[int, list[dict], dict]]:
+        """The cached calib batches this rank can reuse: every item still in its shard with
+        the same content, no item twice. ``(position of the first item, records, state)``,
+        in item order, so the sum of the states does not depend on which files a run
+        found (an interrupted run resumes to the bit-identical T)."""
+        cands = []
+        for recs, fit in batches:
+            ids = [r["id"] for r in recs]
+            if fit is None or not ids or not all(
+                    i in digest and r.get("digest") == digest[i] for i, r in zip(ids, recs, strict=True)):
+                continue
+            cands.append((min(pos[i] for i in ids), -len(ids), ids, recs, fit))
+        cands.sort(key=lambda c: c[:3])
+        covered: set[str] = set()
+        out = []
+        for first, _, ids, recs, fit in cands:
+            if covered.isdisjoint(ids):
+                covered.update(ids)
+                out.append((first, recs, fit))
+        return out
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
-                 gather_rows: bool = False, keep_rows: bool = True,
-                 ) -> tuple[list[dict], dict[str, tuple[torch.Tensor, int]]]:
-        """Records for all ``items`` (gathered over ranks, in item order) and kept rows
-        (this rank's, or all ranks' with ``gather_rows``). ``keep_rows=False`` (splits
-        whose logits rows are never used: dev, IDK) does not write the rows to the cache."""
-        key = self._key(em, split, modality, prefix, hint)
+                 fit: str | None = None, temperature: float | None = None,
+                 ) -> tuple[list[dict], TemperatureFitAccumulator | None]:
+        """Records for all ``items`` (gathered over ranks, in item order).
+
+        Args:
+            fit: a temperature method (:data:`TEMPERATURE_METHODS`): each batch's answer
+                rows go into a :func:`new_fit_accumulator` while the batch is scored, and
+                the accumulator summed over all batches and ranks is returned (else None).
+            temperature: a fitted T: each scored record also gets ``confidence_t``, its
+                confidence at T, computed from the batch's answer rows.
+        """
+        key = self._key(em, split, modality, prefix, hint, fit, temperature)
         if key not in self._memo:
             self._memo[key] = self._read_cache(key)
-        cached, cached_rows = self._memo[key]
+        cached, batches = self._memo[key]
         mine = items[self.dist.rank::self.dist.world]
         digest = {it.id: self._digest(it) for it in mine}
-        # a cached record counts only for an item with the same content
-        todo = [it for it in mine
-                if it.id not in cached or cached[it.id].get("digest") != digest[it.id]]
+        parts: list[tuple[int, dict]] = []
+        if fit is None:
+            # a cached record counts only for an item with the same content
+            todo = [it for it in mine
+                    if it.id not in cached or cached[it.id].get("digest") != digest[it.id]]
+        else:
+            pos = {it.id: i for i, it in enumerate(items)}
+            covered: set[str] = set()
+            for first, recs, state in self._fit_batches(batches, digest, pos):
+                for r in recs:  # the records of the batch whose state is used
+                    cached[r["id"]] = r
+                    covered.add(r["id"])
+                parts.append((first, state))
+            todo = [it for it in mine if it.id not in covered]
         stem = f"{key}.rank{self.dist.rank}of{self.dist.world}"
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not self.cfg.progress,
                    desc=f"{em.name} {split}/{modality}" + (f" [{prefix}]" if prefix != DEFAULT_ANSWER_PREFIX else ""),
@@ -372,18 +431,24 @@ class _Evaluator:
         for batch in score_items(em, todo, method=self.cfg.method, answer_prefix=prefix,
                                  with_image=modality == "image", hint=hint,
                                  batch_size=self.cfg.batch_size,
-                                 max_new_tokens=self.cfg.max_new_tokens,
-                                 row_dtype=self.row_dtype):
+                                 max_new_tokens=self.cfg.max_new_tokens):
             for r in batch.records:
                 r["digest"] = digest[r["id"]]
-            keep = keep_rows and batch.rows is not None and bool(batch.row_ids)
-            self._write(stem, batch.records, batch.row_ids if keep else [],
-                        batch.rows if keep else None, batch.labels if keep else None)
+            if temperature is not None:
+                _add_confidence_at(batch, temperature)
+            state = None
+            if fit is not None:
+                acc = new_fit_accumulator(fit)
+                if batch.rows is not None and batch.row_ids:
+                    acc.update(batch.rows, batch.labels.to(batch.rows.device))
+                state = acc.to_dict()
+                ids = [r["id"] for r in batch.records]
+                first = min(pos[i] for i in ids)
+                batches.append((batch.records, state))
+                parts.append((first, state))
+            self._write(stem, batch.records, state)
             for r in batch.records:
                 cached[r["id"]] = r
-            if keep:
-                for i, item_id in enumerate(batch.row_ids):
-                    cached_rows[item_id] = (batch.rows[i], int(batch.labels[i]), digest[item_id])
             bar.update(len(batch.records))
         bar.close()
         local = {i: cached[i] for i in digest}
@@ -391,22 +456,27 @@ class _Evaluator:
         for part in self.dist.gather(local):
             merged.update(part)
         records = [merged[it.id] for it in items]
-        rows = {i: (r[0], r[1]) for i, r in cached_rows.items()
-                if i in digest and r[2] == digest[i]}
-        if gather_rows:
-            all_rows: dict[str, tuple[torch.Tensor, int]] = {}
-            for part in self.dist.gather(rows):
-                all_rows.update(part)
-            rows = all_rows
-        return records, rows
+        if fit is None:
+            return records, None
+        # every rank sums every rank's batch states in item order: the same T everywhere
+        everything = sorted((p for part in self.dist.gather(parts) for p in part),
+                            key=lambda p: p[0])
+        total = new_fit_accumulator(fit)
+        for _, state in everything:
+            total.merge(TemperatureFitAccumulator.from_dict(state))
+        return records, total
 
 
-def _stack(rows: dict[str, tuple[torch.Tensor, int]], ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [i for i in ids if i in rows]
-    if not ids:
-        return torch.empty(0, 1), torch.empty(0, dtype=torch.int64)
-    return (torch.stack([rows[i][0] for i in ids]),
-            torch.tensor([rows[i][1] for i in ids], dtype=torch.int64))
+def _add_confidence_at(batch: ScoredBatch, temperature: float) -> None:
+    """``confidence_t`` of each scored record: the max of ``softmax(row / T)`` of its answer
+    row (the letter's probability: greedy chose the argmax, which T does not move)."""
+    conf = {}
+    if batch.rows is not None and batch.row_ids:
+        s = mllmcal.token_stats(batch.rows, temperature=temperature)
+        conf = dict(zip(batch.row_ids, torch.where(s.valid, s.confidence, float("nan")).tolist(),
+                        strict=True))
+    for r in batch.records:
+        r["confidence_t"] = conf.get(r["id"]) if r["pred"] is not None else None
 
 
 def _histogram_ece(records: Sequence[dict], dist: _Dist, n_bins: int) -> dict[str, float] | None:
@@ -519,26 +589,26 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
         entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
     main_mod = modalities[0]
     for variant in (cfg.idk_variants if idk_items else ()):
-        recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant],
-                              keep_rows=False)
+        recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant])
         res = idk_metrics(recs)
         res["answered_ece"] = _answered_ece(recs, cfg.n_bins)
         entry["idk"][variant] = res
     if cfg.optimize_prompts and dev:
-        entry["prompt_optimization"] = _optimize(ev, em, main_mod, dev, test, dist)
+        t_main = entry["modalities"][main_mod]["temperature"]
+        entry["prompt_optimization"] = _optimize(ev, em, main_mod, dev, test, dist, t_main)
     return entry
 
 
 def _fit_on_calib(ev: _Evaluator, em: EvalModel, mod: str, calib: Sequence[Item]
                   ) -> tuple[float | None, int]:
-    """T fitted on the calib split's kept answer rows, and how many rows it used.
+    """T fitted on the calib split while it is scored, and how many answer rows it used.
 
-    The one place the temperature is fitted from stored logits rows (the calibration
-    layer may later take streamed statistics instead)."""
-    _, crow = ev.evaluate(em, calib, "calib", mod, gather_rows=True)
-    rows, labels = _stack(crow, [it.id for it in calib])
-    n = int(rows.shape[0])
-    return (fit_temperature_rows(rows, labels, ev.cfg.temperature_method) if n else None), n
+    One read of each item: each batch's answer rows go into the fit's accumulator and are
+    dropped (see the module docstring); the states of all batches and ranks are summed."""
+    _, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
+    assert acc is not None
+    n = acc.n_rows + acc.n_masked  # rows whose label had probability 0 are skipped by the fit
+    return (float(acc.fit()) if acc.n_rows else None), n
 
 
 def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
@@ -581,7 +651,7 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     n_calib = 0
     if calib and cfg.method != "verbalized":
         temperature, n_calib = _fit_on_calib(ev, em, mod, calib)
-    records, trow = ev.evaluate(em, test, "test", mod)
+    records, _ = ev.evaluate(em, test, "test", mod, temperature=temperature)
     out: dict[str, Any] = {"test": calibration_metrics(records, cfg.n_bins),
                            "test_after_temperature": None, "temperature": temperature,
                            "temperature_method": cfg.temperature_method, "n_calib_rows": n_calib}
@@ -589,30 +659,21 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     if hist is not None:
         out["test"]["ece_histogram_all_reduce"] = hist["ece"]
     if temperature is not None:
-        ids = [it.id for it in test[dist.rank::dist.world] if it.id in trow]
-        local = {}
-        if ids:
-            rows, _ = _stack(trow, ids)
-            conf_t = mllmcal.token_stats(rows, temperature=temperature).confidence
-            local = {i: float(c) for i, c in zip(ids, conf_t.tolist(), strict=True)}
-        conf_by_id: dict[str, float] = {}
-        for part in dist.gather(local):
-            conf_by_id.update(part)
-        scaled = [{**r, "confidence": conf_by_id.get(r["id"]) if r["pred"] is not None else None}
+        scaled = [{**r, "confidence": r["confidence_t"] if r["pred"] is not None else None}
                   for r in records]
         out["test_after_temperature"] = calibration_metrics(scaled, cfg.n_bins)
     return out
 
 
 def _optimize(ev: _Evaluator, em: EvalModel, mod: str, dev: list[Item], test: list[Item],
-              dist: _Dist) -> dict[str, Any]:
+              dist: _Dist, temperature: float | None) -> dict[str, Any]:
     from .prompt_opt import make_proposer, optimize_prompts
 
     cfg = ev.cfg
     proposer = make_proposer(cfg.proposer, device=cfg.device, seed=cfg.seed)
 
     def score(prefix: str) -> tuple[float, float]:
-        recs, _ = ev.evaluate(em, dev, "dev", mod, prefix=prefix, keep_rows=False)
+        recs, _ = ev.evaluate(em, dev, "dev", mod, prefix=prefix)
         m = calibration_metrics(recs, cfg.n_bins)
         return (m["accuracy"] or 0.0, m["ece"] if m["ece"] is not None else 1.0)
 
@@ -622,7 +683,8 @@ def _optimize(ev: _Evaluator, em: EvalModel, mod: str, dev: list[Item], test: li
     out = res.to_dict()
     out["test"] = {}
     for p in dict.fromkeys([res.seed, res.best]):
-        recs, _ = ev.evaluate(em, test, "test", mod, prefix=p)
+        # with the main test run's T: the seed prompt's scores are that run's, from the cache
+        recs, _ = ev.evaluate(em, test, "test", mod, prefix=p, temperature=temperature)
         out["test"][p] = calibration_metrics(recs, cfg.n_bins)
     return out
 

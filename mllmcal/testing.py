@@ -153,3 +153,37 @@ def eager_composite(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     label_logprob = logp.gather(-1, y[:, None]).squeeze(-1)
     brier = (p * p).sum(-1) - 2 * label_logprob.exp() + 1
     return lse, conf, pred, entropy, label_logprob, brier
+
+
+def run_two_ranks(script_text: str, tmp_path, mode: str, root: str,
+                  timeout: float = 90.0) -> list[dict]:
+    """Run ``script_text`` as ranks 0 and 1 of a gloo group on a free loopback port.
+
+    Each rank is started as ``python rank.py RANK PORT MODE OUT_JSON`` with ``root`` on its
+    ``PYTHONPATH`` and must write its result to ``OUT_JSON``; a rank still running after
+    ``timeout`` seconds (a hang) is killed and the call fails with its stderr.
+    """
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(script_text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, mode, str(outs[r])],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)  # generous for a loaded CI box
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p in procs:
+        assert p.returncode == 0, p.stderr.read()[-3000:]
+    return [json.loads(o.read_text()) for o in outs]

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +16,7 @@ import mllmcal
 from mllmcal.calibration import TemperatureFitAccumulator
 from mllmcal.calibration import _fit_backends as FB
 from mllmcal.calibration.onepass import log_spaced_temperatures, onepass_temperatures
+from mllmcal.testing import run_two_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,25 +208,7 @@ _RANK_SCRIPT = textwrap.dedent("""
 
 
 def _two_ranks(tmp_path, mode):
-    script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    outs = [tmp_path / f"{r}.json" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, mode, str(outs[r])],
-                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=90)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p in procs:
-        assert p.returncode == 0, p.stderr.read()[-3000:]
-    return [json.loads(o.read_text()) for o in outs]
+    return run_two_ranks(_RANK_SCRIPT, tmp_path, mode, ROOT)
 
 
 def test_two_rank_all_reduce_equals_merge_and_mismatch_raises_on_both(tmp_path):

@@ -5,9 +5,6 @@ with different layouts raises on every rank instead of hanging."""
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +14,7 @@ from hypothesis import strategies as st
 
 import mllmcal
 from mllmcal.calibration import state as S
-from mllmcal.testing import make_labels, make_logits
+from mllmcal.testing import make_labels, make_logits, run_two_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,31 +216,8 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_two_ranks(tmp_path, mode):
-    script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
-    port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    outs = [tmp_path / f"r{r}.json" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, mode, str(outs[r])],
-                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        for p in procs:
-            # Generous for a loaded CI box; a hang (the old behaviour) is killed here.
-            p.wait(timeout=90)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p in procs:
-        assert p.returncode == 0, p.stderr.read()[-3000:]
-    return [json.loads(o.read_text()) for o in outs]
+    return run_two_ranks(_RANK_SCRIPT, tmp_path, mode, ROOT)
 
 
 def test_two_process_all_reduce_with_mismatched_n_bins_raises_on_both_ranks(tmp_path):

@@ -19,7 +19,7 @@ from mllmcal.prompting import ABSTENTION_HINTS, OPTION_LETTERS, build_prompt, ch
 SIZES = {"train": 150, "calib": 10, "dev": 10, "test": 40, "idk": 20}
 # A few steps of the real recipe on a small data set: format and determinism, not quality.
 SHORT = dataclasses.replace(demo_train.RECIPE, seed=1, sizes=SIZES, steps=6, cycles=2,
-                            vision_steps=3, warmup_steps=2)
+                            vision_steps=3, warmup_steps=2, focus_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def _load(model_dir, monkeypatch):
 
 def test_training_writes_checkpoint_recipe_and_summary(trained):
     model_dir, _, summary = trained
-    n_steps = SHORT.steps * SHORT.cycles
+    n_steps = SHORT.steps * SHORT.cycles + SHORT.focus_steps
     assert summary["steps"] == n_steps and summary["examples"] == n_steps * SHORT.batch_size
     assert summary["threads"] == SHORT.threads and np.isfinite(summary["final_loss"])
     assert json.loads((model_dir / demo_train.RECIPE_FILE).read_text()) == SHORT.to_dict()
@@ -70,7 +70,7 @@ def test_the_recipe_run_twice_gives_bit_identical_weights(trained, tmp_path):
 def test_a_resumed_run_equals_the_uninterrupted_one(trained, tmp_path):
     """Cycle 0 saved, then cycle 1 resumed from it: bit-identical to the run in one go."""
     model_dir, data, _ = trained
-    first = dataclasses.replace(SHORT, cycles=1)
+    first = dataclasses.replace(SHORT, cycles=1, focus_steps=0)
     demo_train.train_demo_model(data, tmp_path / "c0", first, progress=False)
     assert demo_train.compare_weights(tmp_path / "c0", model_dir)["identical_to_shipped"] is False
     demo_train.train_demo_model(data, tmp_path / "c1", SHORT, progress=False,
@@ -78,14 +78,35 @@ def test_a_resumed_run_equals_the_uninterrupted_one(trained, tmp_path):
     assert demo_train.compare_weights(tmp_path / "c1", model_dir)["identical_to_shipped"] is True
     with pytest.raises(ValueError, match="start_cycle"):
         demo_train.train_demo_model(data, tmp_path / "x", SHORT, resume_from=tmp_path / "c0",
-                                    start_cycle=3)
+                                    start_cycle=4)
     with pytest.raises(ValueError, match="go together"):
         demo_train.train_demo_model(data, tmp_path / "x", SHORT, start_cycle=1)
+
+
+def test_the_focus_cycle_resumes_from_the_ordinary_cycles(trained, tmp_path):
+    """The shipped model's last step: the ordinary cycles saved (the recipe without its
+    focus cycle), the focus cycle resumed from them, bit-identical to the run in one go."""
+    model_dir, data, _ = trained
+    plain = dataclasses.replace(SHORT, focus_steps=0)
+    assert plain.total_cycles == SHORT.cycles and SHORT.total_cycles == SHORT.cycles + 1
+    demo_train.train_demo_model(data, tmp_path / "c", plain, progress=False)
+    # Not vacuous: the focus cycle moves the weights.
+    assert demo_train.compare_weights(tmp_path / "c", model_dir)["identical_to_shipped"] is False
+    demo_train.train_demo_model(data, tmp_path / "f", SHORT, progress=False,
+                                resume_from=tmp_path / "c", start_cycle=SHORT.cycles)
+    assert demo_train.compare_weights(tmp_path / "f", model_dir)["identical_to_shipped"] is True
+    # A different mix in the focus cycle gives different weights.
+    more = dataclasses.replace(SHORT, focus_control_repeats=SHORT.focus_control_repeats + 3)
+    demo_train.train_demo_model(data, tmp_path / "m", more, progress=False,
+                                resume_from=tmp_path / "c", start_cycle=SHORT.cycles)
+    assert demo_train.compare_weights(tmp_path / "m", model_dir)["identical_to_shipped"] is False
 
 
 def test_recipe_rejects_bad_settings(data, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         demo_train.train_demo_model(data, tmp_path, dataclasses.replace(SHORT, batch_size=0))
+    with pytest.raises(ValueError, match="focus_control_repeats"):
+        dataclasses.replace(SHORT, focus_control_repeats=0).validate()
     with pytest.raises(ValueError, match="plain_idk_fraction"):
         dataclasses.replace(SHORT, plain_idk_fraction=1.5).validate()
     with pytest.raises(FileNotFoundError, match="train.json"):

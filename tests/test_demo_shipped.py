@@ -33,7 +33,7 @@ ECE_AFTER_T_MAX_RATIO = 0.65
 GAP_MIN = 0.35  # image+text accuracy minus text-only accuracy
 PLAIN_IDK_MAX = 0.10
 IDK_RAISE_MIN = 0.50  # invite IDK rate minus plain IDK rate
-FALSE_IDK_MAX = 0.25
+FALSE_IDK_MAX = 0.15  # the findings threshold (the shipped model: 0.111)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_the_checkpoint_ships_in_the_package_and_is_the_recipes():
     assert d == ROOT / "mllmcal" / "demo" / "checkpoint"
     assert json.loads((d / demo_train.RECIPE_FILE).read_text()) == demo_train.RECIPE.to_dict()
     summary = json.loads((d / demo_train.SUMMARY_FILE).read_text())
-    assert summary["steps"] == demo_train.RECIPE.steps * demo_train.RECIPE.cycles
+    assert summary["steps"] == demo_train.RECIPE.total_steps
     assert summary["threads"] == demo_train.RECIPE.threads
     size = sum(p.stat().st_size for p in d.iterdir())
     assert size < 8 * 2**20, f"the shipped checkpoint is {size / 2**20:.1f} MiB"

@@ -38,6 +38,9 @@ FIT_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Rows per block of the torch composite: bounds its [rows, V] fp32 temporaries to ~64 MB.
 _TORCH_BLOCK_ELEMENTS = 1 << 24
+# Where each compiled backend keeps its fit entry point.
+_FIT_MODULES = {"cpu": "mllmcal._C", "cuda": "mllmcal._C_cuda",
+                "triton": "mllmcal.kernels.temperature_fit"}
 
 
 @functools.cache
@@ -49,35 +52,25 @@ def _module(name: str) -> ModuleType | ImportError:
 
 
 def _reason(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device``, else why not."""
-    if backend == "torch":
-        return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return "the 'cpu' backend needs CPU tensors"
-        mod = _module("mllmcal._C")
-        if isinstance(mod, ImportError):
-            return f"the C++ extension mllmcal._C is not built ({mod})"
-        if not hasattr(mod, "temperature_fit"):
-            return "mllmcal._C was built before temperature_fit existed; rebuild the extension"
-        return None
-    if backend == "cuda":
-        if device.type != "cuda":
-            return "the 'cuda' backend needs CUDA tensors"
-        mod = _module("mllmcal._C_cuda")
-        if isinstance(mod, ImportError):
-            return f"mllmcal._C_cuda is not built (built where nvcc is found): {mod}"
-        if not hasattr(mod, "temperature_fit"):
-            return "mllmcal._C_cuda was built before temperature_fit existed; rebuild it"
-        return None
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "the 'triton' backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
-        mod = _module("mllmcal.kernels.temperature_fit")
-        if isinstance(mod, ImportError):
-            return f"Triton is not available: {mod}"
-        return None
-    raise ValueError(f"backend must be one of {FIT_BACKENDS}, got {backend!r}")
+    """None if ``backend`` can run the fit on ``device``, else why not.
+
+    Device and extension availability are :func:`mllmcal.ops._device_reason`'s (one table
+    for every op); this adds only what the fit needs on top: its entry point.
+    """
+    if backend not in FIT_BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {FIT_BACKENDS}, got {backend!r}")
+    from .. import ops
+
+    why = ops._device_reason(backend, device)
+    if why is not None or backend == "torch":
+        return why
+    name = _FIT_MODULES[backend]
+    mod = _module(name)
+    if isinstance(mod, ImportError):
+        return f"{name} is unavailable: {mod}"
+    if backend != "triton" and not hasattr(mod, "temperature_fit"):
+        return f"{name} was built before temperature_fit existed; rebuild the extension"
+    return None
 
 
 def available_fit_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -590,6 +590,40 @@ def test_stop_at_answer_gives_the_first_answer_step_and_stops_early(llama):
         assert tok.shape[1] == int(stop.step.max()) + 1, "generation stops once all answered"
 
 
+def test_stop_at_answer_with_a_mask_per_row(llama):
+    """Rows with different answer sets (items with different option counts): row r stops
+    at the first token in ITS row of the mask; a token that answers another row does not."""
+    ids, mask = _left_padded_batch(seed=21)
+    with torch.no_grad():
+        probe = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                               do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    gen = probe[:, ids.shape[1]:]
+    assert gen[1, 0] != gen[1, 2], "fixture: row 1's first token must not be its answer"
+    v = llama.config.vocab_size
+    answers = torch.zeros(3, v, dtype=torch.bool)
+    answers[0, gen[0, 3]] = True
+    answers[0, gen[1, 0]] = True  # answers row 0, not row 1 (which writes it at step 0)
+    answers[1, gen[1, 2]] = True
+    # row 2: no answer at all
+    proc = CalibratedLogitsProcessor(temperature=1.0)
+    stop = StopAtAnswer(proc, answers)
+    out = llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                         stopping_criteria=[stop], max_new_tokens=6, do_sample=False,
+                         eos_token_id=None, pad_token_id=PAD, return_dict_in_generate=True)
+    tok = out.sequences[:, ids.shape[1]:]
+    is_ans = answers.gather(1, tok)
+    first = torch.where(is_ans.any(1), is_ans.float().argmax(1), torch.full((3,), -1))
+    assert torch.equal(stop.found, is_ans.any(1)) and torch.equal(stop.step, first)
+    assert int(stop.step[1]) >= 1 and int(stop.token[1]) == int(gen[1, 2])
+    assert not stop.found[2] and int(stop.step[2]) == -1
+    with pytest.raises(ValueError, match="per-row answer mask for 2 rows"):
+        StopAtAnswer(proc, answers[:2])(tok[:, :1], torch.zeros(3, v))
+    with pytest.raises(TypeError, match="bool"):
+        StopAtAnswer(proc, torch.zeros(3, v))
+    with pytest.raises(ValueError, match=">= 0"):
+        StopAtAnswer(proc, [3, -1])
+
+
 # --------------------------------------------------------------------------- hot-path rules
 
 _PKG_DIR = os.path.dirname(os.path.abspath(mllmcal.__file__))

@@ -6,8 +6,10 @@ needed), a BPE tokenizer trained here with ``tokenizers`` on the test vocabulary
 chat template written after the released one (URLs next to each). Loading by path then
 exercises exactly the code path ``mllmcal eval --model DIR`` takes on a real checkpoint.
 
-The lm_head rows of the option letters are scaled up so that random weights answer with
-a letter at the answer position, with confidences spread over (0, 1).
+The lm_head rows of the letters A-C are scaled up so that random weights answer with a
+letter at (or soon after) the answer position, with confidences spread over (0, 1). Only
+A-C: the tests' items have 3 or 4 options, and a letter past an item's options ("E" for
+4 options) is no answer to it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mllmcal.prompting import INSTRUCTION, OPTION_LETTERS
+from mllmcal.prompting import INSTRUCTION
 
 LETTER_GAIN = 30.0
+BOOSTED_LETTERS = "ABC"
 IMAGE_SIZE = 16
 
 _CORPUS = [
@@ -83,11 +86,11 @@ def _boost_letters(model, tok) -> None:
 
 
 def _letter_pieces(tok) -> list[str]:
-    # every vocabulary entry that is a bare option letter (with or without a space marker)
+    # every vocabulary entry that is a bare boosted letter (with or without a space marker)
     out = []
     for piece in tok.get_vocab():
-        if piece.replace("\u2581", "").replace("\u0120", "") in OPTION_LETTERS and \
-                len(piece.replace("\u2581", "").replace("\u0120", "")) == 1:
+        bare = piece.replace("\u2581", "").replace("\u0120", "")
+        if len(bare) == 1 and bare in BOOSTED_LETTERS:
             out.append(piece)
     return out
 

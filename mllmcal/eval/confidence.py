@@ -2,7 +2,7 @@
 
 * ``letter`` (the paper's): decode greedily for up to ``max_new_tokens``; the confidence
   is the full-vocabulary probability, at temperature T, of the FIRST generated token that
-  decodes to an option letter. Greedy decoding picks the argmax, which does not depend
+  decodes to one of the item's option letters (a 4-option item is not answered by "E"). Greedy decoding picks the argmax, which does not depend
   on T, so that probability is the row's top-label confidence ``token_stats(...).confidence``
   at every T. Items whose generation never shows a letter are counted, not scored.
 * ``option-softmax``: a softmax restricted to the option letters at the answer position
@@ -118,8 +118,11 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
     if method == "option-softmax":
         gen_kwargs["max_new_tokens"] = 1  # only the answer position is needed
     elif method == "letter":
-        stop = StopAtAnswer(proc, em.letter_of_token >= 0, eos_token_id=em.eos_token_ids,
-                            keep_rows=True)
+        # Per row, the letters of ITS options: "E" is no answer to a 4-option item.
+        lo = em.letter_of_token
+        n_opt = torch.tensor([len(it.options) for it in items], device=lo.device)
+        answer_mask = (lo[None, :] >= 0) & (lo[None, :] < n_opt[:, None])
+        stop = StopAtAnswer(proc, answer_mask, eos_token_id=em.eos_token_ids, keep_rows=True)
         gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
     out = em.model.generate(**inputs, **gen_kwargs)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()

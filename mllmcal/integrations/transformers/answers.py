@@ -34,7 +34,9 @@ class StopAtAnswer(StoppingCriteria):
     Args:
         processor: the :class:`CalibratedLogitsProcessor` in the same call.
         answer_tokens: bool ``[V]`` mask of the answer tokens (every spelling of every option
-            letter), or a sequence of their ids.
+            letter), or a sequence of their ids; or a bool ``[B, V]`` mask, one row per batch
+            row, when rows have different answers (items with different option counts).
+            ``V`` may be shorter than the model's vocabulary: ids past it are no answers.
         eos_token_id: id(s) that end a row without an answer.
         keep_rows: keep ``z`` ``[B, V]`` of each row's answer step in :attr:`rows`.
 
@@ -59,9 +61,17 @@ class StopAtAnswer(StoppingCriteria):
         self.processor = processor
         mask = torch.as_tensor(answer_tokens)
         if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.dim() > 1:
+                raise TypeError("answer_tokens: a bool [V] or [B, V] mask, or a sequence of "
+                                f"token ids; got a {mask.dtype} tensor of shape {tuple(mask.shape)}")
             ids = mask.reshape(-1).long()
+            if ids.numel() and int(ids.min()) < 0:
+                raise ValueError(f"answer_tokens: token ids must be >= 0, got {int(ids.min())}")
             mask = torch.zeros(int(ids.max()) + 1 if ids.numel() else 1, dtype=torch.bool)
             mask[ids] = True
+        elif mask.dim() not in (1, 2) or mask.shape[-1] == 0:
+            raise ValueError("answer_tokens: a bool mask must be [V] or [B, V] with V >= 1, "
+                             f"got shape {tuple(mask.shape)}")
         self.answer_mask = mask
         eos = [] if eos_token_id is None else (
             [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
@@ -84,6 +94,10 @@ class StopAtAnswer(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         tok = input_ids[:, -1]
         b, dev = tok.shape[0], tok.device
+        if self.answer_mask.dim() == 2 and self.answer_mask.shape[0] != b:
+            raise ValueError(f"StopAtAnswer has a per-row answer mask for {self.answer_mask.shape[0]} "
+                             f"rows, but generate runs {b} rows (num_return_sequences or "
+                             "another batch?): give one mask row per row")
         if self.found is None or self.found.shape[0] != b:
             self.reset()
             self.found = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -95,9 +109,13 @@ class StopAtAnswer(StoppingCriteria):
             self.eos = self.eos.to(dev)
         z = self.processor.latest_scaled_scores()  # this step's z, before the next call
         lse = self.processor.latest_stats().logsumexp
-        v = self.answer_mask.shape[0]
+        v = self.answer_mask.shape[-1]
         in_vocab = (tok >= 0) & (tok < v)
-        is_answer = self.answer_mask[tok.clamp(0, v - 1)] & in_vocab
+        if self.answer_mask.dim() == 2:
+            rows = torch.arange(b, device=dev)
+            is_answer = self.answer_mask[rows, tok.clamp(0, v - 1)] & in_vocab
+        else:
+            is_answer = self.answer_mask[tok.clamp(0, v - 1)] & in_vocab
         new = is_answer & ~self.found & ~self._ended
         lp = z.gather(1, tok.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1).float() - lse
         self.logprob = torch.where(new, lp, self.logprob)

@@ -22,6 +22,13 @@ threads), so the headline is the best round of each case (the least disturbed ru
 short interleaved rounds make it likely each case gets a quiet one), next to the medians.
 The JSON holds every round.
 
+The processor's cost per step is one pass over the ``[B, V]`` logits, whatever the model;
+the engine's cost grows with the model. The default model (hidden 256, 4 layers, 32k
+vocabulary: the logits are a large part of its step) is therefore the worst case; run
+``--hidden 1024 --layers 8`` for a model whose step is dominated by its layers, as real
+checkpoints are. Results: ``bench/results/vllm_cpu.json`` (default) and
+``bench/results/vllm_cpu_h1024_l8.json``.
+
 A third estimate does not depend on the machine being quiet: in the ``mllmcal`` case the
 processor's methods (``apply``, ``update_state`` on the engine thread, ``drain`` on its own
 thread) are timed with ``time.thread_time`` (CPU time of the calling thread), and their sum

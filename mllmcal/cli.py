@@ -47,7 +47,10 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--images", metavar="DIR", help="directory that image names resolve against")
     _add_column_args(p)
     p.add_argument("--out", default="mllmcal-out", metavar="DIR", help="output directory")
-    p.add_argument("--method", default="letter", choices=["letter", "option-softmax", "verbalized"])
+    # The options a --protocol presets default to None here, so that one given on the
+    # command line is known to be meant and wins over the preset (EvalConfig.keep).
+    p.add_argument("--method", default=None, choices=["letter", "option-softmax", "verbalized"],
+                   help="default: letter")
     p.add_argument("--modalities", default="image,text",
                    help="comma list of image,text (image is skipped for text-only models)")
     p.add_argument("--device", default="cpu")
@@ -56,13 +59,15 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
                         "(needs accelerate)")
     p.add_argument("--protocol", choices=["paper"],
                    help="preset: 'paper' = Chen et al. (COLING 2025): 'Answer: (' prompt, up to "
-                        "20 greedy tokens, first option-letter token, 10 bins, grid T search "
-                        "(overrides --method, --max-new-tokens, --n-bins, --temperature-method)")
+                        "20 greedy tokens, first option-letter token, 10 bins, grid T search, the "
+                        "paper's seed prompts; --method, --max-new-tokens, --n-bins and "
+                        "--temperature-method given as well are kept as given")
     p.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--n-bins", type=int, default=10)
-    p.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 20")
+    p.add_argument("--n-bins", type=int, default=None, help="default: 10")
+    p.add_argument("--temperature-method", default=None, choices=["grid", "newton"],
+                   help="default: grid")
     p.add_argument("--chat-template", default="auto", choices=["auto", "off"])
     p.add_argument("--no-idk", action="store_true", help="skip the IDK evaluation")
     p.add_argument("--optimize-prompts", action="store_true", help="run APE on --dev")
@@ -231,14 +236,19 @@ def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = No
         print("mllmcal eval: a test split is needed (--test FILE or --data DIR with test.json)",
               file=sys.stderr)
         return 2
+    preset = ("method", "max_new_tokens", "n_bins", "temperature_method")
+    given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
+    defaults = {f: EvalConfig.__dataclass_fields__[f].default for f in preset}
+    chosen = {**defaults, **given}
     cfg = EvalConfig(
         models=_model_specs(args.model), device_map=args.device_map, protocol=args.protocol,
+        keep=tuple(given),
         columns=_columns(args), test=paths["test"], calib=paths["calib"], dev=paths["dev"],
-        idk=paths["idk"], images=args.images, out=args.out, method=args.method,
+        idk=paths["idk"], images=args.images, out=args.out, method=chosen["method"],
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, n_bins=args.n_bins,
-        temperature_method=args.temperature_method,
+        max_new_tokens=chosen["max_new_tokens"], n_bins=chosen["n_bins"],
+        temperature_method=chosen["temperature_method"],
         chat_template=args.chat_template, build_idk=not args.no_idk,
         idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
         optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,

@@ -144,3 +144,28 @@ def test_eval_reads_parquet_with_column_flags(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["data"]["test"]["n_items"] == n and report["data"]["test"]["n_skipped"] == 0
+
+
+def test_protocol_preset_keeps_the_options_given_with_it(tmp_path, capsys, caplog):
+    """--protocol paper sets its four options; one given on the command line as well wins,
+    and the run says so; with neither, the documented defaults hold."""
+    _data(tmp_path / "data")
+    model = build_tiny_checkpoint(tmp_path / "m", ["What colour ? red blue"], multimodal=False)
+    base = ["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--no-progress",
+            "--no-plots", "--no-idk"]
+    cases = {
+        "preset": (["--protocol", "paper"], ("letter", 20, 10, "grid")),
+        "kept": (["--protocol", "paper", "--n-bins", "5", "--temperature-method", "newton"],
+                 ("letter", 20, 5, "newton")),
+        "plain": (["--max-new-tokens", "7"], ("letter", 7, 10, "grid")),
+    }
+    for name, (flags, want) in cases.items():
+        caplog.clear()
+        out = tmp_path / name
+        assert main([*base, "--out", str(out), *flags]) == 0
+        used = json.loads((out / "report.json").read_text())["config"]
+        got = (used["method"], used["max_new_tokens"], used["n_bins"], used["temperature_method"])
+        assert got == want, name
+        said = "n_bins=5" in caplog.text and "temperature_method='newton'" in caplog.text
+        assert said == (name == "kept"), caplog.text
+    capsys.readouterr()

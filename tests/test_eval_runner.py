@@ -262,6 +262,11 @@ def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path)
     assert t["n_bins"] == 10 and t["n_items"] == 4
     with pytest.raises(ValueError, match="unknown protocol"):
         run_eval(_cfg(data_dir, [causal_dir], tmp_path / "o2", protocol="nope"))
+    # settings named in keep stay as given
+    kept = run_eval(replace(cfg, out=str(tmp_path / "o3"), keep=("n_bins",)))["config"]
+    assert (kept["n_bins"], kept["max_new_tokens"], kept["method"]) == (5, 20, "letter")
+    with pytest.raises(ValueError, match="keep names unknown settings"):
+        run_eval(replace(cfg, keep=("nbins",)))
 
 
 def _assert_no_rows_cached(cache):

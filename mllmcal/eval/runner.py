@@ -172,6 +172,9 @@ class EvalConfig:
     plots: bool = True
     device_map: str | None = None
     protocol: str | None = None
+    #: fields the caller set on purpose: the ``protocol`` preset leaves them as they are
+    #: (the CLI fills it with the preset's options given on the command line)
+    keep: tuple[str, ...] = ()
     columns: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,6 +189,9 @@ class EvalConfig:
             raise ValueError("at least one --model is needed")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; known: {list(PROTOCOLS)}")
+        bad = [k for k in self.keep if k not in self.__dataclass_fields__]
+        if bad:
+            raise ValueError(f"keep names unknown settings {bad}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.method not in METHODS:
@@ -525,7 +531,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """
     if cfg.protocol is not None:
         cfg.validate()
-        cfg = replace(cfg, **PROTOCOLS[cfg.protocol])
+        preset = {k: v for k, v in PROTOCOLS[cfg.protocol].items() if k not in cfg.keep}
+        kept = {k: getattr(cfg, k) for k in PROTOCOLS[cfg.protocol] if k in cfg.keep}
+        if kept:
+            _log.warning("protocol %r with %s as given", cfg.protocol,
+                         ", ".join(f"{k}={v!r}" for k, v in kept.items()))
+        cfg = replace(cfg, **preset)
     cfg.validate()
     dist = _Dist()
     try:

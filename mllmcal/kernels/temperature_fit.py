@@ -26,11 +26,12 @@ Output contract (shared by every backend, see ``mllmcal/calibration/_fit_backend
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._interpreter import install_fixes
+from ._interpreter import interpreting as _interpreting
 
 __all__ = ["temperature_fit_into", "aot_compile", "aot_report"]
 
@@ -41,15 +42,8 @@ _GPU_BLOCKS = (512, 16)
 _LIVE_FLOOR = tl.constexpr(-87.0)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if _interpreting():
-    # Loops with runtime bounds need the interpreter fix that mllmcal.kernels.token_stats
-    # installs (NumPy >= 2.4 rejects int() of the interpreter's 1-element scalars); importing
-    # that module applies it once, idempotently.
-    from . import token_stats as _token_stats  # noqa: F401
+    install_fixes()
 
 
 @triton.jit

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 
 from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
+from ._interpreter import install_fixes
+from ._interpreter import interpreting as _interpreting
 
 __all__ = [
     "token_stats_into", "unavailable_reason", "choose_path", "KERNELS", "aot_compile",
@@ -78,34 +80,8 @@ _TWO_POW_32 = tl.constexpr(4294967296.0)
 _INDEX_SENTINEL = tl.constexpr(2**31 - 1)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _patch_interpreter_scalar_index() -> None:
-    """Let ``range(start, stop)`` take runtime scalars under Triton 3.6's interpreter.
-
-    The interpreter holds scalars as 1-element arrays and converts them with
-    ``int(array)``, which NumPy >= 2.4 rejects for ndim > 0 ("only 0-dimensional arrays
-    can be converted"), so every loop with a runtime bound fails. This re-registers
-    ``__index__`` with an explicit element read; compiled kernels are unaffected.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_mllmcal_scalar_index", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mllmcal_scalar_index = True
-    interpreter._patch_lang_tensor = patched
-
-
 if _interpreting():
-    _patch_interpreter_scalar_index()
+    install_fixes()
 # Rows of fstats (jit code may only read globals that are constexpr).
 _LSE, _CONF, _ENT = tl.constexpr(LSE), tl.constexpr(CONF), tl.constexpr(ENT)
 _LABEL_LOGPROB, _BRIER = tl.constexpr(LABEL_LOGPROB), tl.constexpr(BRIER)
@@ -388,7 +364,7 @@ def unavailable_reason() -> str | None:
     Triton itself imported (this module would not exist otherwise); it still needs either
     a CUDA device or the interpreter.
     """
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() or _interpreting():
         return None
     return "Triton is installed but there is no CUDA device and TRITON_INTERPRET is not 1"
 

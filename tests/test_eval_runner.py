@@ -377,3 +377,48 @@ def test_calib_split_interrupted_and_resumed_fits_the_identical_temperature(
     fresh = fit_calib_temperature(str(causal_dir), calib, str(tmp_path / "fresh"), images=images,
                                   batch_size=4)
     assert edited == fresh
+
+
+def test_checkpoint_identity_sees_weights_swapped_with_their_old_time(tmp_path):
+    """The cache key changes with the config and with weight bytes, even when a weight file
+    keeps its size and modification time (cp -p of other weights); a copy of the same
+    checkpoint elsewhere, times kept, has the same key."""
+    import shutil
+
+    from mllmcal.eval.runner import WEIGHT_SAMPLE_BYTES, WEIGHT_SAMPLES, checkpoint_identity
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"a": 1}')
+    size = 3 * WEIGHT_SAMPLES * WEIGHT_SAMPLE_BYTES + 12345  # sampled, not read whole
+    g = torch.Generator().manual_seed(0)
+    blob = bytearray(torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8).numpy().tobytes())
+    w = ck / "model.safetensors"
+    w.write_bytes(bytes(blob))
+    small = ck / "adapter.bin"
+    small.write_bytes(b"\x01" * 100)  # below the sample size: read whole
+    base = checkpoint_identity(ck)
+    assert checkpoint_identity(ck) == base
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ck, copy, copy_function=shutil.copy2)
+    assert checkpoint_identity(copy) == base
+
+    def swapped(path, data):
+        st = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+    for where in (0, size - 1, (size - WEIGHT_SAMPLE_BYTES) // (WEIGHT_SAMPLES - 1) + 7):
+        other = bytearray(blob)
+        other[where] ^= 0xFF
+        swapped(copy / "model.safetensors", bytes(other))
+        assert checkpoint_identity(copy) != base, where
+    swapped(copy / "model.safetensors", bytes(blob))
+    assert checkpoint_identity(copy) == base
+    swapped(copy / "adapter.bin", b"\x02" * 100)
+    assert checkpoint_identity(copy) != base
+    swapped(copy / "adapter.bin", b"\x01" * 100)
+    (copy / "config.json").write_text('{"a": 2}')
+    assert checkpoint_identity(copy) != base

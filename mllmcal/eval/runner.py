@@ -274,14 +274,34 @@ def new_fit_accumulator(method: str) -> TemperatureFitAccumulator:
 # --------------------------------------------------------------------------- scoring
 
 
+#: blocks of each weight file read into :func:`checkpoint_identity` (at most 1 MiB a file)
+WEIGHT_SAMPLES = 16
+WEIGHT_SAMPLE_BYTES = 1 << 16
+
+
+def _hash_weight_sample(h: Any, path: Path, size: int) -> None:
+    if size <= WEIGHT_SAMPLES * WEIGHT_SAMPLE_BYTES:
+        h.update(path.read_bytes())
+        return
+    last = size - WEIGHT_SAMPLE_BYTES
+    with open(path, "rb") as fh:
+        for k in range(WEIGHT_SAMPLES):
+            fh.seek(last * k // (WEIGHT_SAMPLES - 1))
+            h.update(fh.read(WEIGHT_SAMPLE_BYTES))
+
+
 def checkpoint_identity(path: str | os.PathLike) -> str:
     """A digest of what makes a checkpoint directory this checkpoint.
 
     The bytes of its small files (config, generation config, processor, tokenizer, chat
     template: what changes the prompt or the vocabulary) and, for each weight file
-    (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), its name, size and modification
-    time in ns: hashing the weights' bytes would read gigabytes on every run, while any
-    rewrite of a weight file changes its modification time.
+    (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), its name, size, modification time
+    in ns and a sample of its bytes (:data:`WEIGHT_SAMPLES` blocks of
+    :data:`WEIGHT_SAMPLE_BYTES`, evenly spaced, the first and last included): hashing all
+    the weights would read gigabytes on every run. Any rewrite of a weight file changes its
+    modification time; the sample also tells apart weights put in place with their old
+    time kept (``cp -p``, ``rsync -t``, an unpacked archive), unless they differ only
+    outside every sampled block.
     """
     h = hashlib.sha256()
     root = Path(path)
@@ -292,6 +312,7 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
         if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5"):
             st = p.stat()
             h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            _hash_weight_sample(h, p, st.st_size)
         elif p.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py"):
             h.update(f"{rel}|".encode())
             h.update(p.read_bytes())

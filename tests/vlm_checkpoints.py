@@ -412,6 +412,14 @@ def build_paligemma(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- OneVision
 
 # https://huggingface.co/llava-hf/llava-onevision-qwen2-0.5b-ov-hf/blob/main/chat_template.json
+# Verified against huggingface/transformers
+# tests/models/llava_onevision/test_processor_llava_onevision.py: test_chat_template renders
+# the hub's llava-onevision-qwen2-7b-ov-hf template as
+# "<|im_start|>user <image>\nWhat is shown in this image?<|im_end|><|im_start|>assistant\n"
+# (also its token ids), and prepare_processor_dict carries the template text (the 0.5b
+# checkpoint's own file was not found in public copies). NOTE: no newline
+# after <|im_end|>, and a space (not a newline) after the role. Only the {# ... #} comments
+# of the released text are left out; they render nothing.
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -423,7 +431,7 @@ ONEVISION_TEMPLATE = (
     "{{ '\n' + content['text'] }}{% endfor %}"
     "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{{'<|im_end|>'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

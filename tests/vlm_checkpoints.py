@@ -137,6 +137,10 @@ def _llama(vocab: int, **kw):
 # ----------------------------------------------------------------------------- LLaVA-1.5
 
 # https://huggingface.co/llava-hf/llava-1.5-7b-hf/blob/main/chat_template.json
+# Verified against the copy in openvinotoolkit/openvino.genai src/cpp/src/tokenizer.cpp
+# (chat_template_fallback_map, "llava-1.5, llava-v1.6-vicuna (chat_template.json)"): identical
+# but for its {# ... #} comments, which render nothing. A system message gets no role prefix:
+# its text comes first, followed by a space.
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}"
     "{{ message['role'].upper() + ': '}}{% endif %}"
@@ -180,6 +184,9 @@ def build_llava(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- Qwen2-VL
 
 # https://huggingface.co/Qwen/Qwen2-VL-2B-Instruct/blob/main/chat_template.json
+# Verified against the copy in openvinotoolkit/openvino.genai src/cpp/src/tokenizer.cpp
+# (chat_template_fallback_map, "Qwen2-VL-2B-Instruct (tokenizer_config.json)"): identical,
+# default system prompt "You are a helpful assistant." included.
 QWEN2VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -235,6 +242,11 @@ def build_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- Idefics3
 
 # https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/main/chat_template.json
+# Verified against huggingface/transformers tests/models/idefics3/test_processor_idefics3.py
+# (test_apply_chat_template renders the hub processor's template as
+# "<|begin_of_text|>User: ...<end_of_utterance>\nAssistant: ...<end_of_utterance>\n...Assistant:")
+# and the same text copied as DEFAULT_CHAT_TEMPLATE in public Idefics3-based code: identical.
+# "User:" takes no space when the turn starts with the image ("User:<image>What...").
 IDEFICS3_TEMPLATE = (
     "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
@@ -280,6 +292,11 @@ def build_idefics3(out: Path, texts: Iterable[str] = ()) -> Path:
 
 
 # https://huggingface.co/HuggingFaceTB/SmolVLM-256M-Instruct/blob/main/chat_template.json
+# Verified against huggingface/transformers tests/models/smolvlm/test_processor_smolvlm.py
+# (prepare_processor_dict's chat_template, the SmolVLM one) and transformers'
+# processing_smolvlm.DEFAULT_CHAT_TEMPLATE (SmolVLM2: the same plus a 'video' branch, unused
+# here): identical in what we render. The 256M checkpoint's own file was not found in
+# public copies.
 SMOLVLM_TEMPLATE = "<|im_start|>" + IDEFICS3_TEMPLATE.removeprefix("<|begin_of_text|>")
 
 
@@ -322,6 +339,11 @@ def build_smolvlm(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- Gemma 3
 
 # https://huggingface.co/google/gemma-3-4b-it/blob/main/chat_template.json
+# Verified against microsoft/onnxruntime-extensions shared/api/chat_template.cc
+# (GEMMA3_CHAT_TEMPLATE) and the gemma-3 tokenizer_config quoted in public code: the same
+# template with its line breaks and indentation removed, all of which the released text's
+# {%- -%} markers strip, so it renders identically (BOS from the template, system text
+# folded into the first user turn followed by a blank line, role "model").
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}"
     "{%- if messages[0]['content'] is string -%}"
@@ -412,6 +434,14 @@ def build_paligemma(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- OneVision
 
 # https://huggingface.co/llava-hf/llava-onevision-qwen2-0.5b-ov-hf/blob/main/chat_template.json
+# Verified against huggingface/transformers
+# tests/models/llava_onevision/test_processor_llava_onevision.py: test_chat_template renders
+# the hub's llava-onevision-qwen2-7b-ov-hf template as
+# "<|im_start|>user <image>\nWhat is shown in this image?<|im_end|><|im_start|>assistant\n"
+# (also its token ids), and prepare_processor_dict carries the template text (the 0.5b
+# checkpoint's own file was not found in public copies). NOTE: no newline
+# after <|im_end|>, and a space (not a newline) after the role. Only the {# ... #} comments
+# of the released text are left out; they render nothing.
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -423,7 +453,7 @@ ONEVISION_TEMPLATE = (
     "{{ '\n' + content['text'] }}{% endfor %}"
     "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}"
+    "{{'<|im_end|>'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -465,6 +495,14 @@ def build_llava_onevision(out: Path, texts: Iterable[str] = ()) -> Path:
 # ----------------------------------------------------------------------------- InternVL
 
 # https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/chat_template.jinja
+# Verified against huggingface/transformers tests/models/internvl/test_modeling_internvl.py:
+# test_qwen2_small_model_integration_interleaved_images_videos renders this checkpoint's
+# template for a user turn of two images and a text and decodes it as "user\n\n\nWhat are
+# ..." (each image '<IMG_CONTEXT>\n', no default system prompt), and the chat_template of
+# src/transformers/models/internvl/convert_internvl_weights_to_hf.py, which wrote the -hf
+# checkpoints (one stored version of it has '<image>\n' for the image, which the released
+# InternVLProcessor would not expand; it looks for '<IMG_CONTEXT>'): identical in what we
+# render. The checkpoint's own file was not found in public copies.
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -551,6 +589,8 @@ BUILDERS: dict[str, Callable[..., Path]] = {
 # ----------------------------------------------------------------------------- text LLMs
 
 # https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/blob/main/tokenizer_config.json
+# Verified against microsoft/onnxruntime-extensions shared/api/chat_template.cc
+# (LLAMA3_CHAT_TEMPLATE, mapped there to meta-llama/Meta-Llama-3-8B-Instruct): identical.
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
@@ -561,7 +601,11 @@ LLAMA3_TEMPLATE = (
 )
 
 # https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/tokenizer_config.json
-# (the part without tools)
+# (the part without tools: the released text's `tools` branch and its tool-call / tool
+# message branches are left out; the project passes no tools). Verified against the
+# Qwen2.5-Instruct template as vendored verbatim in public code (default system prompt "You
+# are Qwen, created by Alibaba Cloud. You are a helpful assistant." also in pytorch/torchtune
+# torchtune/models/qwen2_5/_prompt_template.py): identical in what we render.
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}"

@@ -134,6 +134,14 @@ def _llama(vocab: int, **kw):
     return tf.LlamaConfig(**base)
 
 
+def _sentencepiece_llama_tokenizer(texts: Iterable[str]):
+    """LLaMA-2 / Mistral style (LLaVA-1.5, LLaVA-NeXT): SentencePiece pieces, <s> added."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    return _fast(_train_tokenizer(specials, "metaspace", "<s>", texts), unk_token="<unk>",
+                 bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                 extra_special_tokens={"image_token": "<image>"})
+
+
 # ----------------------------------------------------------------------------- LLaVA-1.5
 
 # https://huggingface.co/llava-hf/llava-1.5-7b-hf/blob/main/chat_template.json
@@ -159,14 +167,9 @@ def build_llava(out: Path, texts: Iterable[str] = ()) -> Path:
     import transformers as tf
 
     torch.manual_seed(0)
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tok = _fast(_train_tokenizer(specials, "metaspace", "<s>", texts), unk_token="<unk>",
-                bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                extra_special_tokens={"image_token": "<image>"})
+    tok = _sentencepiece_llama_tokenizer(texts)
     patch = IMAGE_SIZE // 4
-    vis = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch,
-                              projection_dim=16)
+    vis = _clip_vision(patch)
     cfg = tf.LlavaConfig(vision_config=vis, text_config=_llama(len(tok), bos_token_id=1,
                                                               eos_token_id=2, pad_token_id=3),
                          image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -174,9 +177,22 @@ def build_llava(out: Path, texts: Iterable[str] = ()) -> Path:
     model = tf.LlavaForConditionalGeneration(cfg)
     ip = tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                   crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
-                             vision_feature_select_strategy="default",
-                             num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return _save_clip_llava(model, tf.LlavaProcessor, ip, tok, patch, LLAVA_TEMPLATE, out)
+
+
+def _clip_vision(patch: int):
+    import transformers as tf
+
+    return tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch,
+                               projection_dim=16)
+
+
+def _save_clip_llava(model, processor_cls, ip, tok, patch: int, template: str, out: Path) -> Path:
+    """LLaVA-1.5 and LLaVA-NeXT: a CLIP tower without its CLS token ("default"), as released."""
+    proc = processor_cls(image_processor=ip, tokenizer=tok, patch_size=patch,
+                         vision_feature_select_strategy="default",
+                         num_additional_image_tokens=1, chat_template=template)
     _boost_letters(model, tok)
     return _save(model, proc, out)
 
@@ -207,10 +223,12 @@ _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+def _build_qwen_vl(out: Path, texts: Iterable[str], seed: int, config_cls: str, model_cls: str,
+                   processor_cls: str, template: str, vision: dict) -> Path:
+    """Qwen2-VL and Qwen2.5-VL: the same tokens, processor layout and image processor."""
     import transformers as tf
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     tok = _fast(_train_tokenizer(_QWEN_SPECIALS, "bytelevel", None, texts),
                 eos_token="<|im_end|>", pad_token="<|endoftext|>",
                 extra_special_tokens={"image_token": "<|image_pad|>",
@@ -222,21 +240,27 @@ def build_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                  "rope_theta": 10000.0},
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vis = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
-               spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
-    cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vis,
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
-    model = tf.Qwen2VLForConditionalGeneration(cfg)
+    vis = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, **vision)
+    cfg = getattr(tf, config_cls)(text_config=text, vision_config=vis,
+                                  image_token_id=ids["<|image_pad|>"],
+                                  video_token_id=ids["<|video_pad|>"],
+                                  vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"])
+    model = getattr(tf, model_cls)(cfg)
     ip = tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
                                      min_pixels=16 * 16, max_pixels=16 * 16)
-    proc = _without_video(tf.Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
-                                               chat_template=QWEN2VL_TEMPLATE)
+    proc = _without_video(getattr(tf, processor_cls))(image_processor=ip, tokenizer=tok,
+                                                      chat_template=template)
     _boost_letters(model, tok)
     video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 4, "merge_size": 2,
              "temporal_patch_size": 2, "min_pixels": 256, "max_pixels": 256}
-    return _save(model, proc, out, video, "Qwen2VLProcessor")
+    return _save(model, proc, out, video, processor_cls)
+
+
+def build_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+    return _build_qwen_vl(out, texts, 1, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration",
+                          "Qwen2VLProcessor", QWEN2VL_TEMPLATE,
+                          dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2))
 
 
 # ----------------------------------------------------------------------------- Idefics3
@@ -550,6 +574,210 @@ def build_internvl(out: Path, texts: Iterable[str] = ()) -> Path:
     video = {"video_processor_type": "InternVLVideoProcessor",
              "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
     return _save(model, proc, out, video, "InternVLProcessor")
+
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+# https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/chat_template.json: the
+# Qwen2-VL text unchanged (default system prompt "You are a helpful assistant.").
+# Verified against huggingface/transformers tests/models/qwen2_5_vl/test_processor_qwen2_5_vl.py
+# (prepare_processor_dict's chat_template: this text, character for character) and
+# tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py, whose Qwen2.5-VL-7B-Instruct
+# integration tests decode the hub template's output as "system\nYou are a helpful
+# assistant.\nuser\nWhat kind of dog is this?\nassistant\n...". The 3B checkpoint's own
+# file was not found in public copies.
+QWEN25VL_TEMPLATE = QWEN2VL_TEMPLATE
+
+
+
+def build_qwen25_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+    """Qwen2.5-VL: Qwen2-VL's format; a windowed-attention ViT with an RMSNorm/SwiGLU merger."""
+    # window_size 16 px = 2x2 merged patches per window, so the one windowed block and the
+    # full-attention block (fullatt_block_indexes) see different neighbourhoods
+    return _build_qwen_vl(out, texts, 10, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
+                          "Qwen2_5_VLProcessor", QWEN25VL_TEMPLATE,
+                          dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                               out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]))
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT
+
+# https://huggingface.co/llava-hf/llava-v1.6-mistral-7b-hf/blob/main/chat_template.json
+# Verified against the copy in openvinotoolkit/openvino.genai src/cpp/src/tokenizer.cpp
+# (chat_template_fallback_map, "tiny-random-llava-next, llava-v1.6-mistral
+# (chat_template.json)") and against the template the hub processor of
+# llava-v1.6-mistral-7b-hf prints (quoted in a public LLaVA-NeXT walkthrough, which also
+# shows its rendering "[INST] <image>\nIs this ...? [/INST]"): identical, except that the
+# openvino copy closes an assistant turn with the typo '<\\s> ' where the current file has
+# '</s> ' (used here); eval never renders past the open assistant turn, so both give the
+# same prompts. No BOS in the template: Mistral's tokenizer adds <s>. The {# ... #}
+# comments render nothing and are left out.
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_llava_next(out: Path, texts: Iterable[str] = ()) -> Path:
+    """LLaVA-NeXT (1.6, Mistral): anyres tiles of a CLIP tower, plus image_newline tokens."""
+    import transformers as tf
+
+    torch.manual_seed(11)
+    tok = _sentencepiece_llama_tokenizer(texts)
+    patch = 4
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    vis = _clip_vision(patch)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                max_position_embeddings=1024, sliding_window=None, tie_word_embeddings=False,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    cfg = tf.LlavaNextConfig(vision_config=vis, text_config=tf.MistralConfig(**text),
+                             image_token_index=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_select_strategy="default", vision_feature_layer=-2,
+                             image_grid_pinpoints=pinpoints, tie_word_embeddings=False)
+    model = tf.LlavaNextForConditionalGeneration(cfg)
+    ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                       image_grid_pinpoints=pinpoints)
+    return _save_clip_llava(model, tf.LlavaNextProcessor, ip, tok, patch, LLAVA_NEXT_TEMPLATE,
+                            out)
+
+
+# ----------------------------------------------------------------------------- Llama 3.2 Vision
+
+# https://huggingface.co/meta-llama/Llama-3.2-11B-Vision-Instruct/blob/main/chat_template.json
+# Verified against two public copies of the released text: NVIDIA NeMo's
+# MLlamaTemplateConfig.chat_template (nemo/collections/vlm, mllama data config) and
+# johnmai-dev/Jinja Tests/ChatTemplateTests.swift (llama3_2visionChatTemplate): identical to
+# each other and to this text, which keeps the released one verbatim (line breaks,
+# indentation, {#- ... #} comments and the tool branches included). BOS comes from the
+# template. With an image it writes no system turn (and refuses a system message); WITHOUT
+# one it writes a system turn "Cutting Knowledge Date: December 2023\nToday Date: {date}"
+# whose date is strftime_now("%d %b %Y") unless the caller passes date_string.
+MLLAMA_TEMPLATE = (
+    '{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n'
+    '{%- endif %}\n{%- if not tools_in_user_message is defined %}\n'
+    '    {%- set tools_in_user_message = true %}\n{%- endif %}\n'
+    '{%- if not date_string is defined %}\n    {%- if strftime_now is defined %}\n'
+    '        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
+    '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}\n{%- endif %}\n'
+    '{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n'
+    '{#- This block extracts the system message, so we can slot it into the right place. #}\n'
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    '    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = "" %}\n'
+    '{%- endif %}\n\n{#- Find out if there are any images #}\n'
+    '{% set image_ns = namespace(has_images=false) %}      \n{%- for message in messages %}\n'
+    "    {%- for content in message['content'] %}\n        {%- if content['type'] == 'image' %}\n"
+    '            {%- set image_ns.has_images = true %}\n        {%- endif %}\n    {%- endfor %}\n'
+    '{%- endfor %}\n\n{#- Error out if there are images and system message #}\n'
+    '{%- if image_ns.has_images and not system_message == "" %}\n'
+    '    {{- raise_exception("Prompting with images is incompatible with system messages.") }}\n'
+    '{%- endif %}\n\n{#- System message if there are no images #}\n'
+    '{%- if not image_ns.has_images %}\n'
+    '    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
+    '    {%- if tools is not none %}\n        {{- "Environment: ipython\\n" }}\n    {%- endif %}\n'
+    '    {{- "Cutting Knowledge Date: December 2023\\n" }}\n'
+    '    {{- "Today Date: " + date_string + "\\n\\n" }}\n'
+    '    {%- if tools is not none and not tools_in_user_message %}\n'
+    '        {{- "You have access to the following functions. To call a function, please '
+    'respond with JSON for a function call." }}\n'
+    "        {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of "
+    "argument name and its value}.' }}\n"
+    '        {{- "Do not use variables.\\n\\n" }}\n        {%- for t in tools %}\n'
+    '            {{- t | tojson(indent=4) }}\n            {{- "\\n\\n" }}\n'
+    '        {%- endfor %}\n    {%- endif %}\n    {{- system_message }}\n'
+    '    {{- "<|eot_id|>" }}\n{%- endif %}\n\n'
+    '{#- Custom tools are passed in a user message with some extra guidance #}\n'
+    '{%- if tools_in_user_message and not tools is none %}\n'
+    '    {#- Extract the first user message so we can plug it in here #}\n'
+    '    {%- if messages | length != 0 %}\n'
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n"
+    '        {%- set messages = messages[1:] %}\n    {%- else %}\n'
+    '        {{- raise_exception("Cannot put tools in the first user message when there\'s no '
+    'first user message!") }}\n{%- endif %}\n'
+    "    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    '    {{- "Given the following functions, please respond with a JSON for a function call " }}\n'
+    '    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}\n'
+    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of "
+    "argument name and its value}.' }}\n"
+    '    {{- "Do not use variables.\\n\\n" }}\n    {%- for t in tools %}\n'
+    '        {{- t | tojson(indent=4) }}\n        {{- "\\n\\n" }}\n    {%- endfor %}\n'
+    '    {{- first_user_message + "<|eot_id|>"}}\n{%- endif %}\n\n{%- for message in messages %}\n'
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in "
+    "message) %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "        {%- if message['content'] is string %}\n            {{- message['content'] }}\n"
+    "        {%- else %}\n            {%- for content in message['content'] %}\n"
+    "                {%- if content['type'] == 'image' %}\n"
+    "                    {{- '<|image|>' }}\n"
+    "                {%- elif content['type'] == 'text' %}\n"
+    "                    {{- content['text'] }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {{- '<|eot_id|>' }}\n"
+    "    {%- elif 'tool_calls' in message %}\n        {%- if not message.tool_calls|length == 1 %}\n"
+    '            {{- raise_exception("This model only supports single tool-calls at once!") }}\n'
+    '        {%- endif %}\n        {%- set tool_call = message.tool_calls[0].function %}\n'
+    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "        {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n"
+    "        {{- '\"parameters\": ' }}\n        {{- tool_call.arguments | tojson }}\n"
+    '        {{- "}" }}\n        {{- "<|eot_id|>" }}\n'
+    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
+    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
+    '        {%- if message.content is mapping or message.content is iterable %}\n'
+    '            {{- message.content | tojson }}\n        {%- else %}\n'
+    '            {{- message.content }}\n        {%- endif %}\n        {{- "<|eot_id|>" }}\n'
+    '    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n'
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n"
+)
+
+
+def build_mllama(out: Path, texts: Iterable[str] = ()) -> Path:
+    """Llama 3.2 Vision: ONE <|image|> token in the text; the image enters through
+    cross-attention layers (cross_attention_mask, aspect-ratio ids), not as tokens."""
+    import transformers as tf
+
+    torch.manual_seed(12)
+    # as released, <|image|> is the id right after the text vocabulary (the LM head leaves
+    # it out; the input embeddings have 8 extra rows)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tk = _train_tokenizer(specials, "bytelevel", "<|begin_of_text|>", texts)
+    tk.add_special_tokens(["<|image|>"])
+    tok = _fast(tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                pad_token="<|finetune_right_pad_id|>")
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert image_id == len(tok) - 1
+    patch, tiles = 4, 2
+    vis = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+               attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch, max_num_tiles=tiles,
+               supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers_indices=[0],
+               vision_output_dim=32)
+    text = dict(vocab_size=image_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                cross_attention_layers=[1], bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = tf.MllamaConfig(vision_config=vis, text_config=text, image_token_index=image_id)
+    model = tf.MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():
+        # released weights have learned gates; zeros (the init) would cut the image off
+        for name, param in model.named_parameters():
+            if name.endswith(("gate", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(0.5)
+    ip = tf.MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                    max_image_tiles=tiles)
+    proc = tf.MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=MLLAMA_TEMPLATE)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
 
 
 def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:

@@ -314,3 +314,16 @@ def test_cli_on_a_hugging_face_dataset_folder_with_image_bytes(arch, tmp_path, m
     assert report["data"]["test"]["n_items"] == 5 and report["data"]["calib"]["n_items"] == 4
     image = report["models"][0]["modalities"]["image"]
     assert image["test"]["n_items"] == 5 and image["n_calib_rows"] >= 1
+
+
+def test_a_pil_image_processor_filed_under_another_model_is_found(tmp_path):
+    """Qwen2.5-VL checkpoints name "Qwen2VLImageProcessor" (model type qwen2_5_vl), whose
+    PIL class lives in transformers.models.qwen2_vl: found there, without torchvision."""
+    from mllmcal.eval.models import _pil_image_processor
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    ip = _pil_image_processor(tmp_path, {"image_processor_type": "Qwen2VLImageProcessor",
+                                         "patch_size": 4, "merge_size": 2,
+                                         "temporal_patch_size": 2, "min_pixels": 256,
+                                         "max_pixels": 256})
+    assert type(ip).__name__ == "Qwen2VLImageProcessorPil" and ip.patch_size == 4

@@ -158,6 +158,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _image_processor_modules(class_name: str) -> list[str]:
+    """The model modules transformers' auto table lists ``class_name`` under."""
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    except ImportError:
+        return []
+    out = []
+    for model_type, names in IMAGE_PROCESSOR_MAPPING_NAMES.items():
+        values = names.values() if isinstance(names, dict) else names
+        if class_name in {v for v in values if isinstance(v, str)}:
+            out.append(model_type_to_module_name(model_type))
+    return out
+
+
 def _pil_image_processor(path: Path, settings: dict[str, Any]) -> Any:
     """The PIL backend of the checkpoint's image processor, imported from its model module.
 
@@ -172,17 +187,21 @@ def _pil_image_processor(path: Path, settings: dict[str, Any]) -> Any:
     base = kind.removesuffix("Pil").removesuffix("ImageProcessor")
     kind = f"{base}ImageProcessorPil"
     # the class lives in its own model's module (InternVL uses GotOcr2's): try the module
-    # named after the class (GotOcr2 -> got_ocr2), then the checkpoint's model type
+    # named after the class (GotOcr2 -> got_ocr2), then the checkpoint's model type, then
+    # every module transformers' image-processor table files the class under (Qwen2.5-VL
+    # ships "Qwen2VLImageProcessor", which lives in qwen2_vl, not in "qwen2_v_l")
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
-    for name in dict.fromkeys([snake, model_type]):
+    candidates = list(dict.fromkeys([snake, model_type, *_image_processor_modules(kind)]))
+    for name in candidates:
         try:
             module = importlib.import_module(f"transformers.models.{name}.image_processing_pil_{name}")
         except ImportError:
             continue
         if hasattr(module, kind):
             return getattr(module, kind)(**settings)
-    raise ImportError(f"no PIL image processor {kind} in transformers (checked {snake!r}, "
-                      f"{model_type!r}); its torchvision one needs the package 'torchvision'")
+    raise ImportError(f"no PIL image processor {kind} in transformers (checked "
+                      f"{', '.join(map(repr, candidates))}); its torchvision one needs the "
+                      "package 'torchvision'")
 
 
 def _processor_by_hand(path: Path, cls: type) -> Any:

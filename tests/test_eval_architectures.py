@@ -327,3 +327,19 @@ def test_a_pil_image_processor_filed_under_another_model_is_found(tmp_path):
                                          "temporal_patch_size": 2, "min_pixels": 256,
                                          "max_pixels": 256})
     assert type(ip).__name__ == "Qwen2VLImageProcessorPil" and ip.patch_size == 4
+
+
+def test_a_processor_that_writes_bos_itself_gets_no_second_one(tmp_path, items):
+    """Mllama's processor puts <|begin_of_text|> after a leading <|image|> when the text has
+    none (its base-model layout), so the tokenizer must not add one too."""
+    from vlm_checkpoints import build_mllama
+
+    em = load_model(str(build_mllama(tmp_path / "mllama")), chat_template="off")
+    tok = em.tokenizer
+    it = items[0]
+    img = em.encode([em.render(it, with_image=True)], [_image(it)])["input_ids"][0].tolist()
+    txt = em.encode([em.render(it, with_image=False)], None)["input_ids"][0].tolist()
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert img[:2] == [image_id, tok.bos_token_id] and img.count(tok.bos_token_id) == 1
+    assert txt[0] == tok.bos_token_id and txt.count(tok.bos_token_id) == 1
+    assert tok.decode(img[2:]).strip() == tok.decode(txt[1:]).strip()

@@ -17,7 +17,10 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
 2. **BOS exactly once**, one rule for image and text-only prompts: tokenize with the
    tokenizer's special tokens ON, unless the rendered text already starts with the
    tokenizer's ``bos_token`` string (templates such as Gemma 3's and Idefics3's write it),
-   then OFF. Encoded rows are checked: more than one BOS is an error naming the model.
+   then OFF; also OFF when the processor writes BOS into the text itself (Mllama's puts
+   ``<|begin_of_text|>`` after any leading ``<|image|>`` of a text that has none: its
+   base-model layout ``<|image|><|begin_of_text|>prompt``). Encoded rows are checked:
+   more than one BOS is an error naming the model.
 3. **Images per sample**: the processor gets ``[[image], [image], ...]``.
 4. **The next token is the letter.** The encoded prompt must end with the tokens of the
    rendered text's end; a processor that appends text is handled explicitly or refused.
@@ -302,6 +305,7 @@ class EvalModel:
     eos_token_ids: list[int] = field(repr=False)
     vocab_size: int = 0
     _answer_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _writes_bos: bool | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ architecture facts
 
@@ -379,7 +383,22 @@ class EvalModel:
         if len(starts) > 1:
             raise ValueError(f"model {self.name!r}: some prompts of one batch start with BOS "
                              "and some do not")
-        return not starts.pop()
+        return not starts.pop() and not self._processor_writes_bos
+
+    @property
+    def _processor_writes_bos(self) -> bool:
+        """Whether the processor puts BOS into the text itself (Mllama's inserts it after
+        any leading ``<|image|>`` when the text has none), so the tokenizer must not."""
+        if self._writes_bos is None:
+            self._writes_bos = False
+            bos_id = self.tokenizer.bos_token_id
+            if self.processor is not None and bos_id is not None and not self.is_paligemma:
+                try:
+                    ids = self.processor(text=["x"], add_special_tokens=False)["input_ids"][0]
+                except Exception:  # noqa: BLE001 -- a processor that cannot take text alone
+                    ids = []
+                self._writes_bos = bos_id in list(ids)
+        return self._writes_bos
 
     def encode(self, prompts: list[str], images: list[Any] | None) -> dict[str, torch.Tensor]:
         """Left-padded model inputs on the model's input device.

@@ -343,3 +343,22 @@ def test_a_processor_that_writes_bos_itself_gets_no_second_one(tmp_path, items):
     assert img[:2] == [image_id, tok.bos_token_id] and img.count(tok.bos_token_id) == 1
     assert txt[0] == tok.bos_token_id and txt.count(tok.bos_token_id) == 1
     assert tok.decode(img[2:]).strip() == tok.decode(txt[1:]).strip()
+
+
+def test_templates_that_print_today_render_a_fixed_date(tmp_path):
+    """A prompt must not depend on the day of the run (cached scores are keyed on the
+    template, not on the date): date_string (Llama 3.x) or strftime_now is pinned."""
+    from vlm_checkpoints import _fast, _train_tokenizer
+
+    from mllmcal.eval.models import TEMPLATE_DATE, _date_kwargs
+
+    tok = _fast(_train_tokenizer(["<s>"], "bytelevel", None, []))
+    msgs = [{"role": "user", "content": "hi"}]
+    llama = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y')"
+             " %}{%- endif %}Today Date: {{ date_string }} {{ messages[0]['content'] }}")
+    other = "{{ strftime_now('%Y-%m-%d') }} {{ messages[0]['content'] }}"
+    assert tok.apply_chat_template(msgs, chat_template=llama, tokenize=False,
+                                   **_date_kwargs(llama)) == f"Today Date: {TEMPLATE_DATE} hi"
+    assert tok.apply_chat_template(msgs, chat_template=other, tokenize=False,
+                                   **_date_kwargs(other)) == "2024-07-26 hi"
+    assert _date_kwargs("{{ messages }}") == {}

@@ -14,6 +14,12 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
    architecture's own image placeholder. Text-only causal LMs get plain-string contents,
    which is what their templates iterate. Without a template the prompt is
    :func:`mllmcal.prompting.build_prompt` with ``processor.image_token`` as placeholder.
+   Templates that print today's date (Llama 3.x, Llama 3.2 Vision) get the fixed
+   :data:`TEMPLATE_DATE` instead, so prompts (and cached scores) do not change with the
+   day of the run. Llama 3.2 Vision's template writes a system turn with that date into
+   text-only prompts and none into image prompts (it refuses a system message next to
+   an image); eval keeps the released behaviour, so for it the two prompts differ by that
+   turn as well as by the image.
 2. **BOS exactly once**, one rule for image and text-only prompts: tokenize with the
    tokenizer's special tokens ON, unless the rendered text already starts with the
    tokenizer's ``bos_token`` string (templates such as Gemma 3's and Idefics3's write it),
@@ -283,6 +289,30 @@ def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
     ) from None
 
 
+#: The date templates that print "today" are rendered with (Llama 3.x's "Today Date: ...",
+#: here its own fallback), so a prompt does not depend on the day of the run.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
+def _date_kwargs(template: Any) -> dict[str, Any]:
+    """Template variables that pin a template's date to :data:`TEMPLATE_DATE`.
+
+    Meta's Llama 3.1-3.3 templates (Llama 3.2 Vision's among them) print ``date_string``,
+    which defaults to ``strftime_now("%d %b %Y")``: the day of the run. Passing
+    ``date_string`` fixes it; a template that calls ``strftime_now`` without that variable
+    gets a ``strftime_now`` that formats the same fixed date.
+    """
+    import datetime
+
+    text = json.dumps(template) if isinstance(template, dict) else str(template or "")
+    if "date_string" in text:
+        return {"date_string": TEMPLATE_DATE}
+    if "strftime_now" in text:
+        day = datetime.datetime.strptime(TEMPLATE_DATE, "%d %b %Y")
+        return {"strftime_now": day.strftime}
+    return {}
+
+
 @dataclass
 class EvalModel:
     """A loaded checkpoint plus what the evaluator needs to know about its vocabulary.
@@ -364,11 +394,13 @@ class EvalModel:
             if self.multimodal:
                 return self.processor.apply_chat_template(
                     chat_messages(q, answer_prefix, with_image, hint, instruction),
-                    tokenize=False, continue_final_message=True)
+                    tokenize=False, continue_final_message=True,
+                    **_date_kwargs(self.processor.chat_template))
             msgs = [{"role": "user", "content": user_text(q, hint, instruction)},
                     {"role": "assistant", "content": answer_opening(answer_prefix)}]
             return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      continue_final_message=True)
+                                                      continue_final_message=True,
+                                                      **_date_kwargs(self.tokenizer.chat_template))
         if with_image and self.is_paligemma:
             # the processor writes the image tokens and BOS itself (module docstring)
             return build_prompt(q, answer_prefix, with_image=False, hint=hint,

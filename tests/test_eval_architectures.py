@@ -32,11 +32,21 @@ EXPECTED_IMAGE_TOKENS = {
     "paligemma": 16,        # (16/4)^2 SigLIP patches
     "llava-onevision": None,  # anyres: base + tiles + newline tokens, checked > 16 below
     "internvl": "tiles",    # 4 per tile ((16/4)^2 patches, pixel shuffle 0.5), tiles+thumbnail
+    "qwen2.5-vl": "grid",   # as Qwen2-VL
+    "llava-next": None,     # anyres: base + unpadded tile features + image_newline, > 16
+    "mllama": "cross",      # ONE <|image|>; the tiles enter through cross-attention layers
+}
+# what a released template writes into the text-only prompt only (Llama 3.2 Vision: a
+# system turn, dated with mllmcal's fixed TEMPLATE_DATE; none next to an image)
+TEXT_ONLY_EXTRA = {
+    "mllama": "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+              "December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>",
 }
 # tokens that wrap or mark the image in each format (removed, the rest must be equal)
 IMAGE_MARKUP = {"<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<fake_token_around_image>", "<global-img>", "<start_of_image>",
-                "<end_of_image>", "<image_soft_token>", "<img>", "</img>", "<IMG_CONTEXT>"}
+                "<end_of_image>", "<image_soft_token>", "<img>", "</img>", "<IMG_CONTEXT>",
+                "<|image|>"}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +93,9 @@ def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arc
             assert want >= 2
         elif want == "tiles":
             want = 4 * inputs["pixel_values"].shape[0]
+        elif want == "cross":
+            want = 1
+            _check_cross_attention_inputs(model, inputs, ids, image_id)
         assert n_img == want if want is not None else n_img > 16
         pixels = inputs["pixel_values"]
         assert pixels.is_floating_point() and pixels.abs().sum() > 0
@@ -118,12 +131,35 @@ def test_image_reaches_the_model_and_confidence_equals_a_manual_forward_pass(arc
     assert n_answered >= len(items) // 2, "most items should get a letter"
 
 
+def _check_cross_attention_inputs(model, inputs, ids, image_id):
+    """Mllama: the text holds one <|image|>; every token from it on attends to the image's
+    tiles through the cross-attention mask, and the image changes the logits."""
+    mask = inputs["cross_attention_mask"]  # [batch, text, images, tiles]
+    pos = int((ids == image_id).nonzero()[0, 0])
+    n_tiles = int(inputs["aspect_ratio_mask"][0, 0].sum())
+    assert mask.shape[:3] == (1, ids.shape[0], 1) and n_tiles >= 1
+    assert bool((mask[0, pos:, 0, :n_tiles] == 1).all()) and int(mask[0, :pos].sum()) == 0
+    assert int(inputs["aspect_ratio_ids"][0, 0]) >= 1
+    assert inputs["pixel_values"].shape[:3] == (1, 1, model.config.vision_config.max_num_tiles)
+    with torch.no_grad():
+        seen = model(**inputs).logits[0, -1]
+        blind = model(**{**inputs, "cross_attention_mask": torch.zeros_like(mask)}).logits[0, -1]
+    assert not torch.allclose(seen, blind, atol=1e-4), "the image does not reach the logits"
+
+
 def test_image_and_text_prompts_differ_only_in_the_image(arch, items):
     name, path = arch
     em = load_model(str(path))
     it = items[0]
     with_img = em.encode([em.render(it, with_image=True)], [_image(it)])["input_ids"][0]
-    without = em.encode([em.render(it, with_image=False)], None)["input_ids"][0]
+    text_only = em.render(it, with_image=False)
+    if name in TEXT_ONLY_EXTRA:  # the template's own addition, exactly once, after BOS
+        extra = TEXT_ONLY_EXTRA[name]
+        assert text_only.count(extra) == 1
+        assert text_only.startswith(em.tokenizer.bos_token + extra)
+        assert extra not in em.render(it, with_image=True)
+        text_only = text_only.replace(extra, "")
+    without = em.encode([text_only], None)["input_ids"][0]
     tok = em.tokenizer
     a = tok.convert_ids_to_tokens(with_img.tolist())
     b = tok.convert_ids_to_tokens(without.tolist())
@@ -150,7 +186,7 @@ def test_image_and_text_prompts_differ_only_in_the_image(arch, items):
             s = s.replace(m, " ")
         return " ".join(s.split())
 
-    assert bare(em.render(it, with_image=True)) == bare(em.render(it, with_image=False))
+    assert bare(em.render(it, with_image=True)) == bare(text_only)
     if tok.bos_token_id is not None:
         assert a.count(tok.bos_token) == 1 and b.count(tok.bos_token) == 1
 

@@ -6,6 +6,12 @@ needed), a BPE tokenizer trained here with ``tokenizers`` on the test vocabulary
 chat template written after the released one (URLs next to each). Loading by path then
 exercises exactly the code path ``mllmcal eval --model DIR`` takes on a real checkpoint.
 
+Architectures (``BUILDERS``): LLaVA-1.5, LLaVA-NeXT (1.6, Mistral), LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3, PaliGemma, InternVL 3 and Llama 3.2
+Vision (Mllama: one ``<|image|>`` token, the image enters through cross-attention; its
+zero-initialised tanh gates are opened so that it reaches the logits). ``TEXT_BUILDERS``:
+Llama 3 and Qwen2.5 instruct causal LMs.
+
 The lm_head rows of the letters A-C are scaled up so that random weights answer with a
 letter at (or soon after) the answer position, with confidences spread over (0, 1). Only
 A-C: the tests' items have 3 or 4 options, and a letter past an item's options ("E" for
@@ -811,6 +817,9 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "paligemma": build_paligemma,
     "llava-onevision": build_llava_onevision,
     "internvl": build_internvl,
+    "qwen2.5-vl": build_qwen25_vl,
+    "llava-next": build_llava_next,
+    "mllama": build_mllama,
 }
 
 

@@ -112,6 +112,29 @@ def test_grid_method_is_one_pass_over_a_generator_on_the_paper_grid():
     assert torch.equal(info["grid"], torch.tensor(mllmcal.calibration.PAPER_TEMPERATURE_GRID,
                                                   dtype=torch.float64))
     assert abs(t - fine_grid_fit(x, y)) <= 0.01 + 1e-9
+    assert "at_bound" not in info
+
+
+@pytest.mark.parametrize("sharp", [True, False])
+def test_grid_method_says_when_the_lowest_nll_is_at_an_end(sharp, caplog):
+    """Separable rows want T -> 0 (below 0.01); rows whose label is the least likely want
+    T -> inf (above 9.99): the end is returned, flagged and logged."""
+    x = torch.zeros(40, 5)
+    x[:, 0] = 6.0
+    y = torch.zeros(40, dtype=torch.long) if sharp else torch.full((40,), 4, dtype=torch.long)
+    t, info = mllmcal.fit_temperature(iter([(x, y)]), method="grid", return_info=True)
+    grid = mllmcal.calibration.PAPER_TEMPERATURE_GRID
+    assert info["at_bound"]
+    nll, temps = info["grid_nll"], info["grid"]
+    if sharp:
+        # the NLL underflows to 0 in fp32 from T = 0.01 up to some T: of that flat tail,
+        # which reaches the grid's end, the largest T is chosen
+        tail = temps[nll == nll.min()]
+        assert float(temps.min()) in tail.tolist() and len(tail) > 1
+        assert t == float(tail.max()) and 0.01 < t < 1.0
+    else:
+        assert t == grid[-1]
+    assert "the optimum may lie beyond it" in caplog.text
 
 
 # --------------------------------------------------------------------------- the accumulator

@@ -260,6 +260,7 @@ def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path)
         == ("letter", 20, 10, "grid")
     t = report["models"][0]["modalities"]["text"]["test"]
     assert t["n_bins"] == 10 and t["n_items"] == 4
+    assert isinstance(report["models"][0]["modalities"]["text"]["temperature_at_bound"], bool)
     with pytest.raises(ValueError, match="unknown protocol"):
         run_eval(_cfg(data_dir, [causal_dir], tmp_path / "o2", protocol="nope"))
     # settings named in keep stay as given
@@ -422,3 +423,25 @@ def test_checkpoint_identity_sees_weights_swapped_with_their_old_time(tmp_path):
     swapped(copy / "adapter.bin", b"\x01" * 100)
     (copy / "config.json").write_text('{"a": 2}')
     assert checkpoint_identity(copy) != base
+
+
+def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_report(
+        data_dir, causal_dir, tmp_path, monkeypatch):
+    """The fit's at-bound flag reaches report.json and report.md (the flag itself is
+    tested in test_calibration_onepass)."""
+    calls = []
+
+    def fake_fit_on_calib(ev, em, mod, calib):
+        t, n, _ = real_fit_on_calib(ev, em, mod, calib)
+        calls.append(t)
+        return 9.99, n, True
+
+    real_fit_on_calib = runner._fit_on_calib
+    monkeypatch.setattr(runner, "_fit_on_calib", fake_fit_on_calib)
+    cfg = _cfg(data_dir, [causal_dir], tmp_path / "out", dev=None, build_idk=False,
+               idk_variants=(), limit=4)
+    report = run_eval(cfg)
+    entry = report["models"][0]["modalities"]["text"]
+    assert calls and entry["temperature"] == 9.99 and entry["temperature_at_bound"] is True
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "9.990 (end of the search range)" in md

@@ -361,8 +361,10 @@ class TemperatureFitAccumulator:
 
         With derivatives: the root of the cubic Hermite interpolant of dF/dβ between the two
         grid points that bracket its sign change (module docstring). Without: the grid
-        point of lowest NLL. If the optimum lies outside the grid, the nearest end is
-        returned and a warning logged. ``return_info`` adds a dict (``n_rows``, ``nll`` per
+        point of lowest NLL (of equal ones, the largest T). If the optimum lies outside the
+        grid, the nearest end is returned and a warning logged; without derivatives, when
+        the lowest NLL is reached at an end (ties included), ``at_bound`` is set and a
+        warning logged. ``return_info`` adds a dict (``n_rows``, ``nll`` per
         row at T, ``n_masked_labels``, ``grid`` temperatures, ``grid_nll`` per row,
         ``bracket`` (T interval) or ``at_bound``).
 
@@ -382,9 +384,20 @@ class TemperatureFitAccumulator:
             _log.warning("fit_temperature: skipped %d rows whose label has probability 0",
                          self.n_masked)
         if not self.derivatives:
-            j = int(torch.argmin(self.nll))
+            # Among grid points of equal lowest NLL (the flat tail where separable rows'
+            # NLL underflows to 0), the largest T: the least sharpening that fits as well.
+            ties = torch.nonzero(self.nll == self.nll.min()).flatten().tolist()
+            j = max(ties, key=lambda i: self._temps[i])
             t = self._temps[j]
             info["nll"] = float(self.nll[j]) / n
+            low = self.nll[j]
+            if len(self._temps) > 1 and (self.nll[0] == low or self.nll[-1] == low):
+                # The lowest NLL of the grid is reached at an end (also as a tie, as over the
+                # flat tail where separable rows' NLL underflows to 0): the optimum may lie
+                # beyond it.
+                _log.warning("fit_temperature: the lowest NLL of the grid is reached at its end "
+                             "(T=%g chosen); the optimum may lie beyond it (widen t_min/t_max)", t)
+                info["at_bound"] = True
             return (t, info) if return_info else t
         g = self.grad.tolist()
         # First grid point with G > 0 (strictly: where exps underflow, e.g. on separable

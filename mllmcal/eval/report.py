@@ -22,7 +22,8 @@
         "name", "path", "multimodal",
         "modalities": {"image" | "text": {
             "test": <metrics>, "test_after_temperature": <metrics> | null,
-            "temperature": float | null, "temperature_method", "n_calib_rows": int}},
+            "temperature": float | null, "temperature_method", "n_calib_rows": int,
+            "temperature_at_bound": bool (T is the end of the search range)}},
         "idk": {"<variant>": {"idk_rate", "false_idk_rate", "answered_accuracy",
                               "answered_ece", "by_mode": {...}, ...}},
         "prompt_optimization": null | {"best_prompt", "seed_prompt", "dev", "trajectory",
@@ -126,9 +127,12 @@ def render_markdown(report: dict) -> str:
     for m in report["models"]:
         for mod, r in m["modalities"].items():
             t, ta = r["test"], r.get("test_after_temperature") or {}
+            temp = _fmt(r.get("temperature"), 3)
+            if r.get("temperature_at_bound"):
+                temp += " (end of the search range)"
             lines.append(
                 f"| {m['name']} | {mod} | {t['n_items']} | {t['n_no_answer']} | {_fmt(t['accuracy'])} | "
-                f"{_fmt(t['ece'])} | {_fmt(ta.get('ece'))} | {_fmt(r.get('temperature'), 3)} | "
+                f"{_fmt(t['ece'])} | {_fmt(ta.get('ece'))} | {temp} | "
                 f"{_fmt(t['mce'])} | {_fmt(t['brier'])} | {_fmt(t['auroc'])} |")
     lines += ["", "## I don't know (IDK)", "",
               "| model | prompt variant | IDK rate (unanswerable) | false-IDK rate (answerable) | answered accuracy | answered ECE |",

@@ -632,15 +632,19 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
 
 
 def _fit_on_calib(ev: _Evaluator, em: EvalModel, mod: str, calib: Sequence[Item]
-                  ) -> tuple[float | None, int]:
-    """T fitted on the calib split while it is scored, and how many answer rows it used.
+                  ) -> tuple[float | None, int, bool]:
+    """T fitted on the calib split while it is scored, how many answer rows it used, and
+    whether T sits at the end of the search range (the optimum may lie beyond it).
 
     One read of each item: each batch's answer rows go into the fit's accumulator and are
     dropped (see the module docstring); the states of all batches and ranks are summed."""
     _, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
     assert acc is not None
     n = acc.n_rows + acc.n_masked  # rows whose label had probability 0 are skipped by the fit
-    return (float(acc.fit()) if acc.n_rows else None), n
+    if not acc.n_rows:
+        return None, n, False
+    t, info = acc.fit(return_info=True)
+    return float(t), n, bool(info.get("at_bound", False))
 
 
 def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
@@ -654,8 +658,10 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
 
     Returns:
-        ``{"temperature": float | None, "n_rows": int, "n_items": int, "method": str,
-        "modality": str}``; ``temperature`` is None when no item produced a letter.
+        ``{"temperature": float | None, "temperature_at_bound": bool, "n_rows": int,
+        "n_items": int, "method": str, "modality": str}``; ``temperature`` is None when no
+        item produced a letter; ``temperature_at_bound``: T is the end of the search range,
+        where the optimum may lie beyond it.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -669,10 +675,11 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     mod = modality if em.multimodal else "text"
     dist = _Dist()
     try:
-        t, n = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
+        t, n, at_bound = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
     finally:
         dist.close()
-    return {"temperature": t, "n_rows": n, "n_items": len(items),
+    return {"temperature": t, "temperature_at_bound": at_bound, "n_rows": n,
+            "n_items": len(items),
             "method": temperature_method, "modality": mod}
 
 
@@ -681,12 +688,14 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     cfg = ev.cfg
     temperature = None
     n_calib = 0
+    at_bound = False
     if calib and cfg.method != "verbalized":
-        temperature, n_calib = _fit_on_calib(ev, em, mod, calib)
+        temperature, n_calib, at_bound = _fit_on_calib(ev, em, mod, calib)
     records, _ = ev.evaluate(em, test, "test", mod, temperature=temperature)
     out: dict[str, Any] = {"test": calibration_metrics(records, cfg.n_bins),
                            "test_after_temperature": None, "temperature": temperature,
-                           "temperature_method": cfg.temperature_method, "n_calib_rows": n_calib}
+                           "temperature_method": cfg.temperature_method, "n_calib_rows": n_calib,
+                           "temperature_at_bound": at_bound}
     hist = _histogram_ece(records[dist.rank::dist.world], dist, cfg.n_bins)
     if hist is not None:
         out["test"]["ece_histogram_all_reduce"] = hist["ece"]

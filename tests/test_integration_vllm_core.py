@@ -170,3 +170,20 @@ def test_flush_ends_open_requests(tmp_path):
 def test_generated_ids_are_unique():
     a, b = Request(_params()), Request(_params())
     assert a.rid != b.rid and a.rid.startswith("mllmcal-")
+
+
+def test_two_finished_requests_with_one_id_are_said_once(tmp_path, caplog):
+    """n > 1: the samples share the id; both get records, feedback reaches the one that
+    finished last, and a warning says so once (not once per request)."""
+    tr = _tracker(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    for k in range(3):
+        r = torch.randn(1, 20, generator=g)
+        tok = int(r[0].argmax()) if k < 2 else (int(r[0].argmax()) + 1) % 20
+        _generate(tr, "same", r, [tok], mllmcal_feedback=True)
+        tr.drain()
+    assert [r["id"] for r in _records(tmp_path)] == ["same"] * 3
+    assert caplog.text.count("finished again while awaiting feedback") == 1
+    _core.feedback("same", correct=False)
+    tr.drain()
+    assert tr.n_feedback == 1 and tr.state.count == 1

@@ -44,7 +44,9 @@ Per request
 -----------
 Request ids come from ``SamplingParams(extra_args={"mllmcal_id": ...})`` (over HTTP:
 ``"vllm_xargs": {"mllmcal_id": ...}``), otherwise one is generated. With ``n > 1`` every
-sample is its own request in the engine and gets its own record, all with the same id. Per generated token the
+sample is its own request in the engine and gets its own record, all with the same id
+(vLLM gives the samples their parent's ``extra_args``); feedback by that id then reaches
+only the sample that finished last, and a warning says so once. Per generated token the
 record has ``confidence``, ``entropy`` (nats) and ``logprob``, the chosen token's
 log-probability under ``softmax(logits / T)``:
 

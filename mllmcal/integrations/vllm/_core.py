@@ -383,6 +383,7 @@ class Tracker:
         self._ended: collections.deque[Request] = collections.deque()
         # id -> (answer token, its confidence, temperature, kept row or None): only what
         # feedback needs, not the request.
+        self._warned_shared_id = False
         self._awaiting: collections.OrderedDict[str, tuple[int, Any, float, Any]] = (
             collections.OrderedDict()
         )
@@ -573,6 +574,13 @@ class Tracker:
         if n > req.fb_position:
             p = req.fb_position
             with self._fb_lock:
+                if req.rid in self._awaiting and not self._warned_shared_id:
+                    # n > 1 (the samples share the parent's extra_args) or an id reused
+                    # before its feedback came: feedback by id can only reach one of them.
+                    self._warned_shared_id = True
+                    _log.warning("mllmcal: request id %r finished again while awaiting "
+                                 "feedback (n > 1, or an id reused); feedback by this id goes "
+                                 "to the request that finished last. Said once.", req.rid)
                 self._awaiting[req.rid] = (int(req.tokens[p]), req.confidence[p],
                                            req.temperature, req.fb_row)
                 while len(self._awaiting) > self.config.max_awaiting_feedback:

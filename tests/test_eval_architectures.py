@@ -398,3 +398,19 @@ def test_templates_that_print_today_render_a_fixed_date(tmp_path):
     assert tok.apply_chat_template(msgs, chat_template=other, tokenize=False,
                                    **_date_kwargs(other)) == "2024-07-26 hi"
     assert _date_kwargs("{{ messages }}") == {}
+
+
+def test_a_processor_gated_on_torchvision_is_imported_with_its_pil_helpers():
+    """transformers 5.17 replaces PixtralProcessor (Mistral 3) by a placeholder without
+    torchvision: its module imports one helper from the torchvision image-processor
+    module. The real class is imported with the PIL module standing in, and nothing of
+    that stand-in is left in sys.modules."""
+    import sys
+
+    from mllmcal.eval.models import processor_class
+
+    cls = processor_class("PixtralProcessor")
+    assert "_backends" not in vars(cls) and "video_processor" not in cls.get_attributes()
+    assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules
+    assert processor_class("Qwen2VLProcessor") is tf.Qwen2VLProcessor
+    assert processor_class("NoSuchProcessor") is None

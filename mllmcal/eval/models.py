@@ -237,6 +237,47 @@ def _processor_by_hand(path: Path, cls: type) -> Any:
                  **kwargs)
 
 
+def processor_class(name: str) -> type | None:
+    """transformers' processor class ``name``, importable without torchvision if it can be.
+
+    transformers 5.17 replaces a processor whose module fails to import without
+    torchvision by a placeholder that refuses to be built. Some such modules (Pixtral's,
+    used by Mistral 3) import only a helper from their model's torchvision image-processor
+    module, which the PIL module defines too (same name, same signature): the module is
+    then imported with the PIL module standing in for the torchvision one during the
+    import. Returns the placeholder (or ``None``) when that does not help.
+    """
+    import importlib
+    import sys
+
+    import transformers as tf
+
+    cls = getattr(tf, name, None)
+    # the placeholder refuses any public attribute; its own dict holds "_backends"
+    if cls is None or "_backends" not in vars(cls):
+        return cls  # a real class, or no such name
+    module = cls.__module__  # transformers.models.<m>.processing_<m>
+    package, _, leaf = module.rpartition(".")
+    model = leaf.removeprefix("processing_")
+    tv_name = f"{package}.image_processing_{model}"
+    try:
+        pil = importlib.import_module(f"{package}.image_processing_pil_{model}")
+    except ImportError:
+        return cls
+    saved = sys.modules.get(tv_name)
+    sys.modules[tv_name] = pil
+    try:
+        real = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        real = None
+    finally:
+        if saved is None:
+            sys.modules.pop(tv_name, None)
+        else:
+            sys.modules[tv_name] = saved
+    return real if real is not None and "_backends" not in vars(real) else cls
+
+
 _WARNED: set[str] = set()
 
 
@@ -266,7 +307,7 @@ def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
         first = exc
     pkg = "torchvision" if "torchvision" in str(first).lower() else _missing_package(first)
     cls_name = _processor_class_name(path)
-    cls = getattr(tf, cls_name, None) if cls_name else None
+    cls = processor_class(cls_name) if cls_name else None
     if cls is not None:
         try:
             proc = _processor_by_hand(path, cls)

@@ -7,9 +7,12 @@ chat template written after the released one (URLs next to each). Loading by pat
 exercises exactly the code path ``mllmcal eval --model DIR`` takes on a real checkpoint.
 
 Architectures (``BUILDERS``): LLaVA-1.5, LLaVA-NeXT (1.6, Mistral), LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3, PaliGemma, InternVL 3 and Llama 3.2
+Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3, PaliGemma, InternVL 3, Llama 3.2
 Vision (Mllama: one ``<|image|>`` token, the image enters through cross-attention; its
-zero-initialised tanh gates are opened so that it reaches the logits). ``TEXT_BUILDERS``:
+zero-initialised tanh gates are opened so that it reaches the logits), Qwen3-VL (DeepStack
+features, interleaved M-RoPE, ``mm_token_type_ids``), Mistral 3 (Mistral Small 3.1: a
+Pixtral tower and the Pixtral processor, image rows closed by ``[IMG_BREAK]`` /
+``[IMG_END]``) and GLM-4.1V (``[gMASK]<sop>`` from the template, no BOS). ``TEXT_BUILDERS``:
 Llama 3 and Qwen2.5 instruct causal LMs.
 
 The lm_head rows of the letters A-C are scaled up so that random weights answer with a
@@ -230,8 +233,10 @@ _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 
 
 def _build_qwen_vl(out: Path, texts: Iterable[str], seed: int, config_cls: str, model_cls: str,
-                   processor_cls: str, template: str, vision: dict) -> Path:
-    """Qwen2-VL and Qwen2.5-VL: the same tokens, processor layout and image processor."""
+                   processor_cls: str, template: str, vision: dict, text_extra: dict | None = None,
+                   video_processor: str = "Qwen2VLVideoProcessor") -> Path:
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the same tokens, processor layout and image
+    processor (``text_extra`` overrides the text config)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -246,6 +251,7 @@ def _build_qwen_vl(out: Path, texts: Iterable[str], seed: int, config_cls: str, 
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                  "rope_theta": 10000.0},
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text.update(text_extra or {})
     vis = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, **vision)
     cfg = getattr(tf, config_cls)(text_config=text, vision_config=vis,
                                   image_token_id=ids["<|image_pad|>"],
@@ -258,7 +264,7 @@ def _build_qwen_vl(out: Path, texts: Iterable[str], seed: int, config_cls: str, 
     proc = _without_video(getattr(tf, processor_cls))(image_processor=ip, tokenizer=tok,
                                                       chat_template=template)
     _boost_letters(model, tok)
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 4, "merge_size": 2,
+    video = {"video_processor_type": video_processor, "patch_size": 4, "merge_size": 2,
              "temporal_patch_size": 2, "min_pixels": 256, "max_pixels": 256}
     return _save(model, proc, out, video, processor_cls)
 
@@ -784,6 +790,279 @@ def build_mllama(out: Path, texts: Iterable[str] = ()) -> Path:
     proc = tf.MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=MLLAMA_TEMPLATE)
     _boost_letters(model, tok)
     return _save(model, proc, out)
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL
+
+# https://huggingface.co/Qwen/Qwen3-VL-2B-Instruct/blob/main/chat_template.json (the same
+# text ships with every Qwen3-VL Instruct checkpoint). Verified against a public table of
+# released templates that vendors the Qwen3-VL-30B-A3B-Instruct one verbatim (a Go test
+# fixture, "Qwen3-VL-30B-A3B-Instruct-Q8_0") and against the same user/assistant branches
+# vendored in several public Qwen3-VL fine-tuning repositories: identical. Unlike Qwen2-VL's
+# it writes NO default system turn; the tool branches are kept (the project passes no
+# tools). The Instruct template has no thinking part (the -Thinking checkpoints' one opens
+# the assistant turn with "<think>\n"; not built here).
+QWEN3VL_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0].role == 'system' %}\n        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n"
+    "                {%- if 'text' in content %}\n                    {{- content.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '\\n\\n' }}\n    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query."
+    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n"
+    "<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": "
+    "<function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' }}\n        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n"
+    "                {%- if 'text' in content %}\n                    {{- content.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- set image_count = namespace(value=0) %}\n{%- set video_count = namespace(value=0) %}\n"
+    "{%- for message in messages %}\n    {%- if message.role == \"user\" %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    "        {%- if message.content is string %}\n            {{- message.content }}\n"
+    "        {%- else %}\n            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in "
+    "content %}\n                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
+    "                {%- elif 'text' in content %}\n                    {{- content.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"assistant\" %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    "        {%- if message.content is string %}\n            {{- message.content }}\n"
+    "        {%- else %}\n            {%- for content_item in message.content %}\n"
+    "                {%- if 'text' in content_item %}\n"
+    "                    {{- content_item.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {%- if message.tool_calls %}\n"
+    "            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and message.content) or (not loop.first) %}\n"
+    "                    {{- '\\n' }}\n                {%- endif %}\n"
+    "                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
+    "                {{- '\", \"arguments\": ' }}\n"
+    "                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n        {%- else %}\n"
+    "            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in "
+    "content %}\n                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
+    "                {%- elif 'text' in content %}\n                    {{- content.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def build_qwen3_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+    """Qwen3-VL: Qwen2-VL's tokens and processor layout (plus ``mm_token_type_ids``, which
+    its M-RoPE needs); a ViT with learned position embeddings and DeepStack features fed
+    into the first text layers; interleaved M-RoPE."""
+    # head_dim 16 -> 8 rotary frequencies, interleaved over (t, h, w) by mrope_section
+    text = dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [4, 2, 2],
+                                              "mrope_interleaved": True})
+    # 16 px / 4 px patches = a 4x4 grid of learned positions; DeepStack taps block 0
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return _build_qwen_vl(out, texts, 13, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration",
+                          "Qwen3VLProcessor", QWEN3VL_TEMPLATE, vision, text,
+                          "Qwen3VLVideoProcessor")
+
+
+# ----------------------------------------------------------------------------- Mistral 3
+
+# https://huggingface.co/mistralai/Mistral-Small-3.1-24B-Instruct-2503/blob/main/chat_template.json
+# (the transformers-format files). Verified against huggingface/transformers
+# tests/models/mistral3/test_processing_mistral3.py: prepare_processor_dict carries this
+# checkpoint's template (its processor files are mirrored as
+# hf-internal-testing/Mistral-Small-3.1-24B-Instruct-2503-only-processor), and a public
+# mlx-lm script vendors the Mistral-Small-3.2 variant (same turns, no date): identical in
+# what we render. BOS from the template; a DEFAULT system prompt that prints today's date
+# (strftime_now("%Y-%m-%d"), pinned by eval); image '[IMG]', which the Pixtral processor
+# expands to rows of [IMG] separated by [IMG_BREAK] and closed by [IMG_END].
+MISTRAL3_TEMPLATE = (
+    '{%- set today = strftime_now("%Y-%m-%d") %}\n'
+    '{%- set default_system_message = "You are Mistral Small 3, a Large Language Model (LLM) '
+    'created by Mistral AI, a French startup headquartered in Paris.\\nYour knowledge base was '
+    'last updated on 2023-10-01. The current date is " + today + ".\\n\\nWhen you\'re not sure '
+    "about some information, you say that you don't have the information and don't make up "
+    "anything.\\nIf the user's question is not clear, ambiguous, or does not provide enough "
+    "context for you to accurately answer the question, you do not try to answer it right "
+    "away and you rather ask the user to clarify their request (e.g. \\\"What are some good "
+    "restaurants around me?\\\" => \\\"Where are you?\\\" or \\\"When is the next flight to "
+    'Tokyo\\" => \\"Where do you travel from?\\")" %}\n\n{{- bos_token }}\n\n'
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- if messages[0] is string %}\n"
+    "        {%- set system_message = messages[0]['content'] %}\n"
+    "        {%- set loop_messages = messages[1:] %}\n    {%- else %} \n"
+    "        {%- set system_message = messages[0]['content'][0]['text'] %}\n"
+    "        {%- set loop_messages = messages[1:] %}\n    {%- endif %}\n{%- else %}\n"
+    "    {%- set system_message = default_system_message %}\n"
+    "    {%- set loop_messages = messages %}\n{%- endif %}\n"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}\n\n"
+    "{%- for message in loop_messages %}\n    {%- if message['role'] == 'user' %}\n"
+    "            {%- if message['content'] is string %}\n"
+    "            {{- '[INST]' + message['content'] + '[/INST]' }}\n            {%- else %}\n"
+    "                    {{- '[INST]' }}\n"
+    "                    {%- for block in message['content'] %}\n"
+    "                            {%- if block['type'] == 'text' %}\n"
+    "                                    {{- block['text'] }}\n"
+    "                            {%- elif block['type'] == 'image' or block['type'] == "
+    "'image_url' %}\n                                    {{- '[IMG]' }}\n"
+    "                                {%- else %}\n"
+    "                                    {{- raise_exception('Only text and image blocks are "
+    "supported in message content!') }}\n                                {%- endif %}\n"
+    "                        {%- endfor %}\n                    {{- '[/INST]' }}\n"
+    "                {%- endif %}\n    {%- elif message['role'] == 'system' %}\n"
+    "        {{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- message['content'] + eos_token }}\n        {%- else %}\n"
+    "            {{- message['content'][0]['text'] + eos_token }}\n        {%- endif %}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user, system and assistant roles are supported!') }}\n"
+    "    {%- endif %}\n{%- endfor %}"
+)
+
+
+def build_mistral3(out: Path, texts: Iterable[str] = ()) -> Path:
+    """Mistral 3 (Mistral Small 3.1): a Pixtral vision tower, a 2x2 patch merger, the
+    Pixtral processor (image rows broken by [IMG_BREAK], closed by [IMG_END])."""
+    import transformers as tf
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    torch.manual_seed(14)
+    # Tekken (tiktoken-style byte-level BPE); its tokenizer prepends <s>
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
+                "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
+    tok = _fast(_train_tokenizer(specials, "bytelevel", "<s>", texts), unk_token="<unk>",
+                bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    patch, merge = 4, 2
+    vis = tf.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=IMAGE_SIZE,
+                                 patch_size=patch)
+    text = tf.MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=16, max_position_embeddings=1024, sliding_window=None,
+                            bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                            pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    cfg = tf.Mistral3Config(vision_config=vis, text_config=text, image_token_index=ids["[IMG]"],
+                            spatial_merge_size=merge, vision_feature_layer=-1,
+                            tie_word_embeddings=False)
+    model = tf.Mistral3ForConditionalGeneration(cfg)
+    ip = PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE},
+                                  patch_size={"height": patch, "width": patch})
+    from mllmcal.eval.models import processor_class
+
+    # transformers 5.17 gates PixtralProcessor on torchvision (see processor_class)
+    proc = processor_class("PixtralProcessor")(image_processor=ip, tokenizer=tok, patch_size=patch,
+                               spatial_merge_size=merge, chat_template=MISTRAL3_TEMPLATE)
+    _boost_letters(model, tok)
+    return _save(model, proc, out)
+
+
+# ----------------------------------------------------------------------------- GLM-4.1V
+
+# https://huggingface.co/zai-org/GLM-4.1V-9B-Thinking/blob/main/chat_template.jinja
+# Verified against two public copies: one records this checkpoint's processor template
+# ("official_chat_template" of zai-org/GLM-4.1V-9B-Thinking at revision 3c1471e5, with its
+# sha256) and sgl-project/sglang's test of template content formats
+# (test_detect_msg_content_pattern) quotes the same text without the blank line after
+# '<|user|>{{ '\n' }}' (which the following {%- strips anyway): identical in what we render.
+# '[gMASK]<sop>' comes from the template (the tokenizer has no BOS). It has no <think>
+# part: the Thinking model writes "<think>" itself after "<|assistant|>\n", so the open
+# assistant turn eval continues is "<|assistant|>\nAnswer: (" as the template renders it.
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>\n{%- for msg in messages %}\n    {%- if msg.role == 'system' %}\n"
+    "<|system|>\n{{ msg.content }}\n    {%- elif msg.role == 'user' %}\n"
+    "<|user|>{{ '\\n' }}\n\n        {%- if msg.content is string %}\n{{ msg.content }}\n"
+    "        {%- else %}\n            {%- for item in msg.content %}\n"
+    "                {%- if item.type == 'video' or 'video' in item %}\n"
+    "<|begin_of_video|><|video|><|end_of_video|>\n"
+    "                {%- elif item.type == 'image' or 'image' in item %}\n"
+    "<|begin_of_image|><|image|><|end_of_image|>\n"
+    "                {%- elif item.type == 'text' %}\n{{ item.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "    {%- elif msg.role == 'assistant' %}\n        {%- if msg.metadata %}\n"
+    "<|assistant|>{{ msg.metadata }}\n{{ msg.content }}\n        {%- else %}\n"
+    "<|assistant|>\n{{ msg.content }}\n        {%- endif %}\n    {%- endif %}\n"
+    "{%- endfor %}\n{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+                 "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                 "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>", "<|image|>", "<|video|>"]
+
+
+def build_glm4v(out: Path, texts: Iterable[str] = ()) -> Path:
+    """GLM-4.1V: Qwen2-VL-like dynamic patches (the processor expands <|image|>), a ViT with
+    interpolated learned positions, M-RoPE over half of each head (partial_rotary_factor)."""
+    import transformers as tf
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    torch.manual_seed(15)
+    tok = _fast(_train_tokenizer(_GLM_SPECIALS, "bytelevel", None, texts),
+                eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _GLM_SPECIALS}
+    patch, merge = 4, 2
+    # head_dim 16, half rotary -> 4 frequencies over (t, h, w)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+                eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+    vis = dict(depth=1, hidden_size=16, num_heads=2, image_size=IMAGE_SIZE, patch_size=patch,
+               spatial_merge_size=merge, temporal_patch_size=2, out_hidden_size=32,
+               intermediate_size=32)
+    cfg = tf.Glm4vConfig(text_config=text, vision_config=vis,
+                         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                         image_start_token_id=ids["<|begin_of_image|>"],
+                         image_end_token_id=ids["<|end_of_image|>"],
+                         video_start_token_id=ids["<|begin_of_video|>"],
+                         video_end_token_id=ids["<|end_of_video|>"])
+    model = tf.Glm4vForConditionalGeneration(cfg)
+    # smart_resize counts 2 (temporal) x h x w pixels: at most a 16x32 frame
+    pixels = 2 * IMAGE_SIZE * 2 * IMAGE_SIZE
+    ip = Glm4vImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                size={"shortest_edge": 2 * IMAGE_SIZE * IMAGE_SIZE,
+                                      "longest_edge": pixels})
+    proc = _without_video(tf.Glm4vProcessor)(image_processor=ip, tokenizer=tok,
+                                             chat_template=GLM4V_TEMPLATE)
+    _boost_letters(model, tok)
+    video = {"video_processor_type": "Glm4vVideoProcessor", "patch_size": patch,
+             "merge_size": merge, "temporal_patch_size": 2,
+             "size": {"shortest_edge": 2 * IMAGE_SIZE * IMAGE_SIZE, "longest_edge": pixels}}
+    return _save(model, proc, out, video, "Glm4vProcessor")
 
 
 def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:

@@ -414,3 +414,15 @@ def test_a_processor_gated_on_torchvision_is_imported_with_its_pil_helpers():
     assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules
     assert processor_class("Qwen2VLProcessor") is tf.Qwen2VLProcessor
     assert processor_class("NoSuchProcessor") is None
+
+
+def test_a_template_printing_assistant_content_as_is_gets_a_plain_string(tmp_path, items):
+    """GLM-4.1V's template writes an assistant turn as {{ msg.content }} (its user branch
+    takes typed parts): the open assistant turn is then a string, never a list's repr."""
+    from vlm_checkpoints import build_glm4v
+
+    em = load_model(str(build_glm4v(tmp_path / "glm4v")))
+    for with_image in (True, False):
+        text = em.render(items[0], with_image=with_image)
+        assert "{'type'" not in text and text.endswith("<|assistant|>\nAnswer: (")
+        assert ("<|begin_of_image|><|image|><|end_of_image|>" in text) == with_image

@@ -433,10 +433,8 @@ class EvalModel:
         q = item.question_with_options
         if self.use_chat_template:
             if self.multimodal:
-                return self.processor.apply_chat_template(
-                    chat_messages(q, answer_prefix, with_image, hint, instruction),
-                    tokenize=False, continue_final_message=True,
-                    **_date_kwargs(self.processor.chat_template))
+                return self._render_chat(chat_messages(q, answer_prefix, with_image, hint,
+                                                       instruction))
             msgs = [{"role": "user", "content": user_text(q, hint, instruction)},
                     {"role": "assistant", "content": answer_opening(answer_prefix)}]
             return self.tokenizer.apply_chat_template(msgs, tokenize=False,
@@ -449,6 +447,29 @@ class EvalModel:
         return build_prompt(q, answer_prefix, with_image=with_image, hint=hint,
                             instruction=instruction,
                             image_token=self.image_placeholder if with_image else "")
+
+    def _render_chat(self, msgs: list[dict[str, Any]]) -> str:
+        """``msgs`` through the processor's template, the last (assistant) turn left open.
+
+        Typed content parts first. A template that prints an assistant turn's content as
+        is (GLM-4.1V's ``{{ msg.content }}``; its user branch takes parts) would write the
+        parts' Python repr, ``[{'type': 'text', ...``: that turn is then given as the plain
+        string the template expects.
+        """
+        def render(messages: list[dict[str, Any]]) -> str:
+            return self.processor.apply_chat_template(
+                messages, tokenize=False, continue_final_message=True,
+                **_date_kwargs(self.processor.chat_template))
+
+        text = render(msgs)
+        parts = msgs[-1]["content"]
+        if isinstance(parts, list) and repr(parts[0])[:9] in text:  # "{'type': "
+            flat = "".join(p["text"] for p in parts if p.get("type") == "text")
+            text = render([*msgs[:-1], {**msgs[-1], "content": flat}])
+            if repr(parts[0])[:9] in text:
+                raise ValueError(f"model {self.name!r}: its chat template prints message "
+                                 "contents as Python lists")
+        return text
 
     def _add_special_tokens(self, prompts: list[str]) -> bool:
         bos = self.tokenizer.bos_token

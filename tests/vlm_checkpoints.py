@@ -1099,6 +1099,9 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2.5-vl": build_qwen25_vl,
     "llava-next": build_llava_next,
     "mllama": build_mllama,
+    "qwen3-vl": build_qwen3_vl,
+    "mistral3": build_mistral3,
+    "glm4v": build_glm4v,
 }
 
 

@@ -314,10 +314,16 @@ def test_without_chat_template_the_processors_own_placeholder_is_used(arch, item
         if em.image_token != "<image>":
             assert "<image>" not in text  # never LLaVA's literal for another architecture
     image_id = em.model.config.image_token_id
-    n_off = int((em.encode([text], [_image(it)])["input_ids"] == image_id).sum())
+    ids_off = em.encode([text], [_image(it)])["input_ids"]
     ref = with_template.render(it, with_image=True)
-    n_on = int((with_template.encode([ref], [_image(it)])["input_ids"] == image_id).sum())
-    assert n_off == n_on > 0
+    ids_on = with_template.encode([ref], [_image(it)])["input_ids"]
+    assert int((ids_off == image_id).sum()) == int((ids_on == image_id).sum()) > 0
+    # the image's markup (start/end markers around it) is the template's, once each
+    tok = em.tokenizer
+    for mark in IMAGE_MARKUP:
+        mid = tok.convert_tokens_to_ids(mark)
+        if isinstance(mid, int) and mid != tok.unk_token_id and mid != image_id:
+            assert int((ids_off == mid).sum()) == int((ids_on == mid).sum()), (name, mark)
     recs = [r for b in score_items(em, [it]) for r in b.records]
     assert recs[0]["pred"] is not None
 

@@ -377,6 +377,7 @@ class EvalModel:
     vocab_size: int = 0
     _answer_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _writes_bos: bool | None = field(default=None, repr=False)
+    _placeholder: str | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ architecture facts
 
@@ -400,17 +401,36 @@ class EvalModel:
     def image_placeholder(self) -> str:
         """What stands for the image in a prompt without chat template.
 
-        :attr:`image_token`, wrapped in the vision start/end markers where the model's
-        config names them (Qwen2-VL and Qwen2.5-VL: ``<|vision_start|><|image_pad|>
-        <|vision_end|>``, as their template writes it; the processor expands only the pad).
+        :attr:`image_token`, wrapped in the image start/end markers where the model's
+        config names them and the processor does not write them itself (Qwen2-VL to
+        Qwen3-VL: ``<|vision_start|><|image_pad|><|vision_end|>``; GLM-4.1V:
+        ``<|begin_of_image|><|image|><|end_of_image|>``, as their templates write it; their
+        processors expand only the middle token).
         """
-        cfg = getattr(self.model, "config", None)
-        start = getattr(cfg, "vision_start_token_id", None)
-        end = getattr(cfg, "vision_end_token_id", None)
-        if isinstance(start, int) and isinstance(end, int):
-            a, b = self.tokenizer.convert_ids_to_tokens([start, end])
-            return f"{a}{self.image_token}{b}"
-        return self.image_token
+        if self._placeholder is None:
+            self._placeholder = self.image_token
+            cfg = getattr(self.model, "config", None)
+            for a, b in (("vision_start_token_id", "vision_end_token_id"),
+                         ("image_start_token_id", "image_end_token_id")):
+                start, end = getattr(cfg, a, None), getattr(cfg, b, None)
+                if isinstance(start, int) and isinstance(end, int):
+                    if not self._processor_writes(start):
+                        s_tok, e_tok = self.tokenizer.convert_ids_to_tokens([start, end])
+                        self._placeholder = f"{s_tok}{self.image_token}{e_tok}"
+                    break
+        return self._placeholder
+
+    def _processor_writes(self, token_id: int) -> bool:
+        """Whether the processor, given the bare image token and an image, writes
+        ``token_id`` into the ids itself."""
+        from PIL import Image
+
+        try:
+            ids = self.processor(text=[self.image_token], images=[[Image.new("RGB", (32, 32))]],
+                                 return_tensors="pt")["input_ids"]
+        except Exception:  # noqa: BLE001 -- cannot tell: assume it does not
+            return False
+        return bool((ids == token_id).any())
 
     def answer_token_ids(self, answer_prefix: str = DEFAULT_ANSWER_PREFIX) -> list[int]:
         """Per letter A-H, the token that follows ``"{answer_prefix}: ("`` (-1 if none).

@@ -1,9 +1,10 @@
-"""The transformers integration tests again, on the newest transformers 5.x release.
+"""The transformers integration tests and the eval's architecture tests again, on the newest
+transformers 5.x release.
 
 ``scripts/setup_tf_latest.sh`` (called by ``scripts/setup.sh --tests``) installs that release into
 ``.venv-tf-latest`` (a ``pip install --target`` directory, version in
-``constraints-tf-latest.txt``); this test runs ``test_integration_transformers.py`` in a
-subprocess with it first on ``PYTHONPATH``, in front of the project venv that supplies
+``constraints-tf-latest.txt``); these tests run ``test_integration_transformers.py`` and
+``test_eval_architectures.py`` in a subprocess with it first on ``PYTHONPATH``, in front of the project venv that supplies
 torch and the compiled kernels. In CI (``CI=true``) a missing environment is a failure,
 not a skip: both transformers lines are part of the contract.
 """
@@ -29,8 +30,7 @@ def _wanted_version() -> str:
     return m.group(1)
 
 
-def test_integration_tests_pass_on_the_newest_transformers():
-    want = _wanted_version()
+def _env() -> dict[str, str]:
     if not (TARGET / "transformers").is_dir():
         msg = f"{TARGET} is missing: run `bash scripts/setup_tf_latest.sh`"
         if os.environ.get("CI", "").lower() == "true":
@@ -38,7 +38,30 @@ def test_integration_tests_pass_on_the_newest_transformers():
         pytest.skip(msg)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TARGET), str(REPO)])
-    env["MLLMCAL_EXPECT_TRANSFORMERS"] = want
+    env["MLLMCAL_EXPECT_TRANSFORMERS"] = _wanted_version()
+    return env
+
+
+def test_eval_architecture_tests_pass_on_the_newest_transformers():
+    """Real checkpoints' processors and chat-template handling change between releases
+    (5.2x turns template variables into plain data, for one): the eval must follow."""
+    env, want = _env(), _wanted_version()
+    probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == want, probe.stdout + probe.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         str(REPO / "tests" / "test_eval_architectures.py")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"eval architecture tests failed on transformers {want}:\n{tail}"
+    assert " passed" in proc.stdout.splitlines()[-1] and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def test_integration_tests_pass_on_the_newest_transformers():
+    want = _wanted_version()
+    env = _env()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          str(REPO / "tests" / "test_integration_transformers.py")],

@@ -335,23 +335,34 @@ def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
 TEMPLATE_DATE = "26 Jul 2024"
 
 
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(['"])([^'"]*)\1\s*\)""")
+
+
 def _date_kwargs(template: Any) -> dict[str, Any]:
-    """Template variables that pin a template's date to :data:`TEMPLATE_DATE`.
+    """``apply_chat_template`` arguments that pin a template's date to :data:`TEMPLATE_DATE`.
 
     Meta's Llama 3.1-3.3 templates (Llama 3.2 Vision's among them) print ``date_string``,
-    which defaults to ``strftime_now("%d %b %Y")``: the day of the run. Passing
-    ``date_string`` fixes it; a template that calls ``strftime_now`` without that variable
-    gets a ``strftime_now`` that formats the same fixed date.
+    which defaults to ``strftime_now("%d %b %Y")``: the day of the run; others (Mistral
+    3's) call ``strftime_now`` directly. ``date_string`` is passed where the template
+    reads it, and every ``strftime_now("<format>")`` call is replaced by the fixed date in
+    that format, in a copy of the template passed as ``chat_template``. (A callable passed
+    as a template variable would do on transformers 5.17, but 5.2x turns template
+    variables into plain data, so the call would fail.) Templates given as a dict of
+    named templates are left as they are.
     """
     import datetime
 
-    text = json.dumps(template) if isinstance(template, dict) else str(template or "")
-    if "date_string" in text:
-        return {"date_string": TEMPLATE_DATE}
-    if "strftime_now" in text:
+    if not isinstance(template, str):
+        return {}
+    out: dict[str, Any] = {}
+    if "date_string" in template:
+        out["date_string"] = TEMPLATE_DATE
+    if "strftime_now" in template:
         day = datetime.datetime.strptime(TEMPLATE_DATE, "%d %b %Y")
-        return {"strftime_now": day.strftime}
-    return {}
+        fixed = _STRFTIME_CALL.sub(lambda m: '"' + day.strftime(m.group(2)) + '"', template)
+        if fixed != template:
+            out["chat_template"] = fixed
+    return out
 
 
 @dataclass

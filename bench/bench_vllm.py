@@ -26,8 +26,10 @@ The processor's cost per step is one pass over the ``[B, V]`` logits, whatever t
 the engine's cost grows with the model. The default model (hidden 256, 4 layers, 32k
 vocabulary: the logits are a large part of its step) is therefore the worst case; run
 ``--hidden 1024 --layers 8`` for a model whose step is dominated by its layers, as real
-checkpoints are. Results: ``bench/results/vllm_cpu.json`` (default) and
-``bench/results/vllm_cpu_h1024_l8.json``.
+checkpoints are, or ``--vocab 151936 --hidden 896 --layers 24 --max-tokens 16 --rounds 13``
+for the shape of Qwen2.5-0.5B (the model of vLLM's own logprobs measurements; the MLP is
+narrower). Results: ``bench/results/vllm_cpu.json`` (default),
+``bench/results/vllm_cpu_h1024_l8.json`` and ``bench/results/vllm_cpu_qwen05b_shape.json``.
 
 A third estimate does not depend on the machine being quiet: in the ``mllmcal`` case the
 processor's methods (``apply``, ``update_state`` on the engine thread, ``drain`` on its own

@@ -42,6 +42,17 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _pytest(env: dict[str, str], test_file: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run one test file of this repository in a subprocess with ``env``; the process and
+    the tail of its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         str(REPO / "tests" / test_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    return proc, (proc.stdout + proc.stderr)[-6000:]
+
+
 def test_eval_architecture_tests_pass_on_the_newest_transformers():
     """Real checkpoints' processors and chat-template handling change between releases
     (5.2x turns template variables into plain data, for one): the eval must follow."""
@@ -49,12 +60,7 @@ def test_eval_architecture_tests_pass_on_the_newest_transformers():
     probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == want, probe.stdout + probe.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         str(REPO / "tests" / "test_eval_architectures.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
+    proc, tail = _pytest(env, "test_eval_architectures.py")
     assert proc.returncode == 0, f"eval architecture tests failed on transformers {want}:\n{tail}"
     assert " passed" in proc.stdout.splitlines()[-1] and "skipped" not in proc.stdout.splitlines()[-1], tail
 
@@ -62,12 +68,7 @@ def test_eval_architecture_tests_pass_on_the_newest_transformers():
 def test_integration_tests_pass_on_the_newest_transformers():
     want = _wanted_version()
     env = _env()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         str(REPO / "tests" / "test_integration_transformers.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    tail = (proc.stdout + proc.stderr)[-6000:]
+    proc, tail = _pytest(env, "test_integration_transformers.py")
     assert proc.returncode == 0, f"integration tests failed on transformers {want}:\n{tail}"
     # The version check inside ran (it skips only when no version is asked for).
     assert " skipped" not in proc.stdout.splitlines()[-1], tail

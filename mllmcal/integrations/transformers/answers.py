@@ -111,11 +111,11 @@ class StopAtAnswer(StoppingCriteria):
         lse = self.processor.latest_stats().logsumexp
         v = self.answer_mask.shape[-1]
         in_vocab = (tok >= 0) & (tok < v)
-        if self.answer_mask.dim() == 2:
-            rows = torch.arange(b, device=dev)
-            is_answer = self.answer_mask[rows, tok.clamp(0, v - 1)] & in_vocab
+        col = tok.clamp(0, v - 1)
+        if self.answer_mask.dim() == 2:  # row r's own mask at its token: one gather
+            is_answer = self.answer_mask.gather(1, col[:, None]).squeeze(1) & in_vocab
         else:
-            is_answer = self.answer_mask[tok.clamp(0, v - 1)] & in_vocab
+            is_answer = self.answer_mask[col] & in_vocab
         new = is_answer & ~self.found & ~self._ended
         lp = z.gather(1, tok.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1).float() - lse
         self.logprob = torch.where(new, lp, self.logprob)

@@ -223,11 +223,11 @@ def _worker(rank, world, port, cfg_kwargs, queue):
 
 
 def test_two_process_gloo_run_equals_single_process(data_dir, llava_dir, tmp_path):
-    single = run_eval(_cfg(data_dir, [llava_dir], tmp_path / "single", temperature_method="newton"))
+    single = run_eval(_cfg(data_dir, [llava_dir], tmp_path / "single", temperature_method="onepass"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kw = {**_cfg(data_dir, [llava_dir], tmp_path / "dist", temperature_method="newton").__dict__}
+    kw = {**_cfg(data_dir, [llava_dir], tmp_path / "dist", temperature_method="onepass").__dict__}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, kw, queue)) for r in range(2)]
@@ -252,7 +252,7 @@ def test_two_process_gloo_run_equals_single_process(data_dir, llava_dir, tmp_pat
 
 def test_protocol_paper_sets_the_papers_settings(data_dir, causal_dir, tmp_path):
     cfg = _cfg(data_dir, [causal_dir], tmp_path / "out", protocol="paper", n_bins=5,
-               max_new_tokens=3, temperature_method="newton", method="option-softmax",
+               max_new_tokens=3, temperature_method="onepass", method="option-softmax",
                dev=None, build_idk=False, idk_variants=(), limit=4)
     report = run_eval(cfg)
     used = report["config"]
@@ -309,7 +309,7 @@ def _calib_with_an_interior_optimum(data_dir, em, modality, out):
     return path
 
 
-@pytest.mark.parametrize("method", ["grid", "newton"])
+@pytest.mark.parametrize("method", ["grid", "onepass"])
 def test_calib_split_fits_without_rows_the_temperature_of_the_stored_rows(
         data_dir, llava_dir, tmp_path, method):
     em = load_model(str(llava_dir))
@@ -386,7 +386,7 @@ def test_checkpoint_identity_sees_weights_swapped_with_their_old_time(tmp_path):
     checkpoint elsewhere, times kept, has the same key."""
     import shutil
 
-    from mllmcal.eval.runner import WEIGHT_SAMPLE_BYTES, WEIGHT_SAMPLES, checkpoint_identity
+    from mllmcal.eval.cache import WEIGHT_SAMPLE_BYTES, WEIGHT_SAMPLES, checkpoint_identity
 
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -445,3 +445,19 @@ def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_report(
     assert calls and entry["temperature"] == 9.99 and entry["temperature_at_bound"] is True
     md = (tmp_path / "out" / "report.md").read_text()
     assert "9.990 (end of the search range)" in md
+
+
+def test_temperature_method_newton_is_the_deprecated_name_of_onepass(tmp_path):
+    """The eval's "newton" never ran Newton (it is the one-pass refined fit): the old
+    spelling still works, with a DeprecationWarning, and means "onepass"."""
+    with pytest.warns(DeprecationWarning, match="onepass"):
+        cfg = EvalConfig(models=["m"], test="t.json", out=str(tmp_path),
+                         temperature_method="newton")
+    assert cfg.temperature_method == "onepass"
+    cfg.validate()
+    with pytest.warns(DeprecationWarning):
+        old = runner.new_fit_accumulator("newton")
+    new = runner.new_fit_accumulator("onepass")
+    assert old.to_dict() == new.to_dict()
+    with pytest.raises(ValueError, match="temperature method"):
+        runner.canonical_temperature_method("bisection")

@@ -29,6 +29,9 @@ from typing import Any
 
 __all__ = ["main", "build_parser"]
 
+#: ``--temperature-method`` values: mllmcal.eval's methods and the deprecated "newton"
+_TEMPERATURE_CHOICES = ["grid", "onepass", "newton"]
+
 
 def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--model", action="append", default=[] if not need_model else None,
@@ -66,8 +69,9 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 20")
     p.add_argument("--n-bins", type=int, default=None, help="default: 10")
-    p.add_argument("--temperature-method", default=None, choices=["grid", "newton"],
-                   help="default: grid")
+    p.add_argument("--temperature-method", default=None, choices=_TEMPERATURE_CHOICES,
+                   help="grid (the paper's 999 temperatures) or onepass (the continuous optimum "
+                        "from one pass); default: grid. 'newton' is the deprecated name of onepass")
     p.add_argument("--chat-template", default="auto", choices=["auto", "off"])
     p.add_argument("--no-idk", action="store_true", help="skip the IDK evaluation")
     p.add_argument("--optimize-prompts", action="store_true", help="run APE on --dev")
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-dev", type=int, default=100, help="dev items APE scores prompts on")
     d.add_argument("--n-idk", type=int, default=200, help="IDK items per abstention prompt")
     d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--temperature-method", default="newton", choices=["grid", "newton"])
+    d.add_argument("--temperature-method", default="onepass", choices=_TEMPERATURE_CHOICES)
     # One thread by default: on a busy machine two OpenMP threads were measured several
     # times slower than one for this tiny model, and a fixed count keeps the report's
     # floating-point results the same from machine to machine.
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_column_args(f)
     f.add_argument("--method", default="letter", choices=["letter", "option-softmax"])
     f.add_argument("--modality", default="image", choices=["image", "text"])
-    f.add_argument("--temperature-method", default="grid", choices=["grid", "newton"])
+    f.add_argument("--temperature-method", default="grid", choices=_TEMPERATURE_CHOICES)
     f.add_argument("--device", default="cpu")
     f.add_argument("--device-map", metavar="MAP", help="e.g. 'auto' (needs accelerate)")
     f.add_argument("--dtype", default="auto")
@@ -226,7 +230,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  {k}: {v}")
 
 
-def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = None) -> int:
+def _cmd_eval(args: argparse.Namespace) -> int:
     from mllmcal.eval.runner import EvalConfig, run_eval
 
     _check_out(args.out)
@@ -237,6 +241,7 @@ def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = No
               file=sys.stderr)
         return 2
     preset = ("method", "max_new_tokens", "n_bins", "temperature_method")
+    args.temperature_method = _temperature_method(args.temperature_method)
     given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
     defaults = {f: EvalConfig.__dataclass_fields__[f].default for f in preset}
     chosen = {**defaults, **given}
@@ -253,14 +258,26 @@ def _cmd_eval(args: argparse.Namespace, split_limits: dict[str, int] | None = No
         idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
         optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,
         ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit,
-        split_limits=dict(split_limits or {}), seed=args.seed,
+        seed=args.seed,
         progress=not args.no_progress, plots=not args.no_plots,
     )
-    report = run_eval(cfg)
+    _print_report(run_eval(cfg), Path(args.out))
+    return 0
+
+
+def _print_report(report: dict[str, Any], out: Path) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(report["summary"])
-        print(f"report: {Path(args.out) / 'report.json'}")
-    return 0
+        print(f"report: {out / 'report.json'}")
+
+
+def _temperature_method(name: str | None) -> str | None:
+    """``--temperature-method`` as given; the deprecated ``newton`` is said on stderr (the
+    DeprecationWarning that EvalConfig raises is hidden outside ``__main__``)."""
+    if name == "newton":
+        print("mllmcal: --temperature-method newton is deprecated (it runs the one-pass fit); "
+              "use onepass", file=sys.stderr)
+    return name
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -272,6 +289,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"mllmcal demo: the embedded demo (mllmcal.demo) is not available: {exc}",
               file=sys.stderr)
         return 1
+    _check_out(args.out)
+    _check_limit(args.limit)
     out = Path(args.out)
     model = "demo"
     if args.retrain:
@@ -286,23 +305,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                  if same is False else "(no shipped checkpoint to compare with)"))
         model = str(retrained)
     _, data_dir = demo_train.get_demo(progress=not args.no_progress)
-    ns = build_parser().parse_args(["eval", "--model", model, "--data", str(data_dir),
-                                    "--out", str(out), "--optimize-prompts",
-                                    "--ape-rounds", str(args.ape_rounds),
-                                    "--ape-k", str(args.ape_k), "--ape-m", str(args.ape_m),
-                                    "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-                                    "--temperature-method", args.temperature_method]
-                                   + (["--limit", str(args.limit)] if args.limit else [])
-                                   + (["--no-progress"] if args.no_progress else []))
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
+    from mllmcal.demo.evaluate import demo_eval_config
+    from mllmcal.eval.runner import run_eval
+
     limits = {"test": args.n_test, "calib": args.n_calib, "dev": args.n_dev, "idk": args.n_idk}
     if args.limit:  # --limit caps every split, below the demo sizes too
         limits = {k: min(v, args.limit) for k, v in limits.items()}
-    rc = _cmd_eval(ns, split_limits=limits)
-    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
+    cfg = demo_eval_config(
+        _model_specs([model])[0], data_dir, out, split_limits=limits, limit=args.limit,
+        optimize_prompts=True, ape_rounds=args.ape_rounds, ape_k=args.ape_k, ape_m=args.ape_m,
+        seed=args.seed, batch_size=args.batch_size,
+        temperature_method=_temperature_method(args.temperature_method),
+        progress=not args.no_progress)
+    _print_report(run_eval(cfg), out)
+    if int(os.environ.get("RANK", "0")) == 0:
         # What each result shows, with its numbers: appended to report.md and printed.
         from mllmcal.demo.findings import findings_markdown
 
@@ -310,7 +330,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         with open(out / "report.md", "a") as fh:
             fh.write("\n" + section)
         print(section, end="")
-    return rc
+    return 0
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -326,7 +346,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     spec.device_map = spec.device_map or args.device_map
     res = fit_calib_temperature(spec, paths["calib"], args.out,
                                 images=args.images, modality=args.modality,
-                                method=args.method, temperature_method=args.temperature_method,
+                                method=args.method,
+                                temperature_method=_temperature_method(args.temperature_method),
                                 device=args.device, dtype=args.dtype,
                                 batch_size=args.batch_size, limit=args.limit,
                                 columns=_columns(args))

@@ -371,7 +371,7 @@ def test_cli_on_a_hugging_face_dataset_folder_with_image_bytes(arch, tmp_path, m
 def test_a_pil_image_processor_filed_under_another_model_is_found(tmp_path):
     """Qwen2.5-VL checkpoints name "Qwen2VLImageProcessor" (model type qwen2_5_vl), whose
     PIL class lives in transformers.models.qwen2_vl: found there, without torchvision."""
-    from mllmcal.eval.models import _pil_image_processor
+    from mllmcal.eval.compat import _pil_image_processor
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     ip = _pil_image_processor(tmp_path, {"image_processor_type": "Qwen2VLImageProcessor",
@@ -402,7 +402,8 @@ def test_templates_that_print_today_render_a_fixed_date(tmp_path):
     template, not on the date): date_string (Llama 3.x) or strftime_now is pinned."""
     from vlm_checkpoints import _fast, _train_tokenizer
 
-    from mllmcal.eval.models import TEMPLATE_DATE, _date_kwargs
+    from mllmcal.eval.quirks import TEMPLATE_DATE
+    from mllmcal.eval.quirks import date_kwargs as _date_kwargs
 
     tok = _fast(_train_tokenizer(["<s>"], "bytelevel", None, []))
     msgs = [{"role": "user", "content": "hi"}]
@@ -429,7 +430,7 @@ def test_a_processor_gated_on_torchvision_is_imported_with_its_pil_helpers():
     that stand-in is left in sys.modules."""
     import sys
 
-    from mllmcal.eval.models import processor_class
+    from mllmcal.eval.compat import processor_class
 
     cls = processor_class("PixtralProcessor")
     assert "_backends" not in vars(cls) and "video_processor" not in cls.get_attributes()

@@ -980,7 +980,7 @@ def build_mistral3(out: Path, texts: Iterable[str] = ()) -> Path:
     model = tf.Mistral3ForConditionalGeneration(cfg)
     ip = PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE},
                                   patch_size={"height": patch, "width": patch})
-    from mllmcal.eval.models import processor_class
+    from mllmcal.eval.compat import processor_class
 
     # transformers 5.17 gates PixtralProcessor on torchvision (see processor_class)
     proc = processor_class("PixtralProcessor")(image_processor=ip, tokenizer=tok, patch_size=patch,
@@ -1067,7 +1067,7 @@ def build_glm4v(out: Path, texts: Iterable[str] = ()) -> Path:
 
 def manual_inputs(arch_name: str, path: Path, text: str, image) -> dict:
     """Model inputs built by hand from the checkpoint's files, independently of eval."""
-    from mllmcal.eval.models import load_processor
+    from mllmcal.eval.compat import load_processor
 
     proc = load_processor(path)
     tok = proc.tokenizer

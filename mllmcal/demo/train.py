@@ -1,4 +1,5 @@
-"""The demo model's training recipe, its scorer, and ``retrain``.
+"""The demo model's training recipe and ``retrain`` (the one entry point: ``mllmcal demo
+--retrain``).
 
 :data:`RECIPE` is the one recipe the shipped checkpoint (``mllmcal/demo/checkpoint``) was
 made with. It is step-based and seeded throughout (fixed step counts, a step-based
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..eval.models import render_chat, special_tokens_on
 from ..prompting import (
     ABSTENTION_HINTS,
     DEFAULT_ANSWER_PREFIX,
@@ -55,18 +57,18 @@ from ..prompting import (
     chat_messages,
     parse_options,
 )
-from .assets import CHECKPOINT_DIR, default_cache_root, demo_data_dir, get_demo
+from .assets import CHECKPOINT_DIR, demo_data_dir, get_demo
 from .model import ANSWER_PREFIXES, NUM_IMAGE_TOKENS, init_demo_model, save_checkpoint
-from .shapes import DEFAULT_SIZES, GRID, OBJECT_COLORS, SHAPES
+from .shapes import DEFAULT_SIZES
+from .vision import pretrain_vision
 
 __all__ = [
     "RECIPE",
     "Recipe",
-    "evaluate_demo_model",
+    "compare_weights",
     "get_demo",  # re-exported from .assets for callers that import it from here
     "render_prompt",
     "retrain",
-    "score_items",
     "train_demo_model",
 ]
 
@@ -103,7 +105,7 @@ class Recipe:
             answerable item that offers ``I don't know`` (the IDK split's controls)
             ``focus_control_repeats`` times as often as any other item. Without it the
             model said "I don't know" to 17.5% of the answerable controls under the
-            ``invite`` hint (a plain fourth cycle: 15.9%, issue 14); these controls are a
+            ``invite`` hint (a plain fourth cycle: 15.9%); these controls are a
             small share of the training set, so the boundary between "answerable, pick the
             letter" and "unanswerable, abstain" saw few examples on the answerable side.
             With 20 repeats (191 of the 2500 training items are such controls): 11.1%, the
@@ -183,30 +185,29 @@ def _offers_idk(item: dict[str, Any]) -> bool:
 def render_prompt(processor, question_with_options: str,
                   answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
                   hint: str | None = None) -> str:
-    """The prompt as the evaluator renders it: the processor's chat template applied to
-    :func:`mllmcal.prompting.chat_messages`, continuing the open assistant turn.
+    """The prompt as the evaluator renders it (:func:`mllmcal.eval.models.render_chat` of
+    :func:`mllmcal.prompting.chat_messages`, the assistant turn left open).
 
     For the demo processor this equals :func:`mllmcal.prompting.build_prompt` (pinned by
     a test), so the next token after it is the option letter.
     """
-    return processor.apply_chat_template(
-        chat_messages(question_with_options, answer_prefix, with_image, hint),
-        tokenize=False, continue_final_message=True,
-    )
+    return render_chat(processor, chat_messages(question_with_options, answer_prefix,
+                                                with_image, hint))
 
 
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of rendered prompts, as ``processor(text=prompt, images=...)`` gives them.
 
-    Special tokens are added (BOS) unless a prompt already starts with the BOS text, the
-    evaluator's rule. Expanding ``<image>`` here equals what ``LlavaProcessor`` does
-    (pinned by a test) and avoids re-running the image processor for every batch.
+    Special tokens follow the evaluator's BOS rule
+    (:func:`mllmcal.eval.models.special_tokens_on`). Expanding ``<image>`` here equals what
+    ``LlavaProcessor`` does (pinned by a test) and avoids re-running the image processor
+    for every batch.
     """
     out = []
     for p in prompts:
         text = p.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS)
-        add = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-        out.append(tokenizer(text, add_special_tokens=add)["input_ids"])
+        out.append(tokenizer(text, add_special_tokens=special_tokens_on(tokenizer, text))
+                   ["input_ids"])
     return out
 
 
@@ -253,181 +254,6 @@ def _batch(tokenizer, pixels, prompts, images, targets):
     pv = [pixels[img] for img in images if img is not None]
     pixel_values = torch.stack(pv) if pv else None
     return input_ids, mask, pixel_values, positions, target_ids
-
-
-def score_items(
-    model,
-    processor,
-    data_dir: str | Path,
-    items: list[dict[str, Any]],
-    answer_prefix: str = DEFAULT_ANSWER_PREFIX,
-    with_image: bool = True,
-    hint: str | None = None,
-    batch_size: int = 64,
-) -> dict[str, np.ndarray]:
-    """Teacher-forced scores of the first answer token for ``items`` (no generation).
-
-    At the position right after :func:`render_prompt` (the ``(``), the full-vocabulary
-    softmax gives ``confidence`` (max probability, float64 [n]), ``prediction`` (the argmax
-    token decoded, str [n]), ``correct`` (prediction equals the item's letter, bool [n]),
-    ``logits`` (float64 [n, V], the row temperature scaling is fitted on) and ``label``
-    (int64 [n], the answer letter's token id). Under greedy decoding this is the paper's
-    first generated token whenever it is a letter. Items without an image (withheld) are
-    scored without one whatever ``with_image`` says.
-    """
-    import torch
-
-    data_dir = Path(data_dir)
-    tok = processor.tokenizer
-    use = [with_image and "image" in it for it in items]
-    pixels = _pixel_cache(processor, data_dir, [it for it, u in zip(items, use, strict=True) if u])
-    rows, preds = [], []
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            chunk_use = use[start : start + batch_size]
-            prompts = [
-                render_prompt(processor, _question(it), answer_prefix, with_image=u, hint=hint)
-                for it, u in zip(chunk, chunk_use, strict=True)
-            ]
-            images = [it["image"] if u else None for it, u in zip(chunk, chunk_use, strict=True)]
-            ids, mask, pv, pos, _ = _batch(tok, pixels, prompts, images, [[]] * len(chunk))
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
-            last = logits[torch.arange(len(chunk)), pos[:, 0]].double()
-            rows.append(last.numpy())
-            preds += tok.convert_ids_to_tokens(last.argmax(-1).tolist())
-    answers = np.array([_answer(it) for it in items])
-    prediction = np.array(preds)
-    logits = np.concatenate(rows) if rows else np.zeros((0, len(tok)))
-    z = logits - logits.max(-1, keepdims=True) if len(logits) else logits
-    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True) if len(logits) else z
-    return {
-        "confidence": probs.max(-1) if len(logits) else np.zeros(0),
-        "prediction": prediction,
-        "correct": prediction == answers,
-        "logits": logits,
-        "label": np.array(tok.convert_tokens_to_ids(list(answers)), dtype=np.int64),
-    }
-
-
-def ece_l1(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-width ECE (L1) in float64, as the report computes it (10 bins)."""
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
-    return float(total)
-
-
-def _patch_labels(items: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Per-patch targets for the vision pre-training, from the scene specs.
-
-    The patch grid equals the scene's cell grid (``PATCH_SIZE == CELL``) and every object
-    stays inside its cell, so patch ``row * GRID + col`` shows the object in that cell or
-    nothing. Returns ``(image paths [M], shape ids int64 [M, GRID**2], colour ids int64
-    [M, GRID**2])`` over the distinct images; an empty patch gets ``len(SHAPES)`` and
-    ``len(OBJECT_COLORS)``. A hard colour item's label is its named colour (the nearer one).
-    """
-    colors = list(OBJECT_COLORS)
-    seen: dict[str, int] = {}
-    shapes_l, colors_l = [], []
-    for it in items:
-        if "scene" not in it or "image" not in it or it["image"] in seen:
-            continue
-        s = np.full(GRID * GRID, len(SHAPES), dtype=np.int64)
-        c = np.full(GRID * GRID, len(colors), dtype=np.int64)
-        for obj in it["scene"]:
-            k = obj["cell"][0] * GRID + obj["cell"][1]
-            s[k], c[k] = SHAPES.index(obj["shape"]), colors.index(obj["color"])
-        seen[it["image"]] = len(shapes_l)
-        shapes_l.append(s)
-        colors_l.append(c)
-    return list(seen), np.stack(shapes_l), np.stack(colors_l)
-
-
-def pretrain_vision(
-    model, tokenizer, pixels, items: list[dict[str, Any]], steps: int, seed: int = 0,
-    batch_size: int = 128, lr: float = 3e-3,
-) -> dict[str, float]:
-    """Stage 1: a vision tower and projector whose patch features read as words.
-
-    LLaVA starts from a pre-trained vision encoder and first trains its projector so that
-    image features land in the word-embedding space (feature alignment); the demo has
-    neither, so it does both in a few seconds. Every patch that holds an object is pushed,
-    through the projector and the (frozen, tied) word embeddings, towards the words of its
-    shape, its colour and its place (cross-entropy against a target of 1/4 on each of, say,
-    ``circle``, ``red``, ``top`` and ``left``). The language model then sees an object as
-    something close to the embeddings of the words the question and the options are made
-    of; the place words keep the patch position that a count or a quadrant needs. Without this the
-    shape inside a 12 px patch is what the full model learns most slowly: it reaches the
-    answer through five layers of language model and was still at chance after the demo's
-    budget.
-
-    Only the tower and the projector are updated. Features are the ones LLaVA reads:
-    ``hidden_states[-1]`` without CLS (``vision_feature_select_strategy="default"``).
-
-    Args:
-        model: a ``LlavaForConditionalGeneration`` from :func:`init_demo_model`.
-        tokenizer: its tokenizer (the shape, colour and place words must be in it).
-        pixels: ``{image path: [3, H, W] float32}`` as :func:`_pixel_cache` returns.
-        items: training records with ``scene`` specs; items without an image are ignored.
-        steps: AdamW steps (constant rate ``lr``).
-        seed, batch_size, lr: batch sampling and AdamW settings.
-
-    Returns ``{"steps", "shape_accuracy", "color_accuracy"}``: on object patches
-    of the last batches, how often the shape word beats the other shape words and the
-    colour word the other colour words.
-    """
-    import torch
-
-    tower = model.model.vision_tower
-    projector = model.model.multi_modal_projector
-    paths, shape_y, color_y = _patch_labels(items)
-    nan = float("nan")
-    if not paths or steps <= 0:
-        return {"steps": 0, "shape_accuracy": nan, "color_accuracy": nan}
-    shape_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SHAPES)))
-    color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(OBJECT_COLORS)))
-    where_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["top", "bottom", "left", "right"]))
-    if any((t == tokenizer.unk_token_id).any() for t in (shape_ids, color_ids, where_ids)):
-        raise ValueError("the demo vocabulary lacks a shape, colour or position word")
-    x_all = torch.stack([pixels[p] for p in paths])
-    sy, cy = torch.from_numpy(shape_y), torch.from_numpy(color_y)
-    emb = model.get_input_embeddings().weight.detach()  # frozen here; tied to the LM head
-    gen = torch.Generator().manual_seed(seed)
-    params = [*tower.parameters(), *projector.parameters()]
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    tower.train()
-    projector.train()
-    hits_s: list[float] = []
-    hits_c: list[float] = []
-    for _ in range(steps):
-        idx = torch.randint(len(paths), (min(batch_size, len(paths)),), generator=gen)
-        obj = sy[idx] < len(SHAPES)
-        feats = tower(x_all[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
-        logp = (projector(feats[obj]) @ emb.T).log_softmax(-1)
-        ys, yc = sy[idx][obj], cy[idx][obj]
-        rows = torch.arange(len(ys))
-        patch = torch.arange(GRID * GRID).expand(len(idx), -1)[obj]
-        yv = where_ids[(patch // GRID >= GRID // 2).long()]  # top / bottom
-        yh = where_ids[2 + (patch % GRID >= GRID // 2).long()]  # left / right
-        loss = -0.25 * (
-            logp[rows, shape_ids[ys]] + logp[rows, color_ids[yc]] + logp[rows, yv] + logp[rows, yh]
-        ).mean()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        with torch.no_grad():
-            hits_s.append(float((logp[:, shape_ids].argmax(-1) == ys).float().mean()))
-            hits_c.append(float((logp[:, color_ids].argmax(-1) == yc).float().mean()))
-    return {
-        "steps": steps,
-        "shape_accuracy": float(np.mean(hits_s[-20:])),
-        "color_accuracy": float(np.mean(hits_c[-20:])),
-    }
 
 
 def _lr_scale(step: int, steps: int, warmup: int, floor: float) -> float:
@@ -653,73 +479,6 @@ def train_demo_model(
         torch.set_num_threads(prev_threads)
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def evaluate_demo_model(model_dir: str | Path, data_dir: str | Path,
-                        limit: int | None = None, threads: int | None = None) -> dict[str, Any]:
-    """The paper's headline figures for a demo checkpoint, by the teacher-forced scorer.
-
-    On ``data_dir``'s ``test`` (answerable) items with the image and text only, T fitted by
-    Newton on ``calib`` rows, and the ``idk`` split under each abstention hint. The first
-    ``limit`` items of each split (all if None). A quick check for tuning and tests; the
-    report of ``mllmcal demo`` is the real pipeline (generation, the evaluator's fit).
-    """
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import mllmcal
-
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        data_dir = Path(data_dir)
-        processor = AutoProcessor.from_pretrained(model_dir)
-        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-
-        def split(name: str) -> list[dict[str, Any]]:
-            return json.loads((data_dir / f"{name}.json").read_text())[:limit]
-
-        test, calib, idk = split("test"), split("calib"), split("idk")
-        s_test = score_items(model, processor, data_dir, test)
-        s_text = score_items(model, processor, data_dir, test, with_image=False)
-        s_cal = score_items(model, processor, data_dir, calib)
-        t = float(mllmcal.fit_temperature(torch.from_numpy(s_cal["logits"]),
-                                          torch.from_numpy(s_cal["label"]), method="newton"))
-        z = torch.from_numpy(s_test["logits"]) / t
-        conf_t = z.softmax(-1).max(-1).values.numpy()
-        correct = s_test["correct"].astype(float)
-        out: dict[str, Any] = {
-            "n_test": len(test),
-            "accuracy": float(correct.mean()),
-            "ece": ece_l1(s_test["confidence"], correct),
-            "mean_confidence": float(s_test["confidence"].mean()),
-            "temperature": t,
-            "ece_after_temperature": ece_l1(conf_t, correct),
-            "text_only_accuracy": float(s_text["correct"].mean()),
-            "text_only_ece": ece_l1(s_text["confidence"], s_text["correct"].astype(float)),
-            "idk": {},
-        }
-        unans = np.array([not it.get("answerable", True) for it in idk])
-        idk_letter = np.array([
-            next(c for c, v in parse_options(_question(it))[1].items() if v == IDK_OPTION_TEXT)
-            for it in idk
-        ])
-        for variant, hint in ABSTENTION_HINTS.items():
-            s = score_items(model, processor, data_dir, idk, hint=hint)
-            said_idk = s["prediction"] == idk_letter
-            out["idk"][variant] = {
-                "idk_rate": float(said_idk[unans].mean()) if unans.any() else None,
-                "false_idk_rate": float(said_idk[~unans].mean()) if (~unans).any() else None,
-                "answered_accuracy": float(s["correct"][~unans & ~said_idk].mean())
-                if (~unans & ~said_idk).any() else None,
-            }
-        return out
-    finally:
-        torch.set_num_threads(prev)
-
-
 # ----------------------------------------------------------------------------- retrain
 
 
@@ -755,40 +514,3 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
     diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa) if wa else 0.0
     same = all(wa[k].dtype == wb[k].dtype and bool((wa[k] == wb[k]).all()) for k in wa)
     return {"identical_to_shipped": same, "max_abs_diff_to_shipped": diff}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mllmcal.demo.train [OUT_DIR] [--set FIELD=VALUE]``: retrain, print figures.
-
-    With no ``OUT_DIR`` the model goes to ``<cache>/demo-retrained``; to refresh the shipped
-    checkpoint, pass ``mllmcal/demo/checkpoint``.
-    """
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m mllmcal.demo.train")
-    ap.add_argument("out", nargs="?", help="checkpoint directory to write")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a recipe field, e.g. steps=100 (tuning only: the "
-                         "result is then not the shipped model)")
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--resume-from", metavar="DIR",
-                    help="a checkpoint of this recipe's first --start-cycle cycles")
-    ap.add_argument("--start-cycle", type=int, default=0)
-    args = ap.parse_args(argv)
-    changes: dict[str, Any] = {}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        if key not in Recipe.__dataclass_fields__ or key == "sizes":
-            ap.error(f"--set {kv!r}: not a scalar recipe field")
-        changes[key] = type(getattr(RECIPE, key))(value)
-    recipe = dataclasses.replace(RECIPE, **changes)
-    out = Path(args.out) if args.out else default_cache_root() / "demo-retrained"
-    summary = retrain(out, recipe, resume_from=args.resume_from, start_cycle=args.start_cycle)
-    if not args.no_eval:
-        summary["figures"] = evaluate_demo_model(out, demo_data_dir(), threads=recipe.threads)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,6 +31,10 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
 4. **The next token is the letter.** The encoded prompt must end with the tokens of the
    rendered text's end; a processor that appends text is handled explicitly or refused.
 
+Architectures that deviate are listed by ``model_type`` in
+:data:`mllmcal.eval.quirks.PROMPT_QUIRKS`; the transformers compatibility shims are in
+:mod:`mllmcal.eval.compat`.
+
 PaliGemma (pt checkpoints have no chat template) is the explicit exception: its processor
 writes ``<image>*N <bos> prompt \n`` itself and switches the tokenizer's own BOS off. Its
 inputs are that layout without the trailing ``\n`` (big_vision's prefix/suffix separator),
@@ -42,10 +46,8 @@ only in the image tokens.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +62,15 @@ from ..prompting import (
     chat_messages,
     user_text,
 )
+from .compat import MissingDependencyError, load_processor, missing_package
 from .data import Item
+from .quirks import PromptQuirks, date_kwargs, quirks_for
 
 __all__ = ["EvalModel", "MissingDependencyError", "load_model", "load_processor", "parse_dtype",
+           "render_chat", "special_tokens_on",
            "resolve_checkpoint"]
 
 _log = logging.getLogger("mllmcal.eval")
-
-
-class MissingDependencyError(ImportError):
-    """A checkpoint needs an optional package that is missing or does not import."""
 
 
 _DTYPES = {
@@ -95,274 +96,38 @@ def _norm_piece(piece: str) -> str:
 
 
 
-_PACKAGE_RE = re.compile(r"requires the (\w+) library|Package `([\w.-]+)` is required", re.I)
-# the names transformers' messages use -> the package to install
-_PACKAGES = {"torchvision": "torchvision", "pil": "pillow", "pillow": "pillow", "av": "av",
-             "decord": "decord", "timm": "timm", "sentencepiece": "sentencepiece",
-             "protobuf": "protobuf", "librosa": "librosa", "soundfile": "soundfile"}
+def render_chat(processor: Any, msgs: list[dict[str, Any]]) -> str:
+    """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the processor's chat
+    template, the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
 
-
-def _missing_package(exc: BaseException) -> str:
-    m = _PACKAGE_RE.search(str(exc))
-    if m:
-        name = (m.group(1) or m.group(2)).lower()
-        return _PACKAGES.get(name, name)
-    if "torchvision" in str(exc).lower():
-        return "torchvision"
-    name = getattr(exc, "name", None)
-    return str(name) if name else "an optional package"
-
-
-def _processor_class_name(path: Path) -> str | None:
-    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        f = path / fname
-        if f.is_file():
-            try:
-                name = json.loads(f.read_text()).get("processor_class")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if name:
-                return str(name)
-    return None
-
-
-def _without_video(cls: type) -> type:
-    """``cls`` restricted to its image processor and tokenizer.
-
-    ``ProcessorMixin`` builds and type-checks one sub-processor per name returned by its
-    public ``get_attributes()``; dropping ``video_processor`` there lets an image-text
-    processor be built when its video part cannot be (transformers 5's video processors
-    need torchvision). Image prompts never touch the video processor.
-    """
-
-    class ImageOnlyProcessor(cls):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # some processors (SmolVLM's) take video_processor as a required argument
-            kwargs.setdefault("video_processor", None)
-            super().__init__(*args, **kwargs)
-
-        @classmethod
-        def get_attributes(klass) -> list[str]:
-            return [a for a in cls.get_attributes() if a != "video_processor"]
-
-        def apply_chat_template(self, conversation: Any, chat_template: str | None = None,
-                                **kwargs: Any) -> Any:
-            # Rendering to text is the template alone; the processor's own method also
-            # reads video sampling defaults (SmolVLM: video_processor.num_frames) from the
-            # part left out. Eval renders with tokenize=False only.
-            if kwargs.get("tokenize", False):
-                raise NotImplementedError("an image-only processor renders text only")
-            return self.tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template or self.chat_template, **kwargs)
-
-    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"{cls.__name__}ImageOnly"
-    return ImageOnlyProcessor
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _image_processor_modules(class_name: str) -> list[str]:
-    """The model modules transformers' auto table lists ``class_name`` under."""
-    try:
-        from transformers.models.auto.configuration_auto import model_type_to_module_name
-        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-    except ImportError:
-        return []
-    out = []
-    for model_type, names in IMAGE_PROCESSOR_MAPPING_NAMES.items():
-        values = names.values() if isinstance(names, dict) else names
-        if class_name in {v for v in values if isinstance(v, str)}:
-            out.append(model_type_to_module_name(model_type))
-    return out
-
-
-def _pil_image_processor(path: Path, settings: dict[str, Any]) -> Any:
-    """The PIL backend of the checkpoint's image processor, imported from its model module.
-
-    transformers 5.17 lists some PIL image processors (Idefics3's) as needing torchvision,
-    so ``AutoImageProcessor`` refuses them without it although they need only Pillow.
-    """
-    import importlib
-
-    model_type = _read_json(path / "config.json").get("model_type", "")
-    settings = dict(settings)
-    kind = str(settings.pop("image_processor_type", ""))
-    base = kind.removesuffix("Pil").removesuffix("ImageProcessor")
-    kind = f"{base}ImageProcessorPil"
-    # the class lives in its own model's module (InternVL uses GotOcr2's): try the module
-    # named after the class (GotOcr2 -> got_ocr2), then the checkpoint's model type, then
-    # every module transformers' image-processor table files the class under (Qwen2.5-VL
-    # ships "Qwen2VLImageProcessor", which lives in qwen2_vl, not in "qwen2_v_l")
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
-    candidates = list(dict.fromkeys([snake, model_type, *_image_processor_modules(kind)]))
-    for name in candidates:
-        try:
-            module = importlib.import_module(f"transformers.models.{name}.image_processing_pil_{name}")
-        except ImportError:
-            continue
-        if hasattr(module, kind):
-            return getattr(module, kind)(**settings)
-    raise ImportError(f"no PIL image processor {kind} in transformers (checked "
-                      f"{', '.join(map(repr, candidates))}); its torchvision one needs the "
-                      "package 'torchvision'")
-
-
-def _processor_by_hand(path: Path, cls: type) -> Any:
-    """``cls`` from the checkpoint's files, with only the parts images need."""
-    import transformers as tf
-
-    cfg = _read_json(path / "processor_config.json")
-    image_cfg = cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
-    try:
-        image_processor = tf.AutoImageProcessor.from_pretrained(path)
-    except (ImportError, ValueError):
-        image_processor = _pil_image_processor(path, image_cfg)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    template = None
-    if (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text()
-    elif (path / "chat_template.json").is_file():
-        template = _read_json(path / "chat_template.json").get("chat_template")
-    attributes = set(cls.get_attributes())
-    kwargs = {k: v for k, v in cfg.items()
-              if k not in attributes and k not in ("processor_class", "chat_template")}
-    klass = _without_video(cls) if "video_processor" in attributes else cls
-    return klass(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-                 **kwargs)
-
-
-def processor_class(name: str) -> type | None:
-    """transformers' processor class ``name``, importable without torchvision if it can be.
-
-    transformers 5.17 replaces a processor whose module fails to import without
-    torchvision by a placeholder that refuses to be built. Some such modules (Pixtral's,
-    used by Mistral 3) import only a helper from their model's torchvision image-processor
-    module, which the PIL module defines too (same name, same signature): the module is
-    then imported with the PIL module standing in for the torchvision one during the
-    import. Returns the placeholder (or ``None``) when that does not help.
-    """
-    import importlib
-    import sys
-
-    import transformers as tf
-
-    cls = getattr(tf, name, None)
-    # the placeholder refuses any public attribute; its own dict holds "_backends"
-    if cls is None or "_backends" not in vars(cls):
-        return cls  # a real class, or no such name
-    module = cls.__module__  # transformers.models.<m>.processing_<m>
-    package, _, leaf = module.rpartition(".")
-    model = leaf.removeprefix("processing_")
-    tv_name = f"{package}.image_processing_{model}"
-    try:
-        pil = importlib.import_module(f"{package}.image_processing_pil_{model}")
-    except ImportError:
-        return cls
-    saved = sys.modules.get(tv_name)
-    sys.modules[tv_name] = pil
-    try:
-        real = getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        real = None
-    finally:
-        if saved is None:
-            sys.modules.pop(tv_name, None)
-        else:
-            sys.modules[tv_name] = saved
-    return real if real is not None and "_backends" not in vars(real) else cls
-
-
-_WARNED: set[str] = set()
-
-
-def load_processor(path: str | os.PathLike, name: str | None = None) -> Any:
-    """The checkpoint's processor, without the parts that need a missing optional package.
-
-    ``AutoProcessor`` first. If it fails for a missing package (transformers 5's video
-    processors need torchvision, as do its default image processor backends), the
-    processor class is built from the image processor (its PIL backend if need be) and
-    the tokenizer only, with a warning: image prompts do not use the video part.
+    Typed content parts first. A template that prints an assistant turn's content as is
+    (GLM-4.1V's ``{{ msg.content }}``; its user branch takes parts) would write the parts'
+    Python repr, ``[{'type': 'text', ...``: that turn is then given as the plain string the
+    template expects.
 
     Raises:
-        MissingDependencyError: the processor cannot be built without a missing optional
-            package; the message names the package and the model.
+        ValueError: the template prints message contents as Python lists either way.
     """
-    import transformers as tf
+    def render(messages: list[dict[str, Any]]) -> str:
+        return processor.apply_chat_template(messages, tokenize=False,
+                                             continue_final_message=True,
+                                             **date_kwargs(processor.chat_template))
 
-    path = Path(path)
-    name = name or path.name
-    try:
-        return tf.AutoProcessor.from_pretrained(path)
-    except ImportError as exc:
-        first: Exception = exc
-    except ValueError as exc:
-        if "Missing optional dependencies" not in str(exc):
-            raise
-        first = exc
-    pkg = "torchvision" if "torchvision" in str(first).lower() else _missing_package(first)
-    cls_name = _processor_class_name(path)
-    cls = processor_class(cls_name) if cls_name else None
-    if cls is not None:
-        try:
-            proc = _processor_by_hand(path, cls)
-        except (ImportError, ValueError, AttributeError, TypeError) as exc:
-            # what blocks the image-only build is the package to name now
-            if isinstance(exc, ImportError) or "torchvision" not in str(exc).lower():
-                pkg = _missing_package(exc) if isinstance(exc, ImportError) else pkg
-            first = exc
-        else:
-            if str(path) not in _WARNED:  # once per checkpoint, not per load
-                _WARNED.add(str(path))
-                _log.warning("model %s: parts of %s need the package %r, which is not usable "
-                             "here; built it from its image processor and tokenizer only", name,
-                             cls_name, pkg)
-            return proc
-    msg = str(first).strip().splitlines()[0] if str(first).strip() else repr(first)
-    raise MissingDependencyError(
-        f"model {name!r} ({path}): its processor {cls_name or '(unknown class)'} needs the "
-        f"package {pkg!r}, which is not installed or does not import: {msg}"
-    ) from None
+    text = render(msgs)
+    parts = msgs[-1]["content"]
+    if isinstance(parts, list) and repr(parts[0])[:9] in text:  # "{'type': "
+        flat = "".join(p["text"] for p in parts if p.get("type") == "text")
+        text = render([*msgs[:-1], {**msgs[-1], "content": flat}])
+        if repr(parts[0])[:9] in text:
+            raise ValueError("its chat template prints message contents as Python lists")
+    return text
 
 
-#: The date templates that print "today" are rendered with (Llama 3.x's "Today Date: ...",
-#: here its own fallback), so a prompt does not depend on the day of the run.
-TEMPLATE_DATE = "26 Jul 2024"
-
-
-_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(['"])([^'"]*)\1\s*\)""")
-
-
-def _date_kwargs(template: Any) -> dict[str, Any]:
-    """``apply_chat_template`` arguments that pin a template's date to :data:`TEMPLATE_DATE`.
-
-    Meta's Llama 3.1-3.3 templates (Llama 3.2 Vision's among them) print ``date_string``,
-    which defaults to ``strftime_now("%d %b %Y")``: the day of the run; others (Mistral
-    3's) call ``strftime_now`` directly. ``date_string`` is passed where the template
-    reads it, and every ``strftime_now("<format>")`` call is replaced by the fixed date in
-    that format, in a copy of the template passed as ``chat_template``. (A callable passed
-    as a template variable would do on transformers 5.17, but 5.2x turns template
-    variables into plain data, so the call would fail.) Templates given as a dict of
-    named templates are left as they are.
-    """
-    import datetime
-
-    if not isinstance(template, str):
-        return {}
-    out: dict[str, Any] = {}
-    if "date_string" in template:
-        out["date_string"] = TEMPLATE_DATE
-    if "strftime_now" in template:
-        day = datetime.datetime.strptime(TEMPLATE_DATE, "%d %b %Y")
-        fixed = _STRFTIME_CALL.sub(lambda m: '"' + day.strftime(m.group(2)) + '"', template)
-        if fixed != template:
-            out["chat_template"] = fixed
-    return out
+def special_tokens_on(tokenizer: Any, text: str) -> bool:
+    """The BOS rule: tokenize a rendered prompt with special tokens on, unless it already
+    starts with the tokenizer's ``bos_token`` text (templates that write BOS themselves)."""
+    bos = tokenizer.bos_token
+    return not (bool(bos) and text.startswith(bos))
 
 
 @dataclass
@@ -389,12 +154,15 @@ class EvalModel:
     _answer_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _writes_bos: bool | None = field(default=None, repr=False)
     _placeholder: str | None = field(default=None, repr=False)
+    #: the architecture's prompt quirks, from :data:`~mllmcal.eval.quirks.PROMPT_QUIRKS`
+    quirks: PromptQuirks = field(default_factory=PromptQuirks)
 
     # ------------------------------------------------------------------ architecture facts
 
     @property
     def is_paligemma(self) -> bool:
-        return type(self.processor).__name__.startswith("PaliGemmaProcessor")
+        """The processor lays out image tokens and BOS itself (``PROMPT_QUIRKS``)."""
+        return self.quirks.processor_layout
 
     @property
     def image_token(self) -> str:
@@ -421,8 +189,7 @@ class EvalModel:
         if self._placeholder is None:
             self._placeholder = self.image_token
             cfg = getattr(self.model, "config", None)
-            for a, b in (("vision_start_token_id", "vision_end_token_id"),
-                         ("image_start_token_id", "image_end_token_id")):
+            for a, b in self.quirks.image_markers:
                 start, end = getattr(cfg, a, None), getattr(cfg, b, None)
                 if isinstance(start, int) and isinstance(end, int):
                     if not self._processor_writes(start):
@@ -470,7 +237,7 @@ class EvalModel:
                     {"role": "assistant", "content": answer_opening(answer_prefix)}]
             return self.tokenizer.apply_chat_template(msgs, tokenize=False,
                                                       continue_final_message=True,
-                                                      **_date_kwargs(self.tokenizer.chat_template))
+                                                      **date_kwargs(self.tokenizer.chat_template))
         if with_image and self.is_paligemma:
             # the processor writes the image tokens and BOS itself (module docstring)
             return build_prompt(q, answer_prefix, with_image=False, hint=hint,
@@ -480,31 +247,13 @@ class EvalModel:
                             image_token=self.image_placeholder if with_image else "")
 
     def _render_chat(self, msgs: list[dict[str, Any]]) -> str:
-        """``msgs`` through the processor's template, the last (assistant) turn left open.
-
-        Typed content parts first. A template that prints an assistant turn's content as
-        is (GLM-4.1V's ``{{ msg.content }}``; its user branch takes parts) would write the
-        parts' Python repr, ``[{'type': 'text', ...``: that turn is then given as the plain
-        string the template expects.
-        """
-        def render(messages: list[dict[str, Any]]) -> str:
-            return self.processor.apply_chat_template(
-                messages, tokenize=False, continue_final_message=True,
-                **_date_kwargs(self.processor.chat_template))
-
-        text = render(msgs)
-        parts = msgs[-1]["content"]
-        if isinstance(parts, list) and repr(parts[0])[:9] in text:  # "{'type': "
-            flat = "".join(p["text"] for p in parts if p.get("type") == "text")
-            text = render([*msgs[:-1], {**msgs[-1], "content": flat}])
-            if repr(parts[0])[:9] in text:
-                raise ValueError(f"model {self.name!r}: its chat template prints message "
-                                 "contents as Python lists")
-        return text
+        try:
+            return render_chat(self.processor, msgs)
+        except ValueError as exc:
+            raise ValueError(f"model {self.name!r}: {exc}") from None
 
     def _add_special_tokens(self, prompts: list[str]) -> bool:
-        bos = self.tokenizer.bos_token
-        starts = {bool(bos) and p.startswith(bos) for p in prompts}
+        starts = {not special_tokens_on(self.tokenizer, p) for p in prompts}
         if len(starts) > 1:
             raise ValueError(f"model {self.name!r}: some prompts of one batch start with BOS "
                              "and some do not")
@@ -704,7 +453,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     except MissingDependencyError:
         raise
     except ImportError as exc:
-        pkg = _missing_package(exc)
+        pkg = missing_package(exc)
         raise MissingDependencyError(
             f"model {name!r} ({path}) needs the package {pkg!r}, which is not installed or "
             f"does not import: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
@@ -732,4 +481,5 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
         multimodal=multimodal, device=device, dtype=torch_dtype, use_chat_template=use_chat,
         letter_of_token=torch.tensor(letter_of, dtype=torch.int64, device=out_device),
         eos_token_ids=eos_ids, vocab_size=vocab_size,
+        quirks=quirks_for(getattr(config, "model_type", None)),
     )

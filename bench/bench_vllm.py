@@ -69,9 +69,9 @@ def main() -> None:
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="mllmcal-bench-vllm-"))
     os.environ["MLLMCAL_VLLM_RECORDS"] = str(work / "records.jsonl")
-    sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+    sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
-    import tiny_model
+    import checkpoints
     import torch
     import vllm
     from vllm import LLM, SamplingParams
@@ -105,7 +105,7 @@ def main() -> None:
             super().update_state(batch_update)
             spent["engine_thread"] += time.thread_time() - t0
 
-    model = tiny_model.build(work / "model", n_words=args.vocab - 4, hidden=args.hidden,
+    model = checkpoints.build_vllm_llama(work / "model", n_words=args.vocab - 4, hidden=args.hidden,
                              layers=args.layers)
     common = dict(model=str(model), dtype="float32", max_model_len=512, enforce_eager=True,
                   kv_cache_memory_bytes=256 << 20, max_num_seqs=args.prompts, seed=0)

@@ -1,6 +1,6 @@
 """The closing table of issue 10: `mllmcal eval` on each image-text architecture.
 
-For every architecture of ``tests/vlm_checkpoints.py`` (tiny random weights, each saved in
+For every architecture of ``tests/checkpoints.py`` (tiny random weights, each saved in
 its shipped format and loaded by path): score N image items and N text-only items with
 :func:`mllmcal.eval.confidence.score_items`, rebuild every answered item's inputs by hand
 (``manual_inputs``, the same helper the tests use), decode greedily with the model's own
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def main() -> int:
     import transformers as tf
     from PIL import Image
-    from vlm_checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
+    from checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
 
     from mllmcal.eval.confidence import score_items
     from mllmcal.eval.data import Item

@@ -7,7 +7,7 @@ import sys
 from PIL import Image
 
 from mllmcal.cli import main
-from mllmcal.eval.tiny import build_tiny_checkpoint
+from checkpoints import build_tiny_checkpoint
 
 
 def _data(d):
@@ -36,9 +36,17 @@ def test_eval_report_fit_via_cli(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").is_file() and "accuracy" in capsys.readouterr().out
     assert main(["fit", "--model", str(model), "--data", str(tmp_path / "data"),
-                 "--out", str(out), "--temperature-method", "newton"]) == 0
+                 "--out", str(out), "--temperature-method", "onepass"]) == 0
     fit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert fit["temperature"] > 0 and fit["n_items"] == 6
+    assert fit["temperature"] > 0 and fit["n_items"] == 6 and fit["method"] == "onepass"
+    # the old name of the one-pass fit still works, says it is deprecated, means onepass
+    with pytest.warns(DeprecationWarning, match="onepass"):
+        assert main(["fit", "--model", str(model), "--data", str(tmp_path / "data"),
+                     "--out", str(out), "--temperature-method", "newton"]) == 0
+    captured = capsys.readouterr()
+    old = json.loads(captured.out.strip().splitlines()[-1])
+    assert "newton is deprecated" in captured.err
+    assert old["method"] == "onepass" and old["temperature"] == fit["temperature"]
 
 
 def test_broken_inputs_give_clear_messages(tmp_path, capsys):
@@ -155,8 +163,8 @@ def test_protocol_preset_keeps_the_options_given_with_it(tmp_path, capsys, caplo
             "--no-plots", "--no-idk"]
     cases = {
         "preset": (["--protocol", "paper"], ("letter", 20, 10, "grid")),
-        "kept": (["--protocol", "paper", "--n-bins", "5", "--temperature-method", "newton"],
-                 ("letter", 20, 5, "newton")),
+        "kept": (["--protocol", "paper", "--n-bins", "5", "--temperature-method", "onepass"],
+                 ("letter", 20, 5, "onepass")),
         "plain": (["--max-new-tokens", "7"], ("letter", 7, 10, "grid")),
     }
     for name, (flags, want) in cases.items():
@@ -166,6 +174,6 @@ def test_protocol_preset_keeps_the_options_given_with_it(tmp_path, capsys, caplo
         used = json.loads((out / "report.json").read_text())["config"]
         got = (used["method"], used["max_new_tokens"], used["n_bins"], used["temperature_method"])
         assert got == want, name
-        said = "n_bins=5" in caplog.text and "temperature_method='newton'" in caplog.text
+        said = "n_bins=5" in caplog.text and "temperature_method='onepass'" in caplog.text
         assert said == (name == "kept"), caplog.text
     capsys.readouterr()

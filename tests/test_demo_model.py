@@ -14,6 +14,7 @@ from PIL import Image
 from mllmcal.demo import build_dataset, demo_data_dir
 from mllmcal.demo import train as demo_train
 from mllmcal.demo.model import NUM_IMAGE_TOKENS
+from mllmcal.demo.vision import _patch_labels, pretrain_vision
 from mllmcal.prompting import ABSTENTION_HINTS, OPTION_LETTERS, build_prompt, chat_messages
 
 SIZES = {"train": 150, "calib": 10, "dev": 10, "test": 40, "idk": 20}
@@ -215,23 +216,6 @@ def test_batched_left_padded_generation_matches_one_by_one(trained, monkeypatch)
             torch.testing.assert_close(scores[i], single, atol=1e-4, rtol=1e-4)
 
 
-def test_score_items_agrees_with_greedy_generation(trained, monkeypatch):
-    model_dir, data_dir, _ = trained
-    processor, model = _load(model_dir, monkeypatch)
-    items = json.loads((data_dir / "test.json").read_text())[:8]
-    hint = ABSTENTION_HINTS["invite"]
-    scores = demo_train.score_items(model, processor, data_dir, items, hint=hint)
-    assert scores["logits"].shape == (8, len(processor.tokenizer))
-    np.testing.assert_allclose(scores["confidence"],
-                               torch.from_numpy(scores["logits"]).softmax(-1).amax(-1).numpy())
-    for item, pred in zip(items, scores["prediction"], strict=True):
-        prompt = build_prompt(item["conversations"][0]["value"], hint=hint)
-        inputs = processor(text=prompt, images=Image.open(data_dir / item["image"]),
-                           return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
-        assert processor.tokenizer.convert_ids_to_tokens(int(out[0, -1])) == pred
-
-
 # ----------------------------------------------------------------------------- stage 1
 
 
@@ -240,7 +224,7 @@ def test_patch_labels_follow_the_scene_grid(tmp_path):
 
     build_dataset(tmp_path, seed=2, sizes={"train": 40, "calib": 0, "dev": 0, "test": 0, "idk": 0})
     items = json.loads((tmp_path / "train.json").read_text())
-    paths, shape_y, color_y = demo_train._patch_labels(items)
+    paths, shape_y, color_y = _patch_labels(items)
     with_scene = [it for it in items if "scene" in it]
     assert paths == [it["image"] for it in with_scene]
     for it, s, c in zip(with_scene, shape_y, color_y, strict=True):
@@ -267,7 +251,7 @@ def test_vision_pretraining_makes_patches_read_as_their_words(tmp_path):
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = demo_train.pretrain_vision(model, processor.tokenizer, pixels, items, steps=150)
+        out = pretrain_vision(model, processor.tokenizer, pixels, items, steps=150)
     finally:
         torch.set_num_threads(prev)
     assert out["steps"] == 150

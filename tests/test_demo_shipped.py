@@ -13,6 +13,7 @@ import pytest
 from mllmcal.cli import main
 from mllmcal.demo import demo_data_dir, demo_model_dir
 from mllmcal.demo import train as demo_train
+from mllmcal.demo.evaluate import evaluate_demo_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The shipped model's headline figures on the first 300 test / 300 calib items and the 200
 # IDK items, with margins. Measured (mllmcal demo through the evaluator, and the scorer):
-# accuracy 0.790, ECE 0.150, T 1.68, ECE after T 0.077, text-only accuracy 0.25 (0.23 by
-# the scorer), IDK rate plain 0.015 / invite 0.75-0.77, false IDK under invite 0.175.
+# accuracy 0.790, ECE 0.150, T 1.68, ECE after T 0.077, text-only accuracy 0.25 (0.23 at
+# the answer position alone), IDK rate plain 0.015 / invite 0.75-0.77, false IDK under invite 0.175.
 # The full demo's numbers are in the README.
 ACC_MIN = 0.74
 ECE_MIN = 0.10
@@ -99,10 +100,11 @@ def test_mllmcal_demo_never_trains_and_shows_the_findings(cache, monkeypatch, no
 
 
 def test_scorer_figures_on_a_fixed_subset(cache, monkeypatch, no_training):
-    """The same findings by the teacher-forced scorer (no generation), so that a failure of
-    the test above can be told apart from an evaluator change."""
+    """The same findings at the answer position alone (one generated token, no prompt
+    optimisation), so that a failure of the test above can be told apart from one in the
+    later generation steps or APE."""
     monkeypatch.setenv("MLLMCAL_CACHE", str(cache))
-    f = demo_train.evaluate_demo_model(demo_model_dir(), demo_data_dir(), limit=300, threads=1)
+    f = evaluate_demo_model(demo_model_dir(), demo_data_dir(), limit=300, threads=1)
     assert f["accuracy"] >= ACC_MIN
     assert f["ece"] >= ECE_MIN and f["temperature"] >= T_MIN
     assert f["ece_after_temperature"] <= ECE_AFTER_T_MAX_RATIO * f["ece"]

@@ -1,5 +1,5 @@
 """``mllmcal eval`` on the image-text architectures people run, as tiny random checkpoints
-saved in each one's shipped format (tests/vlm_checkpoints.py) and loaded by path.
+saved in each one's shipped format (tests/checkpoints.py) and loaded by path.
 
 For each architecture: the image reaches the model (the processor's expanded image
 tokens and the pixel values), the recorded confidence equals the letter probability of a
@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from vlm_checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
+from checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
 
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import Item
@@ -384,7 +384,7 @@ def test_a_pil_image_processor_filed_under_another_model_is_found(tmp_path):
 def test_a_processor_that_writes_bos_itself_gets_no_second_one(tmp_path, items):
     """Mllama's processor puts <|begin_of_text|> after a leading <|image|> when the text has
     none (its base-model layout), so the tokenizer must not add one too."""
-    from vlm_checkpoints import build_mllama
+    from checkpoints import build_mllama
 
     em = load_model(str(build_mllama(tmp_path / "mllama")), chat_template="off")
     tok = em.tokenizer
@@ -400,7 +400,7 @@ def test_a_processor_that_writes_bos_itself_gets_no_second_one(tmp_path, items):
 def test_templates_that_print_today_render_a_fixed_date(tmp_path):
     """A prompt must not depend on the day of the run (cached scores are keyed on the
     template, not on the date): date_string (Llama 3.x) or strftime_now is pinned."""
-    from vlm_checkpoints import _fast, _train_tokenizer
+    from checkpoints import _fast, _train_tokenizer
 
     from mllmcal.eval.quirks import TEMPLATE_DATE
     from mllmcal.eval.quirks import date_kwargs as _date_kwargs
@@ -442,7 +442,7 @@ def test_a_processor_gated_on_torchvision_is_imported_with_its_pil_helpers():
 def test_a_template_printing_assistant_content_as_is_gets_a_plain_string(tmp_path, items):
     """GLM-4.1V's template writes an assistant turn as {{ msg.content }} (its user branch
     takes typed parts): the open assistant turn is then a string, never a list's repr."""
-    from vlm_checkpoints import build_glm4v
+    from checkpoints import build_glm4v
 
     em = load_model(str(build_glm4v(tmp_path / "glm4v")))
     for with_image in (True, False):

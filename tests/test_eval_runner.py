@@ -19,7 +19,7 @@ from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import load_items
 from mllmcal.eval.models import load_model
 from mllmcal.eval.runner import EvalConfig, fit_calib_temperature, run_eval
-from mllmcal.eval.tiny import build_tiny_checkpoint
+from checkpoints import build_tiny_checkpoint
 
 COLOURS = ["red", "blue", "green", "yellow"]
 

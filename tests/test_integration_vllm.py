@@ -48,7 +48,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vllm-model") / "tiny-llama"
-    _run([str(SCRIPTS / "tiny_model.py"), str(path)], timeout=300)
+    _run([str(ROOT / "tests" / "checkpoints.py"), str(path)], timeout=300)
     return path
 
 

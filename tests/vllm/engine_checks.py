@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STOP_MAX_TOKENS = 200
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py
 
 
 def main() -> None:
@@ -33,9 +33,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    import tiny_model
+    import checkpoints
 
-    tiny_model.build(args.model)
+    checkpoints.build_vllm_llama(args.model)
     out = Path(args.out)
     records_path = out.with_suffix(".records.jsonl")
     records_path.unlink(missing_ok=True)
@@ -57,7 +57,7 @@ def main() -> None:
         enable_prefix_caching=False, seed=0,
         logits_processors=["mllmcal.integrations.vllm:CalibratedLogitsProcessor"],
     )
-    words = tiny_model.WORDS
+    words = checkpoints.VLLM_WORDS
     prompts, params, kinds = [], [], []
 
     def add(n_prompt: int, kind: str, **kw) -> None:

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py
 
 
 def _free_port() -> int:
@@ -69,9 +69,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    import tiny_model
+    import checkpoints
 
-    tiny_model.build(args.model)
+    checkpoints.build_vllm_llama(args.model)
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="mllmcal-server-"))
     prom = work / "prom"
@@ -108,7 +108,7 @@ def main() -> None:
                 raise TimeoutError("server did not come up in 300 s")
             time.sleep(0.5)
 
-        words = tiny_model.WORDS
+        words = checkpoints.VLLM_WORDS
         jobs = [(3, 6), (1, 4), (9, 2), (5, 8), (2, 5), (7, 3)]
         results: list[dict | None] = [None] * len(jobs)
 

@@ -1,4 +1,14 @@
-"""Tiny random-weight checkpoints of real image-text architectures, saved like hub models.
+"""Every tiny checkpoint the tests build, saved like hub models and loaded by path.
+
+* :func:`build_tiny_checkpoint`: a word-level LLaVA (CLIP + Llama) or Llama causal LM, the
+  eval runner's and the CLI's test model.
+* :func:`build_vllm_llama`: a word-level Llama that vLLM's CPU engine loads (``python
+  tests/checkpoints.py DIR`` writes it, for the vLLM scripts that run in their own venv).
+* ``BUILDERS`` / ``TEXT_BUILDERS``: real image-text architectures, below.
+
+The two word-level models share :func:`word_level_tokenizer`.
+
+Tiny random-weight checkpoints of real image-text architectures, saved like hub models.
 
 Each builder writes a directory the way the architecture ships: its config, safetensors
 weights, its REAL processor class (with the PIL image processor, so torchvision is not
@@ -23,13 +33,15 @@ A-C: the tests' items have 3 or 4 options, and a letter past an item's options (
 
 from __future__ import annotations
 
+import re
 import string
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from mllmcal.prompting import INSTRUCTION
+from mllmcal.prompting import IMAGE_TOKEN, INSTRUCTION, OPTION_LETTERS
 
 LETTER_GAIN = 30.0
 BOOSTED_LETTERS = "ABC"
@@ -1182,3 +1194,132 @@ TEXT_BUILDERS: dict[str, Callable[..., Path]] = {
     "llama3": build_llama3_text,
     "qwen2.5": build_qwen25_text,
 }
+
+
+# ----------------------------------------------------------------- word-level models
+
+
+def word_level_tokenizer(specials: list[str], words: Iterable[str], pre_tokenizer: str = "whitespace",
+                         **kw):
+    """A fast tokenizer whose vocabulary is ``specials`` then ``words``, one id each.
+
+    ``pre_tokenizer``: ``"whitespace"`` (words and punctuation runs apart) or ``"split"``
+    (on whitespace only). ``kw``: the special-token names (``bos_token="<s>"``, ...).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if pre_tokenizer == "whitespace":
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tk.decoder = decoders.WordPiece(prefix="##")
+    else:
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _fast(tk, **kw)
+
+
+_TINY_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+
+
+def _tiny_words(texts: Iterable[str]) -> list[str]:
+    base = f"{INSTRUCTION} Answer : ( ) % , . ? {' '.join(OPTION_LETTERS)} I don't know"
+    seen: dict[str, None] = {}
+    for t in [base, *texts]:
+        for w in re.findall(r"\w+|[^\w\s]+", t):
+            seen.setdefault(w, None)
+    return [w for w in seen if w not in _TINY_SPECIAL]
+
+
+def build_tiny_checkpoint(out_dir: str | Path, texts: Iterable[str] = (), multimodal: bool = True,
+                          seed: int = 0, image_size: int = 16, letter_gain: float = 6.0) -> Path:
+    """Write a random tiny checkpoint to ``out_dir`` and return the path.
+
+    Saved exactly like a hub checkpoint (config, safetensors, word-level tokenizer,
+    processor), so that loading it exercises the ``--model PATH`` code path. The lm_head
+    rows of the option letters are scaled by ``letter_gain`` so that random weights still
+    answer with a letter most of the time, with confidences spread over (0, 1).
+
+    Args:
+        texts: text the word-level vocabulary must cover (questions, options).
+        multimodal: a LLaVA (CLIP vision tower + Llama) if True, else a ``LlamaForCausalLM``.
+        image_size: the vision tower's input side, in pixels (patch size is half of it).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = word_level_tokenizer(
+        _TINY_SPECIAL, _tiny_words(texts), pad_token="<pad>", unk_token="<unk>",
+        bos_token="<s>", eos_token="</s>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    text_cfg = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+    )
+    if multimodal:
+        vis_cfg = tf.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=image_size, patch_size=image_size // 2, projection_dim=16,
+        )
+        cfg = tf.LlavaConfig(vision_config=vis_cfg, text_config=text_cfg,
+                             image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                             vision_feature_select_strategy="default", vision_feature_layer=-1)
+        model = tf.LlavaForConditionalGeneration(cfg)
+        image_proc = tf.CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        proc = tf.LlavaProcessor(image_processor=image_proc, tokenizer=tok,
+                                 patch_size=image_size // 2, vision_feature_select_strategy="default",
+                                 num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+        proc.save_pretrained(out)
+    else:
+        model = tf.LlamaForCausalLM(text_cfg)
+        tok.save_pretrained(out)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        ids = tok.convert_tokens_to_ids(list(OPTION_LETTERS))
+        head[ids] *= letter_gain
+    model.save_pretrained(out)
+    return out
+
+
+#: the vLLM model's words, ``w0 w1 ...``: prompts are made of them
+VLLM_WORDS = [f"w{i}" for i in range(250)]
+
+
+def build_vllm_llama(path: str | Path, seed: int = 0, *, n_words: int = 250, hidden: int = 128,
+                     layers: int = 2) -> Path:
+    """A tiny random Llama with a word-level tokenizer, saved where vLLM loads it by path
+    (nothing is written if ``path`` holds a model already).
+
+    hidden 128 with 4 heads gives head_dim 32, the smallest the CPU attention backend takes.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = VLLM_WORDS if n_words == len(VLLM_WORDS) else [f"w{i}" for i in range(n_words)]
+    fast = word_level_tokenizer(specials, words, pre_tokenizer="split", unk_token="<unk>",
+                                bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(specials) + len(words), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                      num_key_value_heads=max(1, hidden // 64),
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    # Larger output weights than the default init give peaked, varied distributions, so
+    # confidences spread over (0, 1) instead of sitting near 1/V.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    print(build_vllm_llama(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""The closing table of issue 10: `mllmcal eval` on each image-text architecture.
+"""Agreement table: `mllmcal eval` on each image-text architecture.
 
 For every architecture of ``tests/checkpoints.py`` (tiny random weights, each saved in
 its shipped format and loaded by path): score N image items and N text-only items with
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def main() -> int:
     import transformers as tf
-    from PIL import Image
     from checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
+    from PIL import Image
 
     from mllmcal.eval.confidence import score_items
     from mllmcal.eval.data import Item

@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 
+from checkpoints import build_tiny_checkpoint
+import pytest
 from PIL import Image
 
 from mllmcal.cli import main
-from checkpoints import build_tiny_checkpoint
 
 
 def _data(d):

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 import transformers as tf
-from PIL import Image
 from checkpoints import BUILDERS, TEXT_BUILDERS, manual_inputs
+from PIL import Image
 
 from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import Item

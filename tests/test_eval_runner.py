@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from checkpoints import build_tiny_checkpoint
 from PIL import Image
 
 import mllmcal
@@ -19,7 +20,6 @@ from mllmcal.eval.confidence import score_items
 from mllmcal.eval.data import load_items
 from mllmcal.eval.models import load_model
 from mllmcal.eval.runner import EvalConfig, fit_calib_temperature, run_eval
-from checkpoints import build_tiny_checkpoint
 
 COLOURS = ["red", "blue", "green", "yellow"]
 

@@ -11,7 +11,7 @@
   and parse failures are counted.
 
 The in-loop work is the ``transformers`` integration's, used as any user would use it
-(one implementation, issue 12): a :class:`~mllmcal.integrations.transformers.CalibratedLogitsProcessor`
+(one implementation): a :class:`~mllmcal.integrations.transformers.CalibratedLogitsProcessor`
 (observe-only, T = 1) computes each step's statistics with one fused op and keeps that
 step's ``z`` in its own buffer; :class:`~mllmcal.integrations.transformers.StopAtAnswer`
 reads the chosen token after each step, records the first option-letter token's
@@ -21,7 +21,7 @@ leaves the loop, the row at its answer position (``[B, V]`` for ``letter``, ``[B
 for ``option-softmax``), for temperature scaling; nothing like ``output_scores=True``
 (``max_new_tokens·V`` values per item) is kept. The rows live as long as their batch: the
 runner feeds them to the temperature fit or reads the confidence at T from them, and
-stores none (issue 13).
+stores none.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def calibration_metrics(records: Sequence[dict], n_bins: int = 10,
     """Accuracy, ECE (L1, L2), MCE, Brier, AUROC and per-bin stats.
 
     The scalars come from :mod:`mllmcal.metrics` (float64 definitions; bins follow
-    DESIGN.md: equal width on [0, 1], bin = min(floor(conf·n_bins), n_bins−1) on the fp32
+    docs/design.md: equal width on [0, 1], bin = min(floor(conf·n_bins), n_bins−1) on the fp32
     confidence, as the fused kernels bin it), the per-bin stats from a
     :class:`mllmcal.CalibrationState`.
     """

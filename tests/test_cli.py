@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from checkpoints import build_tiny_checkpoint
 import pytest
+from checkpoints import build_tiny_checkpoint
 from PIL import Image
 
 from mllmcal.cli import main

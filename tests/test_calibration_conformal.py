@@ -199,6 +199,15 @@ def test_numpy_and_torch_inputs_agree_and_summary_is_plain_json():
     assert a["n_calib"] == 30 and a["n_test"] == 20 and a["alpha"] == 0.2
 
 
+def test_ragged_rows_equal_padded_rows():
+    rows = [np.array([0.5, 0.5]), torch.tensor([0.25, 0.25, 0.5]), [0.75, 0.125, 0.125]]
+    padded = [[0.5, 0.5, -math.inf], [0.25, 0.25, 0.5], [0.75, 0.125, 0.125]]
+    for score in cf.SCORES:
+        a = cf.SplitConformal(score, 0.4).fit(rows, [0, 2, 1]).predict_sets(rows)
+        b = cf.SplitConformal(score, 0.4).fit(padded, [0, 2, 1]).predict_sets(padded)
+        assert torch.equal(a, b)
+
+
 def test_uacc_is_accuracy_over_mean_set_size_times_sqrt_option_count():
     sets = torch.tensor([[True, True, False, False], [True, False, False, False]])
     out = cf.prediction_set_summary(sets, [1, 2], [True, False], 4)

@@ -1,8 +1,8 @@
 """Split conformal prediction sets (LAC, APS) and selective answering for multiple choice.
 
 Inputs are per-item probabilities over the item's own options: a ``[n, K]`` float tensor
-or NumPy array (any float dtype, CPU; computed in float64 here), ``K`` the largest option
-count. Items with fewer options are padded, marked by one of
+or NumPy array (any float dtype and device; copied to the CPU and computed in float64
+here, as these are per-item summaries, not a hot path), ``K`` the largest option count. Items with fewer options are padded, marked by one of
 
 - ``n_options``: ``[n]`` ints, option ``k`` of item ``i`` exists iff ``k < n_options[i]``;
 - ``mask``: ``[n, K]`` bool, True where the option exists;
@@ -102,13 +102,14 @@ def option_probs(probs: ArrayLike, *, n_options: ArrayLike | None = None,
     Returns ``(p, valid)``: ``p`` float64 ``[n, K]`` summing to 1 over each item's options,
     0 on padding; ``valid`` bool ``[n, K]``.
     """
-    if isinstance(probs, Sequence) and not isinstance(probs, (str, bytes)) and probs and \
-            all(isinstance(r, Sequence) for r in probs) and len({len(r) for r in probs}) > 1:
+    rows = (Sequence, np.ndarray, torch.Tensor)
+    if isinstance(probs, Sequence) and probs and all(isinstance(r, rows) for r in probs) \
+            and len({len(r) for r in probs}) > 1:
         if n_options is not None or mask is not None:
             raise ValueError("ragged probs carry their own option counts; give no n_options or mask")
         n_options = [len(r) for r in probs]
         width = max(n_options)
-        probs = [list(r) + [float("-inf")] * (width - len(r)) for r in probs]
+        probs = [[float(v) for v in r] + [float("-inf")] * (width - len(r)) for r in probs]
     p = _tensor(probs, "probs")
     if p.numel() == 0 and p.dim() != 2:
         raise ValueError("no items: probs is empty (n = 0)")

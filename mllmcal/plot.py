@@ -123,15 +123,27 @@ def confidence_histogram(data: Any, path: str | os.PathLike, *, n_bins: int = 15
 
 
 def risk_coverage_plot(confidence: torch.Tensor, correct: torch.Tensor,
-                       path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Selective risk against coverage (most confident first), with the AURC in the legend."""
+                       path: str | os.PathLike, *, title: str | None = None,
+                       mark: tuple[float, float] | None = None,
+                       mark_label: str | None = None) -> Path:
+    """Selective risk against coverage (most confident first), with the AURC in the legend.
+
+    ``mark=(coverage, risk)`` draws one operating point on the curve, e.g. the selective
+    answering threshold of :func:`mllmcal.calibration.conformal.selective_answering`.
+    """
     cov, risk = risk_coverage_curve(confidence, correct)
     cov, risk = cov.cpu().numpy(), risk.cpu().numpy()
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
     ax.plot(cov, risk, color="tab:blue", label=f"AURC = {risk.mean():.4f}")
     ax.fill_between(cov, risk, alpha=0.2, color="tab:blue")
-    ax.set(xlim=(0, 1), ylim=(0, max(1e-3, float(risk.max()) * 1.05)), xlabel="coverage",
+    if mark is not None:
+        mc, mr = float(mark[0]), float(mark[1])
+        ax.plot([mc], [mr], "o", color="tab:red", zorder=3,
+                label=mark_label or f"coverage {mc:.3f}, risk {mr:.3f}")
+        ax.axvline(mc, color="tab:red", linestyle=":", linewidth=1)
+    top = max(float(risk.max()), float(mark[1]) if mark is not None else 0.0)
+    ax.set(xlim=(0, 1), ylim=(0, max(1e-3, top * 1.05)), xlabel="coverage",
            ylabel="risk (error rate)", title=title or "Risk-coverage curve")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -492,6 +492,9 @@ def load_items(
         try:
             if not isinstance(obj, dict):
                 raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
+            # the row's own id, for a row that the reader rejects
+            item_id = str(next((obj[k] for k in ("id", "question_id", "index")
+                                if obj.get(k) not in (None, "")), where))
             obj = reader(obj) if reader else columns.apply(obj)
             item_id = str(obj.get("id", obj.get("question_id", where)))
             if item_id in seen:

@@ -89,7 +89,7 @@ def eight_bit(path: str) -> str:
         gray = np.rint(np.clip(wide, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        Image.fromarray(gray, mode="L").convert("RGB").save(tmp, format="PNG")
+        Image.fromarray(gray).convert("RGB").save(tmp, format="PNG")
         os.replace(tmp, out)
     return str(out)
 

@@ -276,3 +276,10 @@ def test_save_to_disk_is_read_with_pyarrow_alone_when_datasets_is_missing(tmp_pa
     monkeypatch.setitem(sys.modules, "datasets", None)
     (it,) = load_items(tmp_path / "ai2d").items
     assert it.answer == "B" and _pixels(it.image)[0, 0].tolist() == [7, 8, 9]
+
+
+def test_a_generic_table_with_an_options_column_keeps_its_letter_answers(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "question": ["Q?", "R?"],
+                             "options": [["x", "y"], ["p", "q", "r"]], "answer": ["B", "r"]}),
+                   tmp_path / "test.parquet")
+    assert [it.answer for it in load_items(tmp_path / "test.parquet").items] == ["B", "C"]

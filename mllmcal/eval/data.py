@@ -1,7 +1,7 @@
 """Multiple-choice VQA items: loading LLaVA JSON, JSONL and local Hugging Face datasets,
 with honest skipping.
 
-Three input formats are accepted.
+These inputs are accepted.
 
 * LLaVA-style JSON (what the paper's code reads): a list of
   ``{"id", "image", "conversations": [{"from": "human", "value": question}, {"from": "gpt",
@@ -16,12 +16,19 @@ Three input formats are accepted.
   per-letter columns ``A``, ``B``, ... (MMBench), or written into the question. Images
   may be bytes (an ``Image`` feature or raw bytes) or paths; bytes are written once to a
   content-addressed file under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
+* The toolkits' own files: a VLMEvalKit ``.tsv`` and the lmms-eval layouts (MMBench,
+  ScienceQA, SEED-Bench, MMMU, AI2D), recognised from their columns or named with
+  ``format=``; :mod:`mllmcal.eval.formats` reads them (hints, categories, several images).
 
 In every format, options inside question text may be spelled ``A. x``, ``(A) x`` or
 ``A) x``, on their own lines or inline, and every item must have 2 to 8 options (one rule
 for all formats). Answers are matched as letters first (``B``, ``(B)``, ``B.``, ``B) blue``),
 then as an option index, then as option text; an answer that matches no option, or more
 than one, skips the item with a message.
+
+An ``"answerable": false`` field marks an IDK item (it must offer "I don't know", spelled
+any way :func:`is_idk_option` accepts). A split in which no item has an image, while some
+field the loader does not read holds images, stops the run with :class:`DataError`.
 
 A file that is not valid JSON stops the run with :class:`DataError` naming the file and
 line. A malformed item, or one whose image cannot be read, is skipped with a warning that

@@ -21,7 +21,8 @@ Layouts (recognised from their columns, see :func:`detect_format`; ``format=NAME
   one picture, or a video's frames).
 * ``mmmu``: ``options`` as a stringified list, ``image_1`` ... ``image_7``, ``<image k>``
   placeholders in the question and options; open questions (no options) are skipped.
-* ``ai2d``: ``options`` (a list), ``answer`` (an index, stored as an integer or its digits).
+* ``ai2d``: ``options`` (a list), ``answer`` (an index, stored as an integer or its digits;
+  a letter or an option text is matched as in the generic reader).
 
 A non-empty hint goes before the question as VLMEvalKit writes it: ``"Hint: {hint}\\n{question}"``.
 """
@@ -220,8 +221,11 @@ def _mmmu(row: dict) -> dict:
 def _ai2d(row: dict) -> dict:
     options = _list_value(_get(row, "options"))
     image = _get(row, "image")
+    raw = _get(row, "answer")
+    # AI2D stores an index; a table merely shaped like it may hold letters or texts
+    index = isinstance(raw, int) or (isinstance(raw, str) and raw.strip().isdigit())
     return _common(row, _with_hint(_get(row, "question"), _get(row, "hint")), options,
-                   _index_letter(_get(row, "answer"), len(options)),
+                   _index_letter(raw, len(options)) if index else raw,
                    [] if image is None else [image], _get(row, "id", "question_id"))
 
 

@@ -196,3 +196,105 @@ def test_parquet_with_image_paths_and_per_letter_columns(tmp_path):
     assert [(it.id, it.options, it.answer) for it in res.items] == [
         ("0", ("x", "y", "z"), "C"), ("1", ("p", "q"), "B")]
     assert res.items[0].image == str(tmp_path / "images" / "0.png")
+
+
+# ----------------------------------------------------------- results that were silently wrong
+
+
+def test_misnamed_image_field_fails_at_load_naming_the_field(tmp_path, caplog):
+    _png(tmp_path / "a.png")
+    rows = [{"id": i, "question": "Colour?", "options": ["red", "blue"], "answer": "A",
+             "image_path": "a.png"} for i in range(3)]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(DataError, match=r"image_path.*--image-column image_path"):
+        load_items(tmp_path / "x.jsonl")
+    from mllmcal.eval.data import Columns
+
+    res = load_items(tmp_path / "x.jsonl", columns=Columns(image="image_path"))
+    assert all(it.image == str(tmp_path / "a.png") for it in res.items)
+    # a split with no image anywhere is legal (text-only), but said so
+    (tmp_path / "t.jsonl").write_text(json.dumps({"id": 1, "question": "Q?", "options": ["a", "b"],
+                                                  "answer": "A"}))
+    with caplog.at_level(logging.WARNING, logger="mllmcal.eval"):
+        assert len(load_items(tmp_path / "t.jsonl")) == 1
+    assert "no item has an image" in caplog.text
+
+
+@pytest.mark.parametrize("idk", ["I don\u2019t know", "I don't know.", "i don't know",
+                                 "I do not know", "I don't know"])
+def test_idk_option_is_recognised_however_spelled(tmp_path, idk):
+    from mllmcal.eval.idk import build_idk_set
+
+    rows = [{"id": "u", "question": "Q?", "options": ["red", "blue", idk], "answer": "C"},
+            {"id": "a", "question": "Q?", "options": ["red", "blue", idk], "answer": "A"}]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    u, a = load_items(tmp_path / "x.jsonl").items
+    assert not u.answerable and a.answerable and u.idk_letter == a.idk_letter == "C"
+    assert build_idk_set([u, a]) == []  # IDK items already: not turned into IDK variants
+
+
+def test_the_datas_answerable_field_is_honoured(tmp_path):
+    rows = [{"id": "marked", "question": "Q?", "options": ["red", "blue", "I don't know"],
+             "answer": "A", "answerable": False},
+            {"id": "no-idk-option", "question": "Q?", "options": ["red", "blue"], "answer": "A",
+             "answerable": False},
+            {"id": "contradiction", "question": "Q?", "options": ["red", "I don't know"],
+             "answer": "B", "answerable": True},
+            {"id": "plain", "question": "Q?", "options": ["red", "I don't know"], "answer": "A",
+             "answerable": True}]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    res = load_items(tmp_path / "x.jsonl")
+    assert [(it.id, it.answerable) for it in res.items] == [("marked", False), ("plain", True)]
+    why = dict(res.skipped)
+    assert "no option says" in why["no-idk-option"] and "is true" in why["contradiction"]
+
+
+def test_integer_answer_that_is_both_an_index_and_an_option_text_is_skipped(tmp_path):
+    rows = [{"id": "both", "question": "Q?", "options": ["1", "2", "3", "4"], "answer": 3},
+            {"id": "same", "question": "Q?", "options": ["0", "1", "2"], "answer": 1},
+            {"id": "text-only", "question": "Q?", "options": ["5", "6"], "answer": 5},
+            {"id": "index", "question": "Q?", "options": ["x", "y"], "answer": 1}]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    res = load_items(tmp_path / "x.jsonl")
+    assert [(it.id, it.answer) for it in res.items] == [("same", "B"), ("text-only", "A"),
+                                                        ("index", "B")]
+    assert "ambiguous" in dict(res.skipped)["both"]
+
+
+def test_llava_trailing_instruction_is_not_part_of_the_last_option(tmp_path):
+    human = ("<image>\nWhat color is the triangle?\n(A) red\n(B) green\n(C) blue\n(D) yellow\n"
+             "(E) purple\n(F) orange\nAnswer with the option's letter from the given choices "
+             "directly.")
+    (tmp_path / "x.json").write_text(json.dumps([{"id": "q", "conversations": [
+        {"from": "human", "value": human}, {"from": "gpt", "value": "F"}]}]))
+    (it,) = load_items(tmp_path / "x.json").items
+    assert it.options[-1] == "orange" and it.question == "What color is the triangle?"
+    assert it.question_with_options.endswith("(F) orange")
+
+
+def test_inline_options_with_initials_split_at_the_option_markers(tmp_path):
+    rows = [{"id": "paren", "question": "Who wrote it? A) Mrs. A. Smith B) Mr. B. Jones",
+             "answer": "B"},
+            {"id": "brackets", "question": "Who wrote it? (A) Mrs. A. Smith (B) Mr. B. Jones",
+             "answer": "A"}]
+    (tmp_path / "x.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    for it in load_items(tmp_path / "x.jsonl").items:
+        assert it.question == "Who wrote it?"
+        assert it.options == ("Mrs. A. Smith", "Mr. B. Jones")
+
+
+def test_16_bit_grayscale_png_reaches_the_model_scaled_to_8_bit(tmp_path, monkeypatch):
+    import numpy as np
+
+    from mllmcal.eval.confidence import _load_image
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path / "cache"))
+    wide = np.array([[0, 257 * 128, 65535]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode in ("I;16", "I")
+    (tmp_path / "x.json").write_text(json.dumps([_llava(0, "g.png")]))
+    (it,) = load_items(tmp_path / "x.json", images_dir=tmp_path).items
+    shown = np.asarray(_load_image(it.image))  # what the processor is given
+    assert shown.shape == (1, 3, 3) and shown[0, :, 0].tolist() == [0, 128, 255]
+    assert (shown[..., 0] == shown[..., 2]).all()

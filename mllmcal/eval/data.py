@@ -1,7 +1,7 @@
 """Multiple-choice VQA items: loading LLaVA JSON, JSONL and local Hugging Face datasets,
 with honest skipping.
 
-Three input formats are accepted.
+These inputs are accepted.
 
 * LLaVA-style JSON (what the paper's code reads): a list of
   ``{"id", "image", "conversations": [{"from": "human", "value": question}, {"from": "gpt",
@@ -16,12 +16,19 @@ Three input formats are accepted.
   per-letter columns ``A``, ``B``, ... (MMBench), or written into the question. Images
   may be bytes (an ``Image`` feature or raw bytes) or paths; bytes are written once to a
   content-addressed file under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
+* The toolkits' own files: a VLMEvalKit ``.tsv`` and the lmms-eval layouts (MMBench,
+  ScienceQA, SEED-Bench, MMMU, AI2D), recognised from their columns or named with
+  ``format=``; :mod:`mllmcal.eval.formats` reads them (hints, categories, several images).
 
 In every format, options inside question text may be spelled ``A. x``, ``(A) x`` or
 ``A) x``, on their own lines or inline, and every item must have 2 to 8 options (one rule
 for all formats). Answers are matched as letters first (``B``, ``(B)``, ``B.``, ``B) blue``),
 then as an option index, then as option text; an answer that matches no option, or more
 than one, skips the item with a message.
+
+An ``"answerable": false`` field marks an IDK item (it must offer "I don't know", spelled
+any way :func:`is_idk_option` accepts). A split in which no item has an image, while some
+field the loader does not read holds images, stops the run with :class:`DataError`.
 
 A file that is not valid JSON stops the run with :class:`DataError` naming the file and
 line. A malformed item, or one whose image cannot be read, is skipped with a warning that
@@ -30,8 +37,6 @@ names its id, and is listed in :attr:`LoadResult.skipped` so that the report cou
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -41,10 +46,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..prompting import IDK_OPTION_TEXT, IMAGE_TOKEN, OPTION_LETTERS, format_question
+from ..prompting import IMAGE_TOKEN, OPTION_LETTERS, format_question
+from . import formats as _formats
+from .formats import interleave as _interleave
+from .formats import is_hf_dataset
+from .images import check_image, eight_bit, image_like_fields, materialize_image
 
-__all__ = ["Columns", "DataError", "is_hf_dataset", "Item", "LoadResult", "load_items", "find_split",
-           "check_image", "split_options"]
+__all__ = ["Columns", "DataError", "is_hf_dataset", "is_idk_option", "Item", "LoadResult",
+           "load_items", "find_split", "check_image", "split_options"]
 
 _log = logging.getLogger("mllmcal.eval")
 
@@ -53,14 +62,33 @@ class DataError(ValueError):
     """An input file that cannot be read at all (not JSON, wrong top-level shape)."""
 
 
+_IDK_CANONICAL = "i do not know"
+
+
+def is_idk_option(text: str) -> bool:
+    """Whether an option says "I don't know", however it is spelled.
+
+    Case, curly apostrophes, "do not" for "don't", surrounding whitespace and a trailing
+    full stop or exclamation mark do not matter: ``"i don’t know."`` is one.
+    """
+    t = " ".join(text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
+                 .lower().split()).rstrip(".!").strip()
+    return t.replace("don't", "do not").replace("dont", "do not") == _IDK_CANONICAL
+
+
 @dataclass(frozen=True)
 class Item:
     """One multiple-choice question.
 
     ``options`` are the option texts in letter order; ``answer`` is the correct letter.
-    ``image`` is a resolved path or None. ``withhold_image`` marks an IDK variant whose
-    image must not be shown even in the image+text modality. ``meta`` keeps free-form
-    extras (e.g. the IDK construction that produced the item).
+    ``image`` is a resolved path or None; ``images`` holds every image of the item in order
+    (``images[k - 1]`` is the one an ``<image k>`` placeholder in the question or options
+    names; see :meth:`interleave`), so ``image == images[0]`` whenever there is one.
+    ``withhold_image`` marks an IDK variant whose image must not be shown even in the
+    image+text modality. ``unanswerable`` is the data's own ``"answerable": false``.
+    ``category`` and ``l2_category`` are the benchmark's categories (MMBench's
+    ``category`` / ``l2-category``), or None. ``meta`` keeps free-form extras (e.g. the IDK
+    construction that produced the item).
     """
 
     id: str
@@ -70,6 +98,22 @@ class Item:
     image: str | None = None
     withhold_image: bool = False
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    images: tuple[str, ...] = ()
+    category: str | None = None
+    l2_category: str | None = None
+    unanswerable: bool = False
+
+    def __post_init__(self) -> None:
+        # ``image`` and ``images`` stay one fact: an item may be built through either
+        images = tuple(self.images)
+        if self.image is None and images:
+            object.__setattr__(self, "image", images[0])
+        elif self.image is not None and not images:
+            images = (self.image,)
+        elif self.image is not None and images[0] != self.image:
+            raise ValueError(f"item {self.id}: image {self.image!r} is not the first of its "
+                             f"images {images}")
+        object.__setattr__(self, "images", images)
 
     @property
     def question_with_options(self) -> str:
@@ -85,17 +129,32 @@ class Item:
 
     @property
     def answerable(self) -> bool:
-        """False when the correct option is "I don't know" (an IDK item)."""
-        return self.options[self.answer_index] != IDK_OPTION_TEXT
+        """False when the data marks the item unanswerable or the correct option is
+        "I don't know" (an IDK item)."""
+        return not self.unanswerable and not is_idk_option(self.options[self.answer_index])
 
     @property
     def idk_letter(self) -> str | None:
         for letter, text in zip(OPTION_LETTERS, self.options, strict=False):
-            if text == IDK_OPTION_TEXT:
+            if is_idk_option(text):
                 return letter
         return None
 
+    def interleave(self, text: str | None = None) -> list[str | int]:
+        """``text`` (default :attr:`question_with_options`) as text parts and 0-based
+        indices into :attr:`images`, each image where its ``<image k>`` placeholder stands;
+        images no placeholder names come first. For a prompt builder that takes several
+        images; a model that takes fewer than ``len(images)`` must skip the item."""
+        return _interleave(self.question_with_options if text is None else text,
+                          len(self.images))
+
     def with_(self, **changes: Any) -> Item:
+        """A copy with ``changes``; a new ``image`` replaces a single image (or adds one)."""
+        if "image" in changes and "images" not in changes:
+            if len(self.images) > 1:
+                raise ValueError(f"item {self.id} has {len(self.images)} images; "
+                                 "replace 'images', not 'image'")
+            changes["images"] = () if changes["image"] is None else (changes["image"],)
         return replace(self, **changes)
 
 
@@ -166,8 +225,16 @@ def _answer_letter(raw: Any, options: Sequence[str]) -> str:
     if isinstance(raw, bool):
         raise _Malformed(f"answer must be a letter, got {raw!r}")
     if isinstance(raw, int):
+        # an integer may be an index or an option's text ("1".."4"): one reading, or skip
+        readings = {letters[k] for k, o in enumerate(options) if o.strip() == str(raw)}
         if 0 <= raw < len(options):
-            return letters[raw]
+            readings.add(letters[raw])
+        if len(readings) == 1:
+            return readings.pop()
+        if readings:
+            raise _Malformed(f"answer {raw!r} is ambiguous: it is the index of option "
+                             f"{letters[raw]} and the text of another "
+                             f"(options {', '.join(sorted(readings))})")
         raise _Malformed(f"answer index {raw} is out of range for {len(options)} options")
     if not isinstance(raw, str) or not raw.strip():
         raise _Malformed(f"answer must be a non-empty string, got {raw!r}")
@@ -196,6 +263,8 @@ def _answer_letter(raw: Any, options: Sequence[str]) -> str:
     raise _Malformed(f"answer {raw!r} matches none of the option letters {letters} or texts")
 
 
+# in order of how rarely the spelling occurs in ordinary text: "A." also ends initials
+# and abbreviations ("Mrs. A. Smith"), so it loses ties against the others
 _OPTION_MARKERS = {
     "(A)": r"\(([A-H])\)",
     "A)": r"(?<![(\w])([A-H])\)",
@@ -208,13 +277,16 @@ def split_options(text: str) -> tuple[str, list[str]]:
 
     Options may be spelled ``(A) x``, ``A) x`` or ``A. x``, each on its own line or inline
     (``Which? (A) red (B) blue``). The markers must run A, B, C, ... in one spelling and
-    start on a word boundary; the longest such run wins. Returns ``(text, [])`` when fewer
-    than two options are found.
+    start on a word boundary; the longest such run wins, runs of markers that open lines
+    before inline ones, and among equally long inline runs ``(A)`` before ``A)`` before
+    ``A.``. The last option ends at its line's end: a line after it (LLaVA's "Answer with
+    the option's letter ..." instruction) is not part of it and is dropped, as the eval
+    writes its own instruction. Returns ``(text, [])`` when fewer than two options are found.
     """
     text = text.replace(IMAGE_TOKEN, "").strip()
     best: list[re.Match] = []
-    best_score = (False, 0, -1)
-    for pattern in _OPTION_MARKERS.values():
+    best_score = (False, 0, 0, -1)
+    for rank, pattern in enumerate(reversed(_OPTION_MARKERS.values())):
         marks = list(re.finditer(rf"(?:^|(?<=\s)){pattern}\s", text))
         at_line_start = [m for m in marks if m.start() == 0 or text[m.start() - 1] == "\n"]
         # markers that open lines win over inline ones ("A. Dr. B. Who" stays one option);
@@ -227,14 +299,15 @@ def split_options(text: str) -> tuple[str, list[str]]:
                     if nxt < len(OPTION_LETTERS) and m.start() > chain[-1].start() \
                             and m.group(1) == OPTION_LETTERS[nxt]:
                         chain.append(m)
-                score = (on_lines and len(chain) >= 2, len(chain), start.start())
+                score = (on_lines and len(chain) >= 2, len(chain), rank, start.start())
                 if score > best_score:
                     best, best_score = chain, score
     if len(best) < 2:
         return text, []
     stem = text[: best[0].start()].strip()
     bounds = [m.end() for m in best]
-    ends = [m.start() for m in best[1:]] + [len(text)]
+    last_line_end = text.find("\n", best[-1].end())
+    ends = [m.start() for m in best[1:]] + [len(text) if last_line_end < 0 else last_line_end]
     return stem, [text[a:b].strip() for a, b in zip(bounds, ends, strict=True)]
 
 
@@ -289,14 +362,6 @@ def _parse_flat(obj: dict) -> tuple[str, tuple[str, ...], str]:
     return q.strip(), options, _answer_letter(obj["answer"], options)
 
 
-def check_image(path: str) -> None:
-    """Raise OSError if ``path`` is not a readable image (checks the file's integrity)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.verify()
-
-
 def _resolve_image(name: Any, images_dir: Path, data_dir: Path) -> str:
     """``images_dir/name``; names such as ``images/x.png`` written relative to the data
     file's directory are found there too."""
@@ -343,101 +408,76 @@ class Columns:
         return out
 
 
-_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-def is_hf_dataset(path: str | os.PathLike) -> bool:
-    """A ``save_to_disk`` folder, a ``.parquet`` file or a folder of ``.parquet`` files."""
-    p = Path(path)
-    if p.is_file():
-        return p.suffix == ".parquet"
-    return p.is_dir() and (any((p / m).is_file() for m in _HF_MARKERS)
-                           or any(p.glob("*.parquet")))
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("MLLMCAL_CACHE", Path.home() / ".cache" / "mllmcal"))
-
-
-def _materialize_image(value: Any, base: Path) -> Any:
-    """A Hugging Face image value as a path: bytes go to a content-addressed file."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    elif isinstance(value, bytes | bytearray):
-        data, path = bytes(value), None
-    else:
-        return value  # a path string, or None
-    if data:
-        from PIL import Image
-
-        digest = hashlib.sha256(data).hexdigest()[:24]
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                ext = (im.format or "png").lower()
-        except Exception as exc:  # PIL raises many types for broken bytes
-            raise _Malformed(f"unreadable image bytes: {exc}") from None
-        out = _cache_root() / "images" / f"{digest}.{ext}"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, out)
-        return str(out)
-    if path:
-        return path if Path(path).is_absolute() else str(base / path)
-    return None
-
-
-def _read_hf(path: Path) -> list[tuple[int, Any]]:
-    """Rows of a local Hugging Face dataset, images as raw ``{"bytes", "path"}``."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path}: reading a Hugging Face dataset needs the package "
-                        "'datasets' (pip install datasets)") from None
-    try:
-        if path.is_file() or not any((path / m).is_file() for m in _HF_MARKERS):
-            files = [str(path)] if path.is_file() else sorted(map(str, path.glob("*.parquet")))
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-        else:
-            ds = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many types for unreadable folders
-        raise DataError(f"{path}: cannot read as a Hugging Face dataset: {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{path}: a dataset with splits {list(ds)}; pass one split's folder "
-                        f"(e.g. {path / next(iter(ds))})")
-    # images as their encoded bytes: decoding to PIL and re-encoding would change them
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-    return [(0, row) for row in ds]
-
-
 _META_TYPES = (str, int, float, bool, type(None))
+
+
+#: ``format=`` values: the toolkit layouts, and the two generic readers by their names
+FORMAT_NAMES = ("auto", "llava", "jsonl", *_formats.FORMATS)
+
+
+def _read_any(path: Path, hf: bool) -> list[tuple[int, Any]]:
+    if hf:
+        try:
+            return [(0, row) for row in _formats.read_hf(path)]
+        except _formats.TableError as exc:
+            raise DataError(str(exc)) from None
+    if path.suffix.lower() == ".tsv":
+        try:  # line numbers of the header's successors, as an editor shows them
+            return [(k + 2, row) for k, row in enumerate(_formats.read_tsv(path))]
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read data file: {exc.strerror or exc}") from exc
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DataError(f"{path}: not a UTF-8 tab-separated table ({exc})") from None
+    return _read_records(path)
+
+
+def _layout(path: Path, records: list[tuple[int, Any]], format: str | None,
+            columns: Columns) -> str | None:
+    """The toolkit layout to read ``records`` with, or None for the generic readers."""
+    if format is not None and format not in FORMAT_NAMES:
+        raise DataError(f"unknown format {format!r}; known: {', '.join(FORMAT_NAMES)}")
+    if format in _formats.FORMATS:
+        return format
+    first = next((o for _, o in records if isinstance(o, dict)), {})
+    table = path.suffix.lower() == ".tsv" or is_hf_dataset(path)
+    # column flags name the fields themselves: they ask for the generic reader
+    if format in (None, "auto") and table and columns == Columns():
+        found = _formats.detect_format(list(first))
+        if found is None and path.suffix.lower() == ".tsv":
+            raise DataError(f"{path}: the columns {sorted(first)} match no known layout "
+                            f"(pass format=NAME, one of {', '.join(_formats.FORMATS)})")
+        return found
+    return None
 
 
 def load_items(
     path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
-    verify_images: bool = True, columns: Columns | None = None,
+    verify_images: bool = True, columns: Columns | None = None, format: str | None = None,
 ) -> LoadResult:
-    """Load multiple-choice items: LLaVA ``.json``, flat ``.jsonl`` or a local HF dataset.
+    """Load multiple-choice items: LLaVA ``.json``, flat ``.jsonl``, a VLMEvalKit ``.tsv``
+    or a local HF dataset (toolkit layouts: :mod:`mllmcal.eval.formats`).
 
     Args:
-        path: the data file (``.jsonl`` is read line by line, ``.parquet`` as a table,
-            anything else as one JSON document), or a Hugging Face ``save_to_disk`` folder
-            or a folder of ``.parquet`` files.
+        path: the data file (``.jsonl`` is read line by line, ``.parquet`` and ``.tsv`` as a
+            table, anything else as one JSON document), or a Hugging Face ``save_to_disk``
+            folder or a folder of ``.parquet`` files.
         images_dir: directory that relative ``image`` names are resolved against; defaults
             to ``<data file's dir>/images`` if that exists, else the data file's dir.
         verify_images: open every image once (PIL ``verify``) so that unreadable ones are
             skipped now, with their id, rather than failing mid-run.
         columns: field names, for data whose columns are named otherwise.
+        format: one of :data:`FORMAT_NAMES`; None or ``"auto"`` recognises a table's
+            toolkit layout from its columns (see :func:`mllmcal.eval.formats.detect_format`).
 
     Returns:
         :class:`LoadResult` with the items in file order and every skipped ``(id, reason)``.
+        16-bit grayscale images are replaced by 8-bit RGB copies (:func:`images.eight_bit`).
 
     Raises:
         DataError: the file is missing, not UTF-8, or not valid JSON (message has file:line),
-            or a dataset folder cannot be read.
+            a dataset folder cannot be read, the format is unknown, or no item has an image
+            while a field the loader does not read holds images (``image_path`` for
+            ``image``, say).
     """
     path = Path(path)
     hf = is_hf_dataset(path)
@@ -448,14 +488,21 @@ def load_items(
     columns = columns or Columns()
     result = LoadResult(items=[], path=str(path))
     seen: set[str] = set()
-    records = _read_hf(path) if hf else _read_records(path)
+    records = _read_any(path, hf)
+    layout = _layout(path, records, format, columns)
+    reader = _formats.make_reader(layout, [o for _, o in records if isinstance(o, dict)]) \
+        if layout else None
+    unread_image_fields: set[str] = set()
     for index, (lineno, obj) in enumerate(records):
         where = f"{path.name}:{lineno}" if lineno else f"{path.name}[{index}]"
         item_id = where
         try:
             if not isinstance(obj, dict):
                 raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
-            obj = columns.apply(obj)
+            # the row's own id, for a row that the reader rejects
+            item_id = str(next((obj[k] for k in ("id", "question_id", "index")
+                                if obj.get(k) not in (None, "")), where))
+            obj = reader(obj) if reader else columns.apply(obj)
             item_id = str(obj.get("id", obj.get("question_id", where)))
             if item_id in seen:
                 raise _Malformed("duplicate id")
@@ -463,32 +510,83 @@ def load_items(
                 q, options, answer = _parse_llava(obj)
             else:
                 q, options, answer = _parse_flat(obj)
-            image = None
-            raw_image = _materialize_image(obj.get("image"), base) if hf else obj.get("image")
-            if raw_image is not None:
-                image = _resolve_image(raw_image, images_dir, base)
-                if verify_images:
-                    try:
-                        check_image(image)
-                    except Exception as exc:  # PIL raises many types for broken files
-                        raise _Malformed(f"unreadable image {image}: {exc}") from None
+            raw = obj.get("images") if reader else obj.get("image")
+            images = tuple(_load_image(v, base, images_dir, verify_images)
+                           for v in (raw if reader else [raw]) if v is not None)
+            if not images:
+                unread_image_fields.update(image_like_fields(obj))
+            try:
+                _interleave(format_question(q, list(options)), len(images))
+            except ValueError as exc:
+                raise _Malformed(str(exc)) from None
+            unanswerable = _unanswerable(obj.get("answerable"), options, answer)
             meta = {k: v for k, v in obj.items()
                     if k not in ("id", "image", "conversations", "question", "options", "answer")
                     and isinstance(k, str) and isinstance(v, _META_TYPES)}
-        except _Malformed as exc:
+        except (_Malformed, _formats.RowError) as exc:
             _log.warning("skipping item %s (%s): %s", item_id, where, exc)
             result.skipped.append((item_id, str(exc)))
             continue
         seen.add(item_id)
-        result.items.append(Item(item_id, q, options, answer, image, meta=meta))
+        result.items.append(Item(item_id, q, options, answer, meta=meta, images=images,
+                                 category=_category(meta.get("category")),
+                                 l2_category=_category(meta.get("l2_category")),
+                                 unanswerable=unanswerable))
+    _check_some_image(result, unread_image_fields)
     return result
+
+
+def _load_image(value: Any, base: Path, images_dir: Path, verify: bool) -> str:
+    """A raw image value (bytes, ``{"bytes", "path"}``, file name) as a readable path."""
+    try:
+        image = _resolve_image(materialize_image(value, base), images_dir, base)
+    except ValueError as exc:
+        raise _Malformed(str(exc)) from None
+    try:
+        if verify:
+            check_image(image)
+        return eight_bit(image)
+    except Exception as exc:  # PIL raises many types for broken files
+        if not verify:
+            return image
+        raise _Malformed(f"unreadable image {image}: {exc}") from None
+
+
+def _category(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _unanswerable(flag: Any, options: Sequence[str], answer: str) -> bool:
+    """The data's ``"answerable"`` field, checked against the options."""
+    answer_is_idk = is_idk_option(options[OPTION_LETTERS.index(answer)])
+    if flag is False:
+        if not any(is_idk_option(o) for o in options):
+            raise _Malformed("'answerable' is false but no option says \"I don't know\"")
+        return True
+    if flag is True and answer_is_idk:
+        raise _Malformed("'answerable' is true but the answer is the \"I don't know\" option")
+    return False
+
+
+def _check_some_image(result: LoadResult, unread_fields: set[str]) -> None:
+    """An image run on a split whose images all went unread would score text only."""
+    if not result.items or any(it.images for it in result.items):
+        return
+    if unread_fields:
+        names = ", ".join(sorted(unread_fields))
+        raise DataError(f"{result.path}: no item has an image, but the field(s) {names} hold "
+                        f"images; the image field is 'image' (or map it: --image-column "
+                        f"{sorted(unread_fields)[0]})")
+    _log.warning("%s: no item has an image; its image+text results will equal text only",
+                 result.path)
 
 
 def find_split(data_dir: str | os.PathLike, split: str) -> Path | None:
     """The ``split`` of a data directory, else None: ``<split>.json``, ``<split>.jsonl``,
-    ``<split>.parquet``, or a folder ``<split>/`` holding a Hugging Face dataset."""
+    ``<split>.parquet``, ``<split>.tsv``, or a folder ``<split>/`` holding a Hugging Face
+    dataset."""
     d = Path(data_dir)
-    for ext in (".json", ".jsonl", ".parquet"):
+    for ext in (".json", ".jsonl", ".parquet", ".tsv"):
         p = d / f"{split}{ext}"
         if p.is_file():
             return p

@@ -36,8 +36,9 @@ def build_idk_set(items: Sequence[Item], seed: int = 0,
     """Answerable controls plus one unanswerable variant per source item.
 
     Modes are assigned round-robin over the items that support them (the image modes
-    need an image; ``mismatched_image`` needs another item with a different image).
-    Items that already offer ``I don't know`` are left out (they are IDK items already).
+    need exactly one image; ``mismatched_image`` needs another item with a different
+    image). Items that already offer ``I don't know``, however spelled, are left out (they
+    are IDK items already).
     Deterministic for a given ``seed``.
 
     Returns:
@@ -48,7 +49,7 @@ def build_idk_set(items: Sequence[Item], seed: int = 0,
         raise ValueError(f"IDK modes must be a non-empty subset of {IDK_MODES}, got {list(modes)}")
     rng = random.Random(seed)
     usable = [it for it in items if it.idk_letter is None and len(it.options) < len(OPTION_LETTERS)]
-    images = sorted({it.image for it in usable if it.image is not None})
+    images = sorted({it.image for it in usable if len(it.images) == 1})
     out: list[Item] = []
     for k, it in enumerate(usable):
         options = _with_idk_option(it.options)
@@ -56,7 +57,7 @@ def build_idk_set(items: Sequence[Item], seed: int = 0,
         out.append(it.with_(id=f"{it.id}/answerable", options=options,
                             meta={**it.meta, "idk_mode": None}))
         candidates = [m for m in modes if m == "option_removed"
-                      or (it.image is not None and (m == "image_withheld" or len(images) > 1))]
+                      or (len(it.images) == 1 and (m == "image_withheld" or len(images) > 1))]
         if not candidates:
             continue
         mode = candidates[k % len(candidates)]

@@ -25,7 +25,7 @@ def random_pairs(n, seed, dtype=torch.float32):
 
 
 def ece_f64(conf, correct, n_bins, norm):
-    """ECE from its definition in DESIGN.md, float64 sums, contract binning."""
+    """ECE from its definition in docs/design.md, float64 sums, contract binning."""
     c = conf.double()
     b = torch.floor(conf.float() * n_bins).long().clamp(0, n_bins - 1)
     terms, weights = [], []

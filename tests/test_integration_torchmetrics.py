@@ -122,6 +122,29 @@ def test_sums_past_int64_stay_exact_through_the_high_limb():
         mllmcal.CalibrationState.from_dict(base).ece(), rel=1e-6)  # an fp32 result
 
 
+def test_an_overflowed_metric_stays_marked_through_updates_and_syncs():
+    from mllmcal.calibration.functional import HI_LIMIT
+
+    m = CalibrationError(n_bins=4)
+    p, t = probs_and_target(50, 5, 0)
+    m.update(p, t)
+    # A high limb at the state's limit (what a saturated sum leaves) ...
+    m.hist_hi[0].fill_(HI_LIMIT + 1)
+    m.hist[0].fill_((1 << 32) - 1)
+    m.update(p, t)
+    # ... is not pushed past it by the next update's carry: the carry saturates.
+    assert int(m.hist_hi.max()) == HI_LIMIT + 1
+    # Two ranks' saturated limbs summed by torchmetrics' sync wrap past 2**63; the state
+    # still reads as overflowed instead of returning a number made of a negative sum.
+    other = CalibrationError(n_bins=4)
+    other.update(p, t)
+    other.hist_hi[0].fill_(HI_LIMIT + 1)
+    m.merge_state(other)
+    assert int(m.hist_hi.min()) < 0
+    with pytest.raises(OverflowError, match="count"):
+        m.compute()
+
+
 def test_bad_input_is_clear():
     with pytest.raises(ValueError, match="norm"):
         CalibrationError(norm="l3")

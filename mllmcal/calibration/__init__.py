@@ -1,10 +1,11 @@
 """Streaming calibration: O(n_bins) state, metrics, temperature scaling, recalibration.
 
-Plots live in :mod:`mllmcal.plot` (imported lazily, so this package never imports
-matplotlib).
+The maths (input checks, binning, ECE from bins, the two-limb carry) lives once in
+:mod:`mllmcal.calibration.functional`; the classes here hold state and call it. Plots live
+in :mod:`mllmcal.plot` (imported lazily, so this package never imports matplotlib).
 """
 
-from . import metrics
+from . import functional, metrics
 from .onepass import TemperatureFitAccumulator
 from .recalibration import HistogramBinning, IsotonicRegression
 from .state import CalibrationState
@@ -18,5 +19,6 @@ __all__ = [
     "PAPER_TEMPERATURE_GRID",
     "TemperatureFitAccumulator",
     "fit_temperature",
+    "functional",
     "metrics",
 ]

@@ -5,13 +5,9 @@ Every function takes ``confidence`` (float ``[n]`` in [0, 1]) and ``correct`` (b
 is moved to the CPU). Functions marked "state-aware" also accept a
 :class:`~mllmcal.calibration.state.CalibrationState` in place of the pair, so they stream.
 
-Binning conventions:
-
-* ``"uniform"``: bin ``min(floor(conf · n_bins), n_bins − 1)``, the product taken in the
-  confidence's precision (at least fp32; for fp32 input this is exactly the kernels' rule).
-* ``"quantile"`` (equal mass, "adaptive ECE"): sort by confidence (ties by correctness, so the
-  result does not depend on input order); the sample of rank r (0-based) goes to bin
-  ``floor(r · n_bins / n)``, so bin sizes differ by at most one.
+Binning (``"uniform"`` or ``"quantile"``), the ECE of a histogram and the input checks are
+the functions of :mod:`mllmcal.calibration.functional` (see it for the conventions); this
+module computes metrics with them.
 """
 
 from __future__ import annotations
@@ -21,9 +17,19 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _contract as C
 from ..ops import token_stats
-from .state import CalibrationState, check_pairs
+from .functional import (
+    bin_index,
+    bin_sums,
+    check_binning,
+    check_n_bins,
+    check_norm,
+    check_pairs,
+    ece_from_bins,
+    ece_from_bins_batched,
+    quantile_bin_index,
+)
+from .state import CalibrationState
 
 __all__ = [
     "ece",
@@ -39,9 +45,6 @@ __all__ = [
     "ece_bootstrap_ci",
     "BootstrapCI",
 ]
-
-_NORMS = ("l1", "l2", "max")
-_BINNINGS = ("uniform", "quantile")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -63,60 +66,15 @@ def _require_nonempty(n: int, what: str = "metric") -> None:
 
 
 def _check_bins(n_bins: int, binning: str) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int):
-        raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    if binning not in _BINNINGS:
-        raise ValueError(f"binning must be one of {_BINNINGS}, got {binning!r}")
+    check_n_bins(n_bins)
+    check_binning(binning)
 
 
-def bin_index(c_raw: torch.Tensor, y: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
-    """int64 ``[n]`` bin of each sample under the module's binning conventions."""
-    n = c_raw.numel()
+def _bins(raw: torch.Tensor, y: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
+    """int64 ``[n]`` bin of each sample (``raw`` the confidence in its own dtype)."""
     if binning == "uniform":
-        c = c_raw if c_raw.dtype == torch.float64 else c_raw.float()
-        return torch.floor(c * n_bins).long().clamp_(0, n_bins - 1)
-    # Sort by correctness, then stably by confidence: ties in confidence are ordered by
-    # correctness, which makes equal-mass bins a function of the multiset of pairs.
-    o1 = torch.argsort(y, stable=True)
-    o2 = torch.argsort(c_raw[o1], stable=True)
-    order = o1[o2]
-    ranks = torch.arange(n, device=c_raw.device)
-    b = torch.empty(n, dtype=torch.long, device=c_raw.device)
-    b[order] = ranks * n_bins // max(n, 1)
-    return b
-
-
-def _binned(
-    c: torch.Tensor, y: torch.Tensor, b: torch.Tensor, n_bins: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-bin (count, Σ confidence, Σ correct), float64 ``[n_bins]``."""
-    z = torch.zeros(n_bins, dtype=torch.float64, device=c.device)
-    return (
-        z.clone().index_add_(0, b, torch.ones_like(c)),
-        z.clone().index_add_(0, b, c),
-        z.clone().index_add_(0, b, y),
-    )
-
-
-def _state_bins(state: CalibrationState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Exact integer sums (possibly above 2**63) rounded once each to float64.
-    d = state.to_dict()
-    n, sc, sy = (torch.tensor([float(v) for v in d[k]], dtype=torch.float64)
-                 for k in ("count", "sum_confidence_fixed", "sum_correct"))
-    return n, sc / C.CONF_FIXED_POINT_SCALE, sy
-
-
-def _ece_from_bins(n: torch.Tensor, sc: torch.Tensor, sy: torch.Tensor, norm: str) -> float:
-    nz = n > 0
-    gap = (sy[nz] - sc[nz]).abs() / n[nz]
-    w = n[nz] / n.sum()
-    if norm == "l1":
-        return float((w * gap).sum())
-    if norm == "l2":
-        return float(torch.sqrt((w * gap.square()).sum()))
-    return float(gap.max())
+        return bin_index(raw, n_bins)
+    return quantile_bin_index(raw, y, n_bins)
 
 
 # --------------------------------------------------------------------------- binned ECE
@@ -145,14 +103,13 @@ def ece(
     Returns:
         a Python float.
     """
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    check_norm(norm)
     if isinstance(confidence, CalibrationState):
         return confidence.ece(norm)
     _check_bins(n_bins, binning)
     raw, c, y = _pairs(confidence, correct)
     _require_nonempty(c.numel(), "ECE")
-    return _ece_from_bins(*_binned(c, y, bin_index(raw, y, n_bins, binning), n_bins), norm)
+    return ece_from_bins(*bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins), norm)
 
 
 def debiased_l2_ece(
@@ -176,12 +133,12 @@ def debiased_l2_ece(
     """
     if isinstance(confidence, CalibrationState):
         confidence._require_data()
-        n, sc, sy = _state_bins(confidence)
+        n, sc, sy = confidence.bin_sums()
     else:
         _check_bins(n_bins, binning)
         raw, c, y = _pairs(confidence, correct)
         _require_nonempty(c.numel(), "debiased ECE")
-        n, sc, sy = _binned(c, y, bin_index(raw, y, n_bins, binning), n_bins)
+        n, sc, sy = bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins)
     big = n >= 2
     nb = n[big]
     acc = sy[big] / nb
@@ -258,7 +215,7 @@ def smooth_ece(
     """
     if isinstance(confidence, CalibrationState):
         confidence._require_data()
-        n_b, sc, sy = _state_bins(confidence)
+        n_b, sc, sy = confidence.bin_sums()
         nz = n_b > 0
         pos, res, n = sc[nz] / n_b[nz], sy[nz] - sc[nz], float(n_b.sum())
     else:
@@ -429,8 +386,7 @@ def ece_bootstrap_ci(
     Returns:
         ``BootstrapCI(estimate, low, high)``: the ECE of the data and the interval.
     """
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    check_norm(norm)
     _check_bins(n_bins, binning)
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -449,7 +405,7 @@ def ece_bootstrap_ci(
         idx = torch.randint(0, n, (r, n), generator=gen)
         cr, yr = c[idx], y[idx]
         if binning == "uniform":
-            b = bin_index(raw, y, n_bins, "uniform")[idx]
+            b = bin_index(raw, n_bins)[idx]
         else:
             # Per-replicate equal-mass bins: rank within the replicate, ties by correctness.
             o1 = torch.argsort(yr, dim=1, stable=True)
@@ -462,15 +418,7 @@ def ece_bootstrap_ci(
         cnt = torch.bincount(flat, minlength=size).double().reshape(r, n_bins)
         sc = torch.bincount(flat, cr.reshape(-1), minlength=size).reshape(r, n_bins)
         sy = torch.bincount(flat, yr.reshape(-1), minlength=size).reshape(r, n_bins)
-        nz = cnt > 0
-        gap = torch.where(nz, (sy - sc).abs() / cnt.clamp_min(1), torch.zeros_like(cnt))
-        w = cnt / n
-        if norm == "l1":
-            values.append((w * gap).sum(1))
-        elif norm == "l2":
-            values.append(torch.sqrt((w * gap.square()).sum(1)))
-        else:
-            values.append(gap.amax(1))
+        values.append(ece_from_bins_batched(cnt, sc, sy, n, norm))
     v = torch.cat(values)
     q = torch.quantile(v, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
     return BootstrapCI(estimate, float(q[0]), float(q[1]))

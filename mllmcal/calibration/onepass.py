@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .. import _contract as C
+from . import _sync
 from ._fit_backends import fit_rows
 
 __all__ = ["TemperatureFitAccumulator", "onepass_temperatures", "log_spaced_temperatures",
@@ -266,36 +267,27 @@ class TemperatureFitAccumulator:
         so ranks that disagree all raise ``ValueError`` instead of hanging. The sums travel
         as float64 (counts as int64) on CUDA for NCCL, on the CPU otherwise.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "all_reduce needs an initialised torch.distributed process group "
-                "(call torch.distributed.init_process_group first)"
-            )
+        dist = _sync.require_process_group()
         device = torch.device("cpu")
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         k = len(self.betas)
         b = torch.tensor(self.betas, dtype=torch.float64)
-        # max of (x, -x) is (max, -min) over ranks: all equal iff every rank agrees.
-        desc = torch.cat((torch.tensor([k, -k, _LAYOUT_VERSION, -_LAYOUT_VERSION,
-                                        int(self.derivatives), -int(self.derivatives)],
-                                       dtype=torch.float64),
-                          # the first and last β and their sum identify the grid
-                          torch.stack((b[0], -b[0], b[-1], -b[-1], b.sum(), -b.sum())))).to(device)
-        dist.all_reduce(desc, op=dist.ReduceOp.MAX, group=group)
-        d = desc.cpu().tolist()
-        if any(d[i] != -d[i + 1] for i in range(0, len(d), 2)):
-            raise ValueError(
-                "TemperatureFitAccumulator.all_reduce: the ranks' accumulators differ "
-                f"(K from {-d[1]:g} to {d[0]:g}, or different temperatures/derivatives); "
-                "every rank must build it with the same arguments"
-            )
+        # The first and last β and their sum identify the grid.
+        layout = (k, _LAYOUT_VERSION, int(self.derivatives), float(b[0]), float(b[-1]),
+                  float(b.sum()))
+
+        def check(low: list[float], high: list[float]) -> None:
+            if low != high:
+                raise ValueError(
+                    "TemperatureFitAccumulator.all_reduce: the ranks' accumulators differ "
+                    f"(K from {low[0]:g} to {high[0]:g}, or different temperatures/"
+                    "derivatives); every rank must build it with the same arguments"
+                )
+
         sums = torch.cat((self.nll, self.grad, self.curv)).to(device)
         counts = torch.tensor([self.n_rows, self.n_masked], dtype=torch.int64, device=device)
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(counts, group=group)
+        _sync.agree_then_sum(layout, [sums, counts], check, device=device, group=group)
         sums = sums.cpu()
         self.nll, self.grad, self.curv = sums[:k].clone(), sums[k:2 * k].clone(), sums[2 * k:].clone()
         self.n_rows, self.n_masked = (int(c) for c in counts.cpu().tolist())
@@ -317,14 +309,10 @@ class TemperatureFitAccumulator:
                   ignore_index: int = C.IGNORE_INDEX) -> TemperatureFitAccumulator:
         """Rebuild from :meth:`to_dict` output, validating it (``ValueError`` naming what is
         wrong: format, key set, types, lengths, non-negative counts and sums)."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"from_dict needs a dict, got {type(d).__name__}")
-        if d.get("format") != _FORMAT:
-            raise ValueError(f"not a TemperatureFitAccumulator dict (format {d.get('format')!r})")
         keys = {"format", "temperatures", "derivatives", "n_rows", "n_masked", "nll", "grad", "curv"}
-        if set(d) != keys:
-            raise ValueError(f"invalid TemperatureFitAccumulator dict: missing "
-                             f"{sorted(keys - set(d))}, unexpected {sorted(set(d) - keys, key=str)}")
+        problems = _sync.dict_problems(d, (_FORMAT,), keys)
+        if problems:
+            raise ValueError("invalid TemperatureFitAccumulator dict: " + "; ".join(problems))
         temps = d["temperatures"]
         if (not isinstance(temps, list) or len(temps) < 2
                 or not all(isinstance(t, float) and math.isfinite(t) and t > 0 for t in temps)
@@ -334,7 +322,7 @@ class TemperatureFitAccumulator:
             raise ValueError("derivatives must be a bool")
         for key in ("n_rows", "n_masked"):
             v = d[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not _sync.is_int(v) or v < 0:
                 raise ValueError(f"{key} must be a non-negative int, got {v!r}")
         for key in ("nll", "grad", "curv"):
             v = d[key]

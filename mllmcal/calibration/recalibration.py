@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import bin_index
-from .state import _check_n_bins, check_pairs
+from .functional import bin_index, check_binning, check_n_bins, check_pairs, quantile_bin_index
 
 __all__ = ["HistogramBinning", "IsotonicRegression", "pav"]
 
@@ -45,10 +44,8 @@ class HistogramBinning:
     """
 
     def __init__(self, n_bins: int = 15, binning: str = "uniform") -> None:
-        self.n_bins = _check_n_bins(n_bins)
-        if binning not in ("uniform", "quantile"):
-            raise ValueError(f"binning must be 'uniform' or 'quantile', got {binning!r}")
-        self.binning = binning
+        self.n_bins = check_n_bins(n_bins)
+        self.binning = check_binning(binning)
         self.edges: torch.Tensor | None = None  # float64 [n_bins - 1] inner edges
         self.values: torch.Tensor | None = None  # float64 [n_bins]
 
@@ -56,7 +53,7 @@ class HistogramBinning:
         """Learn per-bin accuracies from ``[n]`` confidences in [0, 1] and bool correctness."""
         raw, c, y = _fit_pairs(confidence, correct)
         nb = self.n_bins
-        b = bin_index(raw, y, nb, self.binning)
+        b = bin_index(raw, nb) if self.binning == "uniform" else quantile_bin_index(raw, y, nb)
         cnt = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, torch.ones_like(c))
         acc = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, y) / cnt.clamp_min(1)
         if self.binning == "uniform":
@@ -82,8 +79,7 @@ class HistogramBinning:
             raise RuntimeError("HistogramBinning is not fitted: call fit(confidence, correct) first")
         c = _check_confidence(confidence)
         if self.binning == "uniform":
-            cc = c if c.dtype == torch.float64 else c.float()
-            b = torch.floor(cc * self.n_bins).long().clamp(0, self.n_bins - 1)
+            b = bin_index(c, self.n_bins)
         else:
             b = torch.bucketize(c.double(), self.edges.to(c.device), right=True)
         return self.values.to(c.device)[b]

@@ -1,7 +1,7 @@
 """A fixed-size, exactly mergeable calibration state that cannot overflow.
 
 Every prediction lands in one of ``n_bins`` equal-width confidence bins on [0, 1]
-(``bin = min(floor(conf * n_bins), n_bins - 1)``, product in fp32, as in DESIGN.md). Per bin
+(``bin = min(floor(conf * n_bins), n_bins - 1)``, product in fp32, as in docs/design.md). Per bin
 the state keeps three exact integer sums: the count, Σ confidence in units of 2**-32 and
 Σ correct. Besides the histogram it keeps four integer totals for the rows scored through
 :meth:`CalibrationState.update_logits` (the number of rows whose NLL was summed, the number of
@@ -18,12 +18,14 @@ Two limbs, so that nothing wraps. Every sum ``v`` is held as two int64 numbers,
 ``v = hi · 2**32 + lo``:
 
 * ``lo`` (the tensors ``hist`` and ``totals``) is the working limb the fused kernels add
-  into; below 2**30 rows it holds the whole value. Every row adds at most 2**32 to any ``lo`` entry (a confidence of 1.0 is 2**32 units;
-  a row's NLL is split into its high and low 32 bits before summing), so a ``lo`` that starts
+  into; below 2**30 rows it holds the whole value. Every row adds at most 2**32 to any
+  ``lo`` entry (a confidence of 1.0 is 2**32 units; a row's NLL is split into its high and
+  low 32 bits before summing), so a ``lo`` that starts
   below 2**32 holds at least 2**30 more rows before it could reach 2**63. The state counts, on
   the host and without reading the device, an upper bound on the rows added since the last
-  carry, and carries (``hi += lo >> 32; lo &= 2**32 - 1``, a few device ops, no host sync)
-  before that bound reaches 2**30 (and before every all_reduce).
+  carry, and carries (``hi += lo >> 32; lo &= 2**32 - 1``, a few device ops, no host sync:
+  :func:`mllmcal.calibration.functional.carry_`) before that bound reaches 2**30 (and before
+  every all_reduce).
 * ``hi`` (``hist_hi``, ``totals_hi``) takes the carries with a saturating add: it never
   exceeds ``HI_LIMIT + 1`` = 2**62 + 1, and a value above ``HI_LIMIT`` is a sticky mark that
   the state has overflowed. Every read (metrics, :meth:`~CalibrationState.to_dict`,
@@ -41,7 +43,9 @@ count, Σ correct   2**94 rows
 one update         at most 2**30 rows per call (split larger batches)
 =================  ============================================================
 
-Memory is ``2 · (3 · n_bins + 4)`` int64 numbers however many rows are added.
+Memory is ``2 · (3 · n_bins + 4)`` int64 numbers however many rows are added. The maths
+(binning, ECE, the limb carry) lives in :mod:`mllmcal.calibration.functional`; the
+all_reduce handshake and the dict checks in :mod:`mllmcal.calibration._sync`.
 """
 
 from __future__ import annotations
@@ -54,89 +58,37 @@ import torch
 
 from .. import _contract as C
 from ..ops import TokenStats, token_stats
+from . import _sync
+from .functional import (
+    BRIER_FIXED_POINT_SCALE,
+    HI_LIMIT,
+    LIMB_BITS,
+    LIMB_MASK,
+    NLL_FIXED_POINT_SCALE,
+    NLL_OVERFLOW_NATS,
+    carry_,
+    check_n_bins,
+    check_norm,
+    check_pairs,
+    ece_from_bins,
+    saturating_add,
+)
 
+# check_pairs and the fixed-point constants are defined in .functional; importing them from
+# here keeps working.
 __all__ = [
     "CalibrationState", "NLL_FIXED_POINT_SCALE", "BRIER_FIXED_POINT_SCALE", "HI_LIMIT",
-    "MAX_ROWS_PER_UPDATE",
+    "MAX_ROWS_PER_UPDATE", "check_pairs",
 ]
 
-NLL_FIXED_POINT_SCALE = 2.0**24
-BRIER_FIXED_POINT_SCALE = 2.0**30
-# A finite NLL above this many nats is counted as "overflow" (treated as infinite); it
-# bounds one row's fixed-point NLL by 2**55, whose high 32 bits are summed into ``hi``.
-NLL_OVERFLOW_NATS = 2.0**31
-LIMB_BITS = 32
-_LIMB_MASK = (1 << LIMB_BITS) - 1
-# ``hi`` saturates at HI_LIMIT + 1; HI_LIMIT + 1 + 2**31 (the largest carry) < 2**63.
-HI_LIMIT = 1 << 62
-MAX_VALUE = HI_LIMIT * (1 << LIMB_BITS) + _LIMB_MASK
 # Rows one update may add, and the bound on rows between carries: each row adds < 2**32 + 1
 # to a lo entry (< 2**32 after a carry), so lo < 2**32 · (2**30 + 2**30 + 1) < 2**63.
 MAX_ROWS_PER_UPDATE = 1 << 30
 _CARRY_AT = 1 << 30
 # totals layout: rows whose NLL was summed, rows scored, Σ NLL, Σ Brier (fixed point).
 _N_NLL_FINITE, _N_SCORED, _SUM_NLL, _SUM_BRIER = range(4)
-_FORMAT = "mllmcal.CalibrationState/2"
-# Version 1 had the same keys with values limited to int64; it reads unchanged.
-_FORMATS_READ = ("mllmcal.CalibrationState/1", _FORMAT)
-_HIST_KEYS = ("count", "sum_confidence_fixed", "sum_correct")
-_TOTAL_KEYS = ("n_scored", "sum_nll_fixed", "sum_brier_fixed", "n_nll_overflow")
-_NORMS = ("l1", "l2", "max")
 # Layout descriptor exchanged by all_reduce before the data (bump on any layout change).
 _LAYOUT_VERSION = 2
-
-
-def _check_n_bins(n_bins: Any) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int):
-        raise TypeError(f"n_bins must be an int, got {type(n_bins).__name__}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    return n_bins
-
-
-def _sat_add(hi: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    """``min(hi + add, HI_LIMIT + 1)`` for 0 <= hi <= HI_LIMIT + 1 and add >= 0, computed
-    without ever forming a sum above HI_LIMIT + 1 (so nothing can wrap)."""
-    return hi + torch.minimum(add, (HI_LIMIT + 1) - hi)
-
-
-def check_pairs(
-    confidence: torch.Tensor, correct: torch.Tensor, *, validate: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten and check a (confidence, correct) pair; returns ``([n] float, [n] bool)``.
-
-    Confidences must lie in [0, 1] (NaN is rejected); ``correct`` is bool, or numbers that are
-    0 or 1. ``validate=False`` skips the value checks (they sync a GPU with the host).
-    """
-    if not isinstance(confidence, torch.Tensor):
-        confidence = torch.as_tensor(confidence)
-    if not isinstance(correct, torch.Tensor):
-        correct = torch.as_tensor(correct, device=confidence.device)
-    if not confidence.is_floating_point():
-        raise TypeError(f"confidence must be a floating-point tensor, got {confidence.dtype}")
-    if confidence.numel() != correct.numel():
-        raise ValueError(
-            f"confidence and correct must have the same number of elements, got "
-            f"{tuple(confidence.shape)} and {tuple(correct.shape)}"
-        )
-    if confidence.device != correct.device:
-        raise ValueError(
-            f"confidence is on {confidence.device} but correct is on {correct.device}"
-        )
-    c = confidence.reshape(-1)
-    y = correct.reshape(-1)
-    if validate and c.numel():
-        bad = ~((c >= 0) & (c <= 1))  # NaN fails both comparisons
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"confidence must lie in [0, 1]; got {float(c[i])} at index {i}")
-        if y.dtype != torch.bool and bool(((y != 0) & (y != 1)).any()):
-            raise ValueError("correct must be bool or 0/1 values")
-    return c, y.bool() if y.dtype != torch.bool else y
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class CalibrationState:
@@ -164,7 +116,7 @@ class CalibrationState:
     """
 
     def __init__(self, n_bins: int = 15, device: torch.device | str | None = None) -> None:
-        self.n_bins = _check_n_bins(n_bins)
+        self.n_bins = check_n_bins(n_bins)
         self._device_fixed = device is not None
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.hist = torch.zeros(3, self.n_bins, dtype=torch.int64, device=dev)
@@ -227,9 +179,8 @@ class CalibrationState:
 
     def _carry(self) -> None:
         """Move the lo limbs' bits above 2**32 into the hi limbs (device ops, no host sync)."""
-        for lo, hi in ((self.hist, self.hist_hi), (self.totals, self.totals_hi)):
-            hi.copy_(_sat_add(hi, lo >> LIMB_BITS))
-            lo.bitwise_and_(_LIMB_MASK)
+        carry_(self.hist, self.hist_hi)
+        carry_(self.totals, self.totals_hi)
         self._lo_rows = 1  # lo < 2**32: at most "one row's worth"
 
     def _reserve(self, rows: int) -> None:
@@ -317,8 +268,8 @@ class CalibrationState:
         )
         # A row's fixed NLL reaches 2**55: its high bits go straight to the hi limb, so each
         # row adds < 2**32 to lo (the bound _reserve counts on).
-        self.totals += torch.cat((ok.sum(1), (fixed & _LIMB_MASK).sum(1)))
-        self.totals_hi[2:] = _sat_add(self.totals_hi[2:], (fixed >> LIMB_BITS).sum(1))
+        self.totals += torch.cat((ok.sum(1), (fixed & LIMB_MASK).sum(1)))
+        self.totals_hi[2:] = saturating_add(self.totals_hi[2:], (fixed >> LIMB_BITS).sum(1))
 
     # ------------------------------------------------------------------ exact read-back
 
@@ -326,7 +277,7 @@ class CalibrationState:
         """Raise OverflowError (naming the sum) if a hi limb passed its limit. Syncs."""
         over_h = (self.hist_hi > HI_LIMIT).any(1).cpu().tolist()
         over_t = (self.totals_hi > HI_LIMIT).cpu().tolist()
-        names = [k for k, o in zip(_HIST_KEYS, over_h, strict=True) if o]
+        names = [k for k, o in zip(_sync.STATE_HIST_KEYS, over_h, strict=True) if o]
         names += [k for k, o in zip(("n_nll_finite", "n_scored", "sum_nll_fixed",
                                      "sum_brier_fixed"), over_t, strict=True) if o]
         if names:
@@ -346,9 +297,10 @@ class CalibrationState:
         return h, t
 
     def _load_exact(self, h: list[list[int]], t: list[int]) -> None:
-        """Set the state to the exact sums ``h`` ([3][n_bins]) and ``t`` ([4]), ints <= MAX_VALUE."""
+        """Set the state to the exact sums ``h`` ([3][n_bins]) and ``t`` ([4]), ints within
+        ``functional.MAX_VALUE``."""
         flat = [x for row in h for x in row] + list(t)
-        lo = torch.tensor([x & _LIMB_MASK for x in flat], dtype=torch.int64)
+        lo = torch.tensor([x & LIMB_MASK for x in flat], dtype=torch.int64)
         hi = torch.tensor([x >> LIMB_BITS for x in flat], dtype=torch.int64)
         nh = self.hist.numel()
         self.hist.copy_(lo[:nh].reshape(self.hist.shape))
@@ -388,7 +340,7 @@ class CalibrationState:
         if self._lo_rows + other._lo_rows > _CARRY_AT:
             other._carry()
             self._carry()
-        new_hi = [_sat_add(a, b) for a, b in ((self.hist_hi, other.hist_hi),
+        new_hi = [saturating_add(a, b) for a, b in ((self.hist_hi, other.hist_hi),
                                                 (self.totals_hi, other.totals_hi))]
         if bool(torch.stack([(h > HI_LIMIT).any() for h in new_hi]).any()):
             raise OverflowError(
@@ -413,6 +365,30 @@ class CalibrationState:
         out._lo_rows = self._lo_rows
         return out
 
+    @classmethod
+    def from_histogram(
+        cls, hist: torch.Tensor, hist_hi: torch.Tensor | None = None
+    ) -> CalibrationState:
+        """A state holding a histogram kept elsewhere in this state's two-limb layout.
+
+        ``hist`` (int64 ``[3, n_bins]``: count, Σ confidence · 2**32, Σ correct, the layout
+        ``token_stats(histogram=...)`` fills) is the low limb, ``hist_hi`` (same shape,
+        default zeros) the high limb, possibly sums of several such pairs (the result of a
+        distributed sum). Both are copied onto their device and normalised with
+        :func:`~mllmcal.calibration.functional.carry_`; a negative ``hist_hi`` entry (a sum
+        of limbs that wrapped past 2**63) marks the state overflowed, so reading it raises
+        ``OverflowError``. The NLL and Brier totals are zero.
+        """
+        if hist.dtype != torch.int64 or hist.dim() != 2 or hist.shape[0] != 3:
+            raise ValueError(f"hist must be int64 [3, n_bins], got {hist.dtype} "
+                             f"{tuple(hist.shape)}")
+        s = cls(hist.shape[1], device=hist.device)
+        s.hist.copy_(hist)
+        if hist_hi is not None:
+            s.hist_hi.copy_(torch.where(hist_hi < 0, HI_LIMIT + 1, hist_hi))
+        s._carry()
+        return s
+
     def all_reduce(self, group: Any = None) -> CalibrationState:
         """Sum this state over all ranks of a ``torch.distributed`` process group, in place.
 
@@ -425,41 +401,33 @@ class CalibrationState:
         suit the backend (CPU for gloo, CUDA for NCCL). Integer sums make the result identical
         to a single pass.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "all_reduce needs an initialised torch.distributed process group "
-                "(call torch.distributed.init_process_group first)"
-            )
+        _sync.require_process_group()
         self._carry()
         saturated = int(bool((self.hist_hi > HI_LIMIT).any() | (self.totals_hi > HI_LIMIT).any()))
-        # max of (x, -x) gives (max, -min): equal everywhere iff every rank has the same x.
-        desc = torch.tensor(
-            [self.n_bins, -self.n_bins, _LAYOUT_VERSION, -_LAYOUT_VERSION, saturated],
-            dtype=torch.int64, device=self.device,
-        )
-        dist.all_reduce(desc, op=dist.ReduceOp.MAX, group=group)
-        hi_bins, lo_bins, hi_ver, lo_ver, any_sat = desc.cpu().tolist()
-        lo_bins, lo_ver = -lo_bins, -lo_ver
-        if hi_bins != lo_bins or hi_ver != lo_ver:
-            raise ValueError(
-                "CalibrationState.all_reduce: the ranks' states have different layouts "
-                f"(n_bins from {lo_bins} to {hi_bins}, layout version from {lo_ver} to "
-                f"{hi_ver}; this rank has n_bins={self.n_bins}); every rank must use the "
-                "same n_bins and mllmcal version"
-            )
-        if any_sat:
-            raise OverflowError("CalibrationState.all_reduce: a rank's state has overflowed")
+
+        def check(low: list[float], high: list[float]) -> None:
+            (lo_bins, lo_ver, _), (hi_bins, hi_ver, any_sat) = (map(int, low), map(int, high))
+            if hi_bins != lo_bins or hi_ver != lo_ver:
+                raise ValueError(
+                    "CalibrationState.all_reduce: the ranks' states have different layouts "
+                    f"(n_bins from {lo_bins} to {hi_bins}, layout version from {lo_ver} "
+                    f"to {hi_ver}; this rank has n_bins={self.n_bins}); every rank must use "
+                    "the same n_bins and mllmcal version"
+                )
+            if any_sat:
+                raise OverflowError("CalibrationState.all_reduce: a rank's state has overflowed")
+
         lo = torch.cat((self.hist.reshape(-1), self.totals))
         hi = torch.cat((self.hist_hi.reshape(-1), self.totals_hi))
         packed = torch.cat((lo, hi >> 31, hi & ((1 << 31) - 1)))
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        _sync.agree_then_sum((self.n_bins, _LAYOUT_VERSION, saturated), [packed], check,
+                             device=self.device, group=group)
         k = lo.numel()
         lo, hh, hl = packed[:k], packed[k:2 * k], packed[2 * k:]
         # hh ≤ 2**31 keeps hh·2**31 ≤ HI_LIMIT; anything above is past the limit.
         over = hh > (HI_LIMIT >> 31)
-        hi = torch.where(over, HI_LIMIT + 1, _sat_add(hh.clamp(max=HI_LIMIT >> 31) << 31, hl))
+        hi = torch.where(over, HI_LIMIT + 1,
+                         saturating_add(hh.clamp(max=HI_LIMIT >> 31) << 31, hl))
         nh = self.hist.numel()
         self.hist.copy_(lo[:nh].reshape(3, self.n_bins))
         self.totals.copy_(lo[nh:])
@@ -476,7 +444,7 @@ class CalibrationState:
         ints, possibly above 2**63); equal data gives equal dicts."""
         h, t = self._exact()
         return {
-            "format": _FORMAT,
+            "format": _sync.STATE_FORMAT,
             "n_bins": self.n_bins,
             "count": h[C.HIST_COUNT],
             "sum_confidence_fixed": h[C.HIST_SUM_CONF],
@@ -501,12 +469,12 @@ class CalibrationState:
         ``n_nll_overflow <= n_scored <= total count``, NLL and Brier sums within their
         per-row bounds, values within the state's limits).
         """
-        problems = _validate_dict(d)
+        problems = _sync.state_dict_problems(d)
         if problems:
             raise ValueError("invalid CalibrationState dict: " + "; ".join(problems))
         s = cls(d["n_bins"], device)
         s._device_fixed = device is not None
-        h = [list(d[k]) for k in _HIST_KEYS]
+        h = [list(d[k]) for k in _sync.STATE_HIST_KEYS]
         t = [d["n_scored"] - d["n_nll_overflow"], d["n_scored"], d["sum_nll_fixed"],
              d["sum_brier_fixed"]]
         s._load_exact(h, t)
@@ -542,24 +510,25 @@ class CalibrationState:
         if self.count == 0:
             raise ValueError("the CalibrationState is empty: add data with update/update_logits")
 
+    def bin_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-bin ``(count, Σ confidence, Σ correct)``, float64 CPU tensors ``[n_bins]``:
+        the exact integer sums, each rounded once to float64 (Σ confidence in probability
+        units), the input of :func:`mllmcal.calibration.functional.ece_from_bins`."""
+        h, _ = self._exact()
+        n, sc, sy = (torch.tensor([float(v) for v in row], dtype=torch.float64)
+                     for row in (h[C.HIST_COUNT], h[C.HIST_SUM_CONF], h[C.HIST_SUM_CORRECT]))
+        return n, sc / C.CONF_FIXED_POINT_SCALE, sy
+
     def ece(self, norm: str = "l1") -> float:
-        """Binned calibration error of the state.
+        """Binned calibration error of the state (:func:`~mllmcal.calibration.functional.
+        ece_from_bins` of :meth:`bin_sums`).
 
         ``"l1"``: Σ_b (n_b/N)·|acc_b − conf_b| (ECE); ``"l2"``: sqrt(Σ_b (n_b/N)·(acc_b −
         conf_b)²); ``"max"``: max over non-empty bins of |acc_b − conf_b| (MCE).
         """
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm)
         self._require_data()
-        b = self.bin_stats()
-        nz = b["count"] > 0
-        w = b["count"][nz] / b["count"].sum()
-        gap = (b["accuracy"][nz] - b["confidence"][nz]).abs()
-        if norm == "l1":
-            return float((w * gap).sum())
-        if norm == "l2":
-            return float(torch.sqrt((w * gap.square()).sum()))
-        return float(gap.max())
+        return ece_from_bins(*self.bin_sums(), norm)
 
     def accuracy(self) -> float:
         """Fraction of correct predictions."""
@@ -602,84 +571,3 @@ class CalibrationState:
 
     def __repr__(self) -> str:
         return f"CalibrationState(n_bins={self.n_bins}, device={str(self.device)!r}, count={self.count})"
-
-
-def _validate_dict(d: Any) -> list[str]:
-    """Every problem with a would-be :meth:`CalibrationState.to_dict` output (empty if none)."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"from_dict needs a dict, got {type(d).__name__}")
-    problems: list[str] = []
-    if d.get("format") not in _FORMATS_READ:
-        return [f"format is {d.get('format')!r}, expected one of {_FORMATS_READ}"]
-    expected = {"format", "n_bins", *_HIST_KEYS, *_TOTAL_KEYS}
-    missing = sorted(expected - set(d))
-    if missing:
-        problems.append(f"missing keys {missing}")
-    extra = sorted(set(d) - expected, key=str)
-    if extra:
-        problems.append(f"unexpected keys {extra}")
-    if missing:
-        return problems
-    n_bins = d["n_bins"]
-    if not _is_int(n_bins) or n_bins < 1:
-        problems.append(f"n_bins must be an int >= 1, got {n_bins!r}")
-        return problems
-    lists = {}
-    for key in _HIST_KEYS:
-        v = d[key]
-        if not isinstance(v, (list, tuple)):
-            problems.append(f"{key} must be a list of {n_bins} ints, got {type(v).__name__}")
-            continue
-        if len(v) != n_bins:
-            problems.append(f"{key} has {len(v)} entries, expected n_bins={n_bins}")
-            continue
-        bad = [(i, x) for i, x in enumerate(v) if not _is_int(x) or x < 0 or x > MAX_VALUE]
-        if bad:
-            i, x = bad[0]
-            problems.append(
-                f"{key}[{i}] = {x!r}: entries must be non-negative ints within the state's "
-                f"limit 2**94 ({len(bad)} bad entries)"
-            )
-            continue
-        lists[key] = v
-    scalars = {}
-    for key in _TOTAL_KEYS:
-        x = d[key]
-        if not _is_int(x) or x < 0 or x > MAX_VALUE:
-            problems.append(f"{key} = {x!r}: must be a non-negative int within the state's "
-                            "limit 2**94")
-        else:
-            scalars[key] = x
-    if len(lists) == 3:
-        n, sc, sy = (lists[k] for k in _HIST_KEYS)
-        scale = 1 << 32
-        for b in range(n_bins):
-            if sy[b] > n[b]:
-                problems.append(f"bin {b}: sum_correct {sy[b]} > count {n[b]}")
-            # A confidence c in bin b has b <= fp32(c · n_bins) < b + 1 (or c = 1.0 in the
-            # last bin); allow fp32 round-off (relative 2**-22) and the per-row 0.5-unit
-            # rounding of c · 2**32.
-            lo_edge = b / n_bins * (1 - 2.0**-22)
-            hi_edge = 1.0 if b == n_bins - 1 else min(1.0, (b + 1) / n_bins * (1 + 2.0**-22))
-            lo_sum = math.floor(n[b] * lo_edge * scale) - n[b]
-            hi_sum = math.ceil(n[b] * hi_edge * scale) + n[b]
-            if not lo_sum <= sc[b] <= min(hi_sum, n[b] * scale):
-                problems.append(
-                    f"bin {b}: sum_confidence_fixed {sc[b]} is outside what {n[b]} confidences "
-                    f"in [{b}/{n_bins}, {b + 1}/{n_bins}] can sum to"
-                )
-    if len(scalars) == 4:
-        n_sc, n_over = scalars["n_scored"], scalars["n_nll_overflow"]
-        if n_over > n_sc:
-            problems.append(f"n_nll_overflow {n_over} > n_scored {n_sc}")
-        if len(lists) == 3 and n_sc > sum(lists["count"]):
-            problems.append(f"n_scored {n_sc} > total count {sum(lists['count'])} (every "
-                            "scored row is also in the histogram)")
-        if scalars["sum_brier_fixed"] > n_sc * (2 << 30) + n_sc:
-            problems.append(f"sum_brier_fixed {scalars['sum_brier_fixed']} exceeds 2 per "
-                            f"scored row ({n_sc} rows)")
-        n_finite = max(0, n_sc - n_over)
-        if scalars["sum_nll_fixed"] > n_finite * (int(NLL_OVERFLOW_NATS) << 24) + n_finite:
-            problems.append(f"sum_nll_fixed {scalars['sum_nll_fixed']} exceeds 2**31 nats per "
-                            f"row with a finite NLL ({n_finite} rows)")
-    return problems

@@ -17,7 +17,7 @@ Where it differs from ``MulticlassCalibrationError``:
 * **Confidence exactly 1.0.** torchmetrics bins with ``bucketize(conf, linspace(0, 1,
   n_bins + 1), right=True) - 1``, which puts conf == 1.0 in an extra, (n_bins+1)-th bin of
   its own; here it lands in the last bin (``min(floor(conf · n_bins), n_bins − 1)``, the
-  convention of DESIGN.md and of Guo et al. 2017). The two agree whenever no confidence is
+  convention of docs/design.md and of Guo et al. 2017). The two agree whenever no confidence is
   exactly 1.0 (probabilities that saturate in fp32, e.g. one-hot predictions, are where
   they differ).
 * **Bin edges.** Here the bin is ``floor(fp32(conf · n_bins))``; torchmetrics compares conf
@@ -46,14 +46,13 @@ import torch
 from torchmetrics import Metric
 
 from .. import _contract as C
-from ..calibration.state import LIMB_BITS, MAX_ROWS_PER_UPDATE, CalibrationState
+from ..calibration.functional import carry_, check_norm
+from ..calibration.state import MAX_ROWS_PER_UPDATE, CalibrationState
 from ..ops import token_stats
 
 __all__ = ["CalibrationError"]
 
-_NORMS = ("l1", "l2", "max")
 _FORMATS = ("auto", "probs", "logits")
-_LIMB_MASK = (1 << LIMB_BITS) - 1
 
 
 class CalibrationError(Metric):
@@ -90,8 +89,7 @@ class CalibrationError(Metric):
         super().__init__(**kwargs)
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm)
         if input_format not in _FORMATS:
             raise ValueError(f"input_format must be one of {_FORMATS}, got {input_format!r}")
         self.n_bins, self.norm = n_bins, norm
@@ -133,17 +131,13 @@ class CalibrationError(Metric):
             C.hist_add_(self.hist, conf.float(), pred == target, keep)
         # Carry after every update, so ``hist`` < 2**32 between updates: a sum over ranks
         # (torchmetrics' sync) and the next update (< 2**30 rows of <= 2**32 units) cannot
-        # wrap it. The carry is three device ops, no host sync.
-        self.hist_hi += self.hist >> LIMB_BITS
-        self.hist.bitwise_and_(_LIMB_MASK)
+        # wrap it. The carry saturates ``hist_hi`` (an overflow stays marked and raises at
+        # compute); a few device ops, no host sync.
+        carry_(self.hist, self.hist_hi)
 
     def state(self) -> CalibrationState:
         """The histogram as a :class:`mllmcal.CalibrationState` (for plots, other norms)."""
-        s = CalibrationState(self.n_bins, device=self.hist.device)
-        s.hist.copy_(self.hist)
-        s.hist_hi.copy_(self.hist_hi)
-        s._carry()
-        return s
+        return CalibrationState.from_histogram(self.hist, self.hist_hi)
 
     def compute(self) -> torch.Tensor:
         """The calibration error, a 0-dim fp32 tensor (``ValueError`` if nothing was added)."""

@@ -10,8 +10,8 @@
 * :mod:`.scoring` -- :func:`score_tokens`, teacher-forced calibration over a corpus.
 """
 
-from .answers import StopAtAnswer
 from .._feedback import SEQUENCE_CONFIDENCE_KINDS, sequence_scores
+from .answers import StopAtAnswer
 from .feedback import FeedbackMonitor
 from .processor import CalibratedLogitsProcessor
 from .scoring import iter_score_tokens, score_tokens

@@ -12,7 +12,7 @@ import torch
 from .config import Config
 from .tracker import Tracker
 
-__all__ = ["ProcessorCore", "config_of", "log_conf", "scale_rows", "validate_params",
+__all__ = ["ProcessorCore", "config_of", "log_conf", "scale_rows", "check_extra_args",
            "writer_rank"]
 
 
@@ -35,7 +35,7 @@ def writer_rank() -> bool:
         return True
 
 
-def validate_params(sampling_params: Any) -> None:
+def check_extra_args(sampling_params: Any) -> None:
     """Reject a request whose ``extra_args`` give mllmcal options of the wrong type."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     rid = extra.get("mllmcal_id")
@@ -90,7 +90,7 @@ class ProcessorCore:
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
-        validate_params(sampling_params)
+        check_extra_args(sampling_params)
 
     def flush(self, *, end_active: bool = False) -> int:
         """Drain now (see :meth:`Tracker.flush`); returns the number of records written."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
-from .common import ProcessorCore, validate_params
+from .common import ProcessorCore, check_extra_args
 from .v1 import V1CalibratedLogitsProcessor
 
 try:  # Model Runner V2's interface (vLLM >= 0.25)
@@ -57,7 +57,7 @@ class CalibratedLogitsProcessor:
     def validate_params(cls, sampling_params: Any) -> None:
         """Reject requests with malformed ``mllmcal_*`` extra_args (both runners' loaders
         call this on the class they loaded)."""
-        validate_params(sampling_params)
+        check_extra_args(sampling_params)
 
 
 V1LogitsProcessor.register(CalibratedLogitsProcessor)

@@ -191,3 +191,18 @@ def test_two_finished_requests_with_one_id_are_said_once(tmp_path, caplog):
     feedback("same", correct=False)
     tr.drain()
     assert tr.n_feedback == 1 and tr.state.count == 1
+
+
+def test_feedback_book_keeps_the_newest_and_is_the_one_both_integrations_use(tmp_path):
+    from mllmcal.integrations._feedback import FeedbackBook
+
+    dropped = []
+    book = FeedbackBook(n_bins=5, max_pending=2, on_drop=dropped.append)
+    for key in "abc":
+        assert book.put(key, key.upper()) is False
+    assert book.put("b", "B2") is True  # refiled as the newest
+    assert book.trim() == 1 and dropped == [1]
+    assert book.items() == [("c", "C"), ("b", "B2")] and book.take("a") is None
+    book.score(torch.tensor([0.8, 0.3]), torch.tensor([True, False]))
+    assert book.n_feedback == 2 and book.calibration()["count"] == 2
+    assert isinstance(_tracker(tmp_path).scorer.book, FeedbackBook)

@@ -76,12 +76,13 @@ def main() -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
-    from mllmcal.integrations.vllm.processor import CalibratedLogitsProcessor
+    from mllmcal.integrations.vllm import V1CalibratedLogitsProcessor
 
     spent = {"engine_thread": 0.0, "drain_thread": 0.0}
 
-    class TimedProcessor(CalibratedLogitsProcessor):
-        """mllmcal's processor with its own CPU time counted (a benchmark probe)."""
+    class TimedProcessor(V1CalibratedLogitsProcessor):
+        """mllmcal's processor with its own CPU time counted (a benchmark probe); the CPU
+        engine runs the V1 model runner."""
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
@@ -94,9 +95,9 @@ def main() -> None:
 
             self.tracker.drain = timed_drain
 
-        def apply(self, logits, ctx=None):
+        def apply(self, logits):
             t0 = time.thread_time()
-            out = super().apply(logits, ctx)
+            out = super().apply(logits)
             spent["engine_thread"] += time.thread_time() - t0
             return out
 

@@ -11,8 +11,12 @@ import pytest
 import torch
 
 import mllmcal
-from mllmcal.integrations.vllm import _core
-from mllmcal.integrations.vllm._core import Config, Request, StepStats, Tracker
+from mllmcal.integrations.vllm import feedback
+from mllmcal.integrations.vllm.config import Config
+from mllmcal.integrations.vllm.feedback_scorer import parse_feedback
+from mllmcal.integrations.vllm.request import Request
+from mllmcal.integrations.vllm.steps import StepStats
+from mllmcal.integrations.vllm.tracker import Tracker
 
 
 class ManualTracker(Tracker):
@@ -85,7 +89,7 @@ def test_config_from_env_and_overrides(monkeypatch):
 ])
 def test_bad_feedback_is_rejected_with_the_reason(item, match):
     with pytest.raises(ValueError, match=match):
-        _core._feedback_item(item)
+        parse_feedback(item)
 
 
 def test_record_fields_and_sequence_confidence(tmp_path):
@@ -148,7 +152,7 @@ def test_feedback_file_lines_are_applied_once_and_half_lines_wait(tmp_path):
 
 def test_feedback_before_the_request_ends_is_kept(tmp_path):
     tr = _tracker(tmp_path)
-    _core.feedback("late", correct=True)
+    feedback("late", correct=True)
     assert tr.n_feedback == 0
     tr.drain()  # "late" is unknown yet: kept, not dropped
     rows = torch.randn(1, 20)
@@ -184,6 +188,21 @@ def test_two_finished_requests_with_one_id_are_said_once(tmp_path, caplog):
         tr.drain()
     assert [r["id"] for r in _records(tmp_path)] == ["same"] * 3
     assert caplog.text.count("finished again while awaiting feedback") == 1
-    _core.feedback("same", correct=False)
+    feedback("same", correct=False)
     tr.drain()
     assert tr.n_feedback == 1 and tr.state.count == 1
+
+
+def test_feedback_book_keeps_the_newest_and_is_the_one_both_integrations_use(tmp_path):
+    from mllmcal.integrations._feedback import FeedbackBook
+
+    dropped = []
+    book = FeedbackBook(n_bins=5, max_pending=2, on_drop=dropped.append)
+    for key in "abc":
+        assert book.put(key, key.upper()) is False
+    assert book.put("b", "B2") is True  # refiled as the newest
+    assert book.trim() == 1 and dropped == [1]
+    assert book.items() == [("c", "C"), ("b", "B2")] and book.take("a") is None
+    book.score(torch.tensor([0.8, 0.3]), torch.tensor([True, False]))
+    assert book.n_feedback == 2 and book.calibration()["count"] == 2
+    assert isinstance(_tracker(tmp_path).scorer.book, FeedbackBook)

@@ -50,7 +50,7 @@ def v2_instances(logits_processors) -> list:
 
 
 def main(pyproject: str) -> None:
-    from mllmcal.integrations.vllm import CalibratedLogitsProcessor
+    from mllmcal.integrations.vllm import V2CalibratedLogitsProcessor
 
     eps = tomllib.loads(Path(pyproject).read_text())["project"]["entry-points"][GROUP]
     assert list(eps.values()) == [FQCN], eps
@@ -59,7 +59,7 @@ def main(pyproject: str) -> None:
     assert not v1_rejects_bad_args(None), "a processor was loaded with no name given"
     assert v1_rejects_bad_args((FQCN,))
     (proc,) = v2_instances([FQCN])
-    assert type(proc) is CalibratedLogitsProcessor and proc.runner == "v2"
+    assert type(proc) is V2CalibratedLogitsProcessor and proc.runner == "v2"
 
     # Through the entry point.
     site = Path(tempfile.mkdtemp())
@@ -73,7 +73,7 @@ def main(pyproject: str) -> None:
     # () rather than None: vLLM caches the classes loaded per argument.
     assert v1_rejects_bad_args(()), "V1 did not load the entry point"
     (proc,) = v2_instances([])
-    assert type(proc) is CalibratedLogitsProcessor, "V2 did not load the entry point"
+    assert type(proc) is V2CalibratedLogitsProcessor, "V2 did not load the entry point"
     print("OK")
 
 

@@ -34,7 +34,11 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 import mllmcal
-from mllmcal.integrations.vllm import CalibratedLogitsProcessor
+from mllmcal.integrations.vllm import (
+    CalibratedLogitsProcessor,
+    V1CalibratedLogitsProcessor,
+    V2CalibratedLogitsProcessor,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 FQCN = "mllmcal.integrations.vllm:CalibratedLogitsProcessor"
@@ -161,11 +165,19 @@ def _assert_record(rec, exp, exact=True):
         np.testing.assert_allclose(rec["logprob"], exp["logprob"], atol=1e-5)
 
 
-def test_processor_is_both_interfaces_and_loads_through_v2_loader(tmp_path):
+def test_one_name_passes_both_loaders_and_builds_one_class_per_interface(tmp_path):
+    # The loading name passes both loaders' checks; what it builds implements one each.
     assert issubclass(CalibratedLogitsProcessor, LogitsProcessor)
     assert issubclass(CalibratedLogitsProcessor, V1LogitsProcessor)
+    assert issubclass(V2CalibratedLogitsProcessor, LogitsProcessor)
+    assert not issubclass(V2CalibratedLogitsProcessor, V1LogitsProcessor)
+    assert issubclass(V1CalibratedLogitsProcessor, V1LogitsProcessor)
+    assert not issubclass(V1CalibratedLogitsProcessor, LogitsProcessor)
     runner = FakeV2Runner(_v2(tmp_path))
-    assert isinstance(runner.proc, CalibratedLogitsProcessor) and runner.proc.runner == "v2"
+    assert type(runner.proc) is V2CalibratedLogitsProcessor and runner.proc.runner == "v2"
+    v1 = CalibratedLogitsProcessor(_config(tmp_path), device=torch.device("cpu"),
+                                   is_pin_memory=False)
+    assert type(v1) is V1CalibratedLogitsProcessor and v1.runner == "v1"
 
 
 def test_v2_rows_follow_expanded_idx_mapping_and_slots_are_reused(tmp_path):
@@ -357,7 +369,7 @@ def test_v2_keeps_the_answer_row_for_feedback_and_scores_it(tmp_path):
     tracker = runner.proc.tracker
     tracker.flush(end_active=True)
     # prefill chunks at 4, 8, 9 tokens, then the decode steps: output 1 came from step 4
-    (_, _, _, row) = tracker._awaiting["q"]
+    row = tracker.scorer.book.get("q").row
     assert row is not None and torch.equal(row, raws[3][0])
     from mllmcal.integrations.vllm import feedback
 

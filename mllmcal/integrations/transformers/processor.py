@@ -67,12 +67,8 @@ from transformers import LogitsProcessor
 
 from ... import _contract as C
 from ...ops import TokenStats, check_scalar_temperature, token_stats
-from .feedback import (
-    SEQUENCE_CONFIDENCE_KINDS,
-    FeedbackMonitor,
-    pick_confidence,
-    sequence_scores,
-)
+from .._feedback import SEQUENCE_CONFIDENCE_KINDS, pick_confidence, sequence_scores
+from .feedback import FeedbackMonitor
 
 __all__ = ["CalibratedLogitsProcessor"]
 
@@ -432,7 +428,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
 
     def sequence_scores(self, sequences: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Sequence-level confidences of the latest run over each row's unmasked tokens
-        (see :func:`~mllmcal.integrations.transformers.feedback.sequence_scores`)."""
+        (see :func:`~mllmcal.integrations._feedback.sequence_scores`)."""
         return sequence_scores(self.token_logprobs(sequences))
 
     def sequence_confidence(
@@ -532,7 +528,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         for k in keys:
             entry = self.monitor.take(k)
             if entry is not None:
-                source, row = entry
+                source, row = entry.source, entry.row
                 conf = self._run_confidence(source) if isinstance(source, _Run) else source
             elif isinstance(k, int) and not isinstance(k, bool):
                 run = self._latest()
@@ -544,7 +540,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             else:
                 raise KeyError(f"no generated row is waiting for feedback under id {k!r}")
             confs.append(conf[row : row + 1])
-        self.monitor.add(torch.cat(confs), corr)
+        self.monitor.score(torch.cat(confs), corr)
 
     def _run_confidence(self, run: _Run) -> torch.Tensor:
         n = run.n_final

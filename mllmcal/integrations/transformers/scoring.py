@@ -14,15 +14,9 @@ from typing import Any
 import torch
 
 from ...ops import check_scalar_temperature
+from .._feedback import new_calibration_state
 
 __all__ = ["score_tokens", "iter_score_tokens"]
-
-
-def _new_state(n_bins: int, device: torch.device | None):
-    from ...calibration import CalibrationState
-
-    return CalibrationState(n_bins=n_bins, device=device)
-
 
 
 def _text_config(model: torch.nn.Module) -> Any:
@@ -102,7 +96,7 @@ def score_tokens(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = input_ids.device
     if state is None:
-        state = _new_state(n_bins, device)
+        state = new_calibration_state(n_bins, device)
 
     if labels is None:
         target = input_ids.clone()

@@ -14,6 +14,11 @@ Loading it (the same name works with both of vLLM's model runners)::
     python -m vllm.entrypoints.openai.api_server --model M \\
         --logits-processors mllmcal.integrations.vllm:CalibratedLogitsProcessor
 
+``CalibratedLogitsProcessor`` selects, from the constructor signature vLLM documents for
+each runner, one of two small classes: :class:`V1CalibratedLogitsProcessor` (the V1
+runner's interface) or :class:`V2CalibratedLogitsProcessor` (Model Runner V2's); either
+can also be named directly.
+
 Installing mllmcal as a package also registers it under vLLM's ``vllm.logits_processors``
 entry point: every engine in that environment then loads it (``MLLMCAL_VLLM_DISABLE=1``
 turns it into a no-op).
@@ -125,9 +130,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._core import Config, Tracker, _trackers, feedback
+from .config import Config
+from .feedback_scorer import feedback
+from .tracker import Tracker, live_trackers
 
-__all__ = ["CalibratedLogitsProcessor", "Config", "feedback", "flush", "trackers"]
+__all__ = ["CalibratedLogitsProcessor", "Config", "Tracker", "V1CalibratedLogitsProcessor",
+           "V2CalibratedLogitsProcessor", "feedback", "flush", "trackers"]
 
 
 def flush(*, end_active: bool = True) -> int:
@@ -138,19 +146,23 @@ def flush(*, end_active: bool = True) -> int:
     ``LLM.generate`` returned. In a multiprocess engine it has nothing to flush: there the
     engine process writes records as requests finish and at shutdown.
     """
-    return sum(t.flush(end_active=end_active) for t in list(_trackers))
+    return sum(t.flush(end_active=end_active) for t in live_trackers())
 
 
 def trackers() -> list[Tracker]:
     """The live trackers of this process (one per processor instance)."""
-    return list(_trackers)
+    return live_trackers()
+
+
+_PROCESSORS = ("CalibratedLogitsProcessor", "V1CalibratedLogitsProcessor",
+               "V2CalibratedLogitsProcessor")
 
 
 def __getattr__(name: str) -> Any:
-    # The processor subclasses vLLM's interfaces, so importing it imports vLLM; keep
+    # The processors subclass vLLM's interfaces, so importing them imports vLLM; keep
     # ``feedback``/``flush`` importable without it.
-    if name == "CalibratedLogitsProcessor":
-        from .processor import CalibratedLogitsProcessor
+    if name in _PROCESSORS:
+        from . import processor
 
-        return CalibratedLogitsProcessor
+        return getattr(processor, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

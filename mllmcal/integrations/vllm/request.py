@@ -1,0 +1,120 @@
+"""What the tracker knows about one request, and the per-token entries that reach it.
+
+A :class:`Request` is created when a runner first sees the request and collects one
+:class:`TokenRow` (V1) or :class:`CommittedToken` (V2) per row of a step that may have
+produced one of its tokens; the tracker turns those into per-token values.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .steps import StepStats
+
+__all__ = ["CommittedToken", "Request", "TokenRow"]
+
+_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: below it a request is sampled greedily
+_ids = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """V1: row ``row`` of step ``stats`` may have produced output token ``index`` of its
+    request (it did once the request's output list is longer than ``index``, unless a
+    later row with the same ``index`` supersedes it: a prompt chunk)."""
+
+    index: int
+    stats: StepStats
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedToken:
+    """V2: output token ``index`` of a request, known from the device.
+
+    Attributes:
+        index: position among the request's output tokens.
+        token: the token id.
+        confidence, entropy: the step's statistics of its row.
+        logprob: the token's log-probability at the step's temperature, None where it
+            cannot be known exactly.
+        stats: the step (its temperature, and the key of a kept feedback row).
+    """
+
+    index: int
+    token: int
+    confidence: float
+    entropy: float
+    logprob: float | None
+    stats: StepStats
+
+
+class Request:
+    """What the tracker knows about one request, and its per-token values so far."""
+
+    __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
+                 "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
+                 "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
+                 "temperature", "key", "greedy_plain", "scale", "__weakref__")
+
+    def __init__(self, params: Any, tokens: list[int] | None = None,
+                 apply_temperature: bool = False) -> None:
+        extra = getattr(params, "extra_args", None) or {}
+        rid = extra.get("mllmcal_id")
+        self.rid = str(rid) if rid is not None else f"mllmcal-{uuid.uuid4().hex[:12]}-{next(_ids)}"
+        self.max_tokens = getattr(params, "max_tokens", None)
+        self.min_tokens = getattr(params, "min_tokens", 0) or 0
+        if getattr(params, "ignore_eos", False):
+            stop = set(getattr(params, "stop_token_ids", None) or ())
+        else:
+            stop = set(getattr(params, "all_stop_token_ids", None) or ()) | set(
+                getattr(params, "stop_token_ids", None) or ()
+            )
+        self.stop_ids = frozenset(stop)
+        self.opt_logprobs = bool(extra.get("mllmcal_logprobs", False))
+        greedy = (getattr(params, "temperature", 1.0) or 0.0) < _GREEDY_EPS
+        no_penalties = (
+            getattr(params, "repetition_penalty", 1.0) == 1.0
+            and getattr(params, "frequency_penalty", 0.0) == 0.0
+            and getattr(params, "presence_penalty", 0.0) == 0.0
+        )
+        # Greedy without penalties picks the argmax of the logits the processor sees, whose
+        # log-probability is log(confidence): no row needs to be kept.
+        self.greedy_plain = greedy and no_penalties
+        self.needs_rows = self.opt_logprobs and not self.greedy_plain
+        self.keep_row = bool(extra.get("mllmcal_feedback", False))
+        # Sample from softmax(logits / (T_cal * T_sampling)): the processor divides the row
+        # by the calibration temperature in place. Greedy choices do not change.
+        self.scale = bool(extra.get("mllmcal_apply_temperature", apply_temperature))
+        self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
+        # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
+        self.tokens: list[int] = tokens if tokens is not None else []
+        self.entries: collections.deque[TokenRow | CommittedToken] = collections.deque()
+        self.confidence: list[float | None] = []
+        self.entropy: list[float | None] = []
+        self.logprob: list[float | None] = []
+        # The feedback position's logits row once committed; until then the candidate
+        # rows, keyed by id() of the step that saw them.
+        self.fb_row: torch.Tensor | None = None
+        self.fb_rows: dict[int, torch.Tensor] = {}
+        self.ended = False
+        self.ended_by = ""
+        self.written = False
+        self.n_known = 0
+        self.temperature = 1.0
+        self.key: Any = None  # what the runner recognises the request by when it returns
+
+    def finished_by_tokens(self) -> str:
+        """'length' or 'stop' when the committed tokens alone show the request is over."""
+        n = len(self.confidence)
+        if self.max_tokens is not None and n >= self.max_tokens:
+            return "length"
+        if n and n >= self.min_tokens and self.tokens[n - 1] in self.stop_ids:
+            return "stop"
+        return ""

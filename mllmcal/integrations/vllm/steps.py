@@ -1,0 +1,102 @@
+"""One engine step's ``[B]`` statistics and what the processors keep with them.
+
+:class:`StepStats` holds the statistics of one step's rows and reads them back to the host
+without blocking; :class:`SavedLogits` and :class:`ChosenLogit` are the typed carriers of
+the opted-in rows whose chosen token's logit is read once the token is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["CONF", "ENT", "LSE", "PRED", "ChosenLogit", "SavedLogits", "StepStats"]
+
+# Rows of a StepStats host array: the token_stats fields every step has.
+CONF, ENT, LSE, PRED = range(4)
+
+
+@dataclass(frozen=True)
+class SavedLogits:
+    """Copies of a step's opted-in logits rows, kept until their chosen tokens are known.
+
+    Attributes:
+        logits: ``[b, V]`` copy of the rows (in the logits' dtype and device).
+        index: int64 ``[b]`` on the logits' device: the batch row of each copied row.
+        position: batch row -> its index in ``logits``, where the host knows which rows
+            were copied (V1); empty where only the device does (V2 with several rows per
+            request).
+    """
+
+    logits: torch.Tensor
+    index: torch.Tensor
+    position: Mapping[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChosenLogit:
+    """Where the chosen token's logit of one row was read to: entry ``index`` of the
+    one-row statistics ``values`` (a :class:`StepStats` of the gathered logits)."""
+
+    values: StepStats
+    index: int
+
+
+class StepStats:
+    """The ``[B]`` statistics of one step, read back to the host without blocking.
+
+    On a CUDA device the values are copied into pinned memory with ``non_blocking=True``
+    and an event is recorded; :meth:`ready` polls the event, so the reader never waits. On
+    the CPU the values are the tensors themselves.
+
+    Attributes:
+        temperature: the calibration temperature the statistics were computed at.
+        saved: the step's opted-in rows until their chosen logits are read (else None).
+        chosen: batch row -> where its chosen token's logit was read to.
+    """
+
+    __slots__ = ("_dev", "_host", "_event", "_lists", "temperature", "saved", "chosen")
+
+    def __init__(self, rows: Iterable[torch.Tensor], *, temperature: float = 1.0,
+                 defer: bool = False) -> None:
+        self._dev = torch.stack([r.to(torch.float32) for r in rows])
+        self._host: torch.Tensor | None = None
+        self._event = None
+        self._lists: list[list[float]] | None = None
+        self.temperature = temperature
+        self.saved: SavedLogits | None = None
+        self.chosen: dict[int, ChosenLogit] = {}
+        if not defer:
+            self.launch_copy()
+
+    def append_rows(self, rows: Iterable[torch.Tensor]) -> None:
+        """Add rows before :meth:`launch_copy` (values computed a step later, on device)."""
+        self._dev = torch.cat([self._dev, torch.stack([r.to(torch.float32) for r in rows])])
+
+    def launch_copy(self) -> None:
+        if self._dev.device.type == "cuda":
+            self._host = torch.empty(self._dev.shape, dtype=torch.float32, pin_memory=True)
+            self._host.copy_(self._dev, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = self._dev
+
+    def ready(self) -> bool:
+        if self._lists is not None:
+            return True
+        return self._host is not None and (self._event is None or self._event.query())
+
+    def wait(self) -> None:
+        """Block until the host copy is complete (shutdown only)."""
+        if self._event is not None and self._lists is None:
+            self._event.synchronize()
+
+    def values(self) -> list[list[float]]:
+        """Host values as ``[n_rows_of_stats][B]`` Python floats (call when :meth:`ready`)."""
+        if self._lists is None:
+            self._lists = self._host.tolist()
+            self._dev = self._host = None
+        return self._lists

@@ -1,0 +1,272 @@
+"""The processor for vLLM's V1 model runner (its persistent batch): one class, one
+interface (``vllm.v1.sample.logits_processor.LogitsProcessor``)."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+
+from ...ops import token_stats
+from .common import ProcessorCore, config_of, log_conf, scale_rows, writer_rank
+from .config import Config
+from .request import Request, TokenRow
+from .steps import CONF, ENT, LSE, PRED, ChosenLogit, SavedLogits, StepStats
+from .tracker import Tracker
+
+__all__ = ["V1CalibratedLogitsProcessor", "V1Step", "V1Tracker"]
+
+
+@dataclass(frozen=True)
+class V1Step:
+    """One step of the V1 runner as the engine thread saw it.
+
+    Attributes:
+        stats: the step's statistics, row ``r`` for batch row ``r``.
+        requests: the request of each batch row (None: an empty slot).
+        n_tokens: each row's request's output length when the row was seen: the index
+            of the token the row produces, if it produces one.
+    """
+
+    stats: StepStats
+    requests: list[Request | None]
+    n_tokens: list[int]
+
+
+class V1Tracker(Tracker):
+    """Bookkeeping for the V1 model runner's persistent batch.
+
+    Row ``r`` of the logits belongs to the request added at batch index ``r`` (after the
+    removed/added/moved updates of this step). The token a row produced is known once the
+    request's live output list (handed over in ``BatchUpdate.added``) has grown past the
+    length it had when the row was seen; a row after which the list did not grow (a chunk of
+    a prompt prefilled in several steps) is superseded by the next row of the same request.
+    The engine thread queues each :class:`V1Step` whole; the drain thread hands its rows
+    to their requests as :class:`~.request.TokenRow` entries.
+    """
+
+    def __init__(self, config: Config, device: torch.device, writer_rank: bool = True) -> None:
+        super().__init__(config, writer_rank=writer_rank)
+        self.device = device
+        self.rows: list[Request | None] = []
+        self._saved_rows: list[int] = []  # rows whose logits are kept until the token is known
+        self._fb_rows: list[int] = []     # rows of requests that keep a feedback row
+        self._scaled_rows: list[int] = []  # rows to divide by the calibration temperature
+        self._saved_steps: list[V1Step] = []  # steps with saved rows not all read yet
+        self._new_steps: collections.deque[V1Step] = collections.deque()  # not handed out
+
+    # ------------------------------------------------------------ engine thread
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        # The tokens of the previous step are in the output lists now: read the logits of
+        # the opted-in rows at them before those rows are dropped.
+        if self._saved_steps:
+            self._resolve_saved(superseded=True)
+        if batch_update is None:
+            return
+        with self._lock:
+            rows = self.rows
+            need = batch_update.batch_size
+            for i, _, _, _ in batch_update.added:
+                need = max(need, i + 1)
+            for a, b, _ in batch_update.moved:
+                need = max(need, a + 1, b + 1)
+            if len(rows) < need:
+                rows.extend([None] * (need - len(rows)))
+            for i in batch_update.removed:
+                self._vacate(i)
+            for i, params, _prompt, output in batch_update.added:
+                self._vacate(i)
+                req = self.reattach(id(output))
+                if req is None:
+                    req = Request(params, output, self.config.apply_temperature)
+                    self.open_request(req)
+                rows[i] = req
+            for a, b, direction in batch_update.moved:
+                if direction == MoveDirectionality.SWAP:
+                    rows[a], rows[b] = rows[b], rows[a]
+                else:
+                    self._vacate(b)
+                    rows[b], rows[a] = rows[a], None
+            del rows[batch_update.batch_size:]
+            self._saved_rows = [r for r, q in enumerate(rows) if q is not None and q.needs_rows]
+            self._fb_rows = [r for r, q in enumerate(rows) if q is not None and q.keep_row]
+            self._scaled_rows = [r for r, q in enumerate(rows) if q is not None and q.scale]
+
+    def _vacate(self, i: int) -> None:
+        req = self.rows[i] if i < len(self.rows) else None
+        if req is not None:
+            self.rows[i] = None
+            # Keyed by the output list: vLLM hands the same list back when it re-adds a
+            # request it had taken out of the batch (unscheduled or preempted).
+            self.detach(id(req.tokens), req)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        n = min(logits.shape[0], len(self.rows))
+        if n == 0:
+            return logits
+        t = self.temperature
+        s = token_stats(logits, temperature=t)
+        # defer: on a GPU the copy's event is recorded after the opted-in rows are copied
+        # below, so a ready step also has its saved rows in place (read by the drain thread).
+        stats = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction),
+                          temperature=t, defer=True)
+        reqs = self.rows[:n]
+        step = V1Step(stats, reqs, [len(q.tokens) if q is not None else -1 for q in reqs])
+        if self._saved_rows:
+            # The only [b, V] allocation, for opted-in sampled requests: vLLM scales these
+            # logits by the sampling temperature in place after this returns, so a
+            # reference would not keep the values the statistics were computed from.
+            sel = [r for r in self._saved_rows if r < n]
+            if sel:
+                idx = torch.tensor(sel, dtype=torch.long).to(logits.device, non_blocking=True)
+                stats.saved = SavedLogits(logits.index_select(0, idx), idx,
+                                          {r: j for j, r in enumerate(sel)})
+                with self._lock:
+                    self._saved_steps.append(step)
+        for r in self._fb_rows:
+            if r < n and step.n_tokens[r] == reqs[r].fb_position:
+                reqs[r].fb_rows[id(stats)] = logits[r].clone()
+        stats.launch_copy()
+        self._new_steps.append(step)
+        if self._scaled_rows and t != 1.0:
+            scale_rows(logits, [r for r in self._scaled_rows if r < n], t)
+        return logits
+
+    def _resolve_saved(self, superseded: bool) -> None:
+        """Read the opted-in rows' logits at their chosen tokens, for rows whose token is
+        known. ``superseded``: a new step has begun (or the engine is done), so rows whose
+        list did not grow produced nothing (prompt chunks) and their copies are dropped."""
+        with self._lock:
+            keep = []
+            for step in self._saved_steps:
+                stats, saved = step.stats, step.stats.saved
+                if saved is None:
+                    continue
+                if not stats.ready():
+                    keep.append(step)
+                    continue
+                js, toks, done, waiting = [], [], [], False
+                for r, j in saved.position.items():
+                    if r in stats.chosen:
+                        continue
+                    req, k = step.requests[r], step.n_tokens[r]
+                    if len(req.tokens) > k and req.tokens[k] >= 0:
+                        done.append(r)
+                        js.append(j)
+                        toks.append(req.tokens[k])
+                    else:
+                        waiting = True
+                if js:
+                    # Built on the host and copied without blocking: torch.tensor(...,
+                    # device="cuda") would be a synchronous copy.
+                    ij = torch.tensor([js, toks], dtype=torch.long)
+                    ij = ij.to(saved.logits.device, non_blocking=True)
+                    chunk = StepStats((saved.logits[ij[0], ij[1]],))
+                    for i, r in enumerate(done):
+                        stats.chosen[r] = ChosenLogit(chunk, i)
+                if waiting and not superseded:
+                    keep.append(step)
+                else:
+                    stats.saved = None
+            self._saved_steps = keep
+
+    # ------------------------------------------------------------ drain thread
+
+    def _hand_out(self) -> None:
+        """Give each queued step's rows to their requests, in step order."""
+        steps = self._new_steps
+        while steps:
+            step = steps.popleft()
+            stats, n_tokens = step.stats, step.n_tokens
+            for r, req in enumerate(step.requests):
+                if req is not None:
+                    req.entries.append(TokenRow(n_tokens[r], stats, r))
+
+    def _before_drain(self) -> None:
+        self._hand_out()
+        # From the drain thread too: otherwise an idle engine (a server after its last
+        # request) would keep the last step's opted-in rows, and their records, forever.
+        if self._saved_steps:
+            self._resolve_saved(superseded=False)
+
+    def _before_final(self) -> None:
+        if self._saved_steps:
+            self._resolve_saved(superseded=True)
+
+    def _commit_ready(self, req: Request, final: bool) -> None:
+        entries, tokens = req.entries, req.tokens
+        while entries:
+            e: TokenRow = entries[0]
+            k, stats, r = e.index, e.stats, e.row
+            produced = len(tokens) > k  # read before looking for a superseding row
+            if len(entries) > 1 and entries[1].index == k:
+                entries.popleft()
+                continue
+            if not produced:
+                if final:
+                    entries.popleft()
+                    continue
+                return
+            if not stats.ready():
+                return
+            chosen = stats.chosen.get(r)
+            if chosen is None and stats.saved is not None and r in stats.saved.position:
+                return  # an opted-in row whose chosen logit is not read yet
+            if chosen is not None and not chosen.values.ready():
+                return
+            tok = tokens[k]
+            v = stats.values()
+            conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
+            if tok < 0:
+                # Async scheduling appends a placeholder that vLLM replaces only when its
+                # own processors need the ids. A greedy request without penalties chose
+                # the argmax of these logits; any other waits for the real id.
+                if req.greedy_plain and pred >= 0:
+                    tok = int(pred)
+                elif not final:
+                    return
+            t = stats.temperature
+            if tok >= 0 and tok == pred:
+                lp = log_conf(conf)
+            elif chosen is not None:
+                lp = chosen.values.values()[0][chosen.index] / t - lse
+            else:
+                lp = None
+            self._commit(req, k, conf, ent, lp, stats, t)
+            entries.popleft()
+
+
+class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
+    """mllmcal's processor for the V1 model runner, built by vLLM as
+    ``(vllm_config, device, is_pin_memory)``.
+
+    It observes (the logits it returns are the ones it got), except for requests that ask
+    it to apply the calibration temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
+    """
+
+    runner = "v1"
+
+    def __init__(self, vllm_config: Any, device: torch.device | str,
+                 is_pin_memory: bool = False) -> None:
+        cfg = config_of(vllm_config)
+        self._start(cfg, V1Tracker(cfg, torch.device(device), writer_rank()))
+
+    def is_argmax_invariant(self) -> bool:
+        # False although the logits are untouched: V1 skips argmax-invariant processors
+        # for all-greedy batches, and it would also hand them logits already divided by
+        # the sampling temperature.
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self.config.enabled:
+            self.tracker.update_state(batch_update)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.config.enabled:
+            return logits
+        return self.tracker.apply(logits)

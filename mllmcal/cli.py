@@ -74,7 +74,7 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
                         "from one pass); default: grid. 'newton' is the deprecated name of onepass")
     p.add_argument("--chat-template", default="auto", choices=["auto", "off"])
     p.add_argument("--no-idk", action="store_true", help="skip the IDK evaluation")
-    p.add_argument("--optimize-prompts", action="store_true", help="run APE on --dev")
+    p.add_argument("--optimize-prompts", action="store_true", help="run APE on the dev split (--dev, or dev in --data; an error without one)")
     p.add_argument("--ape-k", type=int, default=5)
     p.add_argument("--ape-m", type=int, default=5)
     p.add_argument("--ape-rounds", type=int, default=10)
@@ -313,11 +313,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from mllmcal.eval.runner import run_eval
 
     limits = {"test": args.n_test, "calib": args.n_calib, "dev": args.n_dev, "idk": args.n_idk}
+    for split, n in limits.items():
+        if n < 1:  # a negative count would be taken as a slice from the end
+            raise _UsageError(f"--n-{split} must be a positive number of items, got {n}")
     if args.limit:  # --limit caps every split, below the demo sizes too
         limits = {k: min(v, args.limit) for k, v in limits.items()}
+    from mllmcal.eval.data import find_split
+
     cfg = demo_eval_config(
         _model_specs([model])[0], data_dir, out, split_limits=limits, limit=args.limit,
-        optimize_prompts=True, ape_rounds=args.ape_rounds, ape_k=args.ape_k, ape_m=args.ape_m,
+        # the demo's data has a dev split; data without one (a stand-in) runs without APE
+        optimize_prompts=find_split(data_dir, "dev") is not None, ape_rounds=args.ape_rounds, ape_k=args.ape_k, ape_m=args.ape_m,
         seed=args.seed, batch_size=args.batch_size,
         temperature_method=_temperature_method(args.temperature_method),
         progress=not args.no_progress)
@@ -359,7 +365,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mllmcal.eval.report import write_report
+    from mllmcal.eval._jsonio import JSONInputError, read_json
+    from mllmcal.eval.report import report_problem, write_report
 
     p = Path(args.path)
     path = p / "report.json" if p.is_dir() else p
@@ -367,41 +374,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"mllmcal report: {path} does not exist", file=sys.stderr)
         return 2
     try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        print(f"mllmcal report: {path}:{exc.lineno}: invalid JSON: {exc.msg}", file=sys.stderr)
+        report = read_json(path)
+    except JSONInputError as exc:
+        print(f"mllmcal report: {exc}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"mllmcal report: {path}: cannot read: {exc}", file=sys.stderr)
-        return 2
-    problem = _report_problem(report)
+    problem = report_problem(report)
     if problem:
         print(f"mllmcal report: {path}: not an mllmcal report ({problem})", file=sys.stderr)
         return 2
     try:
         write_report(report, path.parent)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         print(f"mllmcal report: {path}: malformed report ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return 2
     _print_summary(report["summary"])
     return 0
-
-
-def _report_problem(report: Any) -> str | None:
-    """What makes ``report`` unusable, or None (the keys report.md and the plots read)."""
-    if not isinstance(report, dict):
-        return f"top level is a {type(report).__name__}, not an object"
-    for key, kind in (("summary", dict), ("models", list)):
-        if not isinstance(report.get(key), kind):
-            return f"'{key}' is missing or not a{'n object' if kind is dict else ' list'}"
-    for i, m in enumerate(report["models"]):
-        if not isinstance(m, dict) or not isinstance(m.get("modalities"), dict) or "name" not in m:
-            return f"models[{i}] lacks 'name' or 'modalities'"
-        for mod, r in m["modalities"].items():
-            if not isinstance(r, dict) or not isinstance(r.get("test"), dict):
-                return f"models[{i}].modalities.{mod} lacks 'test'"
-    return None
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -429,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         # ImportError: a missing optional package (MissingDependencyError names it and the
         # model)
         print(f"mllmcal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        # a JSON input nested deeper than the parser can go, read where the file is not yet
+        # named (inputs read through mllmcal.eval._jsonio say which file)
+        print(f"mllmcal {args.command}: error: an input (a JSON file?) is nested too deeply "
+              f"to read", file=sys.stderr)
         return 2
 
 

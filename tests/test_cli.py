@@ -178,3 +178,71 @@ def test_protocol_preset_keeps_the_options_given_with_it(tmp_path, capsys, caplo
         said = "n_bins=5" in caplog.text and "temperature_method='onepass'" in caplog.text
         assert said == (name == "kept"), caplog.text
     capsys.readouterr()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port that was just free on 127.0.0.1, closed again
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("m"), ["What colour ? red blue"],
+                                 multimodal=False)
+
+
+def _cuda_device_not_here() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("case", ["cuda", "banana", "no-dev", "proposer", "n-test", "n-calib"])
+def test_impossible_settings_fail_before_any_work(case, tiny_text_model, tmp_path, capsys,
+                                                  monkeypatch):
+    """--device, --optimize-prompts without a dev split and an unreachable --proposer are
+    errors before any data, model or scoring; --n-test/--n-calib below 1 are errors, not
+    slices from the end."""
+    import mllmcal.demo.train as demo_train
+    import mllmcal.eval.runner as runner
+
+    _data(tmp_path / "data")  # test and calib, no dev
+    model = tiny_text_model
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before the settings were checked")
+
+    monkeypatch.setattr(runner, "score_items", no_scoring)
+    out = tmp_path / "o"
+    base = ["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
+            "--no-progress", "--no-plots"]
+    if case in ("cuda", "banana"):
+        device = _cuda_device_not_here() if case == "cuda" else "banana"
+        argv, said = [*base, "--device", device], f"--device {device if case == 'cuda' else repr(device)}"
+    elif case == "no-dev":
+        argv, said = [*base, "--optimize-prompts"], "--optimize-prompts needs a dev split"
+    elif case == "proposer":
+        (tmp_path / "data" / "dev.json").write_text((tmp_path / "data" / "test.json").read_text())
+        url = f"http://127.0.0.1:{_closed_port()}/v1"
+        argv = [*base, "--optimize-prompts", "--proposer", url]
+        said = f"--proposer {url}: cannot reach the endpoint"
+    else:
+        monkeypatch.setattr(demo_train, "get_demo", lambda *a, **k: (model, tmp_path / "data"))
+        argv = ["demo", "--out", str(out), "--no-progress", f"--{case}", "-3"]
+        said = f"--{case} must be a positive number of items, got -3"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert not list(out.glob("cache/*.pt"))
+
+
+def test_deeply_nested_json_data_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    model = build_tiny_checkpoint(tmp_path / "m", ["x"], multimodal=False)
+    rc = main(["eval", "--model", str(model), "--test", str(tmp_path / "deep.json"),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nested too deeply" in err and "Traceback" not in err

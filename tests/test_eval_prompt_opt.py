@@ -99,3 +99,26 @@ def test_unreachable_endpoint_and_bad_spec_are_clear_errors(tmp_path):
         OpenAIProposer("http://127.0.0.1:9", timeout=2).propose("Answer", 1, 1)
     with pytest.raises(ValueError, match="proposer must be"):
         make_proposer(str(tmp_path / "nope"))
+
+
+def test_check_proposer_says_what_is_wrong_without_proposing(tmp_path):
+    import socket
+
+    from mllmcal.eval.prompt_opt import check_proposer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match="cannot reach the endpoint"):
+        check_proposer(f"http://127.0.0.1:{port}/v1", timeout=2)
+    with pytest.raises(ValueError, match="proposer must be"):
+        check_proposer(str(tmp_path / "nope"))
+    check_proposer("bank")
+    check_proposer(str(tmp_path))  # a directory: loaded only when proposing
+    server = HTTPServer(("127.0.0.1", 0), _Handler)  # answers GET with an HTTP error: fine
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_proposer(f"http://127.0.0.1:{server.server_port}/v1", timeout=5)
+    finally:
+        server.shutdown()

@@ -461,3 +461,29 @@ def test_temperature_method_newton_is_the_deprecated_name_of_onepass(tmp_path):
     assert old.to_dict() == new.to_dict()
     with pytest.raises(ValueError, match="temperature method"):
         runner.canonical_temperature_method("bisection")
+
+
+def test_an_out_folder_inside_the_checkpoint_does_not_change_its_identity(data_dir, tmp_path):
+    """The eval's report, plots and cache inside the checkpoint folder (or anything else
+    kept beside the files loading reads) leave the identity alone: a rerun reuses the
+    cache and the cache does not grow."""
+    from mllmcal.eval.cache import checkpoint_identity
+
+    words = ["What colour is shape ?", *COLOURS, *map(str, range(20))]
+    ck = build_tiny_checkpoint(tmp_path / "ck", words, multimodal=False, seed=6)
+    base = checkpoint_identity(ck)
+    for out in (ck / "eval", ck):
+        cfg = _cfg(data_dir, [ck], out, dev=None, build_idk=False, idk_variants=(), limit=4)
+        first = run_eval(cfg)
+        files = sorted(p.name for p in (out / "cache").glob("*.pt"))
+        assert checkpoint_identity(ck) == base
+        again = run_eval(cfg)
+        assert sorted(p.name for p in (out / "cache").glob("*.pt")) == files
+        _close(again["summary"], first["summary"])
+    (ck / "logs").mkdir()
+    (ck / "logs" / "run.json").write_text("{}")
+    assert checkpoint_identity(ck) == base
+    # what loading reads still counts, named chat templates included
+    (ck / "additional_chat_templates").mkdir()
+    (ck / "additional_chat_templates" / "tool.jinja").write_text("{{ x }}")
+    assert checkpoint_identity(ck) != base

@@ -50,13 +50,39 @@ def _hash_weight_sample(h: Any, path: Path, size: int) -> None:
             h.update(fh.read(WEIGHT_SAMPLE_BYTES))
 
 
+#: subfolders of a checkpoint that transformers reads (named chat templates)
+_LOADED_SUBFOLDERS = ("additional_chat_templates",)
+#: files the eval writes into its ``--out`` folder that look like checkpoint files (plots
+#: and report.md are not hashed anyway; the cache is a subfolder)
+_EVAL_OUTPUTS = ("report.json",)
+
+
+def _identity_files(root: Path) -> list[Path]:
+    """The files of ``root`` that loading it reads: its top level (``from_pretrained``
+    reads a checkpoint's config, weights, tokenizer, processor and chat template from there)
+    and :data:`_LOADED_SUBFOLDERS`, without the eval's own outputs."""
+    if not root.is_dir():
+        return []
+    files = [p for p in root.iterdir() if p.is_file() and p.name not in _EVAL_OUTPUTS]
+    for sub in _LOADED_SUBFOLDERS:
+        if (root / sub).is_dir():
+            files += [p for p in (root / sub).rglob("*") if p.is_file()]
+    return sorted(files)
+
+
 def checkpoint_identity(path: str | os.PathLike) -> str:
     """A digest of what makes a checkpoint directory this checkpoint.
 
-    The bytes of its small files (config, generation config, processor, tokenizer, chat
-    template: what changes the prompt or the vocabulary) and, for each weight file
-    (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), its name, size, modification time
-    in ns and a sample of its bytes (:data:`WEIGHT_SAMPLES` blocks of
+    Only the files that loading the checkpoint reads count (:func:`_identity_files`): its
+    top-level files and its ``additional_chat_templates/``, not its other subfolders and
+    not a ``report.json``. So an ``--out`` inside the checkpoint folder (its report, plots
+    and ``cache/``), or anything else kept beside it (logs, earlier runs), does not change
+    the identity: a rerun reuses the cache instead of scoring everything again.
+
+    Of those files: the bytes of the small ones (config, generation config, processor,
+    tokenizer, chat template: what changes the prompt or the vocabulary) and, for each
+    weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), its name, size,
+    modification time in ns and a sample of its bytes (:data:`WEIGHT_SAMPLES` blocks of
     :data:`WEIGHT_SAMPLE_BYTES`, evenly spaced, the first and last included): hashing all
     the weights would read gigabytes on every run. Any rewrite of a weight file changes its
     modification time; the sample also tells apart weights put in place with their old
@@ -65,9 +91,7 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
     """
     h = hashlib.sha256()
     root = Path(path)
-    for p in sorted(root.rglob("*")):
-        if not p.is_file():
-            continue
+    for p in _identity_files(root):
         rel = p.relative_to(root).as_posix()
         if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5"):
             st = p.stat()

@@ -16,7 +16,7 @@ from .confidence import METHODS
 from .idk import ABSTENTION_HINTS
 
 __all__ = ["EvalConfig", "ModelSpec", "PROTOCOLS", "TEMPERATURE_METHODS",
-           "canonical_temperature_method", "new_fit_accumulator", "parse_model_spec",
+           "canonical_temperature_method", "check_device", "new_fit_accumulator", "parse_model_spec",
            "unique_names"]
 
 
@@ -162,6 +162,42 @@ class EvalConfig:
             raise ValueError(f"unknown IDK prompt variants {bad}; known: {list(ABSTENTION_HINTS)}")
         if self.n_bins < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("--n-bins, --batch-size and --max-new-tokens must be >= 1")
+        bad = {k: v for k, v in self.split_limits.items() if v is not None and v < 1}
+        if bad:  # a negative limit would be taken as a slice from the end
+            raise ValueError(f"split limits must be >= 1 items, got {bad}")
+        if self.optimize_prompts and not self.dev:
+            # there is no default dev split: APE must not pick prompts on test or calib
+            raise ValueError("--optimize-prompts needs a dev split to score prompts on "
+                             "(--dev FILE, or dev.json etc. in --data DIR)")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` names a device this torch can use (``cpu``,
+    ``cuda[:i]`` with CUDA available and ``i`` below the device count, ``mps``, ...): a
+    wrong ``--device`` is said before any data or model is read."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a device ({exc})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise ValueError(f"--device {device}: {why}; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: there are {n} CUDA device(s) "
+                             f"(cuda:0..cuda:{n - 1})")
+        return
+    backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"--device {device}: {dev.type} is not available in this torch")
 
 
 #: ``grid``: the paper's search over T = 0.01, 0.02, ..., 9.99 (999 exact NLLs, one pass).

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 __all__ = ["SEED_PROMPTS", "Proposer", "BankProposer", "LocalLMProposer", "OpenAIProposer",
-           "make_proposer", "rank_key", "optimize_prompts", "APEResult"]
+           "make_proposer", "check_proposer", "rank_key", "optimize_prompts", "APEResult"]
 
 SEED_PROMPTS = ("Answer", "The answer might be", "The answer must be")
 
@@ -163,6 +164,31 @@ def make_proposer(spec: str = "bank", device: str = "cpu", seed: int = 0,
     if os.path.isdir(spec):
         return LocalLMProposer(spec, device=device)
     raise ValueError(f"proposer must be 'bank', an http(s) URL or a checkpoint directory, got {spec!r}")
+
+
+def check_proposer(spec: str, timeout: float = 10.0) -> None:
+    """Raise ValueError unless :func:`make_proposer` can use ``spec``, without loading a
+    model or proposing anything: ``"bank"``; a URL whose server answers within ``timeout``
+    seconds (any HTTP status counts: the check is that something listens there, through the
+    same ``urllib`` opener, proxies included, that the proposals use); an existing
+    directory. Called before any scoring, so that a wrong proposer fails in seconds, not
+    after the test and calib splits are scored."""
+    if spec == "bank":
+        return
+    if spec.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(spec, method="GET"),
+                                        timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            return  # the server answered (a 404 or 401 on the base URL is fine)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ValueError(f"--proposer {spec}: cannot reach the endpoint ({reason})") from None
+        return
+    if not os.path.isdir(spec):
+        raise ValueError(f"proposer must be 'bank', an http(s) URL or a checkpoint directory, "
+                         f"got {spec!r}")
 
 
 def rank_key(prompt: str, score: Score) -> tuple[int, float, str]:

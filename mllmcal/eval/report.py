@@ -27,8 +27,10 @@
         "idk": {"<variant>": {"idk_rate", "false_idk_rate", "answered_accuracy",
                               "answered_ece", "by_mode": {...}, ...}},
         "prompt_optimization": null | {"best_prompt", "seed_prompt", "dev", "trajectory",
-                                       "test": {"<prompt>": <metrics>}}
-      }]
+                                       "test": {"<prompt>": <metrics>}},
+        "plots": [file, ...]                # this model's PNGs (when plots are drawn)
+      }],
+      "plots": [file, ...]                  # every PNG, relative to the report's folder
     }
 
 ``<metrics>`` = ``{"n_items", "n_scored", "n_no_answer", "accuracy" (no answer counts as
@@ -39,6 +41,7 @@ confidence), computed by :mod:`mllmcal.metrics`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +52,8 @@ import torch
 from .. import metrics as _metrics
 from ..calibration.state import CalibrationState
 
-__all__ = ["calibration_metrics", "write_report", "render_markdown", "plot_report"]
+__all__ = ["calibration_metrics", "write_report", "render_markdown", "plot_report", "plot_tags",
+           "report_problem"]
 
 
 def calibration_metrics(records: Sequence[dict], n_bins: int = 10,
@@ -164,67 +168,83 @@ def render_markdown(report: dict) -> str:
         for split, d in skipped:
             for item_id, reason in d["skipped"]:
                 lines.append(f"- {split}: `{item_id}`: {reason}")
-    plots = report.get("plots") or []
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += _plot_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _plot_lines(report: dict) -> list[str]:
+    """The ``## Plots`` section: each model's own plots under its name (a report written
+    before models had ``"plots"``: the flat list)."""
+    own = [(m["name"], m["plots"]) for m in report["models"] if m.get("plots")]
+    if own:
+        lines = ["", "## Plots"]
+        for name, plots in own:
+            lines += ["", f"### {name}", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+        return lines
+    plots = report.get("plots") or []
+    return ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] if plots else []
 
 
 def _state(metrics: dict | None) -> CalibrationState | None:
     """The metrics' histogram as a CalibrationState (None if nothing was scored), rebuilt
-    from the per-bin stats in ``report.json``: each bin gets its count of samples at the
-    bin's mean confidence, its correct count of them correct, so the state's per-bin
-    count, accuracy and confidence (and so its ECE) are the report's."""
+    from the per-bin stats in ``report.json`` directly: each bin's exact sums are its count,
+    count x mean confidence (in the state's 2**-32 units) and count x accuracy, so the
+    state's per-bin count, accuracy and confidence (and so its ECE) are the report's. Memory
+    is O(n_bins) whatever the counts (a bin of 10**12 predictions is 3 integers)."""
     if not metrics or not metrics.get("n_scored"):
         return None
     b = metrics["bins"]
-    s = CalibrationState(metrics["n_bins"])
-    conf = [c for c, k in zip(b["confidence"], b["count"], strict=True) if k for _ in range(k)]
-    corr = []
-    for a, k in zip(b["accuracy"], b["count"], strict=True):
-        if k:
-            n_ok = round(a * k)
-            corr += [True] * n_ok + [False] * (k - n_ok)
-    s.update(torch.tensor(conf, dtype=torch.float32), torch.tensor(corr))
-    return s
+    d = CalibrationState(metrics["n_bins"]).to_dict()  # n_bins checked by report_problem
+    d["count"] = [int(k) for k in b["count"]]
+    d["sum_confidence_fixed"] = [round(c * k * 2**32) if k else 0
+                                 for c, k in zip(b["confidence"], d["count"], strict=True)]
+    d["sum_correct"] = [round(a * k) if k else 0
+                        for a, k in zip(b["accuracy"], d["count"], strict=True)]
+    return CalibrationState.from_dict(d)
 
 
 def plot_report(report: dict, out_dir: str | Path) -> list[str]:
     """Per model and modality: a reliability diagram and a confidence histogram (T = 1),
     and a before/after-temperature comparison, drawn with :mod:`mllmcal.plot`; plus the
-    prompt-optimisation trajectory. Returns the PNG paths relative to ``out_dir``."""
+    prompt-optimisation trajectory. Each model's file names carry its :func:`plot_tags`
+    tag, and each model entry gets ``"plots"``, its own files. Returns every PNG path,
+    relative to ``out_dir``."""
     from .. import plot
 
     out_dir = Path(out_dir)
     paths = []
-    for m in report["models"]:
+    for m, model_tag in zip(report["models"], plot_tags([m["name"] for m in report["models"]]),
+                            strict=True):
+        own: list[str] = []
         for mod, r in m["modalities"].items():
-            tag = f"{_slug(m['name'])}_{mod}"
+            tag = f"{model_tag}_{mod}"
             before = _state(r["test"])
             if before is None:
                 continue
             name = f"reliability_{tag}.png"
             plot.reliability_diagram(before, out_dir / name, label=f"{m['name']} / {mod}",
                                      title=f"reliability: {m['name']} / {mod}")
-            paths.append(name)
+            own.append(name)
             name = f"confidence_{tag}.png"
             plot.confidence_histogram(before, out_dir / name,
                                       title=f"confidence histogram: {m['name']} / {mod}")
-            paths.append(name)
+            own.append(name)
             after = _state(r.get("test_after_temperature"))
             if after is not None and r.get("temperature") is not None:
                 name = f"temperature_{tag}.png"
                 plot.temperature_comparison(before, after, out_dir / name,
                                             temperature=r["temperature"],
                                             title=f"temperature scaling: {m['name']} / {mod}")
-                paths.append(name)
+                own.append(name)
         po = m.get("prompt_optimization")
         if po and po["trajectory"]:
-            paths.append(_plot_trajectory(po, m["name"], out_dir))
+            own.append(_plot_trajectory(po, m["name"], model_tag, out_dir))
+        m["plots"] = own
+        paths += own
     return paths
 
 
-def _plot_trajectory(po: dict, model: str, out_dir: Path) -> str:
+def _plot_trajectory(po: dict, model: str, tag: str, out_dir: Path) -> str:
     """Dev accuracy and ECE of the best prompt per APE round (eval-specific)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -238,13 +258,120 @@ def _plot_trajectory(po: dict, model: str, out_dir: Path) -> str:
     ax.set(xlabel="round", title=f"prompt optimisation: {model}")
     ax.legend()
     fig.tight_layout()
-    name = f"prompt_optimization_{_slug(model)}.png"
+    name = f"prompt_optimization_{tag}.png"
     fig.savefig(out_dir / name, dpi=100)
     return name
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_tags(names: Sequence[str]) -> list[str]:
+    """The file-name tag of each model's plots: unique, even on a case-insensitive file
+    system, and the same for the same name in every run.
+
+    A name that is already a safe file name is its own tag (``demo``); any other name
+    (``llava 1.5``, ``a/model``) is slugged and gets 8 hex digits of its SHA-1, so that
+    names differing only in punctuation or case (``llava 1.5``, ``llava_1.5``) do not
+    write the same files. Tags that would still clash (equal names, which
+    :func:`~mllmcal.eval.config.unique_names` prevents in a run) get ``-<position>``.
+    """
+    tags = []
+    for n in names:
+        slug = _slug(n)
+        lossless = slug == n and sum(_slug(o).lower() == slug.lower() for o in names) == 1
+        tags.append(slug if lossless else f"{slug}-{hashlib.sha1(n.encode()).hexdigest()[:8]}")
+    lower = [t.lower() for t in tags]
+    return [t if lower.count(t.lower()) == 1 else f"{t}-{i}" for i, t in enumerate(tags)]
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _metrics_problem(m: Any, where: str) -> str | None:
+    """What in one ``<metrics>`` object the markdown and the plots cannot use, or None."""
+    if not isinstance(m, dict):
+        return f"{where}: must be an object, got {type(m).__name__}"
+    for key in ("n_items", "n_scored", "n_no_answer"):
+        if not _is_count(m.get(key)):
+            return f"{where}.{key}: must be a count (an integer >= 0), got {m.get(key)!r}"
+    n_bins, bins = m.get("n_bins"), m.get("bins")
+    if not _is_count(n_bins) or n_bins < 1:
+        return f"{where}.n_bins: must be an integer >= 1, got {n_bins!r}"
+    if not isinstance(bins, dict):
+        return f"{where}.bins: must be an object, got {type(bins).__name__}"
+    for key in ("count", "confidence", "accuracy"):
+        v = bins.get(key)
+        if not isinstance(v, list):
+            return f"{where}.bins.{key}: must be a list, got {type(v).__name__}"
+        if len(v) != n_bins:
+            return (f"{where}.n_bins is {n_bins} but its bins.{key} lists {len(v)} bins")
+    for i, (k, c, a) in enumerate(zip(bins["count"], bins["confidence"], bins["accuracy"],
+                                      strict=True)):
+        if not _is_count(k):
+            return f"{where}.bins.count[{i}]: must be a count, got {k!r}"
+        for key, x in (("confidence", c), ("accuracy", a)):
+            if k and not (_is_num(x) and 0.0 <= x <= 1.0):
+                return f"{where}.bins.{key}[{i}]: must be a number in [0, 1], got {x!r}"
+    return None
+
+
+def report_problem(report: Any) -> str | None:
+    """What makes ``report`` unusable for :func:`write_report`, naming the field (e.g.
+    ``models[0].modalities.text.test_after_temperature: must be an object or null, got
+    list``), or None. Checks the shapes report.md and the plots read, so that a damaged or
+    hand-edited ``report.json`` is an error message, not a traceback or a per-sample
+    expansion of its bins."""
+    if not isinstance(report, dict):
+        return f"top level is a {type(report).__name__}, not an object"
+    for key, kind in (("summary", dict), ("models", list)):
+        if not isinstance(report.get(key), kind):
+            return f"'{key}' is missing or not a{'n object' if kind is dict else ' list'}"
+    models = report["summary"].get("models")
+    if models is not None and not (isinstance(models, list)
+                                   and all(isinstance(x, dict) and "model" in x for x in models)):
+        return "summary.models: must be a list of objects with 'model'"
+    for i, m in enumerate(report["models"]):
+        if not isinstance(m, dict) or not isinstance(m.get("modalities"), dict) or "name" not in m:
+            return f"models[{i}] lacks 'name' or 'modalities'"
+        for mod, r in m["modalities"].items():
+            where = f"models[{i}].modalities.{mod}"
+            if not isinstance(r, dict) or not isinstance(r.get("test"), dict):
+                return f"{where} lacks 'test'"
+            after = r.get("test_after_temperature")
+            if after is not None and not isinstance(after, dict):
+                return (f"{where}.test_after_temperature: must be an object or null, got "
+                        f"{type(after).__name__}")
+            t = r.get("temperature")
+            if t is not None and not _is_num(t):
+                return f"{where}.temperature: must be a number or null, got {t!r}"
+            for key in ("test", "test_after_temperature"):
+                problem = r.get(key) is not None and _metrics_problem(r[key], f"{where}.{key}")
+                if problem:
+                    return problem
+        for key in ("idk", "prompt_optimization"):
+            v = m.get(key)
+            if v is not None and not isinstance(v, dict):
+                return f"models[{i}].{key}: must be an object or null, got {type(v).__name__}"
+        for variant, v in (m.get("idk") or {}).items():
+            if not isinstance(v, dict):
+                return f"models[{i}].idk.{variant}: must be an object, got {type(v).__name__}"
+        po = m.get("prompt_optimization")
+        if po and not (isinstance(po.get("trajectory"), list)
+                       and all(isinstance(x, dict) for x in po["trajectory"])
+                       and isinstance(po.get("test", {}), dict)):
+            return f"models[{i}].prompt_optimization: 'trajectory' must be a list of objects"
+    for key, kind in (("data", dict), ("failed", list)):
+        v = report.get(key)
+        if v is not None and not isinstance(v, kind):
+            return f"{key}: must be a{'n object' if kind is dict else ' list'}, got {type(v).__name__}"
+    return None
 
 
 def write_report(report: dict, out_dir: str | Path, plots: bool = True) -> Path:

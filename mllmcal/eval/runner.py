@@ -229,6 +229,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                          ", ".join(f"{k}={v!r}" for k, v in kept.items()))
         cfg = replace(cfg, **preset)
     cfg.validate()
+    if cfg.optimize_prompts:
+        from .prompt_opt import check_proposer
+
+        check_proposer(cfg.proposer)  # before the scoring it would otherwise end
     dist = Dist()
     try:
         return _run(cfg, dist)
@@ -251,6 +255,9 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info, cfg.columns)
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
+    if cfg.optimize_prompts and not dev:
+        raise ValueError(f"{cfg.dev}: no usable dev items to optimise prompts on (see the "
+                         f"skipped-item messages above)")
     if not idk_items and cfg.build_idk:
         idk_items = build_idk_set(test, seed=cfg.seed)[: lim["idk"]]
         data_info["idk"] = {"path": None, "built_from": "test", "n_items": len(idk_items),
@@ -295,7 +302,7 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
         res = idk_metrics(recs)
         res["answered_ece"] = _answered_ece(recs, cfg.n_bins)
         entry["idk"][variant] = res
-    if cfg.optimize_prompts and dev:
+    if cfg.optimize_prompts:
         t_main = entry["modalities"][main_mod]["temperature"]
         entry["prompt_optimization"] = _optimize(ev, em, main_mod, dev, test, dist, t_main)
     return entry
@@ -335,11 +342,11 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
     cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
                      dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
                      progress=False)
     cfg.validate()
+    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
     spec = cfg.model_specs()[0]
     em = _open_model(cfg, spec)
     mod = modality if em.multimodal else "text"

@@ -1,7 +1,7 @@
 """Float64 definitions of every quantity mllmcal computes: the oracle for all fast paths.
 
 Nothing here is fast and nothing here is clever; each function states the definition from
-DESIGN.md as directly as torch allows. Fast backends are tested against these functions.
+docs/design.md as directly as torch allows. Fast backends are tested against these functions.
 
 The one deliberate fp32 step is the temperature division: the contract defines
 ``z = logits / T`` *computed in fp32*, so that a row whose scaled logits overflow fp32 is
@@ -156,7 +156,7 @@ def histogram(
 
 
 def ece_from_histogram(hist: dict[str, torch.Tensor], norm: str = "l1") -> float:
-    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in DESIGN.md."""
+    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in docs/design.md."""
     n = hist["count"].double()
     total = n.sum()
     if total == 0:

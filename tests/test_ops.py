@@ -123,7 +123,7 @@ def test_env_var_naming_a_backend_that_cannot_take_the_device_falls_back_and_say
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_repeated_and_overlapping_rows(backend, dtype):
-    """DESIGN: any strides along rows. Stride 0 (expand) and overlapping windows (unfold)
+    """docs/design.md: any strides along rows. Stride 0 (expand) and overlapping windows (unfold)
     are read as they are, with no copy and no error."""
     row = make_logits(1, 301, dtype, "masked", seed=21)
     rep = row.expand(5, 301)  # stride (0, 1)

@@ -23,15 +23,30 @@ T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-inline void check_shape(int dtype, int64_t n, int64_t v, int64_t stride_x) {
+// Checks and stores the arguments both ops open with: the [n, v] logits (any row stride
+// >= 0: rows are only read, so they may repeat or overlap, "any strides along rows") and
+// the labels.
+template <class Args>
+void set_rows(Args& a, std::uintptr_t x, int dtype, int64_t n, int64_t v, int64_t stride_x,
+              std::uintptr_t labels, int64_t ignore_index) {
   if (dtype < 0 || dtype > 2)
     throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
                                 std::to_string(dtype));
   if (n < 0 || v < 1) throw std::invalid_argument("need n >= 0 and v >= 1");
-  // Rows are only read, so they may overlap or repeat: stride 0 (expand) and stride < v
-  // (unfold) are legal ("any strides along rows").
   if (n > 1 && stride_x < 0) throw std::invalid_argument("stride_x must be >= 0");
+  a.x = ptr<const void>(x);
+  a.dtype = dtype;
+  a.n = n;
+  a.v = v;
+  a.stride_x = stride_x;
+  a.labels = ptr<const int64_t>(labels);
+  a.ignore_index = ignore_index;
 }
+
+// The keyword names of set_rows' arguments, in order.
+#define MLLMCAL_ROWS_PY_ARGS                                                                \
+  py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("v"), py::arg("stride_x"),          \
+      py::arg("labels"), py::arg("ignore_index")
 
 // Binds token_stats(x, dtype, n, v, stride_x, labels, ignore_index, temperature,
 // temperature_rows, fstats, pred, flags, scaled_out, stride_out, hist, n_bins, <tail>):
@@ -46,7 +61,8 @@ void def_token_stats(py::module_& m, void (*launch)(Args&, Tail...), const char*
                std::uintptr_t temperature_rows, std::uintptr_t fstats, std::uintptr_t pred,
                std::uintptr_t flags, std::uintptr_t scaled_out, int64_t stride_out,
                std::uintptr_t hist, int64_t n_bins, Tail... tail) {
-        check_shape(dtype, n, v, stride_x);
+        Args a{};
+        set_rows(a, x, dtype, n, v, stride_x, labels, ignore_index);
         if (n > 0 && (x == 0 || fstats == 0 || pred == 0 || flags == 0))
           throw std::invalid_argument("x, fstats, pred and flags must be non-null");
         if (scaled_out != 0 && n > 1 && stride_out < v)
@@ -54,14 +70,6 @@ void def_token_stats(py::module_& m, void (*launch)(Args&, Tail...), const char*
         if (hist != 0 && n_bins < 1)
           throw std::invalid_argument("n_bins must be >= 1 with a histogram");
         if (!(temperature > 0.0)) throw std::invalid_argument("temperature must be > 0");
-        Args a{};
-        a.x = ptr<const void>(x);
-        a.dtype = dtype;
-        a.n = n;
-        a.v = v;
-        a.stride_x = stride_x;
-        a.labels = ptr<const int64_t>(labels);
-        a.ignore_index = ignore_index;
         a.temperature = static_cast<float>(temperature);
         a.temperature_rows = ptr<const float>(temperature_rows);
         a.fstats = ptr<float>(fstats);
@@ -73,8 +81,7 @@ void def_token_stats(py::module_& m, void (*launch)(Args&, Tail...), const char*
         a.n_bins = static_cast<decltype(a.n_bins)>(n_bins);
         launch(a, tail...);
       },
-      doc, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("v"), py::arg("stride_x"),
-      py::arg("labels"), py::arg("ignore_index"), py::arg("temperature"),
+      doc, MLLMCAL_ROWS_PY_ARGS, py::arg("temperature"),
       py::arg("temperature_rows"), py::arg("fstats"), py::arg("pred"), py::arg("flags"),
       py::arg("scaled_out"), py::arg("stride_out"), py::arg("hist"), py::arg("n_bins"),
       tail_args...);
@@ -90,26 +97,18 @@ void def_temperature_fit(py::module_& m, void (*launch)(Args&, Tail...), const c
       [launch](std::uintptr_t x, int dtype, int64_t n, int64_t v, int64_t stride_x,
                std::uintptr_t labels, int64_t ignore_index, std::uintptr_t betas, int64_t k,
                std::uintptr_t out, std::uintptr_t status, Tail... tail) {
-        check_shape(dtype, n, v, stride_x);
+        Args a{};
+        set_rows(a, x, dtype, n, v, stride_x, labels, ignore_index);
         if (k < 1) throw std::invalid_argument("need k >= 1");
         if (n > 0 && (x == 0 || labels == 0 || betas == 0 || out == 0 || status == 0))
           throw std::invalid_argument("x, labels, betas, out and status must be non-null");
-        Args a{};
-        a.x = ptr<const void>(x);
-        a.dtype = dtype;
-        a.n = n;
-        a.v = v;
-        a.stride_x = stride_x;
-        a.labels = ptr<const int64_t>(labels);
-        a.ignore_index = ignore_index;
         a.betas = ptr<const float>(betas);
         a.k = k;
         a.out = ptr<float>(out);
         a.status = ptr<uint8_t>(status);
         launch(a, tail...);
       },
-      doc, py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("v"), py::arg("stride_x"),
-      py::arg("labels"), py::arg("ignore_index"), py::arg("betas"), py::arg("k"),
+      doc, MLLMCAL_ROWS_PY_ARGS, py::arg("betas"), py::arg("k"),
       py::arg("out"), py::arg("status"), tail_args...);
 }
 

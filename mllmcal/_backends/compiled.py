@@ -16,6 +16,7 @@ CPU threads: the kernel uses ``torch.get_num_threads()`` threads (so
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -39,14 +40,10 @@ class CompiledBackend:
 
     extension = ""
 
-    def __init__(self) -> None:
-        self._ext: ModuleType | None = None
-
-    @property
+    @functools.cached_property
     def ext(self) -> ModuleType:
-        if self._ext is None:
-            self._ext = importlib.import_module(self.extension)
-        return self._ext
+        """The extension module (imported on first use; a plain attribute read after)."""
+        return importlib.import_module(self.extension)
 
     def unavailable_reason(self) -> str | None:
         """None when the extension imports and has every op, else why not."""
@@ -130,7 +127,6 @@ class CudaBackend(CompiledBackend):
     extension = "mllmcal._C_cuda"
 
     def __init__(self) -> None:
-        super().__init__()
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         # Outgrown workspaces stay alive: a captured CUDA graph may still point at them.
         self._retired: list[torch.Tensor] = []

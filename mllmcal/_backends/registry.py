@@ -67,9 +67,6 @@ class Backend:
     ops: tuple[str, ...]
     missing: str = ""
 
-    def runs_on(self, device: torch.device) -> bool:
-        return ANY_DEVICE in self.devices or device.type in self.devices
-
 
 REGISTRY: dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), "mllmcal.kernels.backend", OPS,
@@ -128,26 +125,30 @@ def unavailable_reason(
     ``backend`` is a concrete name (not ``"auto"``); ``device`` a ``torch.device`` or its
     string. This is the public way to ask (``mllmcal bench`` and the tests use it).
     """
-    device = torch.device(device)
     b = REGISTRY.get(backend)
     if b is None:
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    return _reason(b, torch.device(device), op)
+
+
+def _reason(b: Backend, device: torch.device, op: str) -> str | None:
+    # The resolver's per-call check: a few dict and attribute reads, no allocation.
     if op not in b.ops:
-        return f"backend {backend!r} does not implement {op}"
-    if not b.runs_on(device):
+        return f"backend {b.name!r} does not implement {op}"
+    if ANY_DEVICE not in b.devices and device.type not in b.devices:
         # Triton's interpreter runs the kernels on CPU tensors, for tests without a GPU.
-        if not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
-            if backend == "triton":
-                return (
-                    f"backend 'triton' needs CUDA tensors (got {device}); on the CPU it runs "
-                    "only under TRITON_INTERPRET=1 set before mllmcal is imported"
-                )
-            return f"backend {backend!r} needs {b.devices[0].upper()} tensors, got a tensor on {device}"
-    got = _loaded.get(backend)
+        if b.name != "triton":
+            return f"backend {b.name!r} needs {b.devices[0].upper()} tensors, got a tensor on {device}"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return (
+                f"backend 'triton' needs CUDA tensors (got {device}); on the CPU it runs "
+                "only under TRITON_INTERPRET=1 set before mllmcal is imported"
+            )
+    got = _loaded.get(b.name)
     if got is None:
-        got = _loaded[backend] = _import(b)
+        got = _loaded[b.name] = _import(b)
     if isinstance(got, str):
-        return f"backend {backend!r} is unavailable: {got}"
+        return f"backend {b.name!r} is unavailable: {got}"
     return None
 
 
@@ -195,7 +196,7 @@ def resolve(
     if dtype not in DTYPE_CODES:
         return "torch"  # fp64 is the oracle's precision; only the composite reads it
     if backend != "auto":
-        why = unavailable_reason(backend, device, op)
+        why = _reason(REGISTRY[backend], device, op)
         if why is None:
             return backend
         if not from_env:
@@ -210,6 +211,6 @@ def resolve(
                 stacklevel=3,
             )
     for b in _auto_order(device, n, v, dtype):
-        if unavailable_reason(b, device, op) is None:
+        if _reason(REGISTRY[b], device, op) is None:
             return b
     return "torch"

@@ -7,7 +7,7 @@ names in the same order (``csrc/common/bindings.h``); they differ only in a tail
 arguments: threads, work split and ISA on the CPU, workspace, splits and stream on CUDA.
 So one class marshals the common part and each backend adds its tail. Nothing here
 re-checks what :mod:`mllmcal.ops` validated. Importing this module never imports an
-extension: :meth:`CompiledBackend.unavailable_reason` says why one cannot run instead.
+extension; the registry imports it on first use and reports a failure as "unavailable".
 
 CPU threads: the kernel uses ``torch.get_num_threads()`` threads (so
 ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` govern it as they govern torch), or
@@ -46,12 +46,9 @@ class CompiledBackend:
         return importlib.import_module(self.extension)
 
     def unavailable_reason(self) -> str | None:
-        """None when the extension imports and has every op, else why not."""
-        try:
-            ext = self.ext
-        except ImportError as exc:
-            return f"cannot import {self.extension} ({exc})"
-        if not hasattr(ext, "temperature_fit"):
+        """None when the extension has every op, else why not. A failed import raises
+        ``ImportError``, which the registry reports with what to build."""
+        if not hasattr(self.ext, "temperature_fit"):
             return f"{self.extension} was built before temperature_fit existed; rebuild it"
         return None
 
@@ -133,12 +130,9 @@ class CudaBackend(CompiledBackend):
 
     def unavailable_reason(self) -> str | None:
         why = super().unavailable_reason()
-        if why is not None:
-            return (f"mllmcal._C_cuda not built (it is built when nvcc is found at install "
-                    f"time, or with MLLMCAL_BUILD_CUDA=1): {why}")
-        if not torch.cuda.is_available():
-            return "mllmcal._C_cuda is built but torch sees no CUDA device"
-        return None
+        if why is None and not torch.cuda.is_available():
+            why = "mllmcal._C_cuda is built but torch sees no CUDA device"
+        return why
 
     def token_stats_into(self, x, *args, **knobs) -> None:
         with torch.cuda.device(x.device):  # the launch uses the current device's context

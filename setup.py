@@ -1,6 +1,6 @@
 """Build mllmcal's compiled kernels.
 
-Two extension modules, both torch-free pybind11 over raw pointers (see DESIGN.md):
+Two extension modules, both torch-free pybind11 over raw pointers (see docs/design.md):
 
 * ``mllmcal._C`` -- the C++ CPU kernels in ``csrc/cpu``; always built (g++ and OpenMP).
 * ``mllmcal._C_cuda`` -- the CUDA kernels in ``csrc/cuda``; built when nvcc is found.

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import mllmcal
-from mllmcal.testing import make_labels, make_logits
+from mllmcal.reference import make_labels, make_logits
 
 
 def _rss_bytes() -> int:

@@ -2,7 +2,7 @@
 against what users write today. Not a test: it asserts nothing about speed.
 
 Contenders, on the same tensor in the same run (the baselines are imported from
-``mllmcal.testing`` so the thing measured is the thing tested):
+``mllmcal.reference`` so the thing measured is the thing tested):
 
 * ``cpu``      -- ``mllmcal.token_stats(..., backend="cpu")`` (the C++/OpenMP kernel)
 * ``torch``    -- ``mllmcal.token_stats(..., backend="torch")`` (chunked fp32 composite)
@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import mllmcal
-from mllmcal.testing import eager_composite, make_labels, make_logits
+from mllmcal.reference import eager_composite, make_labels, make_logits
 
 SHAPES: list[tuple[tuple[int, int], torch.dtype]] = [
     ((64, 131072), torch.float32),
@@ -113,9 +113,9 @@ def machine_info() -> dict[str, object]:
     if hasattr(os, "getloadavg"):
         info["loadavg_1_5_15"] = os.getloadavg()
     if "cpu" in mllmcal.available_backends("cpu"):
-        from mllmcal import _cpp
+        from mllmcal._backends.compiled import cpu
 
-        info["cpu_kernel_isa"] = _cpp.kernel_isa()
+        info["cpu_kernel_isa"] = cpu.kernel_isa()
     return info
 
 

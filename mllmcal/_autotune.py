@@ -6,6 +6,9 @@ it names the faster of the two. A shape that was not measured takes the choice o
 nearest measured one of the same dtype (distance in log batch and log vocab), since the
 winner depends on which launch path a shape lands in and that varies smoothly. An empty
 table, or a table measured on another GPU model, gives ``DEFAULT``.
+
+The table shipped today is empty: no GPU run has measured the two yet, so ``"auto"`` takes
+``DEFAULT`` (Triton) for every CUDA tensor; :mod:`mllmcal._backends.registry` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ def _table(path: str = str(TABLE_PATH)) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {"device": None, "entries": []}
+
+
+def has_measurements() -> bool:
+    """Whether the table holds any measured entry (the registry skips the lookup if not)."""
+    return bool(_table().get("entries"))
 
 
 def preferred_cuda_backend(

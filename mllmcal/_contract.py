@@ -1,11 +1,12 @@
 """The contract between :func:`mllmcal.token_stats` and its backends.
 
-Every backend module exposes one function with this signature::
+Every backend (:mod:`mllmcal._backends.registry` lists them) provides one function with
+this signature::
 
     token_stats_into(x, labels, temperature, temperature_rows,
                      fstats, pred, flags, scaled_out, hist, ignore_index) -> None
 
-Inputs (already validated by ``mllmcal.ops``; backends do not re-check):
+Inputs (already validated by :mod:`mllmcal.ops`; backends do not re-check):
 
 * ``x``: ``[N, V]`` fp32/fp16/bf16 (fp64 only for the torch backend), ``x.stride(1) == 1``,
   any ``x.stride(0) >= 0``: rows may repeat (stride 0, ``expand``) or overlap (``unfold``),
@@ -60,44 +61,3 @@ def conf_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
 def conf_fixed_point(conf: torch.Tensor) -> torch.Tensor:
     """``rint(conf * 2**32)`` as int64; exact for fp32 confidences (a power-of-two scale)."""
     return torch.round(conf.double() * CONF_FIXED_POINT_SCALE).long()
-
-
-# Registered as the torch operator ``mllmcal::histogram_add`` (with a fake implementation)
-# so that a compiled graph or a CUDA graph can hold it; see the note in mllmcal/ops.py on
-# why torch.library.Library and not the @custom_op decorator.
-_lib = torch.library.Library("mllmcal", "FRAGMENT")
-_lib.define("histogram_add(Tensor(a!) hist, Tensor conf, Tensor correct, Tensor keep) -> ()")
-
-
-def _hist_add_impl(
-    hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
-) -> None:
-    n_bins = hist.shape[1]
-    keep = keep & ~torch.isnan(conf)
-    conf = torch.where(keep, conf, torch.zeros_like(conf))
-    b = conf_bins(conf, n_bins)
-    k = keep.long()
-    hist[HIST_COUNT].index_add_(0, b, k)
-    hist[HIST_SUM_CONF].index_add_(0, b, conf_fixed_point(conf) * k)
-    hist[HIST_SUM_CORRECT].index_add_(0, b, correct.long() * k)
-
-
-_lib.impl("histogram_add", _hist_add_impl, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mllmcal::histogram_add", lib=_lib)
-def _hist_add_fake(hist, conf, correct, keep) -> None:
-    return None
-
-
-def hist_add_(
-    hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
-) -> None:
-    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly.
-
-    ``conf`` is fp32 ``[N]`` in ``[0, 1]`` (NaN rows are skipped), ``correct`` and ``keep``
-    bool ``[N]``, all on ``hist``'s device. Runs the torch op
-    ``torch.ops.mllmcal.histogram_add``; integer adds make the result independent of row
-    order and of how rows are split between calls.
-    """
-    torch.ops.mllmcal.histogram_add.default(hist, conf, correct, keep)

@@ -1,7 +1,7 @@
 """The benchmark suite of the fused token-statistics op (``mllmcal bench``, ``bench/``).
 
 On a GPU it times, per shape ``[batch, vocab]`` and dtype, the ``triton`` and ``cuda``
-backends against the torch eager composite (:func:`mllmcal.testing.eager_composite`, the
+backends against the torch eager composite (:func:`mllmcal.reference.eager_composite`, the
 same function the tests use) and ``torch.compile`` of it:
 
 * cold L2: a 256 MB buffer is overwritten before every repetition (the H200's L2 is 50 MB);
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ._autotune import TABLE_PATH, preferred_cuda_backend  # noqa: F401  (re-exported)
-from .testing import eager_composite, make_labels, make_logits
+from ._backends import unavailable_reason
+from .reference import eager_composite, make_labels, make_logits
 
 __all__ = [
     "GPU_BATCHES", "GPU_VOCABS", "CPU_BATCHES", "CPU_VOCABS", "Record", "run_suite",
@@ -131,7 +132,7 @@ def _available(backends: Iterable[str], device: torch.device) -> tuple[list[str]
         if b in ("eager", "compile") or b in have:
             ok.append(b)
         else:
-            skipped[b] = mllmcal.ops._device_reason(b, device) or "unavailable"
+            skipped[b] = unavailable_reason(b, device) or "unavailable"
     return ok, skipped
 
 

@@ -1,34 +1,37 @@
-"""Public fused ops and backend dispatch.
+"""Public fused ops, each a torch op with a fake implementation.
 
-``token_stats`` reads a ``[..., V]`` logits tensor once and returns per-row confidence
-statistics (see DESIGN.md for the exact semantics). Backends:
+* :func:`token_stats` -- one read of a ``[..., V]`` logits tensor gives per-row confidence
+  statistics (semantics in ``docs/design.md`` and :mod:`mllmcal._contract`), optionally
+  the temperature-scaled logits and integer adds to a calibration histogram;
+* :func:`histogram_add_` -- the histogram add on its own, from any source of confidences;
+* :func:`temperature_fit_rows` -- per-row NLL and its first two derivatives in β = 1/T at K
+  temperatures, what the one-pass temperature fit accumulates.
 
-* ``"triton"`` -- Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
-* ``"cuda"``   -- the CUDA kernels of ``mllmcal._C_cuda`` (CUDA tensors).
-* ``"cpu"``    -- the C++/OpenMP kernel of ``mllmcal._C`` (CPU tensors).
-* ``"torch"``  -- a chunked fp32 composite (any device; the only one that takes fp64).
-* ``"auto"``   -- the fastest available for the device; ``MLLMCAL_BACKEND`` overrides it.
+Backends (``backend=``): ``"triton"`` (CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``), ``"cuda"`` (``mllmcal._C_cuda``), ``"cpu"`` (the C++/OpenMP kernel of
+``mllmcal._C``), ``"torch"`` (a chunked composite, any device, the only one that reads fp64)
+and ``"auto"``. Which one runs, and how ``MLLMCAL_BACKEND`` overrides ``"auto"``, is decided
+for every op alike by :mod:`mllmcal._backends.registry`.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import math
-import os
 import struct
-import warnings
-from types import ModuleType
 
 import torch
 
 from . import _contract as C
+from ._backends.composite import histogram_add_into as _histogram_add_into
+from ._backends.registry import BACKENDS, load, resolve, unavailable_reason
 
-__all__ = ["TokenStats", "token_stats", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = [
+    "BACKENDS", "TokenStats", "available_backends", "check_scalar_temperature",
+    "histogram_add_", "resolve_backend", "temperature_fit_rows", "token_stats",
+    "unavailable_reason",
+]
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_log = logging.getLogger("mllmcal")
 
 
 class TokenStats:
@@ -111,125 +114,21 @@ class TokenStats:
 
 # --------------------------------------------------------------------------- backends
 
-_BACKEND_MODULES = {
-    "torch": "mllmcal._torch_backend",
-    "cpu": "mllmcal._cpp",
-    "cuda": "mllmcal._cuda",
-    "triton": "mllmcal.kernels.token_stats",
-}
-_loaded: dict[str, ModuleType | Exception] = {}
-
-
-def _load(name: str) -> ModuleType | Exception:
-    """Import a backend module once; remember the failure instead of raising."""
-    if name not in _loaded:
-        try:
-            mod = importlib.import_module(_BACKEND_MODULES[name])
-            why = getattr(mod, "unavailable_reason", lambda: None)()
-            _loaded[name] = RuntimeError(why) if why else mod
-        except Exception as exc:  # a missing .so or Triton degrades, never breaks import
-            _loaded[name] = exc
-            _log.info("mllmcal backend %r unavailable: %s", name, exc)
-    return _loaded[name]
-
-
-def _device_reason(name: str, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` (None if it can)."""
-    if name == "torch":
-        return None
-    if name == "cpu" and device.type != "cpu":
-        return f"backend 'cpu' needs CPU tensors, got a tensor on {device}"
-    if name == "cuda" and device.type != "cuda":
-        return f"backend 'cuda' needs CUDA tensors, got a tensor on {device}"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return (
-            f"backend 'triton' needs CUDA tensors (got {device}); on the CPU it runs only "
-            "under TRITON_INTERPRET=1 set before mllmcal is imported"
-        )
-    mod = _load(name)
-    if isinstance(mod, Exception):
-        missing = {
-            "cpu": "the compiled extension mllmcal._C (rebuild with "
-            "`pip install --no-build-isolation -e .`)",
-            "cuda": "the compiled extension mllmcal._C_cuda (built only where nvcc is found, "
-            "or with MLLMCAL_BUILD_CUDA=1)",
-            "triton": "the `triton` package",
-        }[name]
-        return f"backend {name!r} is unavailable: missing {missing}: {mod}"
-    return None
-
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` in this process."""
-    device = torch.device(device)
-    return [b for b in BACKENDS[1:] if _device_reason(b, device) is None]
+    """Names of the backends that can run :func:`token_stats` on ``device`` in this process
+    (:func:`unavailable_reason` says why one cannot)."""
+    from ._backends.registry import available
 
-
-def _auto_order(device: torch.device, n: int, v: int, dtype: torch.dtype) -> tuple[str, ...]:
-    if device.type == "cuda":
-        # Triton vs CUDA per shape, from the table a GPU benchmark run wrote.
-        from ._autotune import preferred_cuda_backend
-
-        first = preferred_cuda_backend(n, v, dtype, _device_name(device))
-        return (first, "cuda" if first == "triton" else "triton", "torch")
-    if device.type == "cpu":
-        return ("cpu", "torch")
-    return ("torch",)
-
-
-_device_names: dict[torch.device, str] = {}
-
-
-def _device_name(device: torch.device) -> str:
-    if device not in _device_names:
-        _device_names[device] = torch.cuda.get_device_name(device)
-    return _device_names[device]
-
-
-_env_warned: set[tuple[str, str]] = set()
+    return available(device)
 
 
 def resolve_backend(
     backend: str, device: torch.device, dtype: torch.dtype, n: int = 1, v: int = 1
 ) -> str:
-    """Turn a requested backend into the one that will run; raise if it cannot.
-
-    An explicit ``backend`` that cannot take ``device`` is an error naming what is missing.
-    ``MLLMCAL_BACKEND`` is a process-wide *preference*: where the backend it names cannot
-    take this tensor (``cpu`` for a CUDA tensor, ``triton`` without Triton...), ``"auto"``
-    serves it instead and a ``RuntimeWarning`` says so once per (backend, device type).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from_env = False
-    if backend == "auto":
-        backend = os.environ.get("MLLMCAL_BACKEND", "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"MLLMCAL_BACKEND must be one of {BACKENDS}, got {os.environ['MLLMCAL_BACKEND']!r}"
-            )
-        from_env = backend != "auto"
-    if dtype == torch.float64:
-        return "torch"  # fp64 is the oracle's precision; only the composite takes it
-    if backend != "auto":
-        why = _device_reason(backend, device)
-        if why is None:
-            return backend
-        if not from_env:
-            raise RuntimeError(why)
-        key = (backend, device.type)
-        if key not in _env_warned:
-            _env_warned.add(key)
-            warnings.warn(
-                f"MLLMCAL_BACKEND={backend!r} cannot serve this tensor ({why}); using the "
-                "automatic choice for it instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    for b in _auto_order(device, n, v, dtype):
-        if _device_reason(b, device) is None:
-            return b
-    return "torch"
+    """The backend :func:`token_stats` runs for an ``[n, v]`` tensor when ``backend`` is
+    asked for (the registry's policy: :func:`mllmcal._backends.registry.resolve`)."""
+    return resolve("token_stats", backend, device, dtype, n, v)
 
 
 # --------------------------------------------------------------------------- validation
@@ -375,9 +274,7 @@ def _token_stats_impl(
     pred = torch.empty(n, dtype=torch.int64, device=x.device)
     flags = torch.empty(n, dtype=torch.uint8, device=x.device)
     if n:
-        mod = _load(backend)
-        if isinstance(mod, Exception):
-            raise RuntimeError(f"backend {backend!r} is unavailable: {mod}")
+        mod = load(backend)
         # The statistics are measurements with no gradient on every backend; no_grad also
         # stops the torch composite from recording a graph into the outputs.
         with torch.no_grad():
@@ -408,11 +305,63 @@ def _token_stats_fake(x, labels, temperature, temperature_rows, scaled_out, hist
 _token_stats_op = torch.ops.mllmcal.token_stats.default
 
 
+_lib.define("histogram_add(Tensor(a!) hist, Tensor conf, Tensor correct, Tensor keep) -> ()")
+_lib.impl("histogram_add", _histogram_add_into, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::histogram_add", lib=_lib)
+def _histogram_add_fake(hist, conf, correct, keep) -> None:
+    return None
+
+
+_histogram_add_op = torch.ops.mllmcal.histogram_add.default
+
+_lib.define(
+    "temperature_fit(Tensor x, Tensor labels, Tensor betas, int ignore_index, str backend) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def _temperature_fit_impl(
+    x: torch.Tensor, labels: torch.Tensor, betas: torch.Tensor, ignore_index: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mllmcal::temperature_fit``: out ``[N, 3, K]`` and status uint8 ``[N]`` (see
+    :func:`temperature_fit_rows`)."""
+    n = x.shape[0]
+    out = torch.empty(n, 3, betas.numel(), dtype=_fit_out_dtype(x), device=x.device)
+    status = torch.empty(n, dtype=torch.uint8, device=x.device)
+    if n:
+        with torch.no_grad():
+            load(backend).temperature_fit_into(x, labels, betas, out, status, ignore_index)
+    return out, status
+
+
+def _fit_out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+_lib.impl("temperature_fit", _temperature_fit_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::temperature_fit", lib=_lib)
+def _temperature_fit_fake(x, labels, betas, ignore_index, backend):
+    n = x.shape[0]
+    return (
+        x.new_empty((n, 3, betas.shape[0]), dtype=_fit_out_dtype(x)),
+        x.new_empty((n,), dtype=torch.uint8),
+    )
+
+
+_temperature_fit_op = torch.ops.mllmcal.temperature_fit.default
+
+
 @torch.compiler.assume_constant_result
-def _resolve_for_trace(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
+def _resolve_for_trace(
+    op: str, backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int
+) -> str:
     # Under torch.compile the choice is made once at trace time (it reads the environment
     # and imports backend modules, which Dynamo should not trace).
-    return resolve_backend(backend, device, dtype, n, v)
+    return resolve(op, backend, device, dtype, n, v)
 
 
 # --------------------------------------------------------------------------- public op
@@ -520,9 +469,9 @@ def token_stats(
             raise ValueError("scaled_out aliases logits with another row stride")
 
     if torch.compiler.is_compiling():
-        name = _resolve_for_trace(backend, device, x.dtype, n, v)
+        name = _resolve_for_trace("token_stats", backend, device, x.dtype, n, v)
     else:
-        name = resolve_backend(backend, device, x.dtype, n, v)
+        name = resolve("token_stats", backend, device, x.dtype, n, v)
     fstats, pred, flags = _token_stats_op(
         x, y, t_scalar, t_rows, out2d, histogram, int(ignore_index), name
     )
@@ -545,3 +494,58 @@ def token_stats(
         backend=name,
         flags=flags,
     )
+
+
+def histogram_add_(
+    hist: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Add rows where ``keep`` to an int64 ``[3, n_bins]`` histogram, in place, exactly.
+
+    ``conf`` is fp32 ``[N]`` in ``[0, 1]`` (NaN rows are skipped), ``correct`` and ``keep``
+    bool ``[N]``, all on ``hist``'s device. Runs the torch op
+    ``torch.ops.mllmcal.histogram_add``; integer adds make the result independent of row
+    order and of how rows are split between calls.
+    """
+    _histogram_add_op(hist, conf, correct, keep)
+
+
+def temperature_fit_rows(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    betas: torch.Tensor,
+    backend: str = "auto",
+    ignore_index: int = C.IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row accumulators of the one-pass temperature fit, from one read of each row.
+
+    For each row of ``x`` and each inverse temperature β_k: ℓ = NLL of ``softmax(β_k x)``
+    at the label, dℓ/dβ and d²ℓ/dβ² (maths next to the kernels, ``csrc/cpu/temperature_fit.h``
+    and :mod:`mllmcal.kernels.temperature_fit`; float64 definition
+    :func:`mllmcal.reference.temperature_fit_rows`).
+
+    Args:
+        x: ``[N, V]`` fp32/fp16/bf16 logits (fp64 goes to the torch backend), any row
+            stride; any device.
+        labels: integer ``[N]``, values in ``[0, V)`` or ``ignore_index`` (checked by the
+            caller; an out-of-range label is not checked here).
+        betas: ``[K]`` inverse temperatures > 0.
+        backend: as for :func:`token_stats` (the same registry and ``MLLMCAL_BACKEND``
+            policy).
+
+    Returns:
+        ``(out, status)`` on ``x``'s device: ``out`` fp32 ``[N, 3, K]`` (fp64 for fp64
+        input) holding (ℓ, dℓ/dβ, d²ℓ/dβ²), zeros on rows not used; ``status`` uint8
+        ``[N]``: 0 skipped (invalid row or ignored label), 1 used, 2 label masked
+        (x_y = −inf). Runs as the torch op ``torch.ops.mllmcal.temperature_fit``.
+    """
+    x = x.detach()
+    n, v = x.shape
+    if torch.compiler.is_compiling():
+        name = _resolve_for_trace("temperature_fit", backend, x.device, x.dtype, n, v)
+    else:
+        name = resolve("temperature_fit", backend, x.device, x.dtype, n, v)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    labels = labels.detach().to(device=x.device, dtype=torch.int64).contiguous()
+    betas = betas.detach().to(device=x.device, dtype=_fit_out_dtype(x)).contiguous()
+    return _temperature_fit_op(x, labels, betas, int(ignore_index), name)

@@ -1,11 +1,17 @@
 """Float64 definitions of every quantity mllmcal computes: the oracle for all fast paths.
 
 Nothing here is fast and nothing here is clever; each function states the definition from
-DESIGN.md as directly as torch allows. Fast backends are tested against these functions.
+docs/design.md as directly as torch allows. Fast backends are tested against these functions.
 
 The one deliberate fp32 step is the temperature division: the contract defines
 ``z = logits / T`` *computed in fp32*, so that a row whose scaled logits overflow fp32 is
 invalid for every backend alike. Everything after that is float64.
+
+Beside the oracle sit the inputs it is checked on and the baseline it is measured against:
+:func:`make_logits` / :func:`make_labels` (random logits made hostile on purpose: masks,
+NaN, +inf, huge values, ties) and :func:`eager_composite` (what users write today). The
+tests, ``bench/`` and ``mllmcal bench`` all take them from here, so the thing measured is
+the thing tested.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+HOSTILE_KINDS = ("normal", "masked", "fully_masked", "nan", "posinf", "huge", "ties", "peaked")
 # Σ confidence is kept in histograms as an integer in units of 2**-32, so that sums are
 # exact and independent of the order in which rows arrive.
 CONF_FIXED_POINT_SCALE = 2.0**32
@@ -149,7 +156,7 @@ def histogram(
 
 
 def ece_from_histogram(hist: dict[str, torch.Tensor], norm: str = "l1") -> float:
-    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in DESIGN.md."""
+    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in docs/design.md."""
     n = hist["count"].double()
     total = n.sum()
     if total == 0:
@@ -223,3 +230,75 @@ def temperature_fit_rows(
         out[r, 2] = (p * (dl[None, :] - mean[:, None]) ** 2).sum(1)
         status[r] = FIT_USED
     return out, status
+
+
+# --------------------------------------------------------------------------- inputs and baseline
+
+
+def make_logits(
+    n: int, v: int, dtype: torch.dtype = torch.float32, kind: str = "normal", seed: int = 0,
+    device: str | torch.device = "cpu", scale: float = 3.0,
+) -> torch.Tensor:
+    """Random ``[n, v]`` logits of ``dtype``, made hostile according to ``kind``.
+
+    * ``normal``: N(0, scale²); ``peaked``: one large logit per row (confidence near 1).
+    * ``masked``: about half the entries -inf (never the whole row).
+    * ``fully_masked``: every other row all -inf; ``nan``/``posinf``: one bad entry in
+      every third row; ``huge``: entries near ±3e4 (fp16-safe) or ±1e30 (fp32/bf16).
+    * ``ties``: values from a 3-level set, so maxima repeat (lowest index must win).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    if kind == "masked" and v > 1:
+        mask = torch.rand(n, v, generator=g) < 0.5
+        keep = torch.randint(0, v, (n,), generator=g)
+        mask[torch.arange(n), keep] = False
+        x[mask] = float("-inf")
+    elif kind == "fully_masked":
+        x[::2] = float("-inf")
+    elif kind in ("nan", "posinf"):
+        cols = torch.randint(0, v, (n,), generator=g)
+        rows = torch.arange(0, n, 3)
+        x[rows, cols[rows]] = float("nan") if kind == "nan" else float("inf")
+    elif kind == "huge":
+        big = 3.0e4 if dtype == torch.float16 else 1.0e30
+        x = torch.sign(x) * big * (0.5 + torch.rand(n, v, generator=g, dtype=torch.float64) / 2)
+    elif kind == "ties":
+        x = torch.randint(0, 3, (n, v), generator=g).double()
+    elif kind == "peaked":
+        x[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 25.0
+    elif kind not in ("normal", "masked"):
+        raise ValueError(f"unknown kind {kind!r}")
+    return x.to(dtype).to(device)
+
+
+def make_labels(
+    n: int, v: int, seed: int = 0, ignore_frac: float = 0.2, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """int64 ``[n]`` labels in ``[0, v)`` with about ``ignore_frac`` set to -100."""
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = IGNORE_INDEX
+    return y.to(device)
+
+
+def eager_composite(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+    """What users write today: the torch eager composite of the same statistics.
+
+    ``log_softmax`` over an fp32 upcast, then max, entropy, gather and Brier as separate
+    passes. This is the baseline in every benchmark (``mllmcal bench`` and ``bench/`` import
+    it from here) and its ``torch.compile`` form is the second baseline.
+
+    Returns ``(logsumexp, confidence, prediction, entropy, label_logprob, brier)``, ``[N]``.
+    """
+    z = logits.float() / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    conf, pred = logp.max(dim=-1)
+    conf = conf.exp()
+    p = logp.exp()
+    entropy = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
+    y = labels.clamp_min(0)
+    label_logprob = logp.gather(-1, y[:, None]).squeeze(-1)
+    brier = (p * p).sum(-1) - 2 * label_logprob.exp() + 1
+    return lse, conf, pred, entropy, label_logprob, brier

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import mllmcal
 from mllmcal import metrics as M
 from mllmcal import reference as R
-from mllmcal.testing import make_labels, make_logits
+from mllmcal.reference import make_labels, make_logits
 
 
 def pairs(n, seed, power=1.5, dtype=torch.float32, levels=None):

@@ -11,12 +11,12 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_two_ranks
 
 import mllmcal
+from mllmcal._backends import unavailable_reason
 from mllmcal.calibration import TemperatureFitAccumulator
-from mllmcal.calibration import _fit_backends as FB
 from mllmcal.calibration.onepass import log_spaced_temperatures, onepass_temperatures
-from mllmcal.testing import run_two_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,10 +62,10 @@ def one_shot(x, y, batch, counter):
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_shot_generator_fit_matches_fine_grid_on_every_backend(backend, dtype):
-    if FB._reason(backend, torch.device("cpu")) is not None:
+    if unavailable_reason(backend, "cpu", "temperature_fit") is not None:
         if os.environ.get("CI") == "true" and backend == "cpu":
-            pytest.fail(FB._reason(backend, torch.device("cpu")))
-        pytest.skip(FB._reason(backend, torch.device("cpu")))
+            pytest.fail(unavailable_reason(backend, "cpu", "temperature_fit"))
+        pytest.skip(unavailable_reason(backend, "cpu", "temperature_fit"))
     x, y = calib_data(n=160 if backend == "triton" else 300, seed=1)
     x = x.to(dtype)
     reads = []

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mllmcal
 from mllmcal import reference as R
 from mllmcal.calibration.state import BRIER_FIXED_POINT_SCALE, NLL_FIXED_POINT_SCALE
-from mllmcal.testing import make_labels, make_logits
+from mllmcal.reference import make_labels, make_logits
 
 
 def random_pairs(n, seed, dtype=torch.float32):

@@ -9,12 +9,13 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_two_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mllmcal
 from mllmcal.calibration import state as S
-from mllmcal.testing import make_labels, make_logits, run_two_ranks
+from mllmcal.reference import make_labels, make_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +193,7 @@ def test_from_dict_reads_version_1_dicts():
 _RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     import mllmcal
-    from mllmcal.testing import make_labels, make_logits
+    from mllmcal.reference import make_labels, make_logits
     rank, world, port, mode, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)

@@ -14,17 +14,19 @@ int, and it is bounded by the block size (2048).
 
 import pytest
 import torch
+from helpers import assert_matches_reference
 
 import mllmcal
 from mllmcal import _contract as C
-from mllmcal import _cpp
-from mllmcal.testing import assert_matches_reference, make_labels, make_logits
+from mllmcal._backends import unavailable_reason
+from mllmcal._backends.compiled import cpu as CPU
+from mllmcal.reference import make_labels, make_logits
 
 pytestmark = pytest.mark.skipif(
-    "cpu" not in mllmcal.available_backends("cpu"), reason=f"mllmcal._C: {_cpp.unavailable_reason()}"
+    "cpu" not in mllmcal.available_backends("cpu"), reason=f"mllmcal._C: {unavailable_reason('cpu')}"
 )
 
-ISAS = _cpp._load().supported_isas() if _cpp.unavailable_reason() is None else []
+ISAS = CPU.supported_isas() if unavailable_reason("cpu") is None else []
 
 
 def run(x, labels=None, temperature=1.0, *, scaled_out=None, hist=None, **kw):
@@ -36,7 +38,7 @@ def run(x, labels=None, temperature=1.0, *, scaled_out=None, hist=None, **kw):
     fstats = torch.full((C.N_FSTATS, n), 123.0)  # garbage: the kernel must overwrite it
     pred = torch.full((n,), 77, dtype=torch.int64)
     flags = torch.full((n,), 255, dtype=torch.uint8)
-    _cpp.token_stats_into(x2, labels, t, t_rows, fstats, pred, flags, scaled_out, hist,
+    CPU.token_stats_into(x2, labels, t, t_rows, fstats, pred, flags, scaled_out, hist,
                           C.IGNORE_INDEX, **kw)
     valid = (flags & C.FLAG_VALID) != 0
     return mllmcal.TokenStats(
@@ -58,7 +60,7 @@ PATHS = [
 
 
 def test_kernel_reports_an_instruction_set_this_cpu_supports():
-    assert _cpp.kernel_isa() in ISAS
+    assert CPU.kernel_isa() in ISAS
     assert "generic" in ISAS
 
 
@@ -209,22 +211,22 @@ def test_histograms_do_not_depend_on_thread_count():
 
 
 def test_binding_rejects_bad_structural_arguments():
-    ext = _cpp._load()
+    ext = CPU.ext
     x = torch.zeros(2, 3)
     f, p, fl = torch.empty(7, 2), torch.empty(2, dtype=torch.long), torch.empty(2, dtype=torch.uint8)
     common = dict(labels=0, temperature=1.0, temperature_rows=0, fstats=f.data_ptr(),
-                  pred=p.data_ptr(), flags=fl.data_ptr(), scaled_out=0, out_row_stride=0,
+                  pred=p.data_ptr(), flags=fl.data_ptr(), scaled_out=0, stride_out=0,
                   hist=0, n_bins=0, ignore_index=-100)
     with pytest.raises(ValueError, match="dtype code"):
-        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=7, **common)
-    with pytest.raises(ValueError, match="x_row_stride"):
-        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=-3, dtype=0, **common)
-    with pytest.raises(ValueError, match="out_row_stride"):
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, stride_x=3, dtype=7, **common)
+    with pytest.raises(ValueError, match="stride_x"):
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, stride_x=-3, dtype=0, **common)
+    with pytest.raises(ValueError, match="stride_out"):
         out = torch.empty(2, 3)
-        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0,
-                        **{**common, "scaled_out": out.data_ptr(), "out_row_stride": 2})
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, stride_x=3, dtype=0,
+                        **{**common, "scaled_out": out.data_ptr(), "stride_out": 2})
     with pytest.raises(ValueError, match="ISA"):
-        ext.token_stats(x=x.data_ptr(), n=2, v=3, x_row_stride=3, dtype=0, isa="sve", **common)
+        ext.token_stats(x=x.data_ptr(), n=2, v=3, stride_x=3, dtype=0, isa="sve", **common)
 
 
 def test_split_path_is_safe_from_concurrent_python_threads():

@@ -156,8 +156,9 @@ def test_built_extension_imports_or_is_absent():
     assert ext.THREADS == 256 and ext.MAX_SPLITS >= 2
     assert ext.workspace_bytes(3, 1) == 0
     assert ext.workspace_bytes(3, 10) >= 3 * 10 * 32
-    # Argument checks run before any CUDA call, so they work without a device.
-    with pytest.raises(RuntimeError, match="dtype code"):
+    # Argument checks run before any CUDA call, so they work without a device: the shared
+    # structural checks (csrc/common/bindings.h) raise ValueError, the launcher's RuntimeError.
+    with pytest.raises(ValueError, match="dtype code"):
         ext.token_stats(x=16, dtype=9, n=2, v=5, stride_x=5, labels=0, ignore_index=-100,
                         temperature=1.0, temperature_rows=0, fstats=16, pred=16, flags=16,
                         scaled_out=0, stride_out=0, hist=0, n_bins=0, workspace=0, splits=1,
@@ -172,19 +173,17 @@ def test_built_extension_imports_or_is_absent():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-device message")
 def test_cuda_backend_without_device_names_what_is_missing():
     import mllmcal
-    from mllmcal import _cuda, ops
+    from mllmcal._backends import unavailable_reason
 
-    why = _cuda.unavailable_reason()
-    assert why is not None and "mllmcal._C_cuda" in why
     assert "cuda" not in mllmcal.available_backends("cpu")
-    msg = ops._device_reason("cuda", torch.device("cuda"))
-    assert msg is not None and "_C_cuda" in msg
+    msg = unavailable_reason("cuda", torch.device("cuda"))
+    assert msg is not None and "mllmcal._C_cuda" in msg
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         mllmcal.token_stats(torch.randn(2, 5), backend="cuda")
 
 
 def test_plan_splits_picks_path_a_for_large_batches_and_splits_small_ones():
-    from mllmcal._cuda import MIN_SPLIT_ELEMENTS, plan_splits
+    from mllmcal._backends.launch import MIN_SPLIT_ELEMENTS, plan_splits
 
     sm = 132
     assert plan_splits(1024, 128256, sm) == 1

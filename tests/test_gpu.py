@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_matches_reference, triton_interpreting
 
 import mllmcal
-from mllmcal import _cuda
-from mllmcal.testing import (
-    HOSTILE_KINDS,
-    assert_matches_reference,
-    make_labels,
-    make_logits,
-    triton_interpreting,
-)
+from mllmcal._backends import launch, unavailable_reason
+from mllmcal.reference import HOSTILE_KINDS, make_labels, make_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +33,7 @@ def _require(backend: str) -> None:
         pytest.skip("needs a CUDA device")
     if backend == "triton" and triton_interpreting():
         pytest.skip("TRITON_INTERPRET=1: rerun with TRITON_INTERPRET=0 to test compiled Triton")
-    why = mllmcal.ops._device_reason(backend, torch.device("cuda"))
+    why = unavailable_reason(backend, "cuda")
     if why is not None:
         pytest.fail(f"backend {backend!r} is unavailable on a CUDA machine: {why}")
 
@@ -48,13 +43,8 @@ def force_path(monkeypatch):
     """``force_path(backend, path, splits=5)`` pins the launch shape of one backend."""
 
     def force(backend: str, path: str, splits: int = 5) -> None:
-        if backend == "cuda":
-            monkeypatch.setattr(_cuda, "FORCE_SPLITS", 1 if path == "rows" else splits)
-        else:
-            from mllmcal.kernels import token_stats as tk
-
-            shape = ("row", 1) if path == "rows" else ("split", splits)
-            monkeypatch.setattr(tk, "choose_path", lambda *args, **kwargs: shape)
+        # One planner serves both launchers, so one switch pins both.
+        monkeypatch.setattr(launch, "FORCE_SPLITS", 1 if path == "rows" else splits)
 
     return force
 

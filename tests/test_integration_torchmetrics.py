@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mllmcal
-from mllmcal.testing import make_logits
+from mllmcal.reference import make_logits
 
 torchmetrics = pytest.importorskip("torchmetrics")
 from torchmetrics.classification import MulticlassCalibrationError  # noqa: E402

@@ -2,16 +2,14 @@
 
 import pytest
 import torch
+from helpers import assert_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mllmcal
-from mllmcal.testing import (
-    HOSTILE_KINDS,
-    assert_matches_reference,
-    make_labels,
-    make_logits,
-)
+from mllmcal import ops
+from mllmcal._backends import registry
+from mllmcal.reference import HOSTILE_KINDS, make_labels, make_logits
 
 CPU_BACKENDS = [b for b in ("torch", "cpu") if b in mllmcal.available_backends("cpu")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -110,10 +108,8 @@ def test_env_var_overrides_auto(monkeypatch):
 
 
 def test_env_var_naming_a_backend_that_cannot_take_the_device_falls_back_and_says_so(monkeypatch):
-    from mllmcal import ops
-
     monkeypatch.setenv("MLLMCAL_BACKEND", "cuda")  # no CUDA tensor here: cannot serve it
-    monkeypatch.setattr(ops, "_env_warned", set())
+    monkeypatch.setattr(registry, "_env_warned", set())
     x = make_logits(3, 17, torch.float32, "normal", seed=4)
     with pytest.warns(RuntimeWarning, match="MLLMCAL_BACKEND='cuda' cannot serve"):
         s = mllmcal.token_stats(x)
@@ -127,7 +123,7 @@ def test_env_var_naming_a_backend_that_cannot_take_the_device_falls_back_and_say
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_repeated_and_overlapping_rows(backend, dtype):
-    """DESIGN: any strides along rows. Stride 0 (expand) and overlapping windows (unfold)
+    """docs/design.md: any strides along rows. Stride 0 (expand) and overlapping windows (unfold)
     are read as they are, with no copy and no error."""
     row = make_logits(1, 301, dtype, "masked", seed=21)
     rep = row.expand(5, 301)  # stride (0, 1)
@@ -189,13 +185,11 @@ def test_compiled_decode_step_traces_through_the_op(compile_backend):
     mllmcal.token_stats (with the histogram update) and uses its results."""
     torch._dynamo.reset()
 
-    from mllmcal import _contract as C
-
     def step(logits, labels, hist):
         s = mllmcal.token_stats(logits, labels, temperature=1.7, histogram=hist, validate=False)
         tok = torch.argmax(logits, dim=-1)
         # The histogram update op on its own as well, fed from another source of confidences.
-        C.hist_add_(hist, s.confidence.flip(0), s.correct, labels != -100)
+        ops.histogram_add_(hist, s.confidence.flip(0), s.correct, labels != -100)
         return s.confidence * 2.0, s.label_logprob, tok, s.prediction
 
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
@@ -208,6 +202,57 @@ def test_compiled_decode_step_traces_through_the_op(compile_backend):
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
         assert torch.equal(h_comp, h_eager) and int(h_comp[0].sum()) == 2 * int((y != -100).sum())
+
+
+def test_env_var_policy_is_the_same_for_the_temperature_fit(monkeypatch):
+    """One MLLMCAL_BACKEND policy for every op: the fit falls back with the same warning."""
+    monkeypatch.setenv("MLLMCAL_BACKEND", "cuda")
+    monkeypatch.setattr(registry, "_env_warned", set())
+    x = make_logits(4, 19, torch.float32, "masked", seed=5)
+    y = make_labels(4, 19, seed=5, ignore_frac=0.0)
+    betas = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="MLLMCAL_BACKEND='cuda' cannot serve"):
+        out, status = ops.temperature_fit_rows(x, y, betas)
+    want, want_status = ops.temperature_fit_rows(x, y, betas, backend="torch")
+    assert torch.equal(status, want_status)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        ops.temperature_fit_rows(x, y, betas, backend="cuda")
+
+
+def test_unavailable_reason_is_public_and_names_what_is_missing():
+    assert mllmcal.ops.unavailable_reason("torch", "cpu") is None
+    assert "needs CUDA tensors" in registry.unavailable_reason("cuda", "cpu", "temperature_fit")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        registry.unavailable_reason("tpu", "cpu")
+
+
+def test_temperature_fit_is_a_registered_torch_op_with_a_fake_implementation():
+    x = make_logits(6, 33, torch.float32, "masked", seed=9)
+    y = make_labels(6, 33, seed=9)
+    torch.library.opcheck(
+        torch.ops.mllmcal.temperature_fit.default,
+        (x, y, torch.tensor([0.5, 1.0, 4.0]), -100, "torch"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_fit_step_traces_through_the_op(compile_backend):
+    """torch.compile(fullgraph=True) holds the temperature-fit op like token_stats."""
+    torch._dynamo.reset()
+    betas = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
+
+    def step(logits, labels):
+        out, status = ops.temperature_fit_rows(logits, labels, betas)
+        return out.sum(0), (status == 1).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    for seed in (1, 2):
+        x = make_logits(7, 65, torch.float32, "masked", seed=seed)
+        y = make_labels(7, 65, seed=seed)
+        for a, b in zip(compiled(x, y), step(x, y), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_fp64_goes_to_torch_backend():

@@ -18,15 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mllmcal import reference as R
-from mllmcal.calibration import _fit_backends as FB
-from mllmcal.testing import HOSTILE_KINDS, make_labels, make_logits
+from mllmcal._backends import unavailable_reason
+from mllmcal.ops import temperature_fit_rows
+from mllmcal.reference import HOSTILE_KINDS, make_labels, make_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_BACKENDS = ["cpu", "torch", "triton"]
 
 
 def _need(backend, device="cpu"):
-    why = FB._reason(backend, torch.device(device))
+    why = unavailable_reason(backend, device, "temperature_fit")
     if why is not None:
         if os.environ.get("CI") == "true" and backend == "cpu":
             pytest.fail(f"the C++ fit kernel must be built in CI: {why}")
@@ -61,7 +62,7 @@ def test_odd_shapes_and_dtypes_match_reference(backend, dtype, n, v, k):
     x = make_logits(n, v, dtype, "masked", seed=n + v)
     y = make_labels(n, v, seed=n + v)
     b = _betas(k, seed=k)
-    out, status = FB.fit_rows(x, y, b, backend)
+    out, status = temperature_fit_rows(x, y, b, backend)
     assert out.shape == (n, 3, k) and out.dtype == torch.float32 and status.dtype == torch.uint8
     _check(out, status, x, y, b)
 
@@ -80,7 +81,7 @@ def test_hostile_rows_match_reference(backend, kind):
         for r in rows.tolist():
             y[r] = int(masked[r].nonzero()[0])
     b = _betas(11, seed=1)
-    out, status = FB.fit_rows(x, y, b, backend)
+    out, status = temperature_fit_rows(x, y, b, backend)
     _check(out, status, x, y, b)
     if kind == "masked":
         assert (status == R.FIT_MASKED_LABEL).sum() >= 1
@@ -95,9 +96,9 @@ def test_strided_rows_and_all_ignored(backend):
     x = wide[:, 10:73]  # row stride 90, V = 63
     y = make_labels(12, 63, seed=5)
     b = _betas(6)
-    out, status = FB.fit_rows(x, y, b, backend)
+    out, status = temperature_fit_rows(x, y, b, backend)
     _check(out, status, x, y, b)
-    out, status = FB.fit_rows(x, torch.full((12,), -100), b, backend)
+    out, status = temperature_fit_rows(x, torch.full((12,), -100), b, backend)
     assert torch.all(status == R.FIT_SKIPPED) and torch.all(out == 0)
 
 
@@ -105,15 +106,16 @@ def test_fp64_goes_to_the_torch_composite_and_bad_backends_are_clear():
     x = make_logits(6, 20, torch.float64, "masked", seed=2)
     y = make_labels(6, 20, seed=2)
     b = _betas(4)
-    out, status = FB.fit_rows(x, y, b, "auto")
+    out, status = temperature_fit_rows(x, y, b, "auto")
     assert out.dtype == torch.float64
     _check(out, status, x, y, b)
-    with pytest.raises(ValueError, match="reads fp32/fp16/bf16"):
-        FB.fit_rows(x, y, b, "cpu")
+    # fp64 is the composite's whatever was asked, as for token_stats.
+    out64, _ = temperature_fit_rows(x, y, b, "cpu")
+    assert out64.dtype == torch.float64
     with pytest.raises(ValueError, match="backend must be one of"):
-        FB.fit_rows(x.float(), y, b, "tpu")
+        temperature_fit_rows(x.float(), y, b, "tpu")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        FB.fit_rows(x.float(), y, b, "cuda")
+        temperature_fit_rows(x.float(), y, b, "cuda")
 
 
 @pytest.mark.gpu
@@ -125,7 +127,7 @@ def test_gpu_backends_match_reference(backend, dtype, kind):
     x = make_logits(70, 5003, dtype, kind, seed=7, device="cuda")
     y = make_labels(70, 5003, seed=7, device="cuda")
     b = _betas(37)
-    out, status = FB.fit_rows(x, y, b, backend)
+    out, status = temperature_fit_rows(x, y, b, backend)
     _check(out, status, x, y, b)
 
 
@@ -141,8 +143,8 @@ def _run_python(code, **env):
 def test_triton_kernel_compiles_ahead_of_time_for_sm90():
     pytest.importorskip("triton")
     res = _run_python(
-        "import json; from mllmcal.kernels.temperature_fit import aot_report; "
-        "print(json.dumps(aot_report(90)))",
+        f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'tools')!r}); import aot; "
+        "print(json.dumps(aot.temperature_fit_report(90)))",
         TRITON_INTERPRET="0",
     )
     assert res.returncode == 0, res.stderr[-4000:]
@@ -195,7 +197,7 @@ def test_default_doubling_grid_matches_reference(backend, kind):
     assert sum(bool((b32 == 2 * v).any()) for v in b32) == len(b) - 3
     x = make_logits(20, 2500, torch.float32, kind, seed=9)
     y = make_labels(20, 2500, seed=9)
-    out, status = FB.fit_rows(x, y, b, backend)
+    out, status = temperature_fit_rows(x, y, b, backend)
     _check(out, status, x, y, b)
 
 
@@ -212,5 +214,5 @@ def test_property_cpu_kernel_matches_reference(n, v, k, dtype, kind, seed):
     x = make_logits(n, v, dtype, kind, seed=seed)
     y = make_labels(n, v, seed=seed)
     b = _betas(k, seed=seed)
-    out, status = FB.fit_rows(x, y, b, "cpu")
+    out, status = temperature_fit_rows(x, y, b, "cpu")
     _check(out, status, x, y, b)

@@ -16,15 +16,18 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_matches_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mllmcal
-from mllmcal import _contract as C
-from mllmcal.testing import HOSTILE_KINDS, assert_matches_reference, make_labels, make_logits
+from mllmcal import ops
+from mllmcal._backends import launch
+from mllmcal.reference import HOSTILE_KINDS, make_labels, make_logits
 
 triton = pytest.importorskip("triton")
 K = pytest.importorskip("mllmcal.kernels.token_stats")
+TRITON_BACKEND = pytest.importorskip("mllmcal.kernels.backend")
 
 pytestmark = [
     pytest.mark.skipif(
@@ -48,7 +51,7 @@ def forced(monkeypatch):
 
     def use(**knobs):
         monkeypatch.setattr(
-            K, "token_stats_into", functools.partial(_ORIGINAL_INTO, **knobs)
+            TRITON_BACKEND, "token_stats_into", functools.partial(_ORIGINAL_INTO, **knobs)
         )
 
     return use
@@ -194,7 +197,7 @@ def test_histogram_adds_are_exact_per_path_and_invariant_to_row_batches():
         # Exactly the integer adds of this path's own fp32 confidences.
         conf, correct = fstats[1], (flags & 2) != 0
         expected = torch.zeros_like(hist)
-        C.hist_add_(expected, conf, correct, keep)
+        ops.histogram_add_(expected, conf, correct, keep)
         assert torch.equal(hist, expected), knobs
         hists.append(hist)
         # Batches of rows in any split add up to the same integers (same path, same knobs).
@@ -215,23 +218,25 @@ def test_histogram_adds_are_exact_per_path_and_invariant_to_row_batches():
 def test_auto_knobs_match_reference_on_both_sides_of_the_path_choice(monkeypatch):
     # Default block size and path choice, on a pretend 4-SM GPU so that few rows reach
     # the row path: 3 rows -> split path, 9 rows (>= 2 * SMs) -> row path.
-    monkeypatch.setattr(K, "DEFAULT_SM_COUNT", 4)
+    monkeypatch.setattr(launch, "DEFAULT_SM_COUNT", 4)
     for n, v in ((3, 9000), (9, 33)):
         x = make_logits(n, v, torch.bfloat16, "masked", seed=n, device=DEVICE)
         y = make_labels(n, v, seed=n, device=DEVICE)
-        assert K.choose_path(n, v, K.DEFAULT_SM_COUNT, K.default_block_v(v))[0] == (
-            "split" if n == 3 else "row"
-        )
+        splits = launch.plan_splits(n, v, launch.DEFAULT_SM_COUNT, K.default_block_v(v),
+                                    K.MAX_SPLITS)
+        assert (splits > 1) == (n == 3)
         assert_matches_reference(_stats(x, y, 0.9), x, y, 0.9)
 
 
-def test_choose_path_fills_the_gpu_and_respects_block_size():
-    assert K.choose_path(4096, 131072, 132, 2048) == ("row", 1)
-    path, splits = K.choose_path(1, 131072, 132, 2048)
-    assert path == "split" and splits == 64  # one chunk per split at most
-    path, splits = K.choose_path(64, 131072, 132, 2048)
-    assert path == "split" and 64 * splits >= 4 * 132
-    assert K.choose_path(8, 1000, 132, 1024) == ("row", 1)  # nothing to split
+def test_split_plan_fills_the_gpu_and_respects_block_size():
+    def plan(n, v, sm, block_v):
+        return launch.plan_splits(n, v, sm, block_v, K.MAX_SPLITS)
+
+    assert plan(4096, 131072, 132, 2048) == 1  # row path
+    assert plan(1, 131072, 132, 2048) == 64  # one chunk per split at most
+    splits = plan(64, 131072, 132, 2048)
+    assert splits > 1 and 64 * splits >= 4 * 132
+    assert plan(8, 1000, 132, 1024) == 1  # nothing to split
 
 
 def test_bad_knobs_are_clear_errors():
@@ -311,8 +316,8 @@ def test_every_kernel_compiles_ahead_of_time_for_sm90_without_spills():
     # Kernels built under TRITON_INTERPRET=1 are interpreter objects, not JITFunctions:
     # compile in a fresh process with the interpreter off.
     res = _run_python(
-        "import json; from mllmcal.kernels.token_stats import aot_report; "
-        "print(json.dumps(aot_report(90)))",
+        "import json, sys; sys.path.insert(0, 'tools'); import aot; "
+        "print(json.dumps(aot.token_stats_report(90)))",
         TRITON_INTERPRET="0",
     )
     assert res.returncode == 0, res.stderr[-4000:]

@@ -202,7 +202,7 @@ void fit_row(const FitArgs& a, const Step* plan, int64_t row, std::vector<float>
     return;
   }
   const int64_t elem = a.dtype == 0 ? 4 : 2;
-  const char* xrow = static_cast<const char*>(a.x) + row * a.x_row_stride * elem;
+  const char* xrow = static_cast<const char*>(a.x) + row * a.stride_x * elem;
   float* d = buf.data();
   load_row(xrow, a.dtype, a.v, d);
   float m = -std::numeric_limits<float>::infinity();

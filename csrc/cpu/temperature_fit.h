@@ -33,8 +33,8 @@ enum FitStatus : uint8_t {
 
 struct FitArgs {
   const void* x;          // [n, v] logits, dtype code as token_stats (0 fp32, 1 fp16, 2 bf16)
-  int64_t n, v, x_row_stride;
   int dtype;
+  int64_t n, v, stride_x;
   const int64_t* labels;  // [n], values in [0, v) or ignore_index (checked by the caller)
   int64_t ignore_index;
   const float* betas;     // [k] inverse temperatures, all > 0

@@ -97,10 +97,10 @@ inline size_t elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 void run_chunk(const Args& A, ChunkFn fn, int64_t i, int64_t c0, int64_t c1, Partial* out) {
   // int64 offsets throughout: i · row_stride can exceed 2^31 elements.
   const size_t es = elem_size(A.dtype);
-  const char* x_row = static_cast<const char*>(A.x) + static_cast<size_t>(i * A.x_row_stride) * es;
-  void* out_row = A.out == nullptr
+  const char* x_row = static_cast<const char*>(A.x) + static_cast<size_t>(i * A.stride_x) * es;
+  void* out_row = A.scaled_out == nullptr
                       ? nullptr
-                      : static_cast<char*>(A.out) + static_cast<size_t>(i * A.out_row_stride) * es;
+                      : static_cast<char*>(A.scaled_out) + static_cast<size_t>(i * A.stride_out) * es;
   const float t = row_temperature(A, i);
   fn(x_row, c0, c1, t, t != 1.0f, label_column(A, i), out_row, out);
 }

@@ -65,20 +65,20 @@ const KernelTable* select_kernels(const char* isa);
 enum Mode : int { kModeAuto = 0, kModeRows = 1, kModeSplit = 2 };
 
 struct Args {
-  const void* x;
-  int64_t n, v, x_row_stride;  // strides in elements
-  int dtype;
+  const void* x;               // [n, v], x[i, j] at x + i * stride_x + j (elements)
+  int dtype;                   // DType
+  int64_t n, v, stride_x;
   const int64_t* labels;       // nullable
+  int64_t ignore_index;
   float temperature;
   const float* temperature_rows;  // nullable
   float* fstats;               // [7, n]
   int64_t* pred;               // [n]
   uint8_t* flags;              // [n]
-  void* out;                   // nullable; [n, v] with out_row_stride
-  int64_t out_row_stride;
+  void* scaled_out;            // nullable; [n, v] with stride_out
+  int64_t stride_out;
   int64_t* hist;               // nullable; [3, n_bins]
   int64_t n_bins;
-  int64_t ignore_index;
   int num_threads;             // <= 0: OpenMP default
   int mode;                    // Mode
   int64_t chunk_columns;       // <= 0: automatic; else the split path's chunk width

@@ -10,7 +10,7 @@
 //     logsumexp = m + log S          confidence = 1 / S          Σ p^2 = Q / S^2
 //     E_p[z] = m + A/S               Var_p[z] = B/S - (A/S)^2    entropy = log S - A/S
 //
-// Two launch shapes share one kernel (the choice is made by the caller, mllmcal/_cuda.py):
+// Two launch shapes share one kernel (the caller chooses, in mllmcal/_backends/launch.py):
 //   path A (splits == 1): one block per row; enough rows fill the GPU on their own.
 //   path B (splits  > 1): the row's vocabulary is cut into `splits` segments, one block
 //     each, so that a batch of 1..8 rows still puts a block on every SM. Each block writes

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from .. import _contract as C
+from ..ops import temperature_fit_rows
 from . import _sync
-from ._fit_backends import fit_rows
 
 __all__ = ["TemperatureFitAccumulator", "onepass_temperatures", "log_spaced_temperatures",
            "PAPER_T_MIN", "PAPER_T_MAX"]
@@ -129,7 +129,7 @@ class TemperatureFitAccumulator:
         derivatives: accumulate ℓ' and ℓ'' too (needed by the refined fit; ``False`` is
             the plain grid search, :meth:`fit` then returns the best grid point).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
-            (see :mod:`mllmcal.calibration._fit_backends`).
+            (see :func:`mllmcal.ops.temperature_fit_rows`).
         ignore_index: label value of rows to skip.
 
     State (all on the host; O(K) numbers): ``n_rows`` (rows used), ``n_masked`` (rows whose
@@ -228,8 +228,8 @@ class TemperatureFitAccumulator:
         k = len(self.betas)
         rows = max(1, _MAX_OUT_ELEMENTS // (3 * k))
         for r0 in range(0, x.shape[0], rows):
-            out, status = fit_rows(x[r0:r0 + rows], y[r0:r0 + rows], betas, self.backend,
-                                   self.ignore_index)
+            out, status = temperature_fit_rows(x[r0:r0 + rows], y[r0:r0 + rows], betas,
+                                               self.backend, self.ignore_index)
             sums = out.double().sum(0)
             counts = torch.bincount(status.long(), minlength=3)
             packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .. import _contract as C
-from ..ops import TokenStats, token_stats
+from ..ops import TokenStats, histogram_add_, token_stats
 from . import _sync
 from .functional import (
     BRIER_FIXED_POINT_SCALE,
@@ -210,7 +210,7 @@ class CalibrationState:
         self._adopt(c.device)
         self._reserve(c.numel())
         c = c.float()
-        C.hist_add_(self.hist, c, y, torch.ones_like(y))
+        histogram_add_(self.hist, c, y, torch.ones_like(y))
 
     def update_logits(
         self,

@@ -48,7 +48,7 @@ from torchmetrics import Metric
 from .. import _contract as C
 from ..calibration.functional import carry_, check_norm
 from ..calibration.state import MAX_ROWS_PER_UPDATE, CalibrationState
-from ..ops import token_stats
+from ..ops import histogram_add_, token_stats
 
 __all__ = ["CalibrationError"]
 
@@ -128,7 +128,7 @@ class CalibrationError(Metric):
             conf, pred = preds.max(dim=1)
             if self.validate_args and n and bool(((conf < 0) | (conf > 1) | conf.isnan()).any()):
                 raise ValueError("probabilities must lie in [0, 1]")
-            C.hist_add_(self.hist, conf.float(), pred == target, keep)
+            histogram_add_(self.hist, conf.float(), pred == target, keep)
         # Carry after every update, so ``hist`` < 2**32 between updates: a sum over ranks
         # (torchmetrics' sync) and the next update (< 2**30 rows of <= 2**32 units) cannot
         # wrap it. The carry saturates ``hist_hi`` (an overflow stays marked and raises at

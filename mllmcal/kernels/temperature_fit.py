@@ -19,7 +19,7 @@ memory or L2; the *stream* of batches is still read once, which is what the one-
 needs (a second pass over the data would mean running the model again). Exps dominate:
 K per element, against one per element per Newton pass.
 
-Output contract (shared by every backend, see ``mllmcal/calibration/_fit_backends.py``):
+Output contract (shared by every backend, see :func:`mllmcal.ops.temperature_fit_rows`):
 ``out`` fp32 ``[N, 3, K]`` (ℓ, dℓ/dβ, d²ℓ/dβ²) with zeros on rows not used, ``status`` uint8
 ``[N]``: 0 skipped (invalid row, ignored label), 1 used, 2 label masked (x_y = −inf).
 """
@@ -33,7 +33,7 @@ import triton.language as tl
 from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
-__all__ = ["temperature_fit_into", "aot_compile", "aot_report"]
+__all__ = ["temperature_fit_into"]
 
 # The interpreter pays per operation, not per element: big tiles there, GPU-sized ones else.
 _INTERPRET_BLOCKS = (4096, 64)
@@ -126,43 +126,3 @@ def temperature_fit_into(
         x, x.stride(0), labels, betas, out, status, v, k, ignore_index,
         BLOCK_V=bv, BLOCK_K=bk, num_warps=num_warps,
     )
-
-
-_PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-def aot_compile(dtype: torch.dtype = torch.float32, *, arch: int = 90, block_v: int = 512,
-                block_k: int = 16, num_warps: int = 8):
-    """Compile the kernel for ``sm_<arch>`` without a GPU (``TRITON_INTERPRET`` unset or 0
-    when this module was imported) and return Triton's ``CompiledKernel``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not isinstance(_fit_kernel, triton.runtime.JITFunction):
-        raise RuntimeError(
-            "kernels were created under TRITON_INTERPRET=1; compile in a process without it"
-        )
-    signature = {
-        "x_ptr": _PTR_TYPES[dtype], "stride_x": "i32", "labels_ptr": "*i64",
-        "betas_ptr": "*fp32", "out_ptr": "*fp32", "status_ptr": "*u8", "n_cols": "i32",
-        "n_temps": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr",
-    }
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(_fit_kernel.arg_names)
-             if signature[a].startswith("*") or a in ("stride_x", "n_cols")}
-    src = ASTSource(fn=_fit_kernel, signature=signature,
-                    constexprs={"BLOCK_V": block_v, "BLOCK_K": block_k}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
-
-
-def aot_report(arch: int = 90) -> list[dict]:
-    """PTX summary of the kernel for each input dtype, compiled for ``sm_<arch>``."""
-    report = []
-    for dtype in _PTR_TYPES:
-        ptx = aot_compile(dtype, arch=arch).asm["ptx"]
-        report.append({
-            "dtype": str(dtype).removeprefix("torch."), "ptx_chars": len(ptx),
-            "ld_global_v4": ptx.count("ld.global.v4"), "mul_lo_s64": ptx.count("mul.lo.s64"),
-            "ex2": ptx.count("ex2.approx"),
-        })
-    return report

@@ -5,7 +5,8 @@ logsumexp, confidence, entropy, E_p[z], Var_p[z], argmax, label log-prob, Brier,
 valid/correct flags, optionally the temperature-scaled logits ``z = x / T`` (written in the
 same pass, possibly in place) and optionally integer adds to a calibration histogram.
 
-Two launch paths (chosen in :func:`choose_path`):
+Two launch paths (chosen by :func:`mllmcal._backends.launch.plan_splits`, shared with the
+CUDA launcher):
 
 * **row** -- one program per row, looping over the vocabulary in ``BLOCK_V`` chunks. With
   many rows (``N >= 2 * SMs``) every SM has several rows in flight, so no cross-program
@@ -32,7 +33,7 @@ that raise the running max (rare after the first few chunks). Block size, warps 
 split count are knobs of :func:`token_stats_into`; tuning them on an H200 is separate
 work.
 
-What the sm_90 lowering shows (``aot_report()``, Triton 3.6, ptxas 12.8, no GPU needed):
+What the sm_90 lowering shows (``tools/aot.py``, Triton 3.6, ptxas 12.8, no GPU needed):
 with 16-byte-aligned rows and V % 16 == 0 the logits load is ``ld.global.v4.b32`` (one per
 thread per chunk for 16-bit input, two for fp32 at ``BLOCK_V=2048``, 8 warps); the
 scaled write is ``st.global.v4``; 64 registers without labels/histogram/scaled write, 80
@@ -51,27 +52,22 @@ they run under ``TRITON_INTERPRET=1`` on the CPU and lower for sm_90 ahead of ti
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backends import launch
 from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
 from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
-__all__ = [
-    "token_stats_into", "unavailable_reason", "choose_path", "KERNELS", "aot_compile",
-    "aot_report",
-]
+__all__ = ["token_stats_into", "unavailable_reason", "default_block_v", "KERNELS", "MAX_SPLITS"]
 
-# SM count assumed when no GPU is present (H100/H200 SXM); only steers the path choice.
-DEFAULT_SM_COUNT = 132
 # The interpreter pays per operation, not per element, so larger blocks are faster there.
 _INTERPRET_BLOCK_V = 4096
 _GPU_BLOCK_V = 2048
-_MAX_SPLITS = 1024
+MAX_SPLITS = 1024  # the merge kernel takes any count; this bounds the workspace
 # Below this d = z - max, exp(d) is 0 in fp32 (exp(-104) is already below the smallest
 # denormal); clamping d here keeps d and d**2 finite so that 0 * inf never appears.
 _D_FLOOR = tl.constexpr(-200.0)
@@ -369,34 +365,11 @@ def unavailable_reason() -> str | None:
     return "Triton is installed but there is no CUDA device and TRITON_INTERPRET is not 1"
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SM_COUNT
-
-
 def default_block_v(n_cols: int) -> int:
     """Columns per chunk: the vocabulary rounded up to a power of two, capped (a bigger
     cap under the interpreter, whose cost is per operation, not per element)."""
     cap = _INTERPRET_BLOCK_V if _interpreting() else _GPU_BLOCK_V
     return min(cap, max(16, triton.next_power_of_2(n_cols)))
-
-
-def choose_path(n_rows: int, n_cols: int, sm_count: int, block_v: int) -> tuple[str, int]:
-    """Pick ``("row", 1)`` or ``("split", splits)`` for an ``[n_rows, n_cols]`` input.
-
-    With ``n_rows >= 2 * sm_count`` one program per row already gives every SM at least two
-    rows to stream, so the single-launch row path wins. Below that, split each row so that
-    about ``4 * sm_count`` programs are in flight, but never into slices shorter than one
-    ``block_v`` chunk (a slice that short is launch- and merge-bound). When that leaves one
-    split, the row path is used.
-    """
-    if n_rows >= 2 * sm_count:
-        return "row", 1
-    splits = min(
-        math.ceil(4 * sm_count / max(n_rows, 1)), math.ceil(n_cols / block_v), _MAX_SPLITS
-    )
-    return ("split", splits) if splits > 1 else ("row", 1)
 
 
 def token_stats_into(
@@ -438,7 +411,8 @@ def token_stats_into(
     if block_v <= 0 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if path is None:
-        path, auto_splits = choose_path(n, v, _sm_count(x.device), block_v)
+        auto_splits = launch.plan_splits(n, v, launch.sm_count(x.device), block_v, MAX_SPLITS)
+        path = "row" if auto_splits == 1 else "split"
         splits = splits or auto_splits
     if path not in ("row", "split"):
         raise ValueError(f"path must be 'row' or 'split', got {path!r}")
@@ -471,7 +445,7 @@ def token_stats_into(
         return
 
     if splits is None:
-        splits = choose_path(n, v, _sm_count(x.device), block_v)[1]
+        splits = launch.plan_splits(n, v, launch.sm_count(x.device), block_v, MAX_SPLITS)
     splits = max(1, min(int(splits), math.ceil(v / block_v)))
     # Slices are whole chunks so every program but the last runs unmasked-full chunks;
     # recount so that no slice is empty.
@@ -493,139 +467,3 @@ def token_stats_into(
         HAS_LABELS=has_labels, HAS_HIST=has_hist, SPLITS_P2=splits_p2,
         num_warps=max(1, min(4, splits_p2 // 32)),
     )
-
-
-# ----------------------------------------------------------------------------- AOT checks
-
-_PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-def _aot_signature(name: str, dtype: torch.dtype) -> dict[str, str]:
-    """Argument types of kernel ``name`` as the JIT would specialise them for an
-    ``[N, V]`` input of ``dtype`` with i32-sized scalars."""
-    xt = _PTR_TYPES[dtype]
-    row_head = {
-        "x_ptr": xt, "stride_x": "i32", "out_ptr": xt, "stride_out": "i32",
-        "labels_ptr": "*i64", "t_ptr": "*fp32", "t_scalar": "fp32",
-    }
-    if name == "row":
-        return {
-            **row_head, "fstats_ptr": "*fp32", "pred_ptr": "*i64", "flags_ptr": "*u8",
-            "hist_ptr": "*i64", "n_rows": "i32", "n_cols": "i32", "n_bins": "i32",
-            "ignore_index": "i32",
-        }
-    if name == "split":
-        return {
-            **row_head, "ws_f_ptr": "*fp32", "ws_i_ptr": "*i64", "ws_zy_ptr": "*fp32",
-            "n_cols": "i32", "split_len": "i32", "n_splits": "i32", "ignore_index": "i32",
-        }
-    return {
-        "ws_f_ptr": "*fp32", "ws_i_ptr": "*i64", "ws_zy_ptr": "*fp32", "labels_ptr": "*i64",
-        "fstats_ptr": "*fp32", "pred_ptr": "*i64", "flags_ptr": "*u8", "hist_ptr": "*i64",
-        "n_rows": "i32", "n_splits": "i32", "n_bins": "i32", "ignore_index": "i32",
-    }
-
-
-def aot_compile(
-    name: str, dtype: torch.dtype = torch.float32, *, arch: int = 90, block_v: int = 2048,
-    num_warps: int = 8, features: bool = True, aligned: bool = True,
-):
-    """Compile kernel ``name`` (``"row"``, ``"split"`` or ``"merge"``) for ``sm_<arch>``
-    without a GPU and return Triton's ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``).
-
-    ``features`` switches labels, per-row temperature, scaled write and histogram all on
-    (the largest variant) or all off. ``aligned`` adds the 16-byte divisibility hints the
-    JIT gives to aligned pointers and strides divisible by 16 (what enables vector loads).
-    Needs ``TRITON_INTERPRET`` unset or 0 when this module was imported: interpreted
-    kernels are not compilable objects.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = KERNELS[name]
-    if not isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError(
-            "kernels were created under TRITON_INTERPRET=1; compile in a process without it"
-        )
-    signature = _aot_signature(name, dtype)
-    flags: dict[str, bool | int] = {"HAS_LABELS": features}
-    if name in ("row", "split"):
-        flags.update(
-            HAS_T_ROWS=features, WRITE_SCALED=features, APPLY_T=features, BLOCK_V=block_v
-        )
-    if name in ("row", "merge"):
-        flags["HAS_HIST"] = features
-    if name == "merge":
-        flags["SPLITS_P2"] = 128
-    for k in flags:
-        signature[k] = "constexpr"
-    # The JIT marks pointers and integers divisible by 16 (aligned rows, V % 16 == 0);
-    # without it on the column bound the tail mask blocks vectorised loads.
-    hinted = ("stride_x", "stride_out", "n_cols", "split_len")
-    attrs = {}
-    if aligned:
-        for i, arg in enumerate(kernel.arg_names):
-            if signature[arg].startswith("*") or arg in hinted:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
-    )
-
-
-def _ptxas_info(ptx: str, arch: int) -> dict[str, int] | None:
-    """Registers and spill bytes that ptxas reports for ``ptx`` (None without ptxas)."""
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(arch).path
-    except Exception:  # noqa: BLE001 -- any failure just means "no bundled ptxas"
-        ptxas = shutil.which("ptxas")
-    if not ptxas:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    return {
-        "registers": int(regs.group(1)) if regs else -1,
-        "spill_stores": int(stores.group(1)) if stores else -1,
-        "spill_loads": int(loads.group(1)) if loads else -1,
-    }
-
-
-def aot_report(arch: int = 90) -> list[dict]:
-    """Compile every kernel for ``sm_<arch>`` in every variant CI checks and summarise the
-    PTX: one dict per variant with the vector-load count (``ld.global.v4``), all global
-    loads, and ptxas's register/spill report. Run without ``TRITON_INTERPRET=1``."""
-    variants = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for name in ("row", "split"):
-            for features in (True, False):
-                variants.append((name, dtype, features, True))
-        variants.append(("row", dtype, True, False))
-    variants += [("merge", torch.float32, True, True), ("merge", torch.float32, False, True)]
-    report = []
-    for name, dtype, features, aligned in variants:
-        ptx = aot_compile(name, dtype, arch=arch, features=features, aligned=aligned).asm["ptx"]
-        entry = {
-            "kernel": name, "dtype": str(dtype).removeprefix("torch."), "features": features,
-            "aligned": aligned, "ptx_chars": len(ptx), "ld_global_v4": ptx.count("ld.global.v4"),
-            "ld_global": ptx.count("ld.global"), "st_global_v4": ptx.count("st.global.v4"),
-            "mul_lo_s64": ptx.count("mul.lo.s64"),
-        }
-        entry.update(_ptxas_info(ptx, arch) or {})
-        report.append(entry)
-    return report

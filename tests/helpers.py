@@ -1,6 +1,9 @@
-"""Shared test helpers: hostile logits, comparison against the float64 oracle, GPU skips.
+"""Test helpers: comparison against the float64 oracle, tolerances, GPU and interpreter
+checks, and two-rank distributed runs. Inputs (``make_logits``, ``make_labels``,
+``HOSTILE_KINDS``) and the eager baseline live in :mod:`mllmcal.reference`, beside the
+oracle, because the shipped ``mllmcal bench`` needs them too.
 
-Used by the test suite and by ``bench/`` (so the thing measured is the thing tested).
+Test files import this module as ``helpers`` (``tests/`` is on ``sys.path`` under pytest).
 """
 
 from __future__ import annotations
@@ -9,10 +12,8 @@ import os
 
 import torch
 
-from . import reference as R
-from ._contract import conf_bins, conf_fixed_point
-
-HOSTILE_KINDS = ("normal", "masked", "fully_masked", "nan", "posinf", "huge", "ties", "peaked")
+from mllmcal import reference as R
+from mllmcal._contract import conf_bins, conf_fixed_point
 
 
 def has_cuda() -> bool:
@@ -21,53 +22,6 @@ def has_cuda() -> bool:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def make_logits(
-    n: int, v: int, dtype: torch.dtype = torch.float32, kind: str = "normal", seed: int = 0,
-    device: str | torch.device = "cpu", scale: float = 3.0,
-) -> torch.Tensor:
-    """Random ``[n, v]`` logits of ``dtype``, made hostile according to ``kind``.
-
-    * ``normal``: N(0, scale²); ``peaked``: one large logit per row (confidence near 1).
-    * ``masked``: about half the entries -inf (never the whole row).
-    * ``fully_masked``: every other row all -inf; ``nan``/``posinf``: one bad entry in
-      every third row; ``huge``: entries near ±3e4 (fp16-safe) or ±1e30 (fp32/bf16).
-    * ``ties``: values from a 3-level set, so maxima repeat (lowest index must win).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
-    if kind == "masked" and v > 1:
-        mask = torch.rand(n, v, generator=g) < 0.5
-        keep = torch.randint(0, v, (n,), generator=g)
-        mask[torch.arange(n), keep] = False
-        x[mask] = float("-inf")
-    elif kind == "fully_masked":
-        x[::2] = float("-inf")
-    elif kind in ("nan", "posinf"):
-        cols = torch.randint(0, v, (n,), generator=g)
-        rows = torch.arange(0, n, 3)
-        x[rows, cols[rows]] = float("nan") if kind == "nan" else float("inf")
-    elif kind == "huge":
-        big = 3.0e4 if dtype == torch.float16 else 1.0e30
-        x = torch.sign(x) * big * (0.5 + torch.rand(n, v, generator=g, dtype=torch.float64) / 2)
-    elif kind == "ties":
-        x = torch.randint(0, 3, (n, v), generator=g).double()
-    elif kind == "peaked":
-        x[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 25.0
-    elif kind not in ("normal", "masked"):
-        raise ValueError(f"unknown kind {kind!r}")
-    return x.to(dtype).to(device)
-
-
-def make_labels(
-    n: int, v: int, seed: int = 0, ignore_frac: float = 0.2, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """int64 ``[n]`` labels in ``[0, v)`` with about ``ignore_frac`` set to -100."""
-    g = torch.Generator().manual_seed(seed + 1)
-    y = torch.randint(0, v, (n,), generator=g)
-    y[torch.rand(n, generator=g) < ignore_frac] = R.IGNORE_INDEX
-    return y.to(device)
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
@@ -131,28 +85,6 @@ def assert_matches_reference(
         exp_hist[1].index_add_(0, b, conf_fixed_point(conf[keep]))
         exp_hist[2].index_add_(0, b, stats.correct.reshape(-1).cpu()[keep].long())
         assert torch.equal(hist.cpu(), exp_hist), f"histogram differs:\n{hist}\nvs\n{exp_hist}"
-
-
-def eager_composite(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
-    """What users write today: the torch eager composite of the same statistics.
-
-    ``log_softmax`` over an fp32 upcast, then max, entropy, gather and Brier as separate
-    passes. This is the baseline in every benchmark (``bench/`` imports it from here) and
-    its ``torch.compile`` form is the second baseline.
-
-    Returns ``(logsumexp, confidence, prediction, entropy, label_logprob, brier)``, ``[N]``.
-    """
-    z = logits.float() / temperature
-    logp = torch.log_softmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    conf, pred = logp.max(dim=-1)
-    conf = conf.exp()
-    p = logp.exp()
-    entropy = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
-    y = labels.clamp_min(0)
-    label_logprob = logp.gather(-1, y[:, None]).squeeze(-1)
-    brier = (p * p).sum(-1) - 2 * label_logprob.exp() + 1
-    return lse, conf, pred, entropy, label_logprob, brier
 
 
 def run_two_ranks(script_text: str, tmp_path, mode: str, root: str,

@@ -1094,6 +1094,10 @@ def test_run_scope_rules(llama):
     ids, ids2 = _prompts(50, 2, 4), _prompts(51, 2, 6)
     gen = dict(logits_processor=[proc], max_new_tokens=3, do_sample=False, eos_token_id=None,
                pad_token_id=PAD)
+    with proc.run() as run, pytest.raises(ValueError, match="one generate call"):
+        out = llama.generate(input_ids=ids, **gen)
+        run.finish(out)  # read inside the block: the run is over
+        llama.generate(input_ids=out, **gen)
     # One generate call per scope: another prompt inside the same scope is an error.
     with proc.run(request_ids=["a", "b"]), pytest.raises(ValueError, match="one generate call"):
         out = llama.generate(input_ids=ids, **gen)

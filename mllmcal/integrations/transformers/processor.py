@@ -300,11 +300,11 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         if v > MAX_VOCAB:
             raise ValueError(f"vocabularies up to {MAX_VOCAB} tokens are supported, got {v}")
         scope, prev = self._scope, self._run
-        if prev is not None and scope is not None and prev.scope is scope:
+        if scope is not None and scope._record is not None:
             raise ValueError(
-                "this call is not the next step of the run open in `with proc.run()` (another "
-                "prompt or batch): a run scope holds one generate call; open a new "
-                "`with proc.run():` for the next"
+                "this call is not the next step of the run of the open `with proc.run()` "
+                "block (another prompt or batch, or a call after the run was read): a run "
+                "scope holds one generate call; open a new `with proc.run():` for the next"
             )
         ids = scope.request_ids if scope is not None else self._request_ids
         if ids is not None and len(ids) != b:

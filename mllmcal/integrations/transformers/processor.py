@@ -62,8 +62,11 @@ Beam search cannot be followed through the public interface: beams are reordered
 steps, so a row's scores at one step and its token at the next belong to different beams.
 transformers' beam search hands processors a view of a buffer it rebuilds every step;
 such input_ids (not contiguous, on a new storage at each call) end the run with an
-error. Sequences with fewer rows than the processor saw are refused too, and any other
-reordering is caught by the recorded tokens. Assisted decoding is not supported either.
+error (with one step, every beam of a prompt saw the same scores: exact). Sequences with
+fewer rows than the processor saw are refused too. Another implementation's reordering
+is caught by the recorded tokens unless every token a reordered row received equals the
+final sequence's at that step: the recorded tokens prove each step's token, not its
+context. Assisted decoding is not supported either.
 
 Greedy decoding and sampling are supported, with any processors and warpers around it,
 and on every transformers 5.x release the tests run on (the pinned one and the newest).

@@ -277,15 +277,21 @@ def test_installed_transformers_is_the_one_this_run_was_asked_for():
     assert transformers.__version__ == want
 
 
-def test_beam_search_is_refused_with_a_clear_error_when_results_are_read(llama):
+def test_beam_search_is_refused_with_a_clear_error(llama):
+    """Fewer sequences than rows (num_return_sequences < num_beams): refused at the second
+    step already (the rows come from a buffer beam search rebuilds), or, with one step, when
+    the results are read."""
     ids, mask = _left_padded_batch(seed=6)
     proc = CalibratedLogitsProcessor(temperature=1.5)
-    out = llama.generate(
-        input_ids=ids, attention_mask=mask, logits_processor=[proc], num_beams=2,
-        max_new_tokens=3, pad_token_id=PAD, return_dict_in_generate=True,
-    )
     with pytest.raises(ValueError, match="beam search"):
-        proc.token_logprobs(out.sequences)
+        llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc], num_beams=2,
+                       max_new_tokens=3, pad_token_id=PAD, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="beam search"):
+        proc.step_records()  # the refused run's records are refused too
+    out = llama.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                         num_beams=2, max_new_tokens=1, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="beam search"):
+        proc.token_logprobs(out)
 
 
 class _InPlaceEditor(LogitsProcessor):
@@ -723,18 +729,17 @@ def test_memory_held_is_o_of_batch_times_steps_and_never_b_by_v(vocab):
             min_new_tokens=steps, do_sample=True, eos_token_id=EOS, pad_token_id=PAD,
         )
         tensors = _held_tensors(proc)
-        # Exactly one [B, V] tensor: the buffer with the last step's z (its token is known
-        # only from out.sequences); nothing else grows with V.
+        # Exactly one tensor that grows with V: the [B, 2, V] buffer with the last step's z
+        # (its token is known only from out.sequences) and the column ids.
         big = [shape for _, n, shape in tensors.values() if n >= vocab]
-        assert big == [(ids.shape[0], vocab)], tensors
+        assert big == [(ids.shape[0], 2, vocab)], tensors
         held[steps] = sum(b for b, _, _ in tensors.values())
         assert proc.nbytes() == held[steps]
     per_step = (held[11] - held[3]) / 8
     b = ids.shape[0]
-    # fp32 [7, B] stats, int64 prediction, uint8 flags, fp32 z of the chosen token, and
-    # the latest input_ids (one int64 column more per step).
-    assert 0 < per_step <= b * (7 * 4 + 8 + 1 + 4 + 8)
-    assert held[3] < 3 * per_step + b * vocab * 4 + 4096
+    # fp32 [7, B] stats, int64 prediction, uint8 flags, fp32 z and id of the chosen token.
+    assert 0 < per_step <= b * (7 * 4 + 8 + 1 + 2 * 4)
+    assert held[3] < 3 * per_step + b * 2 * vocab * 4 + 4096
 
 
 def test_finish_releases_the_buffer(llama):
@@ -799,8 +804,10 @@ def test_one_fused_op_and_one_gather_per_decode_step(llama, scale_scores):
     for c in steps:
         assert sorted(c.device_ops()) == sorted(want), c.ops
         assert ("token_stats", False, "mllmcal") in c.ops
-    # The first step allocates the run's buffer and has no previous token to gather.
-    assert sorted(first.device_ops()) == sorted(w for w in want if w != "gather")
+    # The first step allocates the run's buffer, writes its plane of column ids once
+    # (arange, copy_), and has no previous token to gather.
+    assert sorted(first.device_ops()) == sorted([w for w in want if w != "gather"]
+                                                + ["arange", "copy_"])
     _check_against_raw(proc, out, ids.shape[1], 1.4, [EOS])
 
 
@@ -943,3 +950,189 @@ def test_score_tokens_into_calibration_state_equals_one_full_pass(llama):
     assert torch.equal(st.hist[0], ref.hist[0]) and torch.equal(st.hist[2], ref.hist[2])
     torch.testing.assert_close(st.hist[1].double(), ref.hist[1].double(), rtol=1e-5, atol=2**32 * 1e-6)
     assert st.nll() == pytest.approx(ref.nll(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _prompts(seed: int, batch: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, V, (batch, length), generator=g)
+
+
+def _teacher_forced(model, sequences: torch.Tensor, prompt_len: int, temperature: float):
+    """float64 log_softmax(model(sequences) / T) at each generated token, [B, new]: the
+    oracle that needs nothing from the generate call (unpadded prompts)."""
+    with torch.no_grad():
+        logits = model(input_ids=sequences).logits.double()
+    lp = torch.log_softmax(logits[:, prompt_len - 1:-1] / temperature, -1)
+    return lp.gather(2, sequences[:, prompt_len:, None]).squeeze(2)
+
+
+def test_beam_search_is_refused_every_time_or_exact(llama):
+    """num_return_sequences == num_beams gives as many rows as the processor saw, so the
+    row-count check cannot catch it: over many seeds, each run is a clear error or (one
+    step, where every beam of a prompt saw the same distribution) exact."""
+    refused = exact = 0
+    for seed in range(80):
+        beams, steps = 2 + seed % 2, 1 + seed % 7
+        t = (0.7, 1.0, 1.6)[seed % 3]
+        ids = _prompts(seed, 2, 3 + seed % 4)
+        proc = CalibratedLogitsProcessor(temperature=t)
+        torch.manual_seed(seed)
+        try:
+            out = llama.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), logits_processor=[proc],
+                num_beams=beams, num_return_sequences=beams, do_sample=seed % 4 == 3,
+                max_new_tokens=steps, eos_token_id=None, pad_token_id=PAD,
+                return_dict_in_generate=True,
+            )
+            lp = proc.token_logprobs(out.sequences)
+        except ValueError as e:
+            assert "beam search" in str(e), e
+            refused += 1
+            continue
+        exp = _teacher_forced(llama, out.sequences, ids.shape[1], t)
+        torch.testing.assert_close(lp.double(), exp, rtol=0, atol=1e-4, msg=f"seed {seed}")
+        exact += 1
+    assert refused > 60 and exact > 0
+
+
+def test_request_ids_set_between_calls_stay_with_their_call(llama):
+    """Set ["a","b"], generate(P), set ["c","d"], generate(out1.sequences), finish(out2):
+    "c" and "d" belong to the second call, nothing is left for a later call to take."""
+    proc = CalibratedLogitsProcessor(temperature=1.3)
+    ids = _prompts(30, 2, 4)
+    proc.request_ids = ["a", "b"]
+    out1 = llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          logits_processor=[proc], max_new_tokens=3, do_sample=False,
+                          eos_token_id=None, pad_token_id=PAD)
+    proc.request_ids = ["c", "d"]
+    with pytest.warns(RuntimeWarning, match="finish"):  # "a", "b" never got their last token
+        out2 = llama.generate(input_ids=out1, attention_mask=torch.ones_like(out1),
+                              logits_processor=[proc], max_new_tokens=4, do_sample=True,
+                              top_k=0, eos_token_id=None, pad_token_id=PAD,
+                              return_dict_in_generate=True, output_logits=True)
+    lp = proc.finish(out2.sequences)
+    exp = _expected_logprobs(out2, out1.shape[1], 1.3)
+    assert lp.shape == exp.shape == (2, 4)
+    torch.testing.assert_close(lp.double(), exp, rtol=0, atol=1e-5)
+    proc.add_feedback("c", True)
+    assert proc.monitor.n_pending == 1
+    # An unrelated later call takes nothing; "d" is still the second call's row 1.
+    llama.generate(input_ids=_prompts(31, 2, 6), logits_processor=[proc], max_new_tokens=2,
+                   do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    proc.add_feedback("d", False)
+    conf = torch.tensor([float(exp[0].sum().exp()), float(exp[1].sum().exp())])
+    from mllmcal.calibration import CalibrationState
+
+    ref = CalibrationState(n_bins=proc.n_bins)
+    ref.update(conf, torch.tensor([True, False]))
+    assert proc.state.count == 2
+    torch.testing.assert_close(proc.state.hist.double(), ref.hist.double(), rtol=0, atol=2**32 * 1e-5)
+    with pytest.raises(KeyError):
+        proc.add_feedback("a", True)
+
+
+def test_a_second_prompt_of_the_first_prompt_plus_other_tokens_is_never_merged_silently(llama):
+    """The second prompt is the first plus k other tokens, k = the first call's steps: it
+    has exactly the length of the first call's next step."""
+    k = 5
+    ids = _prompts(32, 2, 4)
+    other = torch.cat([ids, _prompts(33, 2, k)], 1)
+    for scoped in (False, True):
+        proc = CalibratedLogitsProcessor(temperature=1.2)
+        gen = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD,
+                   return_dict_in_generate=True, output_logits=True)
+        if scoped:
+            with proc.run():
+                llama.generate(input_ids=ids, logits_processor=[proc], max_new_tokens=k,
+                               do_sample=False, eos_token_id=None, pad_token_id=PAD)
+            with proc.run() as run:
+                out2 = llama.generate(input_ids=other, logits_processor=[proc], **gen)
+            lp = run.finish(out2.sequences)
+            assert lp.shape == (2, 4)
+            torch.testing.assert_close(lp.double(), _expected_logprobs(out2, other.shape[1], 1.2),
+                                       rtol=0, atol=1e-5)
+        else:
+            llama.generate(input_ids=ids, logits_processor=[proc], max_new_tokens=k,
+                           do_sample=False, eos_token_id=None, pad_token_id=PAD)
+            out2 = llama.generate(input_ids=other, logits_processor=[proc], **gen)
+            with pytest.raises(ValueError, match=r"proc\.run"):
+                proc.token_logprobs(out2.sequences)
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_a_processor_reused_across_batches_never_flips_with_the_lengths(llama, scoped):
+    """Batches whose padded prompt length equals the previous one plus its steps, and
+    batches whose length does not: the same calls give the same outcome, exact."""
+    proc = CalibratedLogitsProcessor(temperature=0.9)
+    prev = None
+    coincided = 0
+    for i, (plen, steps) in enumerate([(4, 3), (7, 2), (9, 5), (5, 4), (9, 3), (12, 3)]):
+        ids, mask = _left_padded_batch(seed=40 + i, lengths=(plen, max(plen - 2, 1), plen))
+        coincided += prev is not None and plen == prev
+        kw = dict(input_ids=ids, attention_mask=mask, logits_processor=[proc],
+                  max_new_tokens=steps, do_sample=bool(i % 2), top_k=0, eos_token_id=None,
+                  pad_token_id=PAD, return_dict_in_generate=True,
+                  output_logits=True)
+        torch.manual_seed(i)
+        if scoped:
+            with proc.run() as run:
+                out = llama.generate(**kw)
+            lp = run.finish(out.sequences)
+        else:
+            out = llama.generate(**kw)
+            lp = proc.token_logprobs(out.sequences)
+        torch.testing.assert_close(lp.double(), _expected_logprobs(out, plen, 0.9), rtol=0, atol=1e-5)
+        prev = plen + steps
+    assert coincided == 4
+
+
+def test_run_scope_rules(llama):
+    proc = CalibratedLogitsProcessor(temperature=1.1)
+    ids, ids2 = _prompts(50, 2, 4), _prompts(51, 2, 6)
+    gen = dict(logits_processor=[proc], max_new_tokens=3, do_sample=False, eos_token_id=None,
+               pad_token_id=PAD)
+    with proc.run() as run, pytest.raises(ValueError, match="one generate call"):
+        out = llama.generate(input_ids=ids, **gen)
+        run.finish(out)  # read inside the block: the run is over
+        llama.generate(input_ids=out, **gen)
+    # One generate call per scope: another prompt inside the same scope is an error.
+    with proc.run(request_ids=["a", "b"]), pytest.raises(ValueError, match="one generate call"):
+        out = llama.generate(input_ids=ids, **gen)
+        llama.generate(input_ids=ids2, **gen)
+    with pytest.raises(RuntimeError, match="already open"), proc.run(), proc.run():
+        pass
+    # A scope's run is finished after the block; the next scope's first call starts afresh
+    # even when its prompt is the previous output (which a shape could not tell apart).
+    with proc.run(request_ids=["a", "b"]) as r1, pytest.warns(RuntimeWarning, match="finish"):
+        out1 = llama.generate(input_ids=ids, **gen)  # the refused scope's rows are dropped
+    with pytest.raises(RuntimeError, match="request_ids"), proc.run():
+        proc.request_ids = ["x", "y"]
+    with proc.run(request_ids=["c", "d"]) as r2, pytest.warns(RuntimeWarning, match="finish"):
+        out2 = llama.generate(input_ids=out1, **gen)  # "a", "b" were never finished
+    with pytest.raises(RuntimeError, match="before the next generate"):
+        r1.finish(out1)  # too late: r2 released r1's buffer (and dropped its rows)
+    assert r2.n_steps == 3 and r2.finish(out2).shape == (2, 3)
+    assert proc.monitor.n_pending == 2 and proc.monitor.get("a") is None
+    with pytest.raises(RuntimeError, match="no decode step"):
+        with proc.run() as empty:
+            pass
+        empty.token_logprobs(out)
+
+
+def test_telling_runs_apart_by_shapes_warns_once(llama):
+    proc = CalibratedLogitsProcessor()
+    gen = dict(logits_processor=[proc], max_new_tokens=2, do_sample=False, eos_token_id=None,
+               pad_token_id=PAD)
+    llama.generate(input_ids=_prompts(52, 2, 4), **gen)  # never read
+    with pytest.warns(FutureWarning, match=r"proc\.run"):
+        out = llama.generate(input_ids=_prompts(53, 2, 7), **gen)
+    proc.finish(out)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = llama.generate(input_ids=_prompts(54, 2, 3), **gen)  # the previous was read
+        proc.finish(out)

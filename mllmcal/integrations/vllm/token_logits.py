@@ -201,3 +201,12 @@ class RecordsReader:
                 raise TimeoutError(f"{len(missing)} vLLM records were not written to "
                                    f"{self.path} within {timeout:.0f} s (first: {missing[0]!r})")
             time.sleep(poll)
+
+    def clear(self) -> None:
+        """Empty the file if every record read so far has been collected: for the owner of
+        the file, between batches, while its engine is idle (the engine appends, so its next
+        record starts the emptied file). Keeps a long run's file from growing."""
+        self._read_new()
+        if not self._pending and not self._partial and os.path.exists(self.path):
+            os.truncate(self.path, 0)
+            self._offset = 0

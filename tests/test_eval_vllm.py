@@ -309,3 +309,29 @@ def test_records_reader_waits_and_keeps_others(tmp_path):
     with open(path, "a") as f:  # the engine's file handle appends at the new end
         f.write(json.dumps({"id": "c"}) + "\n")
     assert reader.collect(["c"], timeout=1) == {"c": {"id": "c"}}
+
+
+def test_prompt_check_catches_a_dropped_or_doubled_bos(models, data_dir):
+    """What ``LLM.chat`` does to LLaVA (its prompt without BOS), and a doubled BOS, are
+    refused by the check every ``--engine vllm`` batch goes through."""
+    from types import SimpleNamespace
+
+    from mllmcal.eval.data import load_items
+    from mllmcal.eval.models import load_model
+    from mllmcal.eval.vllm_engine import _check_prompts, _prompt_ids
+
+    em = load_model(str(models["llava-1.5"]))
+    item = load_items(str(data_dir / "test.json"), str(data_dir / "images")).items[0]
+    text = em.render(item, with_image=False)
+    ids = _prompt_ids(em, text)
+    bos = em.tokenizer.bos_token_id
+    assert ids.count(bos) == 1 and ids[0] == bos  # the eval's BOS rule on this tokenizer
+
+    def out(prompt_ids):
+        return [SimpleNamespace(prompt_token_ids=prompt_ids)]
+
+    _check_prompts(em, out(ids), [text], None, n_exact=1)  # what the eval gives vLLM
+    with pytest.raises(ValueError, match="differs from the HF path"):
+        _check_prompts(em, out(ids[1:]), [text], None, n_exact=1)
+    with pytest.raises(ValueError, match="BOS 2 times"):
+        _check_prompts(em, out([bos, *ids]), [text], None, n_exact=0)

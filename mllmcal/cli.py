@@ -60,6 +60,7 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--device-map", metavar="MAP",
                    help="e.g. 'auto': spread models larger than one device over all of them "
                         "(needs accelerate)")
+    _add_engine_args(p)
     p.add_argument("--protocol", choices=["paper"],
                    help="preset: 'paper' = Chen et al. (COLING 2025): 'Answer: (' prompt, up to "
                         "20 greedy tokens, first option-letter token, 10 bins, grid T search, the "
@@ -84,6 +85,35 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "--engine vllm runs generation in vLLM's offline LLM "
+                             "(vLLM must be installed where the eval runs); the options below "
+                             "go to LLM(...) as given")
+    g.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers generate (default); vllm: vLLM's offline engine")
+    g.add_argument("--tensor-parallel-size", type=int, metavar="N")
+    g.add_argument("--data-parallel-size", type=int, metavar="N")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other LLM(...) argument, VALUE read as JSON when it parses "
+                        "(e.g. --engine-arg gpu_memory_utilization=0.8); repeatable")
+
+
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in args.engine_arg:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-arg {text!r} is not KEY=VALUE")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
 
 
 def _add_column_args(p: argparse.ArgumentParser) -> None:
@@ -260,6 +290,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit,
         seed=args.seed,
         progress=not args.no_progress, plots=not args.no_plots,
+        engine=args.engine, engine_args=_engine_args(args),
     )
     _print_report(run_eval(cfg), Path(args.out))
     return 0

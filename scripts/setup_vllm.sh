@@ -34,6 +34,40 @@ for p in torchvision torchaudio torchcodec; do
     "$VPY" -m pip uninstall -q -y "$p"
   fi
 done
+# The image-text architectures of vLLM (LLaVA, Qwen2-VL, ...) import torchvision, whose PyPI
+# wheel is a CUDA build: its compiled ops do not load next to the CPU torch, and its
+# _meta_registrations.py then fails at import (register_fake on ops that do not exist).
+# Its pure-Python part is all those models use (transforms). So the tests get the wheel's
+# files, unpacked into $VENV/torchvision-cpu (NOT on the venv's path: only the tests that
+# run image-text models put it on PYTHONPATH), with the fake-op registrations skipped when
+# the compiled ops are absent. Nothing in the venv itself, nor any user's environment,
+# changes; a real CPU torchvision build, where one exists, needs none of this.
+TV_VERSION=0.28.0  # the torchvision release of torch 2.13
+TV_DIR="$VENV/torchvision-cpu"
+if [ ! -f "$TV_DIR/torchvision/.mllmcal-patched" ]; then
+  rm -rf "$TV_DIR"
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps --target "$TV_DIR" \
+    "torchvision==$TV_VERSION"
+  "$VPY" - "$TV_DIR/torchvision/_meta_registrations.py" <<'PY'
+import sys
+path = sys.argv[1]
+src = open(path).read()
+anchor = "import torchvision.extension  # noqa: F401\n"
+assert anchor in src and "@torch.library.register_fake(" in src, "unexpected torchvision layout"
+src = src.replace("@torch.library.register_fake(", "@_register_fake_if_ops(")
+src = src.replace(anchor, anchor + """
+
+def _register_fake_if_ops(name):  # added by mllmcal's scripts/setup_vllm.sh
+    if torchvision.extension._has_ops():
+        return torch.library.register_fake(name)
+    return lambda fn: fn
+""", 1)
+open(path, "w").write(src)
+PY
+  touch "$TV_DIR/torchvision/.mllmcal-patched"
+fi
+PYTHONPATH="$TV_DIR" "$VPY" -c "import torchvision, transformers" \
+  || { echo "setup_vllm.sh: the patched torchvision in $TV_DIR does not import" >&2; exit 1; }
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "$ROOT" > "$SITE/mllmcal-repo.pth"
 "$VPY" -c "import vllm, mllmcal, prometheus_client; print('vllm', vllm.__version__, 'with mllmcal', mllmcal.__version__, 'in $VENV')"

@@ -1323,3 +1323,111 @@ def build_vllm_llama(path: str | Path, seed: int = 0, *, n_words: int = 250, hid
 
 if __name__ == "__main__":
     print(build_vllm_llama(sys.argv[1]))
+
+
+# ------------------------------------------------------------- for the vLLM CPU engine
+# vLLM's CPU attention takes head sizes 32, 64, 80, ... only: these are the eval's test
+# models with head_dim 32 everywhere (text and vision towers), saved in the released layout.
+
+#: gain on the vLLM test LLaVA's projector output layer (weights, not its bias): the image
+#: then moves the letters' probabilities by up to ~0.3 instead of ~1e-3
+IMAGE_GAIN = 20.0
+
+
+def build_vllm_eval_llama(out: str | Path, texts: Iterable[str] = (), seed: int = 1) -> Path:
+    """:func:`build_tiny_checkpoint`'s word-level Llama causal LM (no chat template) with
+    hidden 64 / 2 heads (head_dim 32), which vLLM's CPU engine runs."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = word_level_tokenizer(
+        _TINY_SPECIAL, _tiny_words(texts), pad_token="<pad>", unk_token="<unk>",
+        bos_token="<s>", eos_token="</s>")
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[tok.convert_tokens_to_ids(list(OPTION_LETTERS))] *= 6.0
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def _released_llava_names(out: Path) -> None:
+    """Rename a transformers-5 LLaVA's weights to the released checkpoints' layout
+    (``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*``,
+    ``multi_modal_projector.*``), the one vLLM 0.32 loads."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    sd = load_file(str(path))
+    renamed = {}
+    for k, v in sd.items():
+        n = k
+        for old, new in (("model.language_model.", "language_model.model."),
+                         ("lm_head.", "language_model.lm_head."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("model.vision_tower.", "vision_tower."),
+                         ("vision_tower.", "vision_tower.vision_model.")):
+            if n.startswith(old) and not n.startswith("vision_tower.vision_model."):
+                n = new + n[len(old):]
+        renamed[n] = v
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def _scale_weights(out: Path, prefix: str, gain: float) -> None:
+    """Multiply the saved weights whose names start with ``prefix`` by ``gain``."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    sd = load_file(str(path))
+    for k in sd:
+        if k.startswith(prefix):
+            sd[k] = sd[k] * gain
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def build_vllm_llava(out: Path, texts: Iterable[str] = ()) -> Path:
+    """:func:`build_llava` (LLaVA-1.5 with its processor and chat template) with head_dim 32
+    in the Llama and the CLIP tower, its weights named as released."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tok = _sentencepiece_llama_tokenizer(texts)
+    patch = IMAGE_SIZE // 4
+    vis = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch,
+                              projection_dim=64)
+    text = _llama(len(tok), hidden_size=64, intermediate_size=128, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=3)
+    cfg = tf.LlavaConfig(vision_config=vis, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = tf.LlavaForConditionalGeneration(cfg)
+    ip = tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    _save_clip_llava(model, tf.LlavaProcessor, ip, tok, patch, LLAVA_TEMPLATE, out)
+    _released_llava_names(out)
+    _scale_weights(out, "multi_modal_projector.linear_2.", IMAGE_GAIN)
+    return out
+
+
+def build_vllm_qwen2_vl(out: Path, texts: Iterable[str] = ()) -> Path:
+    """:func:`build_qwen2_vl` with head_dim 32 in the text model (M-RoPE sections 4+6+6)
+    and the vision tower."""
+    _build_qwen_vl(out, texts, 1, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration",
+                   "Qwen2VLProcessor", QWEN2VL_TEMPLATE,
+                   dict(depth=1, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2),
+                          text_extra=dict(hidden_size=64, intermediate_size=128, rope_parameters={
+                              "rope_type": "default", "mrope_section": [4, 6, 6],
+                              "rope_theta": 10000.0}))
+    return out
+
+
+VLLM_EVAL_BUILDERS: dict[str, Callable[..., Path]] = {
+    "llama": build_vllm_eval_llama, "llava-1.5": build_vllm_llava, "qwen2-vl": build_vllm_qwen2_vl,
+}

@@ -15,9 +15,14 @@ from ..calibration.temperature import PAPER_TEMPERATURE_GRID
 from .confidence import METHODS
 from .idk import ABSTENTION_HINTS
 
-__all__ = ["EvalConfig", "ModelSpec", "PROTOCOLS", "TEMPERATURE_METHODS",
-           "canonical_temperature_method", "check_device", "new_fit_accumulator", "parse_model_spec",
+__all__ = ["ENGINES", "EvalConfig", "ModelSpec", "PROTOCOLS", "TEMPERATURE_METHODS",
+           "canonical_temperature_method", "check_device", "new_fit_accumulator",
+           "parse_model_spec",
            "unique_names"]
+
+
+#: the generation engines of ``mllmcal eval --engine``
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -127,6 +132,11 @@ class EvalConfig:
     keep: tuple[str, ...] = ()
     columns: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``hf`` (transformers ``generate``) or ``vllm`` (vLLM's offline ``LLM``, see
+    #: :mod:`mllmcal.eval.vllm_engine`; needs vLLM installed where the eval runs)
+    engine: str = "hf"
+    #: ``LLM(...)`` keyword arguments for ``engine="vllm"`` (``tensor_parallel_size``, ...)
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.temperature_method in _DEPRECATED_TEMPERATURE_METHODS:
@@ -169,6 +179,17 @@ class EvalConfig:
             # there is no default dev split: APE must not pick prompts on test or calib
             raise ValueError("--optimize-prompts needs a dev split to score prompts on "
                              "(--dev FILE, or dev.json etc. in --data DIR)")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "hf" and self.engine_args:
+            raise ValueError(f"engine arguments {sorted(self.engine_args)} need --engine vllm")
+        if self.engine == "vllm":
+            if self.device_map is not None:
+                raise ValueError("--device-map is for --engine hf; vLLM spreads a model with "
+                                 "--tensor-parallel-size")
+            from .vllm_engine import require_vllm
+
+            require_vllm()
         check_device(self.device)
 
 

@@ -90,7 +90,7 @@ class _Evaluator:
         return self.cache.key(em.path, split, modality, [
             str(em.dtype), self.cfg.method, prefix, hint, modality, self.cfg.max_new_tokens,
             em.use_chat_template, fit, None if temperature is None else repr(float(temperature)),
-            3])
+            3, *([self.cfg.engine] if self.cfg.engine != "hf" else [])])
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
@@ -129,7 +129,7 @@ class _Evaluator:
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not self.cfg.progress,
                    desc=f"{em.name} {split}/{modality}" + (f" [{prefix}]" if prefix != DEFAULT_ANSWER_PREFIX else ""),
                    leave=False)
-        for batch in score_items(em, todo, method=self.cfg.method, answer_prefix=prefix,
+        for batch in _scorer(self.cfg)(em, todo, method=self.cfg.method, answer_prefix=prefix,
                                  with_image=modality == "image", hint=hint,
                                  batch_size=self.cfg.batch_size,
                                  max_new_tokens=self.cfg.max_new_tokens):
@@ -166,6 +166,15 @@ class _Evaluator:
         for _, state in everything:
             total.merge(TemperatureFitAccumulator.from_dict(state))
         return records, total
+
+
+def _scorer(cfg: EvalConfig) -> Any:
+    """The engine's ``score_items`` (same signature, same :class:`ScoredBatch`)."""
+    if cfg.engine == "vllm":
+        from .vllm_engine import score_items_vllm
+
+        return score_items_vllm
+    return score_items
 
 
 def _add_confidence_at(batch: ScoredBatch, temperature: float) -> None:
@@ -241,6 +250,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _open_model(cfg: EvalConfig, spec: ModelSpec) -> EvalModel:
+    if cfg.engine == "vllm":
+        from .vllm_engine import load_vllm_model
+
+        return load_vllm_model(spec.path, name=spec.name, dtype=spec.dtype or cfg.dtype,
+                               chat_template=spec.chat_template or cfg.chat_template,
+                               engine_args=cfg.engine_args)
     return load_model(spec.path, device=cfg.device, dtype=spec.dtype or cfg.dtype,
                       chat_template=spec.chat_template or cfg.chat_template, name=spec.name,
                       device_map=spec.device_map or cfg.device_map)

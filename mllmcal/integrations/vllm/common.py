@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .token_logits import check_logits_args
 from .tracker import Tracker
 
 __all__ = ["ProcessorCore", "config_of", "log_conf", "scale_rows", "check_extra_args",
@@ -49,6 +50,7 @@ def check_extra_args(sampling_params: Any) -> None:
     if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
         raise ValueError(
             f"extra_args['mllmcal_feedback_position'] must be an int >= 0, got {pos!r}")
+    check_logits_args(extra)
 
 
 def scale_rows(logits: torch.Tensor, rows: list[int], t: float) -> None:

@@ -7,6 +7,7 @@ import math
 from typing import IO, Any
 
 from .request import Request
+from .token_logits import token_logits_field
 
 __all__ = ["RecordWriter", "request_record"]
 
@@ -35,6 +36,7 @@ def request_record(req: Request) -> dict[str, Any]:
         "mean_confidence": _mean(req.confidence),
         "temperature": req.temperature,
         "finish": req.ended_by,
+        **token_logits_field(req, n),
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .steps import StepStats
+from .token_logits import wanted_logits
 
 __all__ = ["CommittedToken", "Request", "TokenRow"]
 
@@ -61,7 +62,7 @@ class Request:
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
-                 "temperature", "key", "greedy_plain", "scale", "__weakref__")
+                 "temperature", "key", "greedy_plain", "scale", "token_logits", "__weakref__")
 
     def __init__(self, params: Any, tokens: list[int] | None = None,
                  apply_temperature: bool = False) -> None:
@@ -93,6 +94,8 @@ class Request:
         # by the calibration temperature in place. Greedy choices do not change.
         self.scale = bool(extra.get("mllmcal_apply_temperature", apply_temperature))
         self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
+        # opt-in logits of chosen token ids per step (mllmcal_logits_ids; V1 runner only)
+        self.token_logits = wanted_logits(extra)
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
         self.tokens: list[int] = tokens if tokens is not None else []
         self.entries: collections.deque[TokenRow | CommittedToken] = collections.deque()

@@ -16,6 +16,7 @@ from .common import ProcessorCore, config_of, log_conf, scale_rows, writer_rank
 from .config import Config
 from .request import Request, TokenRow
 from .steps import CONF, ENT, LSE, PRED, ChosenLogit, SavedLogits, StepStats
+from .token_logits import keep_token_logits
 from .tracker import Tracker
 
 __all__ = ["V1CalibratedLogitsProcessor", "V1Step", "V1Tracker"]
@@ -56,6 +57,7 @@ class V1Tracker(Tracker):
         self._saved_rows: list[int] = []  # rows whose logits are kept until the token is known
         self._fb_rows: list[int] = []     # rows of requests that keep a feedback row
         self._scaled_rows: list[int] = []  # rows to divide by the calibration temperature
+        self._logit_rows: list[int] = []  # rows that keep logits of chosen ids (opt-in)
         self._saved_steps: list[V1Step] = []  # steps with saved rows not all read yet
         self._new_steps: collections.deque[V1Step] = collections.deque()  # not handed out
 
@@ -96,6 +98,8 @@ class V1Tracker(Tracker):
             self._saved_rows = [r for r, q in enumerate(rows) if q is not None and q.needs_rows]
             self._fb_rows = [r for r, q in enumerate(rows) if q is not None and q.keep_row]
             self._scaled_rows = [r for r, q in enumerate(rows) if q is not None and q.scale]
+            self._logit_rows = [r for r, q in enumerate(rows)
+                                if q is not None and q.token_logits is not None]
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None
@@ -131,6 +135,8 @@ class V1Tracker(Tracker):
         for r in self._fb_rows:
             if r < n and step.n_tokens[r] == reqs[r].fb_position:
                 reqs[r].fb_rows[id(stats)] = logits[r].clone()
+        if self._logit_rows:
+            keep_token_logits(logits, self._logit_rows, reqs, step.n_tokens)
         stats.launch_copy()
         self._new_steps.append(step)
         if self._scaled_rows and t != 1.0:

@@ -487,3 +487,18 @@ def test_an_out_folder_inside_the_checkpoint_does_not_change_its_identity(data_d
     (ck / "additional_chat_templates").mkdir()
     (ck / "additional_chat_templates" / "tool.jinja").write_text("{{ x }}")
     assert checkpoint_identity(ck) != base
+
+
+def test_item_digest_covers_every_image_and_the_answerable_flag(tmp_path):
+    from mllmcal.eval.cache import item_digest
+    from mllmcal.eval.data import Item
+
+    for k, c in enumerate(((1, 2, 3), (4, 5, 6), (7, 8, 9))):
+        Image.new("RGB", (8, 8), c).save(tmp_path / f"{k}.png")
+    p = [str(tmp_path / f"{k}.png") for k in range(3)]
+    base = Item("x", "Which? <image 2>", ("a", "b", "I don't know"), "A", images=(p[0], p[1]))
+    d = item_digest(base)
+    assert item_digest(base.with_(images=(p[0], p[2]))) != d  # the second image counts
+    assert item_digest(base.with_(images=(p[0],))) != d
+    assert item_digest(base.with_(unanswerable=True)) != d
+    assert item_digest(base.with_(images=(p[0], p[1]))) == d

@@ -442,7 +442,7 @@ def _layout(path: Path, records: list[tuple[int, Any]], format: str | None,
         found = _formats.detect_format(list(first))
         if found is None and path.suffix.lower() == ".tsv":
             raise DataError(f"{path}: the columns {sorted(first)} match no known layout "
-                            f"(pass format=NAME, one of {', '.join(_formats.FORMATS)})")
+                            f"(pass --format NAME, in Python format=NAME, one of {', '.join(_formats.FORMATS)})")
         return found
     return None
 

@@ -201,10 +201,11 @@ def _answered_ece(records: Sequence[dict], n_bins: int) -> float | None:
 
 
 def _load(path: str | None, images: str | None, name: str, limit: int | None,
-          data_info: dict, columns: dict[str, str] | None = None) -> list[Item]:
+          data_info: dict, columns: dict[str, str] | None = None,
+          format: str | None = None) -> list[Item]:
     if path is None:
         return []
-    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})))
+    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})), format=format)
     if limit is not None:
         res.items = res.items[:limit]
     data_info[name] = {"path": str(path), "n_items": len(res.items),
@@ -249,10 +250,9 @@ def _open_model(cfg: EvalConfig, spec: ModelSpec) -> EvalModel:
 def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
     lim = {s: cfg.split_limits.get(s, cfg.limit) for s in ("test", "calib", "dev", "idk")}
-    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info, cfg.columns)
-    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info, cfg.columns)
-    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info, cfg.columns)
-    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info, cfg.columns)
+    test, calib, dev, idk_items = (
+        _load(getattr(cfg, s), cfg.images, s, lim[s], data_info, cfg.columns, cfg.format)
+        for s in ("test", "calib", "dev", "idk"))
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
     if cfg.optimize_prompts and not dev:
@@ -329,7 +329,8 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
                           method: str = "letter", temperature_method: str = "grid",
                           device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
                           limit: int | None = None,
-                          columns: dict[str, str] | None = None) -> dict[str, Any]:
+                          columns: dict[str, str] | None = None,
+                          format: str | None = None) -> dict[str, Any]:
     """Fit the temperature of one model on a calib split (what ``mllmcal fit`` prints).
 
     Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
@@ -344,9 +345,10 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
         raise ValueError(f"--limit must be >= 1, got {limit}")
     cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
                      dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
-                     progress=False)
+                     progress=False, format=format)
     cfg.validate()
-    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
+    items = load_items(calib, images, columns=Columns(**(columns or {})),
+                       format=format).items[:limit]
     spec = cfg.model_specs()[0]
     em = _open_model(cfg, spec)
     mod = modality if em.multimodal else "text"

@@ -105,10 +105,11 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
 
 def item_digest(item: Item) -> str:
     """A digest of an item's content: question, options, answer, the bytes of every image
-    in ``item.images`` (in order), and the IDK flags (``withhold_image``, ``unanswerable``)."""
+    in ``item.images`` (in order), the IDK flags (``withhold_image``, ``unanswerable``) and
+    the categories (records carry them into the report's per-category rows)."""
     h = hashlib.sha256(json.dumps([item.question, list(item.options), item.answer,
                                    item.withhold_image, item.unanswerable,
-                                   len(item.images)]).encode())
+                                   len(item.images), item.category, item.l2_category]).encode())
     for image in item.images:
         try:
             data = Path(image).read_bytes()

@@ -55,7 +55,10 @@ class ScoredBatch:
     """Per-item results of one batch.
 
     ``records`` are JSON-able dicts (``id``, ``answer``, ``pred`` letter or None,
-    ``correct``, ``confidence`` at T=1 or None, ``answerable``, ``idk``, ``text``).
+    ``correct``, ``confidence`` at T=1 or None, ``answerable``, ``idk``, ``text``,
+    ``category``, ``l2_category``, and ``option_probs``: the item's probability of each of
+    its options at T = 1, a list of ``len(options)`` floats, or None without an answer
+    step; see :func:`_letter_option_probs`).
     ``rows`` is the fp32 ``[b, W]`` answer-position logits (``z`` at T = 1) of the items
     that have one (``row_ids`` lists them; ``letter``: the items that answered), on the
     scores' device, with int64 ``labels[b]`` the index of the answer within a row (on the
@@ -145,6 +148,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         masked = torch.where(variants, answer_rows.float(), float("-inf"))
         label_tok = masked.argmax(dim=1).cpu()
         keep_idx = [i for i in range(len(items)) if bool(found[i])]
+        probs = _letter_option_probs(answer_rows, letter_of, keep_idx, items)
         if keep_idx:
             sel = torch.tensor(keep_idx, device=answer_rows.device)
             rows = answer_rows.index_select(0, sel).float()
@@ -154,7 +158,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
             li = int(letter[i])
             pred = OPTION_LETTERS[li] if bool(found[i]) else None
             records.append(_record(it, pred, float(conf[i]) if pred else None, texts[i],
-                                   step=int(step[i])))
+                                   step=int(step[i]), option_probs=probs.get(i)))
     elif method == "option-softmax":
         # the answer position is the first (only) step: its z = scores at T = 1
         z = proc.latest_scaled_scores()
@@ -167,10 +171,13 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         s = mllmcal.token_stats(logits)
         rows, labels = logits, torch.tensor([it.answer_index for it in items])
         row_ids = [it.id for it in items]
+        # the softmax over the item's letters (missing letters are -inf: probability 0)
+        soft = torch.softmax(logits.double(), dim=1)
         for i, it in enumerate(items):
             ok = bool(s.valid[i])
             pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-            records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i]))
+            records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
+                                   option_probs=soft[i, :len(it.options)].tolist() if ok else None))
     else:
         for i, it in enumerate(items):
             letter, conf = parse_verbalized(texts[i], it.letters)
@@ -180,7 +187,30 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
     return ScoredBatch(records, row_ids, rows, labels)
 
 
-def _record(item: Item, pred: str | None, conf: float | None, text: str, step: int = 0) -> dict:
+def _letter_option_probs(rows: torch.Tensor, letter_of: torch.Tensor, keep: list[int],
+                         items: Sequence[Item]) -> dict[int, list[float]]:
+    """The letter method's option probabilities: per answered row ``i`` (``keep``), the
+    full-vocabulary softmax (T = 1) of its answer-step row summed over the tokens of each
+    of the item's letters (every spelling: ``letter_of_token == j``, ``j < n_options``).
+
+    They do not sum to 1 (the rest of the vocabulary keeps its mass); conformal prediction
+    renormalises them over the options. ``rows`` ``[B, V]`` on the scores' device,
+    ``letter_of`` ``[V]`` int64 there. Returns ``{i: [n_options floats]}``.
+    """
+    if not keep:
+        return {}
+    sel = torch.tensor(keep, device=rows.device)
+    p = torch.softmax(rows.index_select(0, sel).double(), dim=1)  # [k, V]
+    letter = letter_of.clamp(min=0)
+    per_letter = torch.zeros(len(keep), len(OPTION_LETTERS), dtype=torch.float64,
+                             device=rows.device)
+    per_letter.index_add_(1, letter, torch.where(letter_of[None, :] >= 0, p, 0.0))
+    per_letter = per_letter.cpu()
+    return {i: per_letter[k, :len(items[i].options)].tolist() for k, i in enumerate(keep)}
+
+
+def _record(item: Item, pred: str | None, conf: float | None, text: str, step: int = 0,
+            option_probs: list[float] | None = None) -> dict:
     idk = item.idk_letter
     return {
         "id": item.id, "answer": item.answer, "pred": pred,
@@ -188,6 +218,8 @@ def _record(item: Item, pred: str | None, conf: float | None, text: str, step: i
         "confidence": conf, "answerable": item.answerable,
         "idk": pred is not None and pred == idk, "text": text[:200], "step": step,
         "idk_mode": item.meta.get("idk_mode") or item.meta.get("idk_kind"),
+        "category": item.category, "l2_category": item.l2_category,
+        "option_probs": option_probs,
     }
 
 

@@ -56,9 +56,10 @@ from .config import (
 )
 from .data import Columns, Item, LoadResult, load_items
 from .distributed import Dist
+from .answer_sets import category_rows, conformal_sets, risk_coverage_file, selective
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model
-from .report import calibration_metrics, write_report
+from .report import calibration_metrics, plot_tags, write_report
 
 # EvalConfig and its parts live in .config; they are re-exported here, where callers
 # always found them.
@@ -90,7 +91,7 @@ class _Evaluator:
         return self.cache.key(em.path, split, modality, [
             str(em.dtype), self.cfg.method, prefix, hint, modality, self.cfg.max_new_tokens,
             em.use_chat_template, fit, None if temperature is None else repr(float(temperature)),
-            3])
+            4])  # 4: records carry option_probs and the categories
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
@@ -266,9 +267,10 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     specs = cfg.model_specs()
     models_out, failed = [], []
     first_error: BaseException | None = None
-    for spec in specs:
+    for spec, tag in zip(specs, plot_tags([s.name or s.path for s in specs]), strict=True):
         try:
-            models_out.append(_eval_model(ev, cfg, spec, test, calib, dev, idk_items, dist))
+            models_out.append(_eval_model(ev, cfg, spec, test, calib, dev, idk_items, dist,
+                                          tag))
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             if len(specs) == 1:
                 raise
@@ -289,13 +291,14 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
 
 def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Item],
                 calib: list[Item], dev: list[Item], idk_items: list[Item],
-                dist: Dist) -> dict[str, Any]:
+                dist: Dist, tag: str = "") -> dict[str, Any]:
     em = _open_model(cfg, spec)
     modalities = [m for m in cfg.modalities if m == "text" or em.multimodal]
     entry: dict[str, Any] = {"name": em.name, "path": em.path, "multimodal": em.multimodal,
                              "modalities": {}, "idk": {}, "prompt_optimization": None}
     for mod in modalities:
-        entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
+        entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist,
+                                                  f"{tag or em.name}_{mod}")
     main_mod = modalities[0]
     for variant in (cfg.idk_variants if idk_items else ()):
         recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant])
@@ -309,19 +312,21 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
 
 
 def _fit_on_calib(ev: _Evaluator, em: EvalModel, mod: str, calib: Sequence[Item]
-                  ) -> tuple[float | None, int, bool]:
-    """T fitted on the calib split while it is scored, how many answer rows it used, and
-    whether T sits at the end of the search range (the optimum may lie beyond it).
+                  ) -> tuple[float | None, int, bool, list[dict]]:
+    """T fitted on the calib split while it is scored, how many answer rows it used,
+    whether T sits at the end of the search range (the optimum may lie beyond it), and the
+    calib split's records (at T = 1; conformal sets and selective answering are fitted on
+    them).
 
     One read of each item: each batch's answer rows go into the fit's accumulator and are
     dropped (see the module docstring); the states of all batches and ranks are summed."""
-    _, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
+    records, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
     assert acc is not None
     n = acc.n_rows + acc.n_masked  # rows whose label had probability 0 are skipped by the fit
     if not acc.n_rows:
-        return None, n, False
+        return None, n, False, records
     t, info = acc.fit(return_info=True)
-    return float(t), n, bool(info.get("at_bound", False))
+    return float(t), n, bool(info.get("at_bound", False)), records
 
 
 def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
@@ -354,7 +359,7 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     mod = modality if em.multimodal else "text"
     dist = Dist()
     try:
-        t, n, at_bound = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
+        t, n, at_bound, _ = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
     finally:
         dist.close()
     return {"temperature": t, "temperature_at_bound": at_bound, "n_rows": n,
@@ -363,13 +368,16 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
 
 
 def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
-                   calib: list[Item], dist: Dist) -> dict[str, Any]:
+                   calib: list[Item], dist: Dist, tag: str = "") -> dict[str, Any]:
     cfg = ev.cfg
     temperature = None
     n_calib = 0
     at_bound = False
+    calib_records: list[dict] = []
     if calib and cfg.method != "verbalized":
-        temperature, n_calib, at_bound = _fit_on_calib(ev, em, mod, calib)
+        temperature, n_calib, at_bound, calib_records = _fit_on_calib(ev, em, mod, calib)
+    elif calib:  # verbalized: no T, but the selective threshold is still chosen on calib
+        calib_records, _ = ev.evaluate(em, calib, "calib", mod)
     records, _ = ev.evaluate(em, test, "test", mod, temperature=temperature)
     out: dict[str, Any] = {"test": calibration_metrics(records, cfg.n_bins),
                            "test_after_temperature": None, "temperature": temperature,
@@ -378,10 +386,23 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     hist = _histogram_ece(records[dist.rank::dist.world], dist, cfg.n_bins)
     if hist is not None:
         out["test"]["ece_histogram_all_reduce"] = hist["ece"]
+    scaled = None
     if temperature is not None:
         scaled = [{**r, "confidence": r["confidence_t"] if r["pred"] is not None else None}
                   for r in records]
         out["test_after_temperature"] = calibration_metrics(scaled, cfg.n_bins)
+    out["by_category"] = category_rows(records, cfg.n_bins, scaled)
+    # conformal sets and the selective threshold: fitted on calib, measured on test, T = 1
+    out["conformal"] = (conformal_sets(calib_records, records, cfg.alpha)
+                        if calib_records else None)
+    out["selective"] = selective(calib_records, records, cfg.target_risk) if calib_records \
+        else None
+    if cfg.plots and dist.rank == 0:
+        # drawn here, where the per-item confidences are (report.json keeps none)
+        name = risk_coverage_file(records, out["selective"],
+                                  Path(cfg.out) / f"risk_coverage_{tag or em.name}.png",
+                                  f"risk-coverage: {em.name} / {mod}")
+        out["risk_coverage_plot"] = name
     return out
 
 

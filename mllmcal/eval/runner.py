@@ -43,6 +43,7 @@ import mllmcal
 
 from ..calibration import CalibrationState, TemperatureFitAccumulator
 from ..prompting import DEFAULT_ANSWER_PREFIX
+from .answer_sets import category_rows, conformal_sets, risk_coverage_file, selective
 from .cache import Batch, BatchCache, reusable_fit_batches
 from .confidence import ScoredBatch, score_items
 from .config import (
@@ -56,7 +57,6 @@ from .config import (
 )
 from .data import Columns, Item, LoadResult, load_items
 from .distributed import Dist
-from .answer_sets import category_rows, conformal_sets, risk_coverage_file, selective
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model
 from .report import calibration_metrics, plot_tags, write_report

@@ -26,6 +26,7 @@ stores none.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .data import Item
 from .models import EvalModel
 
-__all__ = ["METHODS", "ScoredBatch", "score_items", "VERBALIZED_INSTRUCTION",
+__all__ = ["METHODS", "ScoredBatch", "score_items", "split_supported", "VERBALIZED_INSTRUCTION",
            "parse_verbalized"]
+
+_log = logging.getLogger("mllmcal.eval")
 
 METHODS = ("letter", "option-softmax", "verbalized")
 VERBALIZED_INSTRUCTION = (
@@ -96,13 +99,38 @@ def _shows_image(em: EvalModel, item: Item, with_image: bool) -> bool:
     return with_image and em.multimodal and item.image is not None and not item.withhold_image
 
 
+def _item_images(em: EvalModel, item: Item) -> Any:
+    """What the processor gets for ``item``: its one image, or all of them in prompt order."""
+    if len(item.images) > 1:
+        return [_load_image(item.images[k]) for k in em.image_order(item)]
+    return _load_image(item.image)
+
+
+def split_supported(em: EvalModel, items: Sequence[Item], with_image: bool = True
+                    ) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """``items`` the model can take in this modality, and ``(item, reason)`` for each it
+    cannot (more images than it takes: :meth:`EvalModel.image_limit_reason`), each said in
+    a warning that names the model and the item. Nothing is cut to fewer images."""
+    kept, skipped = [], []
+    for it in items:
+        n = len(em.image_order(it)) if len(it.images) > 1 else 1
+        why = em.image_limit_reason(n) if _shows_image(em, it, with_image) else None
+        if why is None:
+            kept.append(it)
+            continue
+        msg = f"model {em.name!r} cannot take item {it.id}: it shows {n} images and {why}"
+        _log.warning("%s; skipped", msg)
+        skipped.append((it, msg))
+    return kept, skipped
+
+
 @torch.inference_mode()
 def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: str,
                  with_image: bool, hint: str | None, max_new_tokens: int) -> ScoredBatch:
     instruction = VERBALIZED_INSTRUCTION if method == "verbalized" else None
     prompts = [em.render(it, answer_prefix, with_image=with_image, hint=hint,
                          instruction=instruction) for it in items]
-    images = [_load_image(it.image) for it in items] if with_image else None
+    images = [_item_images(em, it) for it in items] if with_image else None
     inputs = em.encode(prompts, images)
     answer_ids = em.answer_token_ids(answer_prefix)  # the table of the prefix actually used
     from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -230,16 +258,22 @@ def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
     """Score ``items`` in batches; yields one :class:`ScoredBatch` per batch.
 
     Items that show an image and items that do not are batched separately (a processor
-    batch is all-image or all-text). ``with_image=False`` is the text-only modality.
+    batch is all-image or all-text), and items with several images by their count.
+    ``with_image=False`` is the text-only modality. Items with more images than the model
+    takes are skipped with a warning (:func:`split_supported`) and get no record.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    groups: dict[bool, list[Item]] = {True: [], False: []}
+    items, _ = split_supported(em, items, with_image)
+    # (shows images, how many): one-image items batch as they always did, then the rest
+    groups: dict[tuple[bool, int], list[Item]] = {(True, 1): [], (False, 0): []}
     for it in items:
-        groups[_shows_image(em, it, with_image)].append(it)
-    for shown, group in groups.items():
+        shown = _shows_image(em, it, with_image)
+        n = (len(em.image_order(it)) if len(it.images) > 1 else 1) if shown else 0
+        groups.setdefault((shown, n), []).append(it)
+    for (shown, _), group in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1])):
         for start in range(0, len(group), batch_size):
             yield _score_group(em, group[start:start + batch_size], method, answer_prefix,
                                shown, hint, max_new_tokens)

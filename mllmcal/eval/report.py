@@ -31,7 +31,8 @@
                 "mean_set_size", "accuracy", "uacc", "n", "by": {group: {value: ...}}}},
             "selective": null | {"target_risk", "error"} | {"target_risk", "threshold",
                 "calib": {"coverage", "risk", "n", "n_answered"}, "test": {...}},
-            "risk_coverage_plot": file | null (absent without plots)}},
+            "risk_coverage_plot": file | null (absent without plots),
+            "skipped_items": [[split, id, reason], ...]}},  # items this model cannot take
         "idk": {"<variant>": {"idk_rate", "false_idk_rate", "answered_accuracy",
                               "answered_ece", "by_mode": {...}, ...}},
         "prompt_optimization": null | {"best_prompt", "seed_prompt", "dev", "trajectory",
@@ -172,11 +173,15 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Models that failed", ""]
         lines += [f"- `{f['name']}` ({f['path']}): {f['error']}" for f in failed]
     skipped = [(split, d) for split, d in report.get("data", {}).items() if d.get("n_skipped")]
-    if skipped:
+    by_model = [(m["name"], mod, s) for m in report["models"]
+                for mod, r in m["modalities"].items() for s in (r.get("skipped_items") or [])]
+    if skipped or by_model:
         lines += ["", "## Skipped items", ""]
         for split, d in skipped:
             for item_id, reason in d["skipped"]:
                 lines.append(f"- {split}: `{item_id}`: {reason}")
+        for name, mod, (split, item_id, reason) in by_model:
+            lines.append(f"- {name} / {mod}, {split}: `{item_id}`: {reason}")
     lines += _plot_lines(report)
     return "\n".join(lines) + "\n"
 

@@ -45,7 +45,7 @@ from ..calibration import CalibrationState, TemperatureFitAccumulator
 from ..prompting import DEFAULT_ANSWER_PREFIX
 from .answer_sets import category_rows, conformal_sets, risk_coverage_file, selective
 from .cache import Batch, BatchCache, reusable_fit_batches
-from .confidence import ScoredBatch, score_items
+from .confidence import ScoredBatch, score_items, split_supported
 from .config import (
     PROTOCOLS,
     TEMPERATURE_METHODS,
@@ -296,10 +296,22 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
     modalities = [m for m in cfg.modalities if m == "text" or em.multimodal]
     entry: dict[str, Any] = {"name": em.name, "path": em.path, "multimodal": em.multimodal,
                              "modalities": {}, "idk": {}, "prompt_optimization": None}
-    for mod in modalities:
-        entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist,
-                                                  f"{tag or em.name}_{mod}")
     main_mod = modalities[0]
+    skipped: dict[str, list[list[str]]] = {}
+
+    def takes(items: list[Item], split: str, mod: str) -> list[Item]:
+        # items with more images than this model takes: skipped (and said), never cut
+        kept, out = split_supported(em, items, with_image=mod == "image")
+        skipped.setdefault(mod, []).extend([split, it.id, why] for it, why in out)
+        return kept
+
+    for mod in modalities:
+        res = _eval_modality(ev, em, mod, takes(test, "test", mod), takes(calib, "calib", mod),
+                             dist, f"{tag or em.name}_{mod}")
+        res["skipped_items"] = skipped.get(mod, [])
+        entry["modalities"][mod] = res
+    idk_items, dev = takes(idk_items, "idk", main_mod), takes(dev, "dev", main_mod)
+    entry["modalities"][main_mod]["skipped_items"] = skipped.get(main_mod, [])
     for variant in (cfg.idk_variants if idk_items else ()):
         recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant])
         res = idk_metrics(recs)

@@ -576,6 +576,14 @@ def test_report_has_category_rows_conformal_sets_and_selective_answering(causal_
     assert r["risk_coverage_plot"] in m["plots"]
     assert (tmp_path / "out" / r["risk_coverage_plot"]).stat().st_size > 1000
     assert r["risk_coverage_plot"] in md
+    # `mllmcal report` re-renders from report.json: the runner's plot stays listed
+    from mllmcal.eval.report import report_problem, write_report
+
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report_problem(again) is None
+    write_report(again, tmp_path / "out")
+    assert r["risk_coverage_plot"] in again["models"][0]["plots"]
+    assert "## Conformal prediction sets" in (tmp_path / "out" / "report.md").read_text()
     # the numbers are what the conformal module gives on the records
     from mllmcal.calibration.conformal import conformal_summary, selective_answering
 

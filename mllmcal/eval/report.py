@@ -435,6 +435,10 @@ def report_problem(report: Any) -> str | None:
                 v = r.get(key)
                 if v is not None and not isinstance(v, dict):
                     return f"{where}.{key}: must be an object or null, got {type(v).__name__}"
+            v = r.get("skipped_items")
+            if v is not None and not (isinstance(v, list) and all(
+                    isinstance(s, list) and len(s) == 3 for s in v)):
+                return f"{where}.skipped_items: must be a list of [split, id, reason]"
         for key in ("idk", "prompt_optimization"):
             v = m.get(key)
             if v is not None and not isinstance(v, dict):

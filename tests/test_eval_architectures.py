@@ -558,3 +558,8 @@ def test_a_single_image_model_skips_multi_image_items_by_name(multi_items, tmp_p
     assert lv["modalities"]["text"]["test"]["n_items"] == 3  # text only: nothing to skip
     md = (tmp_path / "out" / "report.md").read_text()
     assert "- llava / image, test: `two`: model 'llava' cannot take item two" in md
+    from mllmcal.eval.runner import fit_calib_temperature
+
+    fit = fit_calib_temperature(f"{llava},name=llava", str(tmp_path / "t.tsv"),
+                                str(tmp_path / "fit"), method="option-softmax")
+    assert fit["n_items"] == 1 and fit["n_skipped_items"] == 2

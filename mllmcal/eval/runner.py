@@ -351,10 +351,13 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     """Fit the temperature of one model on a calib split (what ``mllmcal fit`` prints).
 
     Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
+    ``format`` names the file's layout (:data:`~mllmcal.eval.data.FORMAT_NAMES`; None:
+    recognised from its columns).
 
     Returns:
         ``{"temperature": float | None, "temperature_at_bound": bool, "n_rows": int,
-        "n_items": int, "method": str, "modality": str}``; ``temperature`` is None when no
+        "n_items": int, "n_skipped_items": int (more images than the model takes),
+        "method": str, "modality": str}``; ``temperature`` is None when no
         item produced a letter; ``temperature_at_bound``: T is the end of the search range,
         where the optimum may lie beyond it.
     """
@@ -369,13 +372,15 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
     spec = cfg.model_specs()[0]
     em = _open_model(cfg, spec)
     mod = modality if em.multimodal else "text"
+    n_loaded = len(items)
+    items, _ = split_supported(em, items, with_image=mod == "image")  # said in a warning
     dist = Dist()
     try:
         t, n, at_bound, _ = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
     finally:
         dist.close()
     return {"temperature": t, "temperature_at_bound": at_bound, "n_rows": n,
-            "n_items": len(items),
+            "n_items": len(items), "n_skipped_items": n_loaded - len(items),
             "method": cfg.temperature_method, "modality": mod}
 
 

@@ -432,9 +432,9 @@ def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_report(
     calls = []
 
     def fake_fit_on_calib(ev, em, mod, calib):
-        t, n, _ = real_fit_on_calib(ev, em, mod, calib)
+        t, n, _, records = real_fit_on_calib(ev, em, mod, calib)
         calls.append(t)
-        return 9.99, n, True
+        return 9.99, n, True, records
 
     real_fit_on_calib = runner._fit_on_calib
     monkeypatch.setattr(runner, "_fit_on_calib", fake_fit_on_calib)

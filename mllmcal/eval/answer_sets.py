@@ -75,7 +75,8 @@ def conformal_sets(calib: Sequence[dict], test: Sequence[dict], alpha: float
     try:
         if not cal or not tst:
             raise ValueError(f"no {'calib' if not cal else 'test'} item has option "
-                             f"probabilities (the verbalized method has none)")
+                             f"probabilities (records without 'option_probs'; the "
+                             f"verbalized method gives none)")
         out = conformal_summary(
             [r["option_probs"] for r in cal], [OPTION_LETTERS.index(r["answer"]) for r in cal],
             [r["option_probs"] for r in tst], [OPTION_LETTERS.index(r["answer"]) for r in tst],

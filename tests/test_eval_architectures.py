@@ -563,3 +563,28 @@ def test_a_single_image_model_skips_multi_image_items_by_name(multi_items, tmp_p
     fit = fit_calib_temperature(f"{llava},name=llava", str(tmp_path / "t.tsv"),
                                 str(tmp_path / "fit"), method="option-softmax")
     assert fit["n_items"] == 1 and fit["n_skipped_items"] == 2
+
+
+def test_a_processor_refusing_several_images_skips_the_item_by_name(
+        multi_items, tmp_path_factory, monkeypatch, caplog):
+    """An architecture without a listed limit is tried: a processor that refuses a prompt
+    with two images makes the model skip two-image items, with its message."""
+    from mllmcal.eval.confidence import split_supported
+    from mllmcal.eval.models import EvalModel
+
+    em = load_model(str(_multi_arch("qwen2-vl", tmp_path_factory)), name="qwen")
+    real = EvalModel.encode
+
+    def refuse(self, prompts, images):
+        if images and any(isinstance(im, list) and len(im) > 1 for im in images):
+            raise ValueError("Mismatch in `image` token count between text and `input_ids`")
+        return real(self, prompts, images)
+
+    monkeypatch.setattr(EvalModel, "encode", refuse)
+    with caplog.at_level("WARNING", logger="mllmcal.eval"):
+        kept, skipped = split_supported(em, multi_items)
+    assert [it.id for it in kept] == ["one"]
+    assert [it.id for it, _ in skipped] == ["two", "swapped"]
+    assert "its processor (qwen2_vl) refused a prompt with 2 images (Mismatch" in skipped[0][1]
+    assert "model 'qwen' cannot take item swapped" in caplog.text
+    assert split_supported(em, multi_items, with_image=False)[1] == []  # text only

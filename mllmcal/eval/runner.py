@@ -3,7 +3,11 @@
 For each model and modality (image+text, text only): score the calib split while fitting T
 on it (answer letter's full-vocabulary NLL), score the test split with confidences at T = 1
 and at the fitted T, report metrics at both; then the IDK set under the abstention prompt
-variants, and optionally APE prompt optimisation on the dev split.
+variants, and optionally APE prompt optimisation on the dev split. From the records of
+both splits (at T = 1): per-category rows, conformal prediction sets and selective
+answering (:mod:`mllmcal.eval.answer_sets`), and the risk-coverage plot. Items with more
+images than a model takes are left out of its image modality and listed there
+(``skipped_items``), never cut to fewer images.
 
 No logits rows are stored. The one ``[V]`` row per item at its answer position
 lives only while its batch is scored: on the calib split it goes into a

@@ -8,10 +8,11 @@ draws). The records carry what it needs (:mod:`mllmcal.eval.confidence`): ``cate
 without an answer step), ``confidence`` at T = 1 (None without an answer) and ``correct``.
 
 Conformal sets and the selective threshold are fitted on the calib split's records and
-measured on the test split's, both at T = 1: temperature scaling does not change the
-option-softmax ranking, and the conformal threshold adapts to any monotone rescaling of
-the scores on its own; T = 1 on both splits keeps the fit and the measurement on one scale.
-The maths is :mod:`mllmcal.calibration.conformal`'s.
+measured on the test split's, both at T = 1 (the model's own probabilities; the fitted T
+is reported beside them, not applied to them). One temperature on both splits is what the
+guarantee needs: the calib scores must be exchangeable with the test scores. Conformal
+coverage holds at any T, only the set sizes change with it. The maths is
+:mod:`mllmcal.calibration.conformal`'s.
 """
 
 from __future__ import annotations

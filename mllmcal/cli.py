@@ -82,6 +82,12 @@ def _add_eval_args(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     p.add_argument("--proposer", default="bank",
                    help="'bank' (offline), an OpenAI-compatible URL, or a causal LM dir")
     p.add_argument("--limit", type=int, help="use only the first N items of each split")
+    p.add_argument("--alpha", type=float, default=0.1,
+                   help="error rate of the conformal prediction sets (LAC, APS) calibrated "
+                        "on the calib split (default: 0.1, i.e. 90%% coverage)")
+    p.add_argument("--target-risk", type=float, default=0.1,
+                   help="selective answering: the confidence threshold whose calib error rate "
+                        "among answered items stays at most this (default: 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
@@ -117,6 +123,12 @@ def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_column_args(p: argparse.ArgumentParser) -> None:
+    from mllmcal.eval.data import FORMAT_NAMES
+
+    p.add_argument("--format", choices=FORMAT_NAMES, default=None, metavar="NAME",
+                   help="the splits' layout: " + ", ".join(FORMAT_NAMES) + " (default: "
+                        "recognised from the file and its columns: VLMEvalKit TSV, the "
+                        "lmms-eval layouts, LLaVA JSON, JSONL)")
     g = p.add_argument_group("data columns", "field names of JSONL records or Hugging Face "
                              "dataset columns, when they are not question/options/answer/image/id")
     for field_name in ("question", "options", "answer", "image", "id"):
@@ -288,7 +300,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
         optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,
         ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit,
-        seed=args.seed,
+        seed=args.seed, format=args.format, alpha=args.alpha, target_risk=args.target_risk,
         progress=not args.no_progress, plots=not args.no_plots,
         engine=args.engine, engine_args=_engine_args(args),
     )
@@ -387,7 +399,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                                 temperature_method=_temperature_method(args.temperature_method),
                                 device=args.device, dtype=args.dtype,
                                 batch_size=args.batch_size, limit=args.limit,
-                                columns=_columns(args))
+                                columns=_columns(args), format=args.format)
     if res["temperature"] is None:
         print("mllmcal fit: no calib item produced an answer letter; cannot fit", file=sys.stderr)
         return 1

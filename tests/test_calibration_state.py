@@ -250,3 +250,14 @@ def test_update_logits_leading_dims_half_precision_and_per_row_temperature():
     assert s.count == int(keep.sum())
     assert s.ece() == pytest.approx(ece_f64(ref.confidence[keep], ref.correct[keep], 10, "l1"), abs=1e-5)
     assert s.nll() == pytest.approx(float(-ref.label_logprob[keep].mean()), rel=1e-5)
+
+
+def test_update_refuses_pairs_of_different_shapes():
+    # a [2, 3] confidence and a [3, 2] correctness have six elements each, but flattening
+    # would pair confidence[0, 1] with correct[0, 1] of another layout
+    s = mllmcal.CalibrationState(10)
+    with pytest.raises(ValueError, match="same shape"):
+        s.update(torch.rand(2, 3), torch.ones(3, 2, dtype=torch.bool))
+    assert s.count == 0
+    s.update(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool))
+    assert s.count == 6

@@ -246,3 +246,71 @@ def test_deeply_nested_json_data_is_a_clear_error(tmp_path, capsys):
                "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "nested too deeply" in err and "Traceback" not in err
+
+
+def _vlmevalkit_tsv(path, n=8, with_index=True):
+    """A VLMEvalKit TSV as its Development.md lays it out (base64 PNGs, hint, categories)."""
+    import base64
+    import io
+
+    cols = (["index"] if with_index else []) + ["image", "question", "hint", "A", "B", "C",
+                                                "answer", "category", "l2-category", "split"]
+    lines = ["\t".join(cols)]
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(buf, format="PNG")
+        row = {"index": str(i), "image": base64.b64encode(buf.getvalue()).decode(),
+               "question": "What colour ?", "hint": "look" if i % 2 else "", "A": "red",
+               "B": "blue", "C": "" if i % 3 else "green", "answer": "AB"[i % 2],
+               "category": ["colour", "shape"][i % 2], "l2-category": "perception",
+               "split": "dev"}
+        lines.append("\t".join(row[c] for c in cols))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_format_flag_reads_a_layout_its_columns_do_not_name(tiny_text_model, tmp_path, capsys):
+    """Without ``index`` the columns name no layout: an error that says to pass --format;
+    ``--format vlmevalkit`` reads it (eval and fit)."""
+    tsv = tmp_path / "bench.tsv"
+    _vlmevalkit_tsv(tsv, with_index=False)
+    base = ["eval", "--model", str(tiny_text_model), "--test", str(tsv), "--calib", str(tsv),
+            "--out", str(tmp_path / "o"), "--no-progress", "--no-plots", "--no-idk"]
+    assert main(base) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main([*base, "--format", "vlmevalkit"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["config"]["format"] == "vlmevalkit"
+    assert report["data"]["test"]["n_items"] == 8 and report["data"]["test"]["n_skipped"] == 0
+    capsys.readouterr()
+    assert main(["fit", "--model", str(tiny_text_model), "--calib", str(tsv), "--format",
+                 "vlmevalkit", "--modality", "text", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_items"] == 8
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*base, "--format", "csv"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_readme_commands_use_real_flags():
+    """Every ``mllmcal`` command in the README's shell blocks parses, and the benchmark-files
+    section has one command per toolkit layout (tests/test_readme.py runs the Python blocks)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from mllmcal.cli import build_parser
+    from mllmcal.eval.formats import FORMATS
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"(?:^|[\s/])mllmcal\s+((?:demo|eval|fit|report)\b.*)", line)
+            if m:
+                commands.append(shlex.split(m.group(1), comments=True))
+    assert len(commands) >= 8
+    formats = []
+    for argv in commands:
+        if argv[0] in ("demo", "eval", "fit", "report"):
+            args = build_parser().parse_args(argv)  # SystemExit on an unknown flag
+            formats.append(getattr(args, "format", None))
+    assert set(FORMATS) <= set(formats)

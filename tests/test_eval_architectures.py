@@ -449,3 +449,142 @@ def test_a_template_printing_assistant_content_as_is_gets_a_plain_string(tmp_pat
         text = em.render(items[0], with_image=with_image)
         assert "{'type'" not in text and text.endswith("<|assistant|>\nAnswer: (")
         assert ("<|begin_of_image|><|image|><|end_of_image|>" in text) == with_image
+
+
+# ------------------------------------------------------------------ several images per item
+
+
+@pytest.fixture(scope="module")
+def multi_items(tmp_path_factory):
+    """Two items with two images each (placeholders in order and reversed), one with one."""
+    d = tmp_path_factory.mktemp("multi")
+    paths = []
+    for k, colour in enumerate([(220, 30, 30), (30, 30, 220), (30, 200, 30)]):
+        paths.append(str(d / f"{k}.png"))
+        Image.new("RGB", (16, 16), colour).save(paths[-1])
+    opts = tuple(COLOURS[:3])
+    return [Item("two", "Is <image 1> redder than <image 2>?", opts, "A", images=(paths[0], paths[1])),
+            Item("swapped", "First <image 2>, then <image 1>: which colour?", opts, "B",
+                 images=(paths[0], paths[2])),
+            Item("one", "What colour is the shape in the picture?", opts, "C", paths[2])]
+
+
+def _multi_arch(name, tmp_path_factory):
+    texts = [format_question("Is redder than ? First then : which colour ?", COLOURS)]
+    return BUILDERS[name](tmp_path_factory.mktemp(name), texts)
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "llava-onevision"])
+def test_several_images_stand_where_their_placeholders_are(name, multi_items, tmp_path_factory):
+    from mllmcal.prompting import answer_opening, user_text
+
+    em = load_model(str(_multi_arch(name, tmp_path_factory)))
+    two, swapped, one = multi_items
+    assert em.image_limit_reason(2) is None and em.image_order(swapped) == [1, 0]
+    # the user turn: text and image parts in the placeholders' order, rendered by the template
+    q = user_text(two.question_with_options)
+    head, rest = q.split("<image 1>")
+    mid, tail = rest.split("<image 2>")
+    want = em.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": head}, {"type": "image"},
+                                      {"type": "text", "text": mid}, {"type": "image"},
+                                      {"type": "text", "text": tail}]},
+         {"role": "assistant", "content": [{"type": "text", "text": answer_opening()}]}],
+        tokenize=False, continue_final_message=True)
+    prompt = em.render(two)
+    assert prompt == want and "<image 1>" not in prompt
+    # the confidence is a manual forward pass's, with both images in prompt order
+    ims = {p: Image.open(p).convert("RGB") for p in two.images + swapped.images}
+    recs = {r["id"]: r for b in score_items(em, multi_items, method="option-softmax",
+                                            batch_size=2) for r in b.records}
+    assert set(recs) == {"two", "swapped", "one"}
+    for it in (two, swapped):
+        enc = em.processor(text=[em.render(it)], return_tensors="pt",
+                           images=[[ims[it.images[k]] for k in em.image_order(it)]],
+                           add_special_tokens=not em.render(it).startswith(em.tokenizer.bos_token or "\0"))
+        with torch.no_grad():
+            logits = em.model(**enc).logits[0, -1].double()
+        ids = em.answer_token_ids()[:len(it.options)]
+        p = torch.softmax(logits[ids], dim=0)
+        assert recs[it.id]["confidence"] == pytest.approx(float(p.max()), rel=1e-4)
+        assert recs[it.id]["option_probs"] == pytest.approx(p.tolist(), rel=1e-4, abs=1e-6)
+        is_img = (enc["input_ids"][0] == em.tokenizer.convert_tokens_to_ids(em.image_token)).long()
+        runs = int((is_img[1:] > is_img[:-1]).sum()) + int(is_img[0])
+        # Qwen2-VL's template puts each image where its part stands; LLaVA-OneVision's
+        # released template writes all image parts of a turn first, back to back
+        assert runs == (2 if name == "qwen2-vl" else 1)
+        n_tok = int(is_img.sum())
+        one_enc = em.processor(text=[em.render(one)], images=[[ims[it.images[0]]]], return_tensors="pt")
+        n_one = int((one_enc["input_ids"] == em.tokenizer.convert_tokens_to_ids(em.image_token)).sum())
+        # LLaVA-OneVision shows several images without its anyres tiles: not twice one's count
+        assert n_tok == 2 * n_one if name == "qwen2-vl" else n_tok > 0
+
+
+def test_a_single_image_model_skips_multi_image_items_by_name(multi_items, tmp_path_factory,
+                                                              tmp_path, caplog):
+    """LLaVA-1.5 takes one image per prompt: items with two are skipped, named with the
+    model, in the log and the report; never cut to their first image."""
+    import base64
+
+    from mllmcal.eval.runner import EvalConfig, run_eval
+
+    llava = _multi_arch("llava-1.5", tmp_path_factory)
+    qwen = _multi_arch("qwen2-vl", tmp_path_factory)
+    em = load_model(str(llava), name="llava")
+    assert "at most 1 image" in em.image_limit_reason(2)
+    with caplog.at_level("WARNING", logger="mllmcal.eval"):
+        recs = [r for b in score_items(em, multi_items) for r in b.records]
+    assert [r["id"] for r in recs] == ["one"]
+    assert "model 'llava' cannot take item two: it shows 2 images" in caplog.text
+    # end to end from a VLMEvalKit TSV whose multi-image rows hold a list of base64 images
+    def b64(p):
+        return base64.b64encode(open(p, "rb").read()).decode()
+    rows = ["index\timage\tquestion\tA\tB\tC\tanswer"]
+    for it in multi_items:
+        img = str([b64(p) for p in it.images]) if len(it.images) > 1 else b64(it.image)
+        rows.append("\t".join([it.id, img, it.question, *it.options, it.answer]))
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    cfg = EvalConfig(models=[str(qwen), f"{llava},name=llava"], test=str(tmp_path / "t.tsv"),
+                     calib=str(tmp_path / "t.tsv"), out=str(tmp_path / "out"), progress=False,
+                     plots=False, build_idk=False, idk_variants=(), method="option-softmax")
+    report = run_eval(cfg)
+    q, lv = report["models"]
+    assert q["modalities"]["image"]["skipped_items"] == []
+    assert q["modalities"]["image"]["test"]["n_items"] == 3
+    skipped = lv["modalities"]["image"]["skipped_items"]
+    assert sorted((s, i) for s, i, _ in skipped) == [("calib", "swapped"), ("calib", "two"),
+                                                    ("test", "swapped"), ("test", "two")]
+    assert lv["modalities"]["image"]["test"]["n_items"] == 1
+    assert lv["modalities"]["text"]["test"]["n_items"] == 3  # text only: nothing to skip
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "- llava / image, test: `two`: model 'llava' cannot take item two" in md
+    from mllmcal.eval.runner import fit_calib_temperature
+
+    fit = fit_calib_temperature(f"{llava},name=llava", str(tmp_path / "t.tsv"),
+                                str(tmp_path / "fit"), method="option-softmax")
+    assert fit["n_items"] == 1 and fit["n_skipped_items"] == 2
+
+
+def test_a_processor_refusing_several_images_skips_the_item_by_name(
+        multi_items, tmp_path_factory, monkeypatch, caplog):
+    """An architecture without a listed limit is tried: a processor that refuses a prompt
+    with two images makes the model skip two-image items, with its message."""
+    from mllmcal.eval.confidence import split_supported
+    from mllmcal.eval.models import EvalModel
+
+    em = load_model(str(_multi_arch("qwen2-vl", tmp_path_factory)), name="qwen")
+    real = EvalModel.encode
+
+    def refuse(self, prompts, images):
+        if images and any(isinstance(im, list) and len(im) > 1 for im in images):
+            raise ValueError("Mismatch in `image` token count between text and `input_ids`")
+        return real(self, prompts, images)
+
+    monkeypatch.setattr(EvalModel, "encode", refuse)
+    with caplog.at_level("WARNING", logger="mllmcal.eval"):
+        kept, skipped = split_supported(em, multi_items)
+    assert [it.id for it in kept] == ["one"]
+    assert [it.id for it, _ in skipped] == ["two", "swapped"]
+    assert "its processor (qwen2_vl) refused a prompt with 2 images (Mismatch" in skipped[0][1]
+    assert "model 'qwen' cannot take item swapped" in caplog.text
+    assert split_supported(em, multi_items, with_image=False)[1] == []  # text only

@@ -298,3 +298,12 @@ def test_16_bit_grayscale_png_reaches_the_model_scaled_to_8_bit(tmp_path, monkey
     shown = np.asarray(_load_image(it.image))  # what the processor is given
     assert shown.shape == (1, 3, 3) and shown[0, :, 0].tolist() == [0, 128, 255]
     assert (shown[..., 0] == shown[..., 2]).all()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_nested_too_deeply_is_a_data_error_naming_the_file(tmp_path, suffix):
+    # the parser's RecursionError, read through mllmcal.eval._jsonio, names the file
+    p = tmp_path / f"deep{suffix}"
+    p.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=rf"deep\{suffix}(:1)?: JSON nested too deeply"):
+        load_items(p)

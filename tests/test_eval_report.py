@@ -145,3 +145,37 @@ def test_deeply_nested_report_json_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "report.json" in err and "nested too deeply" in err
+
+
+def test_conformal_selective_and_category_sections_render_and_are_validated(tmp_path, capsys):
+    from mllmcal.calibration.conformal import conformal_summary, selective_answering
+
+    m = _model("m", 0)
+    r = m["modalities"]["text"]
+    probs = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]] * 5
+    labels = [0, 1, 1, 0] * 5
+    r["conformal"] = conformal_summary(probs, labels, probs, labels,
+                                       [True, True, False, True] * 5, alpha=0.2,
+                                       groups={"category": ["x", "y"] * 10})
+    r["selective"] = selective_answering([0.9, 0.2], [True, False], [0.95, 0.1], [True, True],
+                                         target_risk=0.0)
+    r["by_category"] = {"category": {"x": {"n": 10, "accuracy": 0.5, "ece": 0.1,
+                                           "ece_after_temperature": None}}}
+    r["skipped_items"] = [["test", "q7", "model 'm' cannot take item q7: ..."]]
+    m2 = _model("n", 1)
+    m2["modalities"]["text"]["conformal"] = {"alpha": 0.1, "error": "no calib item has option probabilities"}
+    m2["modalities"]["text"]["selective"] = selective_answering([0.9], [False], [0.5], [True])
+    write_report(_report(m, m2), tmp_path, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "| m | text | LAC | all | 0.2000 |" in md and "| m | text | APS | category: y |" in md
+    assert "| n | text | – | all | 0.1000 | no calib item has option probabilities |" in md
+    assert "- m / text: threshold 0.9000; test coverage 0.5000, risk 0.0000 (target 0.0000)" in md
+    assert "- n / text: threshold none (answers nothing)" in md
+    assert "| m | text | category | x | 10 | 0.5000 | 0.1000 | – |" in md
+    assert "- m / text, test: `q7`: model 'm' cannot take item q7" in md
+    for bad in ({"conformal": [1]}, {"skipped_items": ["q7"]}):
+        rep = _report(_model("m", 0))
+        rep["models"][0]["modalities"]["text"].update(bad)
+        (tmp_path / "report.json").write_text(json.dumps(rep))
+        assert main(["report", str(tmp_path)]) == 2
+        assert "not an mllmcal report" in capsys.readouterr().err

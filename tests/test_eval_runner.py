@@ -432,9 +432,9 @@ def test_a_temperature_at_the_end_of_its_range_is_flagged_in_the_report(
     calls = []
 
     def fake_fit_on_calib(ev, em, mod, calib):
-        t, n, _ = real_fit_on_calib(ev, em, mod, calib)
+        t, n, _, records = real_fit_on_calib(ev, em, mod, calib)
         calls.append(t)
-        return 9.99, n, True
+        return 9.99, n, True, records
 
     real_fit_on_calib = runner._fit_on_calib
     monkeypatch.setattr(runner, "_fit_on_calib", fake_fit_on_calib)
@@ -487,3 +487,121 @@ def test_an_out_folder_inside_the_checkpoint_does_not_change_its_identity(data_d
     (ck / "additional_chat_templates").mkdir()
     (ck / "additional_chat_templates" / "tool.jinja").write_text("{{ x }}")
     assert checkpoint_identity(ck) != base
+
+
+def test_item_digest_covers_every_image_and_the_answerable_flag(tmp_path):
+    from mllmcal.eval.cache import item_digest
+    from mllmcal.eval.data import Item
+
+    for k, c in enumerate(((1, 2, 3), (4, 5, 6), (7, 8, 9))):
+        Image.new("RGB", (8, 8), c).save(tmp_path / f"{k}.png")
+    p = [str(tmp_path / f"{k}.png") for k in range(3)]
+    base = Item("x", "Which? <image 2>", ("a", "b", "I don't know"), "A", images=(p[0], p[1]))
+    d = item_digest(base)
+    assert item_digest(base.with_(images=(p[0], p[2]))) != d  # the second image counts
+    assert item_digest(base.with_(images=(p[0],))) != d
+    assert item_digest(base.with_(unanswerable=True)) != d
+    assert item_digest(base.with_(images=(p[0], p[1]))) == d
+
+
+@pytest.mark.parametrize("method", ["letter", "option-softmax"])
+def test_records_carry_each_options_probability(data_dir, llava_dir, method):
+    """option-softmax: the softmax over the item's letters; letter: the full softmax of the
+    answer step summed over each letter's tokens. The confidence is unchanged by them."""
+    em = load_model(str(llava_dir))
+    items = load_items(data_dir / "test.json").items[:6]
+    items = [items[0].with_(options=items[0].options[:2], answer="A"), *items[1:]]
+    rows = {}
+    recs = []
+    for b in score_items(em, items, method=method, batch_size=3):
+        recs += b.records
+        rows.update({i: b.rows[k] for k, i in enumerate(b.row_ids)})
+    assert len(recs) == len(items)
+    for it, r in zip(items, recs, strict=True):
+        if r["pred"] is None:
+            assert r["option_probs"] is None
+            continue
+        p = torch.tensor(r["option_probs"], dtype=torch.float64)
+        assert p.shape == (len(it.options),)
+        k = "ABCDEFGH".index(r["pred"])
+        if method == "option-softmax":
+            assert float(p.sum()) == pytest.approx(1.0, abs=1e-9)
+            assert int(p.argmax()) == k and float(p[k]) == pytest.approx(r["confidence"], rel=1e-5)
+        else:
+            full = torch.softmax(rows[it.id].double(), dim=0)
+            lo = em.letter_of_token.cpu()
+            want = [float(full[lo == j].sum()) for j in range(len(it.options))]
+            assert r["option_probs"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+            # the chosen token is one spelling of its letter
+            assert float(p[k]) >= r["confidence"] - 1e-6
+
+
+def test_report_has_category_rows_conformal_sets_and_selective_answering(causal_dir, tmp_path):
+    words = ["a", "b", "c", "d"]
+    rng = torch.Generator().manual_seed(3)
+    (tmp_path / "d").mkdir()
+    for split, n in (("test", 16), ("calib", 20)):
+        rows = [{"id": f"{split}{i}", "question": f"What colour is shape {i} ?",
+                 "options": COLOURS, "answer": "ABCD"[int(torch.randint(0, 4, (1,), generator=rng))],
+                 "category": ["colour", "shape"][i % 2], "l2_category": words[i % 4]}
+                for i in range(n)]
+        (tmp_path / "d" / f"{split}.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    cfg = _cfg(tmp_path / "d", [causal_dir], tmp_path / "out", test=str(tmp_path / "d" / "test.jsonl"),
+               calib=str(tmp_path / "d" / "calib.jsonl"), dev=None, build_idk=False,
+               idk_variants=(), plots=True, alpha=0.2, target_risk=0.5,
+               method="option-softmax")
+    report = run_eval(cfg)
+    m = report["models"][0]
+    r = m["modalities"]["text"]
+    cats = r["by_category"]
+    assert set(cats) == {"category", "l2-category"}
+    assert {k: v["n"] for k, v in cats["category"].items()} == {"colour": 8, "shape": 8}
+    assert sum(v["n"] for v in cats["l2-category"].values()) == 16
+    acc = sum(v["accuracy"] * v["n"] for v in cats["category"].values()) / 16
+    assert acc == pytest.approx(r["test"]["accuracy"])
+    cp = r["conformal"]
+    assert cp["alpha"] == 0.2 and cp["n_calib"] == 20 and cp["n_test"] == 16
+    for score in ("lac", "aps"):
+        assert 0.0 <= cp[score]["coverage"] <= 1.0 and cp[score]["mean_set_size"] >= 1.0
+        assert set(cp[score]["by"]["category"]) == {"colour", "shape"}
+    sel = r["selective"]
+    assert sel["target_risk"] == 0.5 and sel["calib"]["n"] == 20 and sel["test"]["n"] == 16
+    if sel["calib"]["risk"] is not None:
+        assert sel["calib"]["risk"] <= 0.5
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Per category (test split)" in md and "| colour |" in md
+    assert "## Conformal prediction sets" in md and "| LAC | all |" in md
+    assert "| APS | category: shape |" in md
+    assert "## Selective answering" in md and "(target 0.5000)" in md
+    assert r["risk_coverage_plot"] in m["plots"]
+    assert (tmp_path / "out" / r["risk_coverage_plot"]).stat().st_size > 1000
+    assert r["risk_coverage_plot"] in md
+    # `mllmcal report` re-renders from report.json: the runner's plot stays listed
+    from mllmcal.eval.report import report_problem, write_report
+
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report_problem(again) is None
+    write_report(again, tmp_path / "out")
+    assert r["risk_coverage_plot"] in again["models"][0]["plots"]
+    assert "## Conformal prediction sets" in (tmp_path / "out" / "report.md").read_text()
+    # the numbers are what the conformal module gives on the records
+    from mllmcal.calibration.conformal import conformal_summary, selective_answering
+
+    em = load_model(str(causal_dir))
+    recs = {}
+    for split in ("calib", "test"):
+        its = load_items(tmp_path / "d" / f"{split}.jsonl").items
+        recs[split] = [rec for b in score_items(em, its, method="option-softmax",
+                                                with_image=False) for rec in b.records]
+    lab = {s: ["ABCD".index(x["answer"]) for x in recs[s]] for s in recs}
+    ref = conformal_summary([x["option_probs"] for x in recs["calib"]], lab["calib"],
+                            [x["option_probs"] for x in recs["test"]], lab["test"],
+                            [x["correct"] for x in recs["test"]], alpha=0.2)
+    for score in ("lac", "aps"):
+        for key in ("coverage", "mean_set_size", "uacc"):
+            assert cp[score][key] == pytest.approx(ref[score][key], rel=1e-9)
+    ref_sel = selective_answering([x["confidence"] for x in recs["calib"]],
+                                  [x["correct"] for x in recs["calib"]],
+                                  [x["confidence"] for x in recs["test"]],
+                                  [x["correct"] for x in recs["test"]], target_risk=0.5)
+    _close(sel, ref_sel)

@@ -203,9 +203,18 @@ class CalibrationState:
         Args:
             confidence: float tensor of any shape, values in [0, 1]. It is rounded to fp32
                 first, as the fused kernels produce it, so both paths bin identically.
-            correct: bool (or 0/1) tensor with the same number of elements, same device.
+            correct: bool (or 0/1) tensor of the same shape, same device.
             validate: check value ranges (a host sync on GPU); pass False in hot loops.
+
+        Raises:
+            ValueError: the shapes differ (a ``[2, 3]`` confidence with a ``[3, 2]``
+                correctness has as many elements, but flattening would pair them wrongly).
         """
+        if isinstance(confidence, torch.Tensor) and isinstance(correct, torch.Tensor) \
+                and confidence.shape != correct.shape \
+                and confidence.numel() == correct.numel():  # other counts: check_pairs says so
+            raise ValueError(f"confidence and correct must have the same shape, got "
+                             f"{tuple(confidence.shape)} and {tuple(correct.shape)}")
         c, y = check_pairs(confidence, correct, validate=validate)
         self._adopt(c.device)
         self._reserve(c.numel())

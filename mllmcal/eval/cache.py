@@ -104,14 +104,19 @@ def checkpoint_identity(path: str | os.PathLike) -> str:
 
 
 def item_digest(item: Item) -> str:
-    """A digest of an item's content: question, options, answer, image bytes, IDK flags."""
+    """A digest of an item's content: question, options, answer, the bytes of every image
+    in ``item.images`` (in order), the IDK flags (``withhold_image``, ``unanswerable``) and
+    the categories (records carry them into the report's per-category rows)."""
     h = hashlib.sha256(json.dumps([item.question, list(item.options), item.answer,
-                                   item.withhold_image]).encode())
-    if item.image is not None:
+                                   item.withhold_image, item.unanswerable,
+                                   len(item.images), item.category, item.l2_category]).encode())
+    for image in item.images:
         try:
-            h.update(Path(item.image).read_bytes())
+            data = Path(image).read_bytes()
         except OSError:
-            h.update(b"<unreadable image>")
+            data = b"<unreadable image>"
+        # each image's own digest: where one image ends and the next begins is part of it
+        h.update(hashlib.sha256(data).digest())
     return h.hexdigest()[:16]
 
 

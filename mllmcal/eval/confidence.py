@@ -26,6 +26,7 @@ stores none.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .data import Item
 from .models import EvalModel
 
-__all__ = ["METHODS", "ScoredBatch", "score_items", "VERBALIZED_INSTRUCTION",
+__all__ = ["METHODS", "ScoredBatch", "score_items", "split_supported", "VERBALIZED_INSTRUCTION",
            "parse_verbalized"]
+
+_log = logging.getLogger("mllmcal.eval")
 
 METHODS = ("letter", "option-softmax", "verbalized")
 VERBALIZED_INSTRUCTION = (
@@ -55,7 +58,10 @@ class ScoredBatch:
     """Per-item results of one batch.
 
     ``records`` are JSON-able dicts (``id``, ``answer``, ``pred`` letter or None,
-    ``correct``, ``confidence`` at T=1 or None, ``answerable``, ``idk``, ``text``).
+    ``correct``, ``confidence`` at T=1 or None, ``answerable``, ``idk``, ``text``,
+    ``category``, ``l2_category``, and ``option_probs``: the item's probability of each of
+    its options at T = 1, a list of ``len(options)`` floats, or None without an answer
+    step; see :func:`_letter_option_probs`).
     ``rows`` is the fp32 ``[b, W]`` answer-position logits (``z`` at T = 1) of the items
     that have one (``row_ids`` lists them; ``letter``: the items that answered), on the
     scores' device, with int64 ``labels[b]`` the index of the answer within a row (on the
@@ -93,13 +99,38 @@ def _shows_image(em: EvalModel, item: Item, with_image: bool) -> bool:
     return with_image and em.multimodal and item.image is not None and not item.withhold_image
 
 
+def _item_images(em: EvalModel, item: Item) -> Any:
+    """What the processor gets for ``item``: its one image, or all of them in prompt order."""
+    if len(item.images) > 1:
+        return [_load_image(item.images[k]) for k in em.image_order(item)]
+    return _load_image(item.image)
+
+
+def split_supported(em: EvalModel, items: Sequence[Item], with_image: bool = True
+                    ) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """``items`` the model can take in this modality, and ``(item, reason)`` for each it
+    cannot (more images than it takes: :meth:`EvalModel.image_limit_reason`), each said in
+    a warning that names the model and the item. Nothing is cut to fewer images."""
+    kept, skipped = [], []
+    for it in items:
+        n = len(em.image_order(it)) if len(it.images) > 1 else 1
+        why = em.image_limit_reason(n) if _shows_image(em, it, with_image) else None
+        if why is None:
+            kept.append(it)
+            continue
+        msg = f"model {em.name!r} cannot take item {it.id}: it shows {n} images and {why}"
+        _log.warning("%s; skipped", msg)
+        skipped.append((it, msg))
+    return kept, skipped
+
+
 @torch.inference_mode()
 def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: str,
                  with_image: bool, hint: str | None, max_new_tokens: int) -> ScoredBatch:
     instruction = VERBALIZED_INSTRUCTION if method == "verbalized" else None
     prompts = [em.render(it, answer_prefix, with_image=with_image, hint=hint,
                          instruction=instruction) for it in items]
-    images = [_load_image(it.image) for it in items] if with_image else None
+    images = [_item_images(em, it) for it in items] if with_image else None
     inputs = em.encode(prompts, images)
     answer_ids = em.answer_token_ids(answer_prefix)  # the table of the prefix actually used
     from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -145,6 +176,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         masked = torch.where(variants, answer_rows.float(), float("-inf"))
         label_tok = masked.argmax(dim=1).cpu()
         keep_idx = [i for i in range(len(items)) if bool(found[i])]
+        probs = _letter_option_probs(answer_rows, letter_of, keep_idx, items)
         if keep_idx:
             sel = torch.tensor(keep_idx, device=answer_rows.device)
             rows = answer_rows.index_select(0, sel).float()
@@ -154,7 +186,7 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
             li = int(letter[i])
             pred = OPTION_LETTERS[li] if bool(found[i]) else None
             records.append(_record(it, pred, float(conf[i]) if pred else None, texts[i],
-                                   step=int(step[i])))
+                                   step=int(step[i]), option_probs=probs.get(i)))
     elif method == "option-softmax":
         # the answer position is the first (only) step: its z = scores at T = 1
         z = proc.latest_scaled_scores()
@@ -167,10 +199,13 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
         s = mllmcal.token_stats(logits)
         rows, labels = logits, torch.tensor([it.answer_index for it in items])
         row_ids = [it.id for it in items]
+        # the softmax over the item's letters (missing letters are -inf: probability 0)
+        soft = torch.softmax(logits.double(), dim=1)
         for i, it in enumerate(items):
             ok = bool(s.valid[i])
             pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-            records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i]))
+            records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
+                                   option_probs=soft[i, :len(it.options)].tolist() if ok else None))
     else:
         for i, it in enumerate(items):
             letter, conf = parse_verbalized(texts[i], it.letters)
@@ -180,7 +215,30 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
     return ScoredBatch(records, row_ids, rows, labels)
 
 
-def _record(item: Item, pred: str | None, conf: float | None, text: str, step: int = 0) -> dict:
+def _letter_option_probs(rows: torch.Tensor, letter_of: torch.Tensor, keep: list[int],
+                         items: Sequence[Item]) -> dict[int, list[float]]:
+    """The letter method's option probabilities: per answered row ``i`` (``keep``), the
+    full-vocabulary softmax (T = 1) of its answer-step row summed over the tokens of each
+    of the item's letters (every spelling: ``letter_of_token == j``, ``j < n_options``).
+
+    They do not sum to 1 (the rest of the vocabulary keeps its mass); conformal prediction
+    renormalises them over the options. ``rows`` ``[B, V]`` on the scores' device,
+    ``letter_of`` ``[V]`` int64 there. Returns ``{i: [n_options floats]}``.
+    """
+    if not keep:
+        return {}
+    sel = torch.tensor(keep, device=rows.device)
+    p = torch.softmax(rows.index_select(0, sel).double(), dim=1)  # [k, V]
+    letter = letter_of.clamp(min=0)
+    per_letter = torch.zeros(len(keep), len(OPTION_LETTERS), dtype=torch.float64,
+                             device=rows.device)
+    per_letter.index_add_(1, letter, torch.where(letter_of[None, :] >= 0, p, 0.0))
+    per_letter = per_letter.cpu()
+    return {i: per_letter[k, :len(items[i].options)].tolist() for k, i in enumerate(keep)}
+
+
+def _record(item: Item, pred: str | None, conf: float | None, text: str, step: int = 0,
+            option_probs: list[float] | None = None) -> dict:
     idk = item.idk_letter
     return {
         "id": item.id, "answer": item.answer, "pred": pred,
@@ -188,6 +246,8 @@ def _record(item: Item, pred: str | None, conf: float | None, text: str, step: i
         "confidence": conf, "answerable": item.answerable,
         "idk": pred is not None and pred == idk, "text": text[:200], "step": step,
         "idk_mode": item.meta.get("idk_mode") or item.meta.get("idk_kind"),
+        "category": item.category, "l2_category": item.l2_category,
+        "option_probs": option_probs,
     }
 
 
@@ -198,16 +258,22 @@ def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
     """Score ``items`` in batches; yields one :class:`ScoredBatch` per batch.
 
     Items that show an image and items that do not are batched separately (a processor
-    batch is all-image or all-text). ``with_image=False`` is the text-only modality.
+    batch is all-image or all-text), and items with several images by their count.
+    ``with_image=False`` is the text-only modality. Items with more images than the model
+    takes are skipped with a warning (:func:`split_supported`) and get no record.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    groups: dict[bool, list[Item]] = {True: [], False: []}
+    items, _ = split_supported(em, items, with_image)
+    # (shows images, how many): one-image items batch as they always did, then the rest
+    groups: dict[tuple[bool, int], list[Item]] = {(True, 1): [], (False, 0): []}
     for it in items:
-        groups[_shows_image(em, it, with_image)].append(it)
-    for shown, group in groups.items():
+        shown = _shows_image(em, it, with_image)
+        n = (len(em.image_order(it)) if len(it.images) > 1 else 1) if shown else 0
+        groups.setdefault((shown, n), []).append(it)
+    for (shown, _), group in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1])):
         for start in range(0, len(group), batch_size):
             yield _score_group(em, group[start:start + batch_size], method, answer_prefix,
                                shown, hint, max_new_tokens)

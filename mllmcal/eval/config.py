@@ -13,6 +13,7 @@ from typing import Any
 from ..calibration import TemperatureFitAccumulator
 from ..calibration.temperature import PAPER_TEMPERATURE_GRID
 from .confidence import METHODS
+from .data import FORMAT_NAMES
 from .idk import ABSTENTION_HINTS
 
 __all__ = ["ENGINES", "EvalConfig", "ModelSpec", "PROTOCOLS", "TEMPERATURE_METHODS",
@@ -137,6 +138,13 @@ class EvalConfig:
     engine: str = "hf"
     #: ``LLM(...)`` keyword arguments for ``engine="vllm"`` (``tensor_parallel_size``, ...)
     engine_args: dict[str, Any] = field(default_factory=dict)
+    #: the benchmark files' layout (``--format``; :data:`~mllmcal.eval.data.FORMAT_NAMES`),
+    #: None: recognised from the columns
+    format: str | None = None
+    #: conformal prediction sets' error rate (``--alpha``)
+    alpha: float = 0.1
+    #: selective answering's target risk on the calib split (``--target-risk``)
+    target_risk: float = 0.1
 
     def __post_init__(self) -> None:
         if self.temperature_method in _DEPRECATED_TEMPERATURE_METHODS:
@@ -190,6 +198,12 @@ class EvalConfig:
             from .vllm_engine import require_vllm
 
             require_vllm()
+        if self.format is not None and self.format not in FORMAT_NAMES:
+            raise ValueError(f"--format must be one of {FORMAT_NAMES}, got {self.format!r}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
+        if not 0.0 <= self.target_risk <= 1.0:
+            raise ValueError(f"--target-risk must lie in [0, 1], got {self.target_risk}")
         check_device(self.device)
 
 

@@ -37,7 +37,6 @@ names its id, and is listed in :attr:`LoadResult.skipped` so that the report cou
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..prompting import IMAGE_TOKEN, OPTION_LETTERS, format_question
+from . import _jsonio
 from . import formats as _formats
 from .formats import interleave as _interleave
 from .formats import is_hf_dataset
@@ -190,19 +190,16 @@ def _read_records(path: Path) -> list[tuple[int, Any]]:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-                ) from None
+            try:  # the line's own number, not the 1 of a one-line document
+                out.append((lineno, _jsonio.loads(line, f"{path}:{lineno}")))
+            except _jsonio.JSONInputError as exc:
+                raise DataError(str(exc).replace(f"{path}:{lineno}:1:", f"{path}:{lineno}:")) \
+                    from None
         return out
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-        ) from None
+        data = _jsonio.loads(text, path)
+    except _jsonio.JSONInputError as exc:  # invalid or too deeply nested: names the file
+        raise DataError(str(exc)) from None
     if isinstance(data, dict):
         # a single object, or a wrapper such as {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -445,7 +442,7 @@ def _layout(path: Path, records: list[tuple[int, Any]], format: str | None,
         found = _formats.detect_format(list(first))
         if found is None and path.suffix.lower() == ".tsv":
             raise DataError(f"{path}: the columns {sorted(first)} match no known layout "
-                            f"(pass format=NAME, one of {', '.join(_formats.FORMATS)})")
+                            f"(pass --format NAME, in Python format=NAME, one of {', '.join(_formats.FORMATS)})")
         return found
     return None
 

@@ -27,7 +27,16 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
    ``<|begin_of_text|>`` after any leading ``<|image|>`` of a text that has none: its
    base-model layout ``<|image|><|begin_of_text|>prompt``). Encoded rows are checked:
    more than one BOS is an error naming the model.
-3. **Images per sample**: the processor gets ``[[image], [image], ...]``.
+3. **Images per sample**: the processor gets ``[[image], [image], ...]``. An item with
+   several images (:attr:`~mllmcal.eval.data.Item.images`) shows them where their
+   ``<image k>`` placeholders stand (:meth:`~mllmcal.eval.data.Item.interleave`; images no
+   placeholder names come first): one ``{"type": "image"}`` part per image among the text
+   parts of the user turn, or the image placeholder in the text without a chat template;
+   the processor gets that sample's images in that order. A model that cannot take that
+   many images (:meth:`EvalModel.image_limit_reason`: the architecture's
+   ``PromptQuirks.max_images``, else a trial encoding through its processor) skips the item
+   with a message naming the model and the item; an item is never cut to fewer images.
+   Items with one image keep the single-image prompt (image first).
 4. **The next token is the letter.** The encoded prompt must end with the tokens of the
    rendered text's end; a processor that appends text is handled explicitly or refused.
 
@@ -154,6 +163,8 @@ class EvalModel:
     _answer_ids: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _writes_bos: bool | None = field(default=None, repr=False)
     _placeholder: str | None = field(default=None, repr=False)
+    #: images per prompt -> why the model cannot take that many (None: it can)
+    _image_limits: dict[int, str | None] = field(default_factory=dict, repr=False)
     #: the architecture's prompt quirks, from :data:`~mllmcal.eval.quirks.PROMPT_QUIRKS`
     quirks: PromptQuirks = field(default_factory=PromptQuirks)
 
@@ -222,12 +233,81 @@ class EvalModel:
                 self.tokenizer, self.letter_of_token.tolist(), answer_opening(answer_prefix))
         return self._answer_ids[answer_prefix]
 
+    # ------------------------------------------------------------------ several images
+
+    @staticmethod
+    def image_order(item: Item) -> list[int]:
+        """Indices into ``item.images`` in the order the prompt shows them (one entry per
+        shown image: a placeholder named twice shows its image twice)."""
+        return [p for p in item.interleave() if isinstance(p, int)]
+
+    def image_limit_reason(self, n: int) -> str | None:
+        """Why one prompt of this model cannot show ``n`` images, or None when it can.
+
+        One image always can. For more: the architecture's ``PromptQuirks.max_images``
+        when it has one, else a trial: a two-option prompt with ``n`` image parts rendered
+        and encoded as any item would be (once per ``n``); a processor or template that
+        refuses it (a count check, an image-token mismatch) is the reason.
+        """
+        if n <= 1:
+            return None
+        if n not in self._image_limits:
+            limit = self.quirks.max_images
+            kind = getattr(getattr(self.model, "config", None), "model_type", None) or "?"
+            if not self.multimodal:
+                why: str | None = "it is text-only"
+            elif limit is not None and n > limit:
+                why = f"its architecture ({kind}) takes at most {limit} image(s) per prompt"
+            else:
+                why = self._try_images(n, kind)
+            self._image_limits[n] = why
+        return self._image_limits[n]
+
+    def _try_images(self, n: int, kind: str) -> str | None:
+        from PIL import Image
+
+        probe = Item("probe", " ".join(f"<image {k + 1}>" for k in range(n)) + " Which?",
+                     ("a", "b"), "A", images=tuple(f"probe{k}.png" for k in range(n)))
+        try:
+            prompt = self.render(probe)
+            self.encode([prompt], [[Image.new("RGB", (32, 32), (9 * k, 0, 0)) for k in range(n)]])
+        except Exception as exc:  # noqa: BLE001 -- any refusal means: cannot take n images
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"its processor ({kind}) refused a prompt with {n} images ({first})"
+        return None
+
+    def _render_interleaved(self, item: Item, answer_prefix: str, hint: str | None,
+                            instruction: str | None) -> str:
+        """The prompt of an item with several images, each where its placeholder stands."""
+        parts = item.interleave(user_text(item.question_with_options, hint, instruction))
+        if self.use_chat_template:
+            content = [{"type": "image"} if isinstance(p, int) else {"type": "text", "text": p}
+                       for p in parts]
+            return self._render_chat([
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text",
+                                                   "text": answer_opening(answer_prefix)}]}])
+        if self.is_paligemma:
+            raise ValueError(f"model {self.name!r}: PaliGemma prompts take one image")
+        out, leading = [], True
+        for p in parts:
+            if isinstance(p, int):
+                # images before any text each open a line, as the one-image prompt does
+                out.append(self.image_placeholder + ("\n" if leading else ""))
+            else:
+                leading = False
+                out.append(p)
+        return "".join(out) + "\n" + answer_opening(answer_prefix)
+
     # ------------------------------------------------------------------ prompts
 
     def render(self, item: Item, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
                with_image: bool = True, hint: str | None = None,
                instruction: str | None = None) -> str:
-        """The prompt text for ``item`` (with the image placeholder when shown)."""
+        """The prompt text for ``item`` (with the image placeholder(s) when shown; an item
+        with several images interleaves them, see the module docstring)."""
+        if with_image and self.multimodal and len(item.images) > 1:
+            return self._render_interleaved(item, answer_prefix, hint, instruction)
         q = item.question_with_options
         if self.use_chat_template:
             if self.multimodal:
@@ -277,8 +357,9 @@ class EvalModel:
     def encode(self, prompts: list[str], images: list[Any] | None) -> dict[str, torch.Tensor]:
         """Left-padded model inputs on the model's input device.
 
-        ``prompts`` from :meth:`render`; ``images`` (one PIL image per prompt) only for
-        image prompts. See the module docstring for the BOS rule and PaliGemma.
+        ``prompts`` from :meth:`render`; ``images`` (per prompt one PIL image, or the list
+        of its images in :meth:`image_order`) only for image prompts. See the module
+        docstring for the BOS rule and PaliGemma.
         """
         special = self._add_special_tokens(prompts)
         if self.is_paligemma:
@@ -286,7 +367,8 @@ class EvalModel:
         elif images:
             if self.processor is None:
                 raise ValueError(f"model {self.name!r} is text-only; it cannot take images")
-            enc = self.processor(images=[[im] for im in images], text=prompts,
+            per_sample = [list(im) if isinstance(im, list | tuple) else [im] for im in images]
+            enc = self.processor(images=per_sample, text=prompts,
                                  return_tensors="pt", padding=True, add_special_tokens=special)
         elif self.processor is not None:
             enc = self.processor(text=prompts, return_tensors="pt", padding=True,

@@ -31,18 +31,30 @@ class PromptQuirks:
         image_markers: pairs of config attributes that may name the image start/end
             marker tokens a prompt without chat template wraps the image token in (the
             first pair the config has is used, when the processor does not write it).
+        max_images: the most images one prompt may show (None: as many as the processor
+            takes, which ``EvalModel.image_limit_reason`` tries). Set where the processor
+            would accept more but the architecture was trained and released for one image
+            per prompt, or lays its image tokens out itself (PaliGemma).
     """
 
     processor_layout: bool = False
     image_markers: tuple[tuple[str, str], ...] = _MARKER_ATTRS
+    max_images: int | None = None
 
 
 #: ``model_type`` -> its quirks; a type not listed gets ``PromptQuirks()``.
 #: Qwen2-VL to Qwen3-VL (``<|vision_start|><|image_pad|><|vision_end|>``) and GLM-4.1V
 #: (``<|begin_of_image|><|image|><|end_of_image|>``) wrap the image token as their templates
 #: do; their processors expand only the middle token.
+#: One image per prompt: LLaVA-1.5 and LLaVA-NeXT (trained on single-image conversations),
+#: PaliGemma (its processor lays out the image tokens itself) and Llama 3.2 Vision (Meta's
+#: model card: single-image reasoning); their processors would take several, and the
+#: model would then see a layout it never learnt.
 PROMPT_QUIRKS: dict[str, PromptQuirks] = {
-    "paligemma": PromptQuirks(processor_layout=True),
+    "paligemma": PromptQuirks(processor_layout=True, max_images=1),
+    "llava": PromptQuirks(max_images=1),
+    "llava_next": PromptQuirks(max_images=1),
+    "mllama": PromptQuirks(max_images=1),
     "qwen2_vl": PromptQuirks(image_markers=_MARKER_ATTRS[:1]),
     "qwen2_5_vl": PromptQuirks(image_markers=_MARKER_ATTRS[:1]),
     "qwen3_vl": PromptQuirks(image_markers=_MARKER_ATTRS[:1]),

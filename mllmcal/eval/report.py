@@ -23,7 +23,16 @@
         "modalities": {"image" | "text": {
             "test": <metrics>, "test_after_temperature": <metrics> | null,
             "temperature": float | null, "temperature_method", "n_calib_rows": int,
-            "temperature_at_bound": bool (T is the end of the search range)}},
+            "temperature_at_bound": bool (T is the end of the search range),
+            "by_category": {"category" | "l2-category": {value: {"n", "accuracy", "ece",
+                            "ece_after_temperature"}}},     # {} when the data has none
+            "conformal": null (no calib split) | {"error"} | {"alpha", "n_calib", "n_test",
+                "n_test_no_probs", "lac" | "aps": {"threshold", "coverage",
+                "mean_set_size", "accuracy", "uacc", "n", "by": {group: {value: ...}}}},
+            "selective": null | {"target_risk", "error"} | {"target_risk", "threshold",
+                "calib": {"coverage", "risk", "n", "n_answered"}, "test": {...}},
+            "risk_coverage_plot": file | null (absent without plots),
+            "skipped_items": [[split, id, reason], ...]}},  # items this model cannot take
         "idk": {"<variant>": {"idk_rate", "false_idk_rate", "answered_accuracy",
                               "answered_ece", "by_mode": {...}, ...}},
         "prompt_optimization": null | {"best_prompt", "seed_prompt", "dev", "trajectory",
@@ -145,6 +154,7 @@ def render_markdown(report: dict) -> str:
         for variant, r in (m.get("idk") or {}).items():
             lines.append(f"| {m['name']} | {variant} | {_fmt(r['idk_rate'])} | {_fmt(r['false_idk_rate'])} | "
                          f"{_fmt(r['answered_accuracy'])} | {_fmt(r.get('answered_ece'))} |")
+    lines += _category_lines(report) + _conformal_lines(report)
     for m in report["models"]:
         po = m.get("prompt_optimization")
         if not po:
@@ -163,13 +173,75 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Models that failed", ""]
         lines += [f"- `{f['name']}` ({f['path']}): {f['error']}" for f in failed]
     skipped = [(split, d) for split, d in report.get("data", {}).items() if d.get("n_skipped")]
-    if skipped:
+    by_model = [(m["name"], mod, s) for m in report["models"]
+                for mod, r in m["modalities"].items() for s in (r.get("skipped_items") or [])]
+    if skipped or by_model:
         lines += ["", "## Skipped items", ""]
         for split, d in skipped:
             for item_id, reason in d["skipped"]:
                 lines.append(f"- {split}: `{item_id}`: {reason}")
+        for name, mod, (split, item_id, reason) in by_model:
+            lines.append(f"- {name} / {mod}, {split}: `{item_id}`: {reason}")
     lines += _plot_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _category_lines(report: dict) -> list[str]:
+    """``## Per category``: accuracy, ECE and n per category, per model and modality."""
+    rows = []
+    for m in report["models"]:
+        for mod, r in m["modalities"].items():
+            for group, values in (r.get("by_category") or {}).items():
+                for value, c in values.items():
+                    rows.append(f"| {m['name']} | {mod} | {group} | {value} | {c['n']} | "
+                                f"{_fmt(c['accuracy'])} | {_fmt(c['ece'])} | "
+                                f"{_fmt(c.get('ece_after_temperature'))} |")
+    if not rows:
+        return []
+    return ["", "## Per category (test split)", "",
+            "| model | modality | group | category | n | accuracy | ECE | ECE after T |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
+
+
+def _conformal_lines(report: dict) -> list[str]:
+    """``## Conformal prediction sets`` (one row per score, then per category) and
+    ``## Selective answering`` (one line per model and modality)."""
+    sets, sel = [], []
+    for m in report["models"]:
+        for mod, r in m["modalities"].items():
+            cp = r.get("conformal")
+            if cp and cp.get("error"):
+                sets.append(f"| {m['name']} | {mod} | – | all | {_fmt(cp.get('alpha'))} | "
+                            f"{cp['error']} | | | |")
+            elif cp:
+                for score in ("lac", "aps"):
+                    s = cp.get(score)
+                    if not s:
+                        continue
+                    parts = [("all", s)] + [(f"{g}: {v}", c) for g, per in (s.get("by") or {}).items()
+                                            for v, c in per.items()]
+                    for label, c in parts:
+                        sets.append(f"| {m['name']} | {mod} | {score.upper()} | {label} | "
+                                    f"{_fmt(cp['alpha'])} | {_fmt(c['coverage'])} | "
+                                    f"{_fmt(c['mean_set_size'])} | {_fmt(c['uacc'])} | {c['n']} |")
+            s = r.get("selective")
+            if s and s.get("error"):
+                sel.append(f"- {m['name']} / {mod}: {s['error']}")
+            elif s:
+                t, c = s["test"], s["calib"]
+                thr = "none (answers nothing)" if s["threshold"] is None else _fmt(s["threshold"])
+                sel.append(f"- {m['name']} / {mod}: threshold {thr}; test coverage "
+                           f"{_fmt(t['coverage'])}, risk {_fmt(t['risk'])} (target "
+                           f"{_fmt(s['target_risk'])}); calib coverage {_fmt(c['coverage'])}, "
+                           f"risk {_fmt(c['risk'])}")
+    lines = []
+    if sets:
+        lines += ["", "## Conformal prediction sets (fitted on the calib split, test split)", "",
+                  "| model | modality | score | items | α | coverage | mean set size | UAcc | n |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *sets]
+    if sel:
+        lines += ["", "## Selective answering (threshold fitted on the calib split)", "", *sel]
+    return lines
 
 
 def _plot_lines(report: dict) -> list[str]:
@@ -236,6 +308,10 @@ def plot_report(report: dict, out_dir: str | Path) -> list[str]:
                                             temperature=r["temperature"],
                                             title=f"temperature scaling: {m['name']} / {mod}")
                 own.append(name)
+            # drawn by the runner, which had the per-item confidences
+            rc = r.get("risk_coverage_plot")
+            if isinstance(rc, str) and (out_dir / rc).is_file():
+                own.append(rc)
         po = m.get("prompt_optimization")
         if po and po["trajectory"]:
             own.append(_plot_trajectory(po, m["name"], model_tag, out_dir))
@@ -355,6 +431,14 @@ def report_problem(report: Any) -> str | None:
                 problem = r.get(key) is not None and _metrics_problem(r[key], f"{where}.{key}")
                 if problem:
                     return problem
+            for key in ("by_category", "conformal", "selective"):
+                v = r.get(key)
+                if v is not None and not isinstance(v, dict):
+                    return f"{where}.{key}: must be an object or null, got {type(v).__name__}"
+            v = r.get("skipped_items")
+            if v is not None and not (isinstance(v, list) and all(
+                    isinstance(s, list) and len(s) == 3 for s in v)):
+                return f"{where}.skipped_items: must be a list of [split, id, reason]"
         for key in ("idk", "prompt_optimization"):
             v = m.get(key)
             if v is not None and not isinstance(v, dict):

@@ -3,7 +3,11 @@
 For each model and modality (image+text, text only): score the calib split while fitting T
 on it (answer letter's full-vocabulary NLL), score the test split with confidences at T = 1
 and at the fitted T, report metrics at both; then the IDK set under the abstention prompt
-variants, and optionally APE prompt optimisation on the dev split.
+variants, and optionally APE prompt optimisation on the dev split. From the records of
+both splits (at T = 1): per-category rows, conformal prediction sets and selective
+answering (:mod:`mllmcal.eval.answer_sets`), and the risk-coverage plot. Items with more
+images than a model takes are left out of its image modality and listed there
+(``skipped_items``), never cut to fewer images.
 
 No logits rows are stored. The one ``[V]`` row per item at its answer position
 lives only while its batch is scored: on the calib split it goes into a
@@ -43,8 +47,9 @@ import mllmcal
 
 from ..calibration import CalibrationState, TemperatureFitAccumulator
 from ..prompting import DEFAULT_ANSWER_PREFIX
+from .answer_sets import category_rows, conformal_sets, risk_coverage_file, selective
 from .cache import Batch, BatchCache, reusable_fit_batches
-from .confidence import ScoredBatch, score_items
+from .confidence import ScoredBatch, score_items, split_supported
 from .config import (
     PROTOCOLS,
     TEMPERATURE_METHODS,
@@ -58,7 +63,7 @@ from .data import Columns, Item, LoadResult, load_items
 from .distributed import Dist
 from .idk import ABSTENTION_HINTS, build_idk_set, idk_metrics
 from .models import EvalModel, load_model
-from .report import calibration_metrics, write_report
+from .report import calibration_metrics, plot_tags, write_report
 
 # EvalConfig and its parts live in .config; they are re-exported here, where callers
 # always found them.
@@ -90,7 +95,8 @@ class _Evaluator:
         return self.cache.key(em.path, split, modality, [
             str(em.dtype), self.cfg.method, prefix, hint, modality, self.cfg.max_new_tokens,
             em.use_chat_template, fit, None if temperature is None else repr(float(temperature)),
-            3, *([self.cfg.engine] if self.cfg.engine != "hf" else [])])
+            # 4: records carry option_probs and the categories
+            4, *([self.cfg.engine] if self.cfg.engine != "hf" else [])])
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], split: str, modality: str,
                  prefix: str = DEFAULT_ANSWER_PREFIX, hint: str | None = None,
@@ -210,10 +216,11 @@ def _answered_ece(records: Sequence[dict], n_bins: int) -> float | None:
 
 
 def _load(path: str | None, images: str | None, name: str, limit: int | None,
-          data_info: dict, columns: dict[str, str] | None = None) -> list[Item]:
+          data_info: dict, columns: dict[str, str] | None = None,
+          format: str | None = None) -> list[Item]:
     if path is None:
         return []
-    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})))
+    res: LoadResult = load_items(path, images, columns=Columns(**(columns or {})), format=format)
     if limit is not None:
         res.items = res.items[:limit]
     data_info[name] = {"path": str(path), "n_items": len(res.items),
@@ -264,10 +271,9 @@ def _open_model(cfg: EvalConfig, spec: ModelSpec) -> EvalModel:
 def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
     lim = {s: cfg.split_limits.get(s, cfg.limit) for s in ("test", "calib", "dev", "idk")}
-    test = _load(cfg.test, cfg.images, "test", lim["test"], data_info, cfg.columns)
-    calib = _load(cfg.calib, cfg.images, "calib", lim["calib"], data_info, cfg.columns)
-    dev = _load(cfg.dev, cfg.images, "dev", lim["dev"], data_info, cfg.columns)
-    idk_items = _load(cfg.idk, cfg.images, "idk", lim["idk"], data_info, cfg.columns)
+    test, calib, dev, idk_items = (
+        _load(getattr(cfg, s), cfg.images, s, lim[s], data_info, cfg.columns, cfg.format)
+        for s in ("test", "calib", "dev", "idk"))
     if not test:
         raise ValueError(f"{cfg.test}: no usable test items (see the skipped-item messages above)")
     if cfg.optimize_prompts and not dev:
@@ -281,9 +287,10 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
     specs = cfg.model_specs()
     models_out, failed = [], []
     first_error: BaseException | None = None
-    for spec in specs:
+    for spec, tag in zip(specs, plot_tags([s.name or s.path for s in specs]), strict=True):
         try:
-            models_out.append(_eval_model(ev, cfg, spec, test, calib, dev, idk_items, dist))
+            models_out.append(_eval_model(ev, cfg, spec, test, calib, dev, idk_items, dist,
+                                          tag))
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             if len(specs) == 1:
                 raise
@@ -304,14 +311,27 @@ def _run(cfg: EvalConfig, dist: Dist) -> dict[str, Any]:
 
 def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Item],
                 calib: list[Item], dev: list[Item], idk_items: list[Item],
-                dist: Dist) -> dict[str, Any]:
+                dist: Dist, tag: str = "") -> dict[str, Any]:
     em = _open_model(cfg, spec)
     modalities = [m for m in cfg.modalities if m == "text" or em.multimodal]
     entry: dict[str, Any] = {"name": em.name, "path": em.path, "multimodal": em.multimodal,
                              "modalities": {}, "idk": {}, "prompt_optimization": None}
-    for mod in modalities:
-        entry["modalities"][mod] = _eval_modality(ev, em, mod, test, calib, dist)
     main_mod = modalities[0]
+    skipped: dict[str, list[list[str]]] = {}
+
+    def takes(items: list[Item], split: str, mod: str) -> list[Item]:
+        # items with more images than this model takes: skipped (and said), never cut
+        kept, out = split_supported(em, items, with_image=mod == "image")
+        skipped.setdefault(mod, []).extend([split, it.id, why] for it, why in out)
+        return kept
+
+    for mod in modalities:
+        res = _eval_modality(ev, em, mod, takes(test, "test", mod), takes(calib, "calib", mod),
+                             dist, f"{tag or em.name}_{mod}")
+        res["skipped_items"] = skipped.get(mod, [])
+        entry["modalities"][mod] = res
+    idk_items, dev = takes(idk_items, "idk", main_mod), takes(dev, "dev", main_mod)
+    entry["modalities"][main_mod]["skipped_items"] = skipped.get(main_mod, [])
     for variant in (cfg.idk_variants if idk_items else ()):
         recs, _ = ev.evaluate(em, idk_items, "idk", main_mod, hint=ABSTENTION_HINTS[variant])
         res = idk_metrics(recs)
@@ -324,19 +344,21 @@ def _eval_model(ev: _Evaluator, cfg: EvalConfig, spec: ModelSpec, test: list[Ite
 
 
 def _fit_on_calib(ev: _Evaluator, em: EvalModel, mod: str, calib: Sequence[Item]
-                  ) -> tuple[float | None, int, bool]:
-    """T fitted on the calib split while it is scored, how many answer rows it used, and
-    whether T sits at the end of the search range (the optimum may lie beyond it).
+                  ) -> tuple[float | None, int, bool, list[dict]]:
+    """T fitted on the calib split while it is scored, how many answer rows it used,
+    whether T sits at the end of the search range (the optimum may lie beyond it), and the
+    calib split's records (at T = 1; conformal sets and selective answering are fitted on
+    them).
 
     One read of each item: each batch's answer rows go into the fit's accumulator and are
     dropped (see the module docstring); the states of all batches and ranks are summed."""
-    _, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
+    records, acc = ev.evaluate(em, calib, "calib", mod, fit=ev.cfg.temperature_method)
     assert acc is not None
     n = acc.n_rows + acc.n_masked  # rows whose label had probability 0 are skipped by the fit
     if not acc.n_rows:
-        return None, n, False
+        return None, n, False, records
     t, info = acc.fit(return_info=True)
-    return float(t), n, bool(info.get("at_bound", False))
+    return float(t), n, bool(info.get("at_bound", False)), records
 
 
 def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
@@ -344,14 +366,18 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
                           method: str = "letter", temperature_method: str = "grid",
                           device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
                           limit: int | None = None,
-                          columns: dict[str, str] | None = None) -> dict[str, Any]:
+                          columns: dict[str, str] | None = None,
+                          format: str | None = None) -> dict[str, Any]:
     """Fit the temperature of one model on a calib split (what ``mllmcal fit`` prints).
 
     Scores are cached under ``out/cache`` like :func:`run_eval`'s, so the two share work.
+    ``format`` names the file's layout (:data:`~mllmcal.eval.data.FORMAT_NAMES`; None:
+    recognised from its columns).
 
     Returns:
         ``{"temperature": float | None, "temperature_at_bound": bool, "n_rows": int,
-        "n_items": int, "method": str, "modality": str}``; ``temperature`` is None when no
+        "n_items": int, "n_skipped_items": int (more images than the model takes),
+        "method": str, "modality": str}``; ``temperature`` is None when no
         item produced a letter; ``temperature_at_bound``: T is the end of the search range,
         where the optimum may lie beyond it.
     """
@@ -359,30 +385,36 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
         raise ValueError(f"--limit must be >= 1, got {limit}")
     cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
                      dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
-                     progress=False)
+                     progress=False, format=format)
     cfg.validate()
-    items = load_items(calib, images, columns=Columns(**(columns or {}))).items[:limit]
+    items = load_items(calib, images, columns=Columns(**(columns or {})),
+                       format=format).items[:limit]
     spec = cfg.model_specs()[0]
     em = _open_model(cfg, spec)
     mod = modality if em.multimodal else "text"
+    n_loaded = len(items)
+    items, _ = split_supported(em, items, with_image=mod == "image")  # said in a warning
     dist = Dist()
     try:
-        t, n, at_bound = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
+        t, n, at_bound, _ = _fit_on_calib(_Evaluator(cfg, dist), em, mod, items)
     finally:
         dist.close()
     return {"temperature": t, "temperature_at_bound": at_bound, "n_rows": n,
-            "n_items": len(items),
+            "n_items": len(items), "n_skipped_items": n_loaded - len(items),
             "method": cfg.temperature_method, "modality": mod}
 
 
 def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
-                   calib: list[Item], dist: Dist) -> dict[str, Any]:
+                   calib: list[Item], dist: Dist, tag: str = "") -> dict[str, Any]:
     cfg = ev.cfg
     temperature = None
     n_calib = 0
     at_bound = False
+    calib_records: list[dict] = []
     if calib and cfg.method != "verbalized":
-        temperature, n_calib, at_bound = _fit_on_calib(ev, em, mod, calib)
+        temperature, n_calib, at_bound, calib_records = _fit_on_calib(ev, em, mod, calib)
+    elif calib:  # verbalized: no T, but the selective threshold is still chosen on calib
+        calib_records, _ = ev.evaluate(em, calib, "calib", mod)
     records, _ = ev.evaluate(em, test, "test", mod, temperature=temperature)
     out: dict[str, Any] = {"test": calibration_metrics(records, cfg.n_bins),
                            "test_after_temperature": None, "temperature": temperature,
@@ -391,10 +423,23 @@ def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
     hist = _histogram_ece(records[dist.rank::dist.world], dist, cfg.n_bins)
     if hist is not None:
         out["test"]["ece_histogram_all_reduce"] = hist["ece"]
+    scaled = None
     if temperature is not None:
         scaled = [{**r, "confidence": r["confidence_t"] if r["pred"] is not None else None}
                   for r in records]
         out["test_after_temperature"] = calibration_metrics(scaled, cfg.n_bins)
+    out["by_category"] = category_rows(records, cfg.n_bins, scaled)
+    # conformal sets and the selective threshold: fitted on calib, measured on test, T = 1
+    out["conformal"] = (conformal_sets(calib_records, records, cfg.alpha)
+                        if calib_records else None)
+    out["selective"] = selective(calib_records, records, cfg.target_risk) if calib_records \
+        else None
+    if cfg.plots and dist.rank == 0:
+        # drawn here, where the per-item confidences are (report.json keeps none)
+        name = risk_coverage_file(records, out["selective"],
+                                  Path(cfg.out) / f"risk_coverage_{tag or em.name}.png",
+                                  f"risk-coverage: {em.name} / {mod}")
+        out["risk_coverage_plot"] = name
     return out
 
 

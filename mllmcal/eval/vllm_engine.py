@@ -58,6 +58,7 @@ from .confidence import (
     METHODS,
     VERBALIZED_INSTRUCTION,
     ScoredBatch,
+    _letter_option_probs,
     _load_image,
     _record,
     _shows_image,
@@ -101,6 +102,13 @@ class VllmEvalModel(EvalModel):
 
     engine: Any = None
     reader: Any = None
+
+    def image_limit_reason(self, n: int) -> str | None:
+        # The engine is started with limit_mm_per_prompt={"image": 1}: a several-image item
+        # is skipped with this reason, never shown with its first image only.
+        if n <= 1:
+            return None
+        return "the eval's vLLM engine shows one image per prompt (use --engine hf)"
 
 
 def _cpu_platform() -> bool:
@@ -360,7 +368,9 @@ def _letter_batch(em: VllmEvalModel, items: list[Item], outputs: list[Any], recs
         rows.append(row)
         labels.append(label)
         row_ids.append(it.id)
-        records.append(_record(it, OPTION_LETTERS[int(lo[toks[k]])], float(conf), text, step=k))
+        probs = _letter_option_probs(row[None], lo, [0], [it])[0]
+        records.append(_record(it, OPTION_LETTERS[int(lo[toks[k]])], float(conf), text, step=k,
+                               option_probs=probs))
     if not rows:
         return ScoredBatch(records, [], None, None)
     return ScoredBatch(records, row_ids, torch.stack(rows).float(), torch.tensor(labels))
@@ -376,11 +386,13 @@ def _option_batch(em: VllmEvalModel, items: list[Item], recs: list[dict], texts:
     logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
     logits[:, torch.tensor([c < 0 for c in answer_ids])] = float("-inf")
     s = mllmcal.token_stats(logits)
+    soft = torch.softmax(logits.double(), dim=1)  # over the item's letters, as the HF path
     records = []
     for i, it in enumerate(items):
         ok = bool(s.valid[i])
         pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-        records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i]))
+        records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
+                               option_probs=soft[i, :len(it.options)].tolist() if ok else None))
     return ScoredBatch(records, [it.id for it in items], logits,
                        torch.tensor([it.answer_index for it in items]))
 

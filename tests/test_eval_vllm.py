@@ -146,6 +146,12 @@ def test_vllm_confidences_equal_hf(name, method, vllm_runs, data_dir, models, tm
             assert (a is None) == (b is None), (key, field)
             if a is not None:
                 worst = max(worst, abs(a - b))
+        # the option probabilities that conformal sets and selective answering read
+        a, b = vr.get("option_probs"), hr.get("option_probs")
+        assert (a is None) == (b is None), (key, "option_probs")
+        if a is not None:
+            assert len(a) == len(b), key
+            worst = max(worst, *(abs(x - y) for x, y in zip(a, b, strict=True)))
     assert worst <= TOL
     AGREEMENT[(name, method)] = worst
     print(f"\nagreement {name} {method}: max |conf_vllm - conf_hf| = {worst:.2e}")
@@ -154,6 +160,7 @@ def test_vllm_confidences_equal_hf(name, method, vllm_runs, data_dir, models, tm
     for mod in vm:
         assert vm[mod]["temperature"] == pytest.approx(hm[mod]["temperature"], rel=1e-3)
         assert vm[mod]["test"]["ece"] == pytest.approx(hm[mod]["test"]["ece"], abs=TOL)
+        assert (vm[mod].get("conformal") is None) == (hm[mod].get("conformal") is None), mod
     if name != "llama" and method == "letter":
         # the image reaches the logits: image and text confidences differ (on option-softmax
         # the tiny Qwen2-VL's letters move by ~6e-4 only)

@@ -32,17 +32,37 @@ def _need_venv() -> None:
     pytest.skip(msg)
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float, *, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     _need_venv()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLLMCAL_", "PROMETHEUS_", "VLLM_", "TRITON_"))}
-    env["PYTHONPATH"] = str(ROOT)  # this checkout's mllmcal, whatever the .pth says
+    # this checkout's mllmcal, whatever the .pth says; then ``path`` (e.g. entry points)
+    env["PYTHONPATH"] = os.pathsep.join(map(str, (ROOT, *path)))
     proc = subprocess.run([str(VPY), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{args[0]} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                     f"\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def entry_point_site(tmp_path_factory) -> Path:
+    """A site folder that registers mllmcal's ``vllm.logits_processors`` entry point the way
+    ``pip install`` of the package does: a dist-info folder whose entry_points.txt is what
+    pyproject.toml declares (importlib.metadata scans every folder on sys.path). The venv
+    reaches the checkout through a .pth file, which registers no entry point."""
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    site = tmp_path_factory.mktemp("site")
+    dist = site / "mllmcal-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mllmcal\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in items.items())
+        for group, items in eps.items()))
+    return site
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +219,60 @@ def test_openai_server_metrics_and_records(tiny_model, tmp_path):
     assert m["mllmcal_feedback_total"] == res["n_feedback"] > 0
     assert 0.0 <= m["mllmcal_ece"] <= 1.0
     assert m["mllmcal_accuracy"] == pytest.approx(res["expected_accuracy"])
+
+
+def test_loading_routes_records_and_feedback_files(tiny_model, entry_point_site, tmp_path):
+    """One in-process vLLM engine per loading route, with the entry point installed:
+    exactly one active instance, inert unless asked; records written once each even when
+    their folder appears late; feedback read across truncation and rotation."""
+    out = tmp_path / "loading.json"
+    _run([str(SCRIPTS / "loading_checks.py"), "--model", str(tiny_model), "--out", str(out)],
+         timeout=600, path=(entry_point_site,))
+    res = json.loads(out.read_text())
+    assert "mllmcal.integrations.vllm:CalibratedLogitsProcessor" in res["entry_points"]
+    # Entry point + logits_processors: one active instance, every token and record once.
+    e1 = res["e1"]
+    assert e1["active_trackers"] == 1
+    assert e1["confidence_count"] == e1["n_tokens"] > 0
+    assert e1["requests_total"] == len(e1["requests"])
+    # Records: not written while their folder is missing (the failures are counted), then
+    # written once each when it appears.
+    assert not e1["written_before_mkdir"] and e1["write_errors_before_mkdir"] >= 1
+    by_id = _by_id({"records": e1["records"]})
+    assert set(by_id) == {r["id"] for r in e1["requests"]}
+    for r in e1["requests"]:
+        assert by_id[r["id"]]["token_ids"] == r["token_ids"]
+    # Feedback: applied after the file was truncated, and after it was rotated; a last
+    # line without its newline is not applied.
+    assert res["feedback_applied"] == [1, 2, 3, 3]
+    # The entry point alone: inert (no tracker, no metrics, no records).
+    assert res["e2"] == {"active_trackers": 0, "records_added": 0,
+                         "metrics_moved": {"mllmcal_token_confidence_count": 0.0,
+                                           "mllmcal_requests_total": 0.0}}
+    # The entry point enabled by additional_config.
+    e3 = res["e3"]
+    assert e3["active_trackers"] == 1 and e3["confidence_count"] == e3["n_tokens"] > 0
+    assert len(e3["records"]) == 3
+    _check_low_confidence_stop(res["stop"])
+
+
+def _check_low_confidence_stop(res: dict) -> None:
+    """A threshold above any confidence: every request stops right after its first window
+    (the CPU engine has no copy lag), with the stop token forced; finish says so."""
+    w, recs = res["window"], _by_id({"records": res["records"]})
+    for req in res["requests"]:
+        rec, toks = recs[req["id"]], req["token_ids"]
+        assert rec["token_ids"] == toks, req
+        if req["id"] == "stop-never":
+            assert rec["finish"] in ("length", "stop") and len(toks) <= 6
+            continue
+        stop_tok = 7 if req["id"] == "stop-ignore-eos" else res["eos"]
+        assert req["finish_reason"] == "stop" and len(toks) == w + 1, req
+        assert toks[-1] == stop_tok and stop_tok not in toks[:-1], req
+        assert rec["finish"] == "low_confidence", rec
+        # The forced token's log-prob is the model's (unforced) one, as vLLM reports it.
+        for lp, lp_vllm in zip(rec["logprob"], req["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= TOL, (req["id"], rec["logprob"], req["logprobs"])
 
 
 def test_v2_processor_against_installed_interface():

@@ -206,3 +206,47 @@ def test_feedback_book_keeps_the_newest_and_is_the_one_both_integrations_use(tmp
     book.score(torch.tensor([0.8, 0.3]), torch.tensor([True, False]))
     assert book.n_feedback == 2 and book.calibration()["count"] == 2
     assert isinstance(_tracker(tmp_path).scorer.book, FeedbackBook)
+
+
+def test_feedback_file_truncated_rotated_or_refilled_is_read_from_its_start(tmp_path, caplog):
+    from mllmcal.integrations.vllm.feedback_scorer import FeedbackFile
+
+    path = tmp_path / "fb.jsonl"
+    path.write_text(json.dumps({"id": "a", "correct": True, "pad": "x" * 50}) + "\n")
+    f = FeedbackFile(str(path))
+    assert [i.id for i in f.read_new()] == ["a"]
+    path.write_text(json.dumps({"id": "b", "correct": True}) + "\n")  # truncated, shorter
+    with caplog.at_level("WARNING", logger="mllmcal"):
+        assert [i.id for i in f.read_new()] == ["b"]
+    # Truncated and refilled past the old offset before the next read.
+    path.write_text("".join(json.dumps({"id": f"c{k}", "correct": False}) + "\n" for k in range(4)))
+    assert [i.id for i in f.read_new()] == ["c0", "c1", "c2", "c3"]
+    path.rename(tmp_path / "fb.jsonl.1")  # rotated
+    path.write_text(json.dumps({"id": "d", "label": 3}) + "\n")
+    assert [i.id for i in f.read_new()] == ["d"]
+    with open(path, "a") as fh:  # a last line without its newline waits for it
+        fh.write(json.dumps({"id": "e", "correct": True}))
+    assert f.read_new() == []
+    with open(path, "a") as fh:
+        fh.write("\n")
+    assert [i.id for i in f.read_new()] == ["e"]
+    assert sum("truncated or replaced" in r.message for r in caplog.records) == 1
+
+
+def test_records_wait_for_their_folder_and_are_written_once(tmp_path, caplog):
+    from mllmcal.integrations.vllm.records import RecordWriter
+
+    errors = []
+    path = tmp_path / "later" / "r.jsonl"
+    w = RecordWriter(str(path), on_error=lambda: errors.append(1))
+    with caplog.at_level("ERROR", logger="mllmcal"):
+        assert not w.write({"id": "a"})
+        assert not w.write({"id": "b"})
+        assert not w.retry()
+    assert len(errors) == 3 and w.n_queued == 2
+    assert sum("cannot write records" in r.message for r in caplog.records) == 1
+    path.parent.mkdir()
+    assert w.retry() and w.n_queued == 0
+    assert w.write({"id": "c"}) and w.retry()
+    w.close()
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]

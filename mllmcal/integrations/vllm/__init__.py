@@ -20,8 +20,10 @@ runner's interface) or :class:`V2CalibratedLogitsProcessor` (Model Runner V2's);
 can also be named directly.
 
 Installing mllmcal as a package also registers it under vLLM's ``vllm.logits_processors``
-entry point: every engine in that environment then loads it (``MLLMCAL_VLLM_DISABLE=1``
-turns it into a no-op).
+entry point: every engine in that environment then loads it, and it stays inert unless the
+engine's operator asked for it (``MLLMCAL_VLLM=1``, an ``"mllmcal"`` key in
+``additional_config``, or the processor named in ``logits_processors``; see
+:func:`~.common.requested`). Loaded twice in one engine, only the first instance records.
 
 Which logits it sees
 --------------------
@@ -106,6 +108,13 @@ lower-case names): ``MLLMCAL_VLLM_TEMPERATURE`` (``temperature``, default 1),
 (``metrics``), ``MLLMCAL_VLLM_FLUSH_INTERVAL`` (``flush_interval``, seconds, default 0.5),
 ``MLLMCAL_VLLM_DETACH_TIMEOUT`` (``detach_timeout``, default 60),
 ``MLLMCAL_VLLM_APPLY_TEMPERATURE=1`` (``apply_temperature``), ``MLLMCAL_VLLM_DISABLE=1``.
+Records that cannot be written wait and are retried at every drain (failed attempts:
+``mllmcal_records_write_errors_total``).
+
+Stopping early: ``extra_args={"mllmcal_stop_below": x, "mllmcal_stop_window": w}`` forces
+the stop token once the mean confidence of the last ``w`` tokens is below ``x`` (V1 runner;
+see :meth:`.v1.V1Tracker._stop_low_confidence`); the record's ``finish`` is
+``"low_confidence"``.
 
 Calibration feedback
 --------------------

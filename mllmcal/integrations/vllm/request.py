@@ -61,7 +61,8 @@ class Request:
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
-                 "temperature", "key", "greedy_plain", "scale", "__weakref__")
+                 "temperature", "key", "greedy_plain", "scale", "stop_below", "stop_window",
+                 "stop_eos", "conf_window", "stop_probes", "forced_at", "__weakref__")
 
     def __init__(self, params: Any, tokens: list[int] | None = None,
                  apply_temperature: bool = False) -> None:
@@ -93,6 +94,20 @@ class Request:
         # by the calibration temperature in place. Greedy choices do not change.
         self.scale = bool(extra.get("mllmcal_apply_temperature", apply_temperature))
         self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
+        # Stop when the mean confidence of the last ``stop_window`` tokens is below
+        # ``stop_below``: the runner forces ``stop_eos`` (EOS, or with ignore_eos the first
+        # stop token id) at the next step it sees the window's values (see .v1).
+        below = extra.get("mllmcal_stop_below")
+        self.stop_below = float(below) if below is not None else None
+        self.stop_window = int(extra.get("mllmcal_stop_window", 16))
+        eos = None if getattr(params, "ignore_eos", False) else getattr(params, "eos_token_id", None)
+        if eos is None:
+            eos = next(iter(sorted(getattr(params, "stop_token_ids", None) or ())), None)
+        self.stop_eos: int | None = eos
+        self.conf_window: collections.deque[float] = collections.deque(maxlen=self.stop_window)
+        # (step, row, token index) of rows seen by the engine thread, not in the window yet
+        self.stop_probes: collections.deque[tuple[StepStats, int, int]] = collections.deque()
+        self.forced_at: int | None = None  # index of the token forced to stop_eos
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
         self.tokens: list[int] = tokens if tokens is not None else []
         self.entries: collections.deque[TokenRow | CommittedToken] = collections.deque()
@@ -111,8 +126,11 @@ class Request:
         self.key: Any = None  # what the runner recognises the request by when it returns
 
     def finished_by_tokens(self) -> str:
-        """'length' or 'stop' when the committed tokens alone show the request is over."""
+        """'length', 'stop' or 'low_confidence' (a stop token was forced) when the committed
+        tokens alone show the request is over."""
         n = len(self.confidence)
+        if self.forced_at is not None and n > self.forced_at:
+            return "low_confidence"
         if self.max_tokens is not None and n >= self.max_tokens:
             return "length"
         if n and n >= self.min_tokens and self.tokens[n - 1] in self.stop_ids:

@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import Config
 from .feedback_scorer import AwaitingAnswer, FeedbackScorer
-from .metrics import count_record, metrics, observe_token, set_temperature
+from .metrics import count_record, count_write_error, metrics, observe_token, set_temperature
 from .records import RecordWriter, request_record
 from .request import Request
 from .steps import StepStats
@@ -42,8 +42,8 @@ _trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
 
 
 def live_trackers() -> list[Tracker]:
-    """The live trackers of this process (one per processor instance)."""
-    return list(_trackers)
+    """The live trackers of this process (one per active processor), closed ones left out."""
+    return [t for t in _trackers if not t._closed]
 
 
 def _flush_all_at_exit() -> None:
@@ -78,7 +78,9 @@ class Tracker:
         self._ended: collections.deque[Request] = collections.deque()
         self._writer = writer_rank
         self._metrics = metrics() if (config.metrics and writer_rank) else None
-        self.records = RecordWriter(config.records if writer_rank else None)
+        m = self._metrics
+        self.records = RecordWriter(config.records if writer_rank else None,
+                                    on_error=lambda: count_write_error(m))
         self.scorer = FeedbackScorer(
             config.n_bins, config.max_awaiting_feedback, config.temperature,
             online=config.online_temperature, path=config.feedback, metrics=self._metrics)
@@ -180,6 +182,7 @@ class Tracker:
     def drain(self, final: bool = False) -> None:
         with self._lock:
             self._drain_requests(final)
+            self.records.retry()
         # Feedback outside the engine's lock: scoring a kept row reads results back to the
         # host (a device sync), which must not hold up the engine thread.
         self.scorer.drain()

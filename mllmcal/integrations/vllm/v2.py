@@ -13,7 +13,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from ...ops import token_stats
-from .common import ProcessorCore, config_of, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, log_conf, scale_rows, writer_rank
 from .config import Config
 from .request import CommittedToken, Request
 from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats
@@ -215,16 +215,16 @@ class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
     runner = "v2"
 
     def __init__(self, vllm_config: Any, req_states: Any) -> None:
-        cfg = config_of(vllm_config)
-        self._start(cfg, V2Tracker(cfg, req_states, writer_rank()))
+        self._start(vllm_config, lambda cfg: V2Tracker(cfg, req_states, writer_rank()))
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        if not self.config.enabled:
+        # Inactive: False, so that V2 never calls apply() on this instance's account.
+        if not self.active:
             return False
         return self.tracker.add_request(req_idx, sampling_params)
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        if not self.config.enabled:
+        if not self.active:
             return logits
         return self.tracker.apply(logits, ctx)
 

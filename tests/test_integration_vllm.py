@@ -254,6 +254,12 @@ def test_loading_routes_records_and_feedback_files(tiny_model, entry_point_site,
     assert e3["active_trackers"] == 1 and e3["confidence_count"] == e3["n_tokens"] > 0
     assert len(e3["records"]) == 3
     _check_low_confidence_stop(res["stop"])
+    # Offline: response_stats() gives each output its own statistics (one client id for all).
+    for o in res["offline"]:
+        st = o["stats"]
+        assert st["id"] == "same" and st["token_ids"] == o["token_ids"], o
+        for lp, lp_vllm in zip(st["logprob"], o["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= TOL, o
 
 
 def _check_low_confidence_stop(res: dict) -> None:
@@ -273,6 +279,70 @@ def _check_low_confidence_stop(res: dict) -> None:
         # The forced token's log-prob is the model's (unforced) one, as vLLM reports it.
         for lp, lp_vllm in zip(rec["logprob"], req["logprobs"], strict=True):
             assert abs(lp - lp_vllm) <= TOL, (req["id"], rec["logprob"], req["logprobs"])
+
+
+def _check_served(r: dict, greedy_tol: float = TOL) -> None:
+    """One response from serve_checks.Client: statistics aligned with its tokens and, for
+    greedy requests, equal to vLLM's own log-probs."""
+    spec, st = r["spec"], r["stats"]
+    if not spec.get("ask"):
+        assert st is None, r
+        return
+    assert st is not None and "error" not in st, r
+    assert len(st["confidence"]) == len(st["entropy"]) == len(st["logprob"]) == r["n_tokens"]
+    assert st["id"] == spec.get("cid") or (spec.get("cid") is None
+                                           and st["id"].startswith("mllmcal-"))
+    if r.get("token_ids") is not None:
+        assert st["token_ids"] == r["token_ids"], r
+    assert len(r["logprobs"]) == r["n_tokens"]
+    if spec["greedy"]:
+        for lp, lp_vllm in zip(st["logprob"], r["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= greedy_tol, (spec, st["logprob"], r["logprobs"])
+        assert abs(st["mean_logprob"] - sum(r["logprobs"]) / r["n_tokens"]) <= greedy_tol
+    else:  # sampled: exact too (the middleware opts the request in to mllmcal_logprobs)
+        for lp, lp_vllm in zip(st["logprob"], r["logprobs"], strict=True):
+            assert lp is not None and abs(lp - lp_vllm) <= 1e-4, (spec, st, r["logprobs"])
+    assert st["temperature"] == 1.0
+
+
+def _check_records_once(records: list[dict], results: list[dict]) -> None:
+    """Exactly one record per request: as many records per client id as requests sent with
+    it, and one generated id per request sent without."""
+    from collections import Counter
+
+    want = Counter(r["spec"].get("cid") for r in results)
+    got = Counter(rec["id"] if not rec["id"].startswith("mllmcal-") else None
+                  for rec in records)
+    assert got == want, (got, want)
+    ids = [rec["id"] for rec in records if rec["id"].startswith("mllmcal-")]
+    assert len(ids) == len(set(ids))
+
+
+def test_mllmcal_serve_returns_statistics_behind_the_api_key(tiny_model, entry_point_site,
+                                                             tmp_path):
+    """`mllmcal serve` (the entry point installed too): concurrent requests with one shared
+    client id each get their own statistics, in completions and chat, streamed or not;
+    requests that did not ask get none; the feedback endpoint needs the API key."""
+    out = tmp_path / "serve.json"
+    _run([str(SCRIPTS / "serve_checks.py"), "--model", str(tiny_model), "--out", str(out)],
+         timeout=600, path=(entry_point_site,))
+    res = json.loads(out.read_text())
+    assert res["no_key_completion"] == 401
+    for r in res["basic"]:
+        _check_served(r)
+        if r["spec"].get("stream"):
+            # the last chunk carries them all, no other chunk does
+            assert r["mllmcal_in_chunks"] == (1 if r["spec"].get("ask") else 0)
+    stopper = next(r for r in res["basic"] if r["spec"]["cid"] == "stopper")
+    assert stopper["stats"]["finish"] == "low_confidence"
+    assert stopper["finish_reason"] == "stop" and stopper["n_tokens"] == 4
+    assert (res["feedback_no_key"], res["feedback_bad_key"], res["feedback_bad_body"],
+            res["feedback_key"]) == (401, 401, 400, 200)
+    m = res["metrics_basic"]
+    assert m["mllmcal_token_confidence_count"] == res["n_tokens_basic"]
+    assert m["mllmcal_requests_total"] == len(res["basic"])
+    assert m["mllmcal_feedback_total"] == 1
+    _check_records_once(res["records"], res["basic"])
 
 
 def test_v2_processor_against_installed_interface():

@@ -250,3 +250,24 @@ def test_records_wait_for_their_folder_and_are_written_once(tmp_path, caplog):
     assert w.write({"id": "c"}) and w.retry()
     w.close()
     assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_channel_store_aligns_values_and_keeps_engine_requests_apart():
+    from mllmcal.integrations.vllm.channel import Store
+
+    s = Store()
+    msg = {"key": "k", "sub": 1, "id": "same", "start": 0, "token_ids": [5, 6],
+           "confidence": [0.5, 0.25], "entropy": [1.0, 2.0], "logprob": [-0.7, -1.4],
+           "temperature": 1.0, "finish": None}
+    s.put(msg)
+    assert s.peek("k", 3) is None
+    s.put({**msg, "start": 1, "token_ids": [6, 7], "confidence": [0.25, 0.5],
+           "entropy": [2.0, 1.0], "logprob": [-1.4, -0.7], "finish": "length"})  # resent
+    got = s.take("k", 3, timeout=1.0)
+    assert got["token_ids"] == [5, 6, 7] and got["finish"] == "length" and got["id"] == "same"
+    assert got["mean_logprob"] == pytest.approx(-2.8 / 3)
+    assert got["min_prob"] == pytest.approx(math.exp(-1.4))
+    assert s.peek("k", 1) is None  # taken
+    s.put(msg)
+    s.put({**msg, "sub": 2})
+    assert "error" in s.peek("k", 2)  # n > 1: two engine requests under one key

@@ -194,6 +194,20 @@ def main() -> None:
             for p, o in zip(stop_params, outs, strict=True)],
         "records": [r for r in _lines(records) if r["id"] in stop_ids],
     }
+
+    # Offline response statistics: with_stats() + response_stats(), aligned with the tokens.
+    base = [SamplingParams(max_tokens=n, temperature=t, seed=9, logprobs=1, ignore_eos=True,
+                           extra_args={"mllmcal_id": "same"}) for n, t in ((5, 0.0), (3, 0.0),
+                                                                           (6, 0.8))]
+    ps = [mv.with_stats(p) for p in base]
+    outs = llm.generate(prompts, ps, use_tqdm=False)
+    stats = mv.response_stats(outs, ps)
+    res["offline"] = [{
+        "token_ids": list(o.outputs[0].token_ids),
+        "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                    o.outputs[0].token_ids, strict=True)],
+        "greedy": p.temperature == 0.0, "stats": st} for o, p, st in zip(outs, ps, stats,
+                                                                         strict=True)]
     out.write_text(json.dumps(res))
 
 

@@ -137,14 +137,49 @@ happens to have it would bias ``T``.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from .channel import LOCAL, listen
 from .config import Config
 from .feedback_scorer import feedback
 from .tracker import Tracker, live_trackers
 
 __all__ = ["CalibratedLogitsProcessor", "Config", "Tracker", "V1CalibratedLogitsProcessor",
-           "V2CalibratedLogitsProcessor", "feedback", "flush", "trackers"]
+           "V2CalibratedLogitsProcessor", "feedback", "flush", "listen", "response_stats",
+           "trackers", "with_stats"]
+
+
+def with_stats(params: Any) -> Any:
+    """A copy of ``params`` (a ``SamplingParams``) whose request's statistics
+    :func:`response_stats` can return: a fresh private key in its ``extra_args`` (and
+    exact log-probs for sampled tokens, ``mllmcal_logprobs``). Use one per prompt."""
+    p = params.clone()
+    p.extra_args = {**(p.extra_args or {}), "mllmcal_key": uuid.uuid4().hex,
+                    "mllmcal_logprobs": True}
+    return p
+
+
+def response_stats(outputs: list[Any], params: list[Any], *,
+                   timeout: float = 10.0) -> list[dict[str, Any] | None]:
+    """The statistics of each of ``LLM.generate``'s ``outputs``, aligned with its tokens.
+
+    ``params`` are the per-prompt ``SamplingParams`` given to ``generate`` (each from
+    :func:`with_stats`). Each item is a dict with ``confidence``, ``entropy`` and ``logprob``
+    per returned token, ``mean_logprob``, ``min_prob``, ``temperature``, ``finish`` and
+    ``id`` (see :func:`.channel.summarize`), or None if they did not arrive within
+    ``timeout`` seconds. With the engine in its own process (the default), call
+    :func:`listen` before creating the ``LLM``; an in-process engine needs nothing. ``n > 1``
+    is not supported (the item is an ``{"error": ...}``).
+    """
+    res = []
+    for out, p in zip(outputs, params, strict=True):
+        key = (p.extra_args or {}).get("mllmcal_key")
+        if key is None:
+            raise ValueError("these SamplingParams carry no mllmcal_key: make them with "
+                             "mllmcal.integrations.vllm.with_stats(params)")
+        res.append(LOCAL.take(key, len(out.outputs[0].token_ids), timeout))
+    return res
 
 
 def flush(*, end_active: bool = True) -> int:

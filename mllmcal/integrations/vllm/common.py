@@ -104,7 +104,10 @@ def check_extra_args(sampling_params: Any) -> None:
     rid = extra.get("mllmcal_id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise ValueError(f"extra_args['mllmcal_id'] must be a string or int, got {rid!r}")
-    for key in ("mllmcal_logprobs", "mllmcal_feedback", "mllmcal_apply_temperature"):
+    key = extra.get("mllmcal_key")
+    if key is not None and not isinstance(key, str):
+        raise ValueError(f"extra_args['mllmcal_key'] must be a string, got {key!r}")
+    for key in ("mllmcal", "mllmcal_logprobs", "mllmcal_feedback", "mllmcal_apply_temperature"):
         # Over HTTP, vllm_xargs turns JSON true/false into 1/0.
         if key in extra and extra[key] not in (True, False, 0, 1):
             raise ValueError(f"extra_args[{key!r}] must be true or false, got {extra[key]!r}")

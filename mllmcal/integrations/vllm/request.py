@@ -62,7 +62,8 @@ class Request:
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
                  "temperature", "key", "greedy_plain", "scale", "stop_below", "stop_window",
-                 "stop_eos", "conf_window", "stop_probes", "forced_at", "__weakref__")
+                 "stop_eos", "conf_window", "stop_probes", "forced_at", "reply_key",
+                 "n_sent", "__weakref__")
 
     def __init__(self, params: Any, tokens: list[int] | None = None,
                  apply_temperature: bool = False) -> None:
@@ -108,6 +109,11 @@ class Request:
         # (step, row, token index) of rows seen by the engine thread, not in the window yet
         self.stop_probes: collections.deque[tuple[StepStats, int, int]] = collections.deque()
         self.forced_at: int | None = None  # index of the token forced to stop_eos
+        # Response statistics: the private key the values are published under (set by the
+        # API server's middleware or with_stats, never by a client), and how many were.
+        key = extra.get("mllmcal_key")
+        self.reply_key: str | None = str(key) if key else None
+        self.n_sent = 0
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
         self.tokens: list[int] = tokens if tokens is not None else []
         self.entries: collections.deque[TokenRow | CommittedToken] = collections.deque()

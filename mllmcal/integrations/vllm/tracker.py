@@ -27,6 +27,7 @@ import time
 import weakref
 from typing import Any
 
+from .channel import Publisher
 from .config import Config
 from .feedback_scorer import AwaitingAnswer, FeedbackScorer
 from .metrics import count_record, count_write_error, metrics, observe_token, set_temperature
@@ -74,6 +75,8 @@ class Tracker:
         self.temperature = config.temperature  # read by the runners at every step
         self._lock = threading.RLock()  # request bookkeeping, shared with the engine thread
         self._active: set[Request] = set()
+        self._keyed: set[Request] = set()  # active requests that publish their values
+        self._publisher: Publisher | None = None
         self._detached: dict[Any, tuple[Request, float]] = {}
         self._ended: collections.deque[Request] = collections.deque()
         self._writer = writer_rank
@@ -136,6 +139,8 @@ class Tracker:
 
     def open_request(self, req: Request) -> None:
         self._active.add(req)
+        if req.reply_key is not None and self._writer:
+            self._keyed.add(req)
 
     def detach(self, key: Any, req: Request) -> None:
         """``req`` left the batch without being known to be finished: vLLM also takes out
@@ -210,6 +215,25 @@ class Tracker:
                 self._ended.append(req)  # its last step is not readable yet
                 continue
             self._finish(req)
+        if self._keyed:
+            self._publish([req for req in self._keyed if len(req.confidence) > req.n_sent])
+
+    def _publish(self, reqs: list[Request], finish: str | None = None) -> None:
+        """Send the values ``reqs`` committed since their last message (see .channel)."""
+        if not reqs:
+            return
+        if self._publisher is None:
+            self._publisher = Publisher()
+        msgs = []
+        for req in reqs:
+            a, b = req.n_sent, len(req.confidence)
+            msgs.append({"key": req.reply_key, "sub": id(req), "id": req.rid, "start": a,
+                         "token_ids": [int(t) for t in req.tokens[a:b]],
+                         "confidence": req.confidence[a:b], "entropy": req.entropy[a:b],
+                         "logprob": req.logprob[a:b], "temperature": req.temperature,
+                         "finish": finish})
+            req.n_sent = b
+        self._publisher.send(msgs)
 
     def _commit_ready(self, req: Request, final: bool) -> None:
         raise NotImplementedError
@@ -243,6 +267,9 @@ class Tracker:
         if req.written:
             return
         req.written = True
+        if req in self._keyed:
+            self._keyed.discard(req)
+            self._publish([req], finish=req.ended_by)
         if self._writer:
             self.records.write(request_record(req))
             self.n_records += 1

@@ -197,10 +197,11 @@ def test_multiprocess_engine_records_equal_vllm_logprobs(multiproc):
         assert stop_rec["finish"] in ("flush", "removed"), stop_rec
 
 
-def test_openai_server_metrics_and_records(tiny_model, tmp_path):
+def test_openai_server_metrics_and_records(tiny_model, entry_point_site, tmp_path):
+    # The README's server command, with the entry point installed too: counted once.
     out = tmp_path / "server.json"
     _run([str(SCRIPTS / "server_checks.py"), "--model", str(tiny_model), "--out", str(out)],
-         timeout=600)
+         timeout=600, path=(entry_point_site,))
     res = json.loads(out.read_text())
     records = {r["id"]: r for r in res["records"]}
     n_tokens = 0
@@ -324,7 +325,8 @@ def test_mllmcal_serve_returns_statistics_behind_the_api_key(tiny_model, entry_p
     client id each get their own statistics, in completions and chat, streamed or not;
     requests that did not ask get none; the feedback endpoint needs the API key."""
     out = tmp_path / "serve.json"
-    _run([str(SCRIPTS / "serve_checks.py"), "--model", str(tiny_model), "--out", str(out)],
+    _run([str(SCRIPTS / "serve_checks.py"), "--model", str(tiny_model), "--out", str(out),
+          "--load", "24", "--concurrency", "8", "--rounds", "3"],
          timeout=600, path=(entry_point_site,))
     res = json.loads(out.read_text())
     assert res["no_key_completion"] == 401
@@ -342,7 +344,22 @@ def test_mllmcal_serve_returns_statistics_behind_the_api_key(tiny_model, entry_p
     assert m["mllmcal_token_confidence_count"] == res["n_tokens_basic"]
     assert m["mllmcal_requests_total"] == len(res["basic"])
     assert m["mllmcal_feedback_total"] == 1
-    _check_records_once(res["records"], res["basic"])
+    # Under load (3 rounds of 24 mixed requests at concurrency 8; bench/bench_vllm_load.py
+    # runs the full size): nothing lost or doubled, greedy log-probs exact, metrics settled
+    # on the completion tokens, the engine's RSS flat.
+    for rnd in res["load"]:
+        for r in rnd["results"]:
+            _check_served(r)
+    _check_records_once(res["records"], res["basic"] + [r for rnd in res["load"]
+                                                        for r in rnd["results"]])
+    sys.path.insert(0, str(SCRIPTS))
+    from serve_checks import analyse
+
+    a = analyse(res)
+    assert a["duplicates"] == a["lost"] == a["bad_stats"] == 0, a
+    assert a["metric_tokens"] == a["completion_tokens"], a
+    assert a["metric_requests"] == a["requests"] == a["records"], a
+    assert a["rss_mib"][-1] - a["rss_mib"][0] < 64, a
 
 
 def test_v2_processor_against_installed_interface():

@@ -185,6 +185,49 @@ def _load_specs(words: list[str], n: int, rng: random.Random) -> list[dict]:
     return specs
 
 
+def analyse(res: dict, tol: float = 1e-5) -> dict:
+    """Figures of a load run (``res["load"]``): requests, records, duplicates, lost, greedy
+    log-prob agreement, metrics against completion tokens, engine RSS per round."""
+    from collections import Counter
+
+    results = [r for rnd in res["load"] for r in rnd["results"]]
+    all_results = res["basic"] + results
+    want = Counter(r["spec"].get("cid") for r in all_results)
+    got = Counter(rec["id"] if not rec["id"].startswith("mllmcal-") else None
+                  for rec in res["records"])
+    worst, bad_stats, n_greedy = 0.0, 0, 0
+    for r in results:
+        st = r["stats"]
+        if not r["spec"].get("ask"):
+            bad_stats += st is not None
+            continue
+        if st is None or "error" in st or len(st["logprob"]) != r["n_tokens"]:
+            bad_stats += 1
+            continue
+        if r["spec"]["greedy"]:
+            n_greedy += 1
+            for a, b in zip(st["logprob"], r["logprobs"], strict=True):
+                worst = max(worst, abs(a - b))
+    last = res["load"][-1]
+    return {
+        "requests": len(all_results),
+        "load_requests": len(results),
+        "records": len(res["records"]),
+        "duplicates": sum(max(0, got[k] - want[k]) for k in got),
+        "lost": sum(max(0, want[k] - got[k]) for k in want),
+        "bad_stats": bad_stats,
+        "greedy_with_stats": n_greedy,
+        "greedy_max_abs_logprob_diff": worst,
+        "greedy_within_tol": worst <= tol,
+        "metric_tokens": last["metrics"].get("mllmcal_token_confidence_count"),
+        "completion_tokens": last["total_tokens"],
+        "metric_requests": last["metrics"].get("mllmcal_requests_total"),
+        "rss_mib": [rnd["rss"] / 2**20 for rnd in res["load"]],
+        "wall_s": [rnd["wall_s"] for rnd in res["load"]],
+        "load_avg": res.get("load_avg"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)

@@ -269,5 +269,7 @@ def test_channel_store_aligns_values_and_keeps_engine_requests_apart():
     assert got["min_prob"] == pytest.approx(math.exp(-1.4))
     assert s.peek("k", 1) is None  # taken
     s.put(msg)
-    s.put({**msg, "sub": 2})
-    assert "error" in s.peek("k", 2)  # n > 1: two engine requests under one key
+    assert s.peek("k", 1) is None  # a late message for a taken key is dropped
+    s.put({**msg, "key": "k2"})
+    s.put({**msg, "key": "k2", "sub": 2})
+    assert "error" in s.peek("k2", 2)  # n > 1: two engine requests under one key

@@ -56,11 +56,14 @@ class Store:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._gone: OrderedDict[str, None] = OrderedDict()  # taken keys: late messages dropped
         self.max_keys, self.ttl = max_keys, ttl
 
     def put(self, msg: dict[str, Any]) -> None:
         """Add one published message (see the module docstring)."""
         with self._cond:
+            if msg["key"] in self._gone:
+                return
             e = self._entries.get(msg["key"])
             if e is None:
                 e = self._entries[msg["key"]] = _Entry()
@@ -107,13 +110,17 @@ class Store:
                 got = self.peek(key, n_tokens)
                 left = deadline - time.monotonic()
                 if got is not None or left <= 0:
-                    self._entries.pop(key, None)
+                    self.discard(key)
                     return got
                 self._cond.wait(left)
 
     def discard(self, key: str) -> None:
+        """Forget ``key``; messages that still come for it are dropped."""
         with self._lock:
             self._entries.pop(key, None)
+            self._gone[key] = None
+            while len(self._gone) > self.max_keys:
+                self._gone.popitem(last=False)
 
 
 def summarize(sub: dict[str, Any], n_tokens: int | None, label: Any = None) -> dict[str, Any]:
@@ -150,6 +157,7 @@ class Publisher:
         self.path = path if path is not None else (os.environ.get(ENV) or None)
         self._sock: socket.socket | None = None
         self._warned = False
+        self._lock = threading.Lock()  # a flush() in another thread may send too
         self.n_lost = 0
 
     def send(self, msgs: list[dict[str, Any]]) -> None:
@@ -160,6 +168,10 @@ class Publisher:
                 LOCAL.put(m)
             return
         data = b"".join(json.dumps(m, allow_nan=False).encode() + b"\n" for m in msgs)
+        with self._lock:
+            self._send(data, len(msgs))
+
+    def _send(self, data: bytes, n: int) -> None:
         for attempt in (0, 1):  # one reconnect: the listener may have restarted
             try:
                 if self._sock is None:
@@ -174,7 +186,7 @@ class Publisher:
                     self._sock.close()
                     self._sock = None
                 if attempt:
-                    self.n_lost += len(msgs)
+                    self.n_lost += n
                     if not self._warned:
                         self._warned = True
                         _log.warning("mllmcal: cannot send response statistics to %s (%s); "

@@ -106,10 +106,12 @@ class StatsMiddleware:
             return
         await self._serve_channel()
         body, more = await _read_body(receive)
-        try:
-            req = json.loads(body) if body else None
-        except ValueError:
-            req = None
+        req = None
+        if b"mllmcal" in body:  # requests that did not ask are not parsed here
+            try:
+                req = json.loads(body)
+            except ValueError:
+                pass
         xargs = req.get("vllm_xargs") if isinstance(req, dict) else None
         if not isinstance(xargs, dict) or not (xargs.get("mllmcal") or "mllmcal_key" in xargs):
             await self.app(scope, _replay(body, more, receive), send)

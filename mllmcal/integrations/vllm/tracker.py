@@ -77,6 +77,7 @@ class Tracker:
         self._active: set[Request] = set()
         self._keyed: set[Request] = set()  # active requests that publish their values
         self._publisher: Publisher | None = None
+        self._outbox: list[dict[str, Any]] = []  # messages to send once the lock is released
         self._detached: dict[Any, tuple[Request, float]] = {}
         self._ended: collections.deque[Request] = collections.deque()
         self._writer = writer_rank
@@ -188,6 +189,12 @@ class Tracker:
         with self._lock:
             self._drain_requests(final)
             self.records.retry()
+            msgs, self._outbox = self._outbox, []
+        if msgs:
+            # Outside the lock the engine thread shares: a slow reader must not stall it.
+            if self._publisher is None:
+                self._publisher = Publisher()
+            self._publisher.send(msgs)
         # Feedback outside the engine's lock: scoring a kept row reads results back to the
         # host (a device sync), which must not hold up the engine thread.
         self.scorer.drain()
@@ -219,12 +226,9 @@ class Tracker:
             self._publish([req for req in self._keyed if len(req.confidence) > req.n_sent])
 
     def _publish(self, reqs: list[Request], finish: str | None = None) -> None:
-        """Send the values ``reqs`` committed since their last message (see .channel)."""
-        if not reqs:
-            return
-        if self._publisher is None:
-            self._publisher = Publisher()
-        msgs = []
+        """Queue the values ``reqs`` committed since their last message (see .channel); the
+        drain sends them."""
+        msgs = self._outbox
         for req in reqs:
             a, b = req.n_sent, len(req.confidence)
             msgs.append({"key": req.reply_key, "sub": id(req), "id": req.rid, "start": a,
@@ -233,7 +237,6 @@ class Tracker:
                          "logprob": req.logprob[a:b], "temperature": req.temperature,
                          "finish": finish})
             req.n_sent = b
-        self._publisher.send(msgs)
 
     def _commit_ready(self, req: Request, final: bool) -> None:
         raise NotImplementedError

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats
 from .tracker import Tracker
 
 __all__ = ["V2CalibratedLogitsProcessor", "V2Step", "V2Tracker"]
+
+_log = logging.getLogger("mllmcal")
 
 # Rows that V2Tracker._resolve appends to a step's CONF, ENT, LSE, PRED rows.
 _SLOT, _POS, _TOK, _COMMITTED, _CHOSEN = range(4, 9)
@@ -65,6 +68,7 @@ class V2Tracker(Tracker):
         self.slots: dict[int, Request] = {}
         self._unresolved: list[V2Step] = []  # tokens not gathered yet (engine thread)
         self._pending: collections.deque[V2Step] = collections.deque()  # copies in flight
+        self._warned_stop = False
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
         self._resolve()
@@ -76,6 +80,11 @@ class V2Tracker(Tracker):
             if req is None:
                 req = Request(sampling_params, None, self.config.apply_temperature)
                 req.key = sampling_params
+                if req.stop_below is not None and not self._warned_stop:
+                    self._warned_stop = True
+                    _log.warning("mllmcal: mllmcal_stop_below is not supported by Model "
+                                 "Runner V2 (VLLM_USE_V2_MODEL_RUNNER=0 selects V1); the "
+                                 "request runs to its end. Said once.")
                 self.open_request(req)
             self.slots[req_idx] = req
         # True: V2 calls apply() only for batches with a request that needs processing,

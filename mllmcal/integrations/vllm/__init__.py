@@ -116,6 +116,15 @@ the stop token once the mean confidence of the last ``w`` tokens is below ``x`` 
 see :meth:`.v1.V1Tracker._stop_low_confidence`); the record's ``finish`` is
 ``"low_confidence"``.
 
+Statistics in the response
+--------------------------
+A request whose ``extra_args`` carry ``mllmcal_key`` (a private key: set by the API
+server's :mod:`.middleware` for ``"vllm_xargs": {"mllmcal": 1}``, or by :func:`with_stats`
+offline) has its per-token values published as they commit (:mod:`.channel`): to the socket
+``MLLMCAL_VLLM_CHANNEL`` (``mllmcal serve`` sets it; :func:`listen` serves one offline), or
+to this process's store for an in-process engine. :func:`response_stats` reads them for
+``LLM.generate``'s outputs. Requests without a key cost nothing more.
+
 Calibration feedback
 --------------------
 Correctness arrives later than the request, by id. In the engine's process call
@@ -172,6 +181,8 @@ def response_stats(outputs: list[Any], params: list[Any], *,
     :func:`listen` before creating the ``LLM``; an in-process engine needs nothing. ``n > 1``
     is not supported (the item is an ``{"error": ...}``).
     """
+    for t in live_trackers():  # an in-process engine: publish now rather than at its drain
+        t.flush()
     res = []
     for out, p in zip(outputs, params, strict=True):
         key = (p.extra_args or {}).get("mllmcal_key")

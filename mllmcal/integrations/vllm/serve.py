@@ -30,7 +30,9 @@ argument after MODEL goes to it unchanged, --api-key, --host and --port included
       to the server;
   MLLMCAL_VLLM_FEEDBACK, PROMETHEUS_MULTIPROC_DIR
       a feedback file and a metrics folder in that temporary folder unless already set
-      (the mllmcal_* metrics then show at /metrics).
+      (the mllmcal_* metrics then show at /metrics);
+  MLLMCAL_VLLM_FLUSH_INTERVAL=0.05 unless set (the engine drains every 10 ms while
+      requests wait for their statistics).
 
 Other MLLMCAL_VLLM_* settings (MLLMCAL_VLLM_RECORDS, ...) are read from the environment
 as usual. Requests may also stop early: "vllm_xargs": {{"mllmcal_stop_below": 0.3,
@@ -55,6 +57,8 @@ def server_command(model: str, args: list[str], workdir: str,
     env = dict(os.environ if env is None else env)
     env["MLLMCAL_VLLM"] = "1"
     env["MLLMCAL_VLLM_CHANNEL"] = os.path.join(workdir, "channel.sock")
+    # Responses wait for the engine's drain: drain often (it is cheap when idle).
+    env.setdefault("MLLMCAL_VLLM_FLUSH_INTERVAL", "0.05")
     env.setdefault("MLLMCAL_VLLM_FEEDBACK", os.path.join(workdir, "feedback.jsonl"))
     if "PROMETHEUS_MULTIPROC_DIR" not in env:
         prom = os.path.join(workdir, "prometheus")

@@ -40,6 +40,7 @@ __all__ = ["Tracker", "live_trackers"]
 _log = logging.getLogger("mllmcal")
 
 _trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+_KEYED_INTERVAL = 0.01  # seconds between drains while requests publish their values
 
 
 def live_trackers() -> list[Tracker]:
@@ -114,7 +115,8 @@ class Tracker:
             stop, interval = self._stop, self.config.flush_interval
 
             def loop() -> None:
-                while not stop.wait(interval):
+                wait = interval
+                while not stop.wait(wait):
                     t = ref()
                     if t is None:
                         return
@@ -122,6 +124,8 @@ class Tracker:
                         t.drain()
                     except Exception:  # keep serving; the next drain retries
                         _log.exception("mllmcal: draining vLLM statistics failed")
+                    # Someone waits for the values of running requests: drain more often.
+                    wait = min(interval, _KEYED_INTERVAL) if t._keyed else interval
                     del t
 
             self._thread = threading.Thread(target=loop, name="mllmcal-vllm-drain", daemon=True)

@@ -273,3 +273,21 @@ def test_channel_store_aligns_values_and_keeps_engine_requests_apart():
     s.put({**msg, "key": "k2"})
     s.put({**msg, "key": "k2", "sub": 2})
     assert "error" in s.peek("k2", 2)  # n > 1: two engine requests under one key
+
+
+def test_mllmcal_serve_help_and_command(tmp_path, capsys):
+    from mllmcal.cli import main
+    from mllmcal.integrations.vllm.serve import MIDDLEWARE, PROCESSOR, server_command
+
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert PROCESSOR in out and MIDDLEWARE in out and "api-key" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+    cmd, env = server_command("M", ["--port", "9", "--api-key", "k1", "--api-key=k2"],
+                              str(tmp_path), env={})
+    assert cmd[-4:] == ["--logits-processors", PROCESSOR, "--middleware", MIDDLEWARE]
+    assert cmd[cmd.index("--model") + 1] == "M" and "--port" in cmd
+    assert json.loads(env["MLLMCAL_SERVE_API_KEYS"]) == ["k1", "k2"]
+    assert env["MLLMCAL_VLLM"] == "1" and env["MLLMCAL_VLLM_CHANNEL"].startswith(str(tmp_path))

@@ -199,14 +199,17 @@ class Publisher:
             self._sock = None
 
 
-def feed(store: Store, line: bytes) -> None:
-    """Put one received JSON line into ``store`` (a bad line is logged and skipped)."""
+def feed(store: Store, line: bytes) -> str | None:
+    """Put one received JSON line into ``store``; returns its key (a bad line is logged and
+    skipped: None)."""
     try:
         msg = json.loads(line)
         if isinstance(msg, dict) and "key" in msg:
             store.put(msg)
+            return str(msg["key"])
     except ValueError:
         _log.warning("mllmcal: bad statistics message %r", line[:200])
+    return None
 
 
 def listen(path: str | None = None) -> str:

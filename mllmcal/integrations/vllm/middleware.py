@@ -69,6 +69,7 @@ class StatsMiddleware:
         self.store = Store()
         self.timeout = float(os.environ.get("MLLMCAL_VLLM_STATS_TIMEOUT", "30"))
         self._server: asyncio.AbstractServer | None = None
+        self._news: dict[str, asyncio.Event] = {}  # key -> set when its values arrive
         self._starting: asyncio.Lock | None = None
 
     async def _serve_channel(self) -> None:
@@ -87,7 +88,10 @@ class StatsMiddleware:
             async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 try:
                     while line := await reader.readline():
-                        feed(self.store, line)
+                        key = feed(self.store, line)
+                        ev = self._news.get(key) if key is not None else None
+                        if ev is not None:
+                            ev.set()
                 finally:
                     writer.close()
 
@@ -138,17 +142,26 @@ class StatsMiddleware:
             self.store.discard(key)
 
     async def stats_for(self, key: str, n: int, n_tokens: int | None) -> dict[str, Any]:
-        """Wait (polling, so as not to block the event loop) for ``key``'s values."""
+        """Wait for ``key``'s values without blocking the event loop."""
         if n != 1:
             return {"error": "mllmcal statistics support n = 1 only"}
         deadline = time.monotonic() + self.timeout
-        while True:
-            got = self.store.peek(key, n_tokens)
-            if got is not None:
-                return got
-            if time.monotonic() > deadline:
-                return {"error": "timeout", "n_tokens": n_tokens}
-            await asyncio.sleep(0.005)
+        ev = self._news[key] = asyncio.Event()
+        try:
+            while True:
+                ev.clear()
+                got = self.store.peek(key, n_tokens)
+                if got is not None:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"error": "timeout", "n_tokens": n_tokens}
+                try:  # woken by the channel; the short cap also covers a missed wake-up
+                    await asyncio.wait_for(ev.wait(), min(left, 0.25))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._news.pop(key, None)
 
     async def _whole(self, scope: Scope, receive: Receive, send: Send, key: str, n: int) -> None:
         start: Message | None = None

@@ -10,7 +10,12 @@ metrics on). It then times, in interleaved rounds so that load drift on the mach
 all three alike, greedy generation of the same prompts:
 
 * ``none``: no processor, no logprobs;
-* ``mllmcal``: the processor (confidence, entropy and exact log-prob of every token);
+* ``installed``: mllmcal installed (its ``vllm.logits_processors`` entry point registered,
+  as ``pip install`` does) but not enabled: the processor is loaded and inert;
+* ``mllmcal``: the processor, observing (confidence, entropy and exact log-prob of every
+  token, records, metrics);
+* ``with_stats``: the processor, with every request's statistics returned to the caller
+  (``with_stats`` / ``response_stats``);
 * ``vllm_logprobs``: no processor, ``logprobs=1`` (vLLM's own per-token log-probs).
 
 Two rates per run: generated tokens over the wall time of ``LLM.generate``, and over the
@@ -76,6 +81,7 @@ def main() -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
+    from mllmcal.integrations import vllm as mv
     from mllmcal.integrations.vllm import V1CalibratedLogitsProcessor
 
     spent = {"engine_thread": 0.0, "drain_thread": 0.0}
@@ -112,8 +118,23 @@ def main() -> None:
                   kv_cache_memory_bytes=256 << 20, max_num_seqs=args.prompts, seed=0)
     engines = {
         "none": LLM(**common),
-        "mllmcal": LLM(**common, logits_processors=[TimedProcessor]),
+        "mllmcal": LLM(**common, logits_processors=[TimedProcessor],
+                       additional_config={"mllmcal": {}}),  # a subclass defined here: enable it
     }
+    # Installed, not enabled: the entry point as an installed package registers it (a
+    # dist-info folder on sys.path; vLLM reads entry points at each engine's start, so the
+    # two engines above do not see it).
+    site = work / "site"
+    (site / "mllmcal-0.0.dist-info").mkdir(parents=True)
+    (site / "mllmcal-0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mllmcal\nVersion: 0.0\n")
+    (site / "mllmcal-0.0.dist-info" / "entry_points.txt").write_text(
+        "[vllm.logits_processors]\nmllmcal = mllmcal.integrations.vllm:CalibratedLogitsProcessor\n")
+    sys.path.append(str(site))
+    os.environ.pop("MLLMCAL_VLLM", None)
+    engines["installed"] = LLM(**common)
+    n_active = len(mv.trackers())
+    assert n_active == 1, f"the installed-not-enabled engine has an active processor ({n_active})"
     words = [f"w{i}" for i in range(args.vocab - 4)]
     prompts = [" ".join(words[(97 * i + 13 * j) % len(words)] for j in range(16 + 3 * i))
                for i in range(args.prompts)]
@@ -125,11 +146,23 @@ def main() -> None:
 
     cases = {
         "none": (engines["none"], params(None)),
+        "installed": (engines["installed"], params(None)),
         "mllmcal": (engines["mllmcal"], params(None)),
+        "with_stats": (engines["mllmcal"], params(None)),
         "vllm_logprobs": (engines["none"], params(1)),
     }
-    for eng, ps in cases.values():  # warm-up: first-call allocations, thread pools
-        eng.generate(prompts[:2], ps[:2], use_tqdm=False)
+
+    def generate(name, eng, ps, n=None):
+        if name != "with_stats":
+            return eng.generate(prompts[:n], ps[:n], use_tqdm=False)
+        ps = [mv.with_stats(p) for p in ps[:n]]
+        outs = eng.generate(prompts[:n], ps, use_tqdm=False)
+        stats = mv.response_stats(outs, ps)
+        assert all(st is not None and "error" not in st for st in stats), stats
+        return outs
+
+    for name, (eng, ps) in cases.items():  # warm-up: first-call allocations, thread pools
+        generate(name, eng, ps, 2)
     runs: dict[str, list[float]] = {k: [] for k in cases}
     cpu_runs: dict[str, list[float]] = {k: [] for k in cases}
     spent.update(engine_thread=0.0, drain_thread=0.0)
@@ -137,12 +170,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (eng, ps) in cases.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            outs = eng.generate(prompts, ps, use_tqdm=False)
+            outs = generate(name, eng, ps)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             runs[name].append(n / dt)
             cpu_runs[name].append(n / dc)
-            if name == "mllmcal":
+            if name in ("mllmcal", "with_stats"):
                 mllmcal_cpu += dc
             print(f"{name:14s} {n / dt:9.1f} tok/s wall {n / dc:9.1f} tok/CPU-s  "
                   f"({n} tokens, {dt:.2f} s wall, {dc:.2f} s CPU)", flush=True)
@@ -150,7 +183,6 @@ def main() -> None:
     cpu_med = {k: statistics.median(v) for k, v in cpu_runs.items()}
     best = {k: max(v) for k, v in runs.items()}
     cpu_best = {k: max(v) for k, v in cpu_runs.items()}
-    from mllmcal.integrations import vllm as mv
 
     time.sleep(2 * mv.trackers()[0].config.flush_interval)  # let the last drain run
     share = (spent["engine_thread"] + spent["drain_thread"]) / mllmcal_cpu
@@ -188,7 +220,7 @@ def main() -> None:
               f"{med[k] / med['none']:.3f} |")
     print(f"\nmllmcal's processor: {spent['engine_thread']:.3f} s on the engine thread + "
           f"{spent['drain_thread']:.3f} s on its drain thread = {100 * share:.2f}% of the "
-          f"process's {mllmcal_cpu:.2f} CPU-s in the mllmcal rounds")
+          f"process's {mllmcal_cpu:.2f} CPU-s in the mllmcal and with_stats rounds")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path", help="output directory or report.json")
 
     sub.add_parser("bench", help="run the benchmark suite")
+    # Parsed by mllmcal.integrations.vllm.serve (vLLM's arguments pass through); listed
+    # here for --help.
+    sub.add_parser("serve", help="vLLM's OpenAI server with mllmcal's statistics in the "
+                   "responses (mllmcal serve --help)", add_help=False)
     return ap
 
 
@@ -448,6 +452,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mllmcal`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from mllmcal.integrations.vllm.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     from mllmcal.eval.data import DataError

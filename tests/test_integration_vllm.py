@@ -32,17 +32,37 @@ def _need_venv() -> None:
     pytest.skip(msg)
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float, *, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     _need_venv()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLLMCAL_", "PROMETHEUS_", "VLLM_", "TRITON_"))}
-    env["PYTHONPATH"] = str(ROOT)  # this checkout's mllmcal, whatever the .pth says
+    # this checkout's mllmcal, whatever the .pth says; then ``path`` (e.g. entry points)
+    env["PYTHONPATH"] = os.pathsep.join(map(str, (ROOT, *path)))
     proc = subprocess.run([str(VPY), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{args[0]} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                     f"\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def entry_point_site(tmp_path_factory) -> Path:
+    """A site folder that registers mllmcal's ``vllm.logits_processors`` entry point the way
+    ``pip install`` of the package does: a dist-info folder whose entry_points.txt is what
+    pyproject.toml declares (importlib.metadata scans every folder on sys.path). The venv
+    reaches the checkout through a .pth file, which registers no entry point."""
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    site = tmp_path_factory.mktemp("site")
+    dist = site / "mllmcal-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mllmcal\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in items.items())
+        for group, items in eps.items()))
+    return site
 
 
 @pytest.fixture(scope="session")
@@ -177,10 +197,11 @@ def test_multiprocess_engine_records_equal_vllm_logprobs(multiproc):
         assert stop_rec["finish"] in ("flush", "removed"), stop_rec
 
 
-def test_openai_server_metrics_and_records(tiny_model, tmp_path):
+def test_openai_server_metrics_and_records(tiny_model, entry_point_site, tmp_path):
+    # The README's server command, with the entry point installed too: counted once.
     out = tmp_path / "server.json"
     _run([str(SCRIPTS / "server_checks.py"), "--model", str(tiny_model), "--out", str(out)],
-         timeout=600)
+         timeout=600, path=(entry_point_site,))
     res = json.loads(out.read_text())
     records = {r["id"]: r for r in res["records"]}
     n_tokens = 0
@@ -199,6 +220,146 @@ def test_openai_server_metrics_and_records(tiny_model, tmp_path):
     assert m["mllmcal_feedback_total"] == res["n_feedback"] > 0
     assert 0.0 <= m["mllmcal_ece"] <= 1.0
     assert m["mllmcal_accuracy"] == pytest.approx(res["expected_accuracy"])
+
+
+def test_loading_routes_records_and_feedback_files(tiny_model, entry_point_site, tmp_path):
+    """One in-process vLLM engine per loading route, with the entry point installed:
+    exactly one active instance, inert unless asked; records written once each even when
+    their folder appears late; feedback read across truncation and rotation."""
+    out = tmp_path / "loading.json"
+    _run([str(SCRIPTS / "loading_checks.py"), "--model", str(tiny_model), "--out", str(out)],
+         timeout=600, path=(entry_point_site,))
+    res = json.loads(out.read_text())
+    assert "mllmcal.integrations.vllm:CalibratedLogitsProcessor" in res["entry_points"]
+    # Entry point + logits_processors: one active instance, every token and record once.
+    e1 = res["e1"]
+    assert e1["active_trackers"] == 1
+    assert e1["confidence_count"] == e1["n_tokens"] > 0
+    assert e1["requests_total"] == len(e1["requests"])
+    # Records: not written while their folder is missing (the failures are counted), then
+    # written once each when it appears.
+    assert not e1["written_before_mkdir"] and e1["write_errors_before_mkdir"] >= 1
+    by_id = _by_id({"records": e1["records"]})
+    assert set(by_id) == {r["id"] for r in e1["requests"]}
+    for r in e1["requests"]:
+        assert by_id[r["id"]]["token_ids"] == r["token_ids"]
+    # Feedback: applied after the file was truncated, and after it was rotated; a last
+    # line without its newline is not applied.
+    assert res["feedback_applied"] == [1, 2, 3, 3]
+    # The entry point alone: inert (no tracker, no metrics, no records).
+    assert res["e2"] == {"active_trackers": 0, "records_added": 0,
+                         "metrics_moved": {"mllmcal_token_confidence_count": 0.0,
+                                           "mllmcal_requests_total": 0.0}}
+    # The entry point enabled by additional_config.
+    e3 = res["e3"]
+    assert e3["active_trackers"] == 1 and e3["confidence_count"] == e3["n_tokens"] > 0
+    assert len(e3["records"]) == 3
+    _check_low_confidence_stop(res["stop"])
+    # Offline: response_stats() gives each output its own statistics (one client id for all).
+    for o in res["offline"]:
+        st = o["stats"]
+        assert st["id"] == "same" and st["token_ids"] == o["token_ids"], o
+        for lp, lp_vllm in zip(st["logprob"], o["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= TOL, o
+
+
+def _check_low_confidence_stop(res: dict) -> None:
+    """A threshold above any confidence: every request stops right after its first window
+    (the CPU engine has no copy lag), with the stop token forced; finish says so."""
+    w, recs = res["window"], _by_id({"records": res["records"]})
+    for req in res["requests"]:
+        rec, toks = recs[req["id"]], req["token_ids"]
+        assert rec["token_ids"] == toks, req
+        if req["id"] == "stop-never":
+            assert rec["finish"] in ("length", "stop") and len(toks) <= 6
+            continue
+        stop_tok = 7 if req["id"] == "stop-ignore-eos" else res["eos"]
+        assert req["finish_reason"] == "stop" and len(toks) == w + 1, req
+        assert toks[-1] == stop_tok and stop_tok not in toks[:-1], req
+        assert rec["finish"] == "low_confidence", rec
+        # The forced token's log-prob is the model's (unforced) one, as vLLM reports it.
+        for lp, lp_vllm in zip(rec["logprob"], req["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= TOL, (req["id"], rec["logprob"], req["logprobs"])
+
+
+def _check_served(r: dict, greedy_tol: float = TOL) -> None:
+    """One response from serve_checks.Client: statistics aligned with its tokens and, for
+    greedy requests, equal to vLLM's own log-probs."""
+    spec, st = r["spec"], r["stats"]
+    if not spec.get("ask"):
+        assert st is None, r
+        return
+    assert st is not None and "error" not in st, r
+    assert len(st["confidence"]) == len(st["entropy"]) == len(st["logprob"]) == r["n_tokens"]
+    assert st["id"] == spec.get("cid") or (spec.get("cid") is None
+                                           and st["id"].startswith("mllmcal-"))
+    if r.get("token_ids") is not None:
+        assert st["token_ids"] == r["token_ids"], r
+    assert len(r["logprobs"]) == r["n_tokens"]
+    if spec["greedy"]:
+        for lp, lp_vllm in zip(st["logprob"], r["logprobs"], strict=True):
+            assert abs(lp - lp_vllm) <= greedy_tol, (spec, st["logprob"], r["logprobs"])
+        assert abs(st["mean_logprob"] - sum(r["logprobs"]) / r["n_tokens"]) <= greedy_tol
+    else:  # sampled: exact too (the middleware opts the request in to mllmcal_logprobs)
+        for lp, lp_vllm in zip(st["logprob"], r["logprobs"], strict=True):
+            assert lp is not None and abs(lp - lp_vllm) <= 1e-4, (spec, st, r["logprobs"])
+    assert st["temperature"] == 1.0
+
+
+def _check_records_once(records: list[dict], results: list[dict]) -> None:
+    """Exactly one record per request: as many records per client id as requests sent with
+    it, and one generated id per request sent without."""
+    from collections import Counter
+
+    want = Counter(r["spec"].get("cid") for r in results)
+    got = Counter(rec["id"] if not rec["id"].startswith("mllmcal-") else None
+                  for rec in records)
+    assert got == want, (got, want)
+    ids = [rec["id"] for rec in records if rec["id"].startswith("mllmcal-")]
+    assert len(ids) == len(set(ids))
+
+
+def test_mllmcal_serve_returns_statistics_behind_the_api_key(tiny_model, entry_point_site,
+                                                             tmp_path):
+    """`mllmcal serve` (the entry point installed too): concurrent requests with one shared
+    client id each get their own statistics, in completions and chat, streamed or not;
+    requests that did not ask get none; the feedback endpoint needs the API key."""
+    out = tmp_path / "serve.json"
+    _run([str(SCRIPTS / "serve_checks.py"), "--model", str(tiny_model), "--out", str(out),
+          "--load", "24", "--concurrency", "8", "--rounds", "3"],
+         timeout=600, path=(entry_point_site,))
+    res = json.loads(out.read_text())
+    assert res["no_key_completion"] == 401
+    for r in res["basic"]:
+        _check_served(r)
+        if r["spec"].get("stream"):
+            # the last chunk carries them all, no other chunk does
+            assert r["mllmcal_in_chunks"] == (1 if r["spec"].get("ask") else 0)
+    stopper = next(r for r in res["basic"] if r["spec"]["cid"] == "stopper")
+    assert stopper["stats"]["finish"] == "low_confidence"
+    assert stopper["finish_reason"] == "stop" and stopper["n_tokens"] == 4
+    assert (res["feedback_no_key"], res["feedback_bad_key"], res["feedback_bad_body"],
+            res["feedback_key"]) == (401, 401, 400, 200)
+    m = res["metrics_basic"]
+    assert m["mllmcal_token_confidence_count"] == res["n_tokens_basic"]
+    assert m["mllmcal_requests_total"] == len(res["basic"])
+    assert m["mllmcal_feedback_total"] == 1
+    # Under load (3 rounds of 24 mixed requests at concurrency 8; bench/bench_vllm_load.py
+    # runs the full size): nothing lost or doubled, greedy log-probs exact, metrics settled
+    # on the completion tokens, the engine's RSS flat.
+    for rnd in res["load"]:
+        for r in rnd["results"]:
+            _check_served(r)
+    _check_records_once(res["records"], res["basic"] + [r for rnd in res["load"]
+                                                        for r in rnd["results"]])
+    sys.path.insert(0, str(SCRIPTS))
+    from serve_checks import analyse
+
+    a = analyse(res)
+    assert a["duplicates"] == a["lost"] == a["bad_stats"] == 0, a
+    assert a["metric_tokens"] == a["completion_tokens"], a
+    assert a["metric_requests"] == a["requests"] == a["records"], a
+    assert a["rss_mib"][-1] - a["rss_mib"][0] < 64, a
 
 
 def test_v2_processor_against_installed_interface():

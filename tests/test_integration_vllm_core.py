@@ -206,3 +206,88 @@ def test_feedback_book_keeps_the_newest_and_is_the_one_both_integrations_use(tmp
     book.score(torch.tensor([0.8, 0.3]), torch.tensor([True, False]))
     assert book.n_feedback == 2 and book.calibration()["count"] == 2
     assert isinstance(_tracker(tmp_path).scorer.book, FeedbackBook)
+
+
+def test_feedback_file_truncated_rotated_or_refilled_is_read_from_its_start(tmp_path, caplog):
+    from mllmcal.integrations.vllm.feedback_scorer import FeedbackFile
+
+    path = tmp_path / "fb.jsonl"
+    path.write_text(json.dumps({"id": "a", "correct": True, "pad": "x" * 50}) + "\n")
+    f = FeedbackFile(str(path))
+    assert [i.id for i in f.read_new()] == ["a"]
+    path.write_text(json.dumps({"id": "b", "correct": True}) + "\n")  # truncated, shorter
+    with caplog.at_level("WARNING", logger="mllmcal"):
+        assert [i.id for i in f.read_new()] == ["b"]
+    # Truncated and refilled past the old offset before the next read.
+    path.write_text("".join(json.dumps({"id": f"c{k}", "correct": False}) + "\n" for k in range(4)))
+    assert [i.id for i in f.read_new()] == ["c0", "c1", "c2", "c3"]
+    path.rename(tmp_path / "fb.jsonl.1")  # rotated
+    path.write_text(json.dumps({"id": "d", "label": 3}) + "\n")
+    assert [i.id for i in f.read_new()] == ["d"]
+    with open(path, "a") as fh:  # a last line without its newline waits for it
+        fh.write(json.dumps({"id": "e", "correct": True}))
+    assert f.read_new() == []
+    with open(path, "a") as fh:
+        fh.write("\n")
+    assert [i.id for i in f.read_new()] == ["e"]
+    assert sum("truncated or replaced" in r.message for r in caplog.records) == 1
+
+
+def test_records_wait_for_their_folder_and_are_written_once(tmp_path, caplog):
+    from mllmcal.integrations.vllm.records import RecordWriter
+
+    errors = []
+    path = tmp_path / "later" / "r.jsonl"
+    w = RecordWriter(str(path), on_error=lambda: errors.append(1))
+    with caplog.at_level("ERROR", logger="mllmcal"):
+        assert not w.write({"id": "a"})
+        assert not w.write({"id": "b"})
+        assert not w.retry()
+    assert len(errors) == 3 and w.n_queued == 2
+    assert sum("cannot write records" in r.message for r in caplog.records) == 1
+    path.parent.mkdir()
+    assert w.retry() and w.n_queued == 0
+    assert w.write({"id": "c"}) and w.retry()
+    w.close()
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_channel_store_aligns_values_and_keeps_engine_requests_apart():
+    from mllmcal.integrations.vllm.channel import Store
+
+    s = Store()
+    msg = {"key": "k", "sub": 1, "id": "same", "start": 0, "token_ids": [5, 6],
+           "confidence": [0.5, 0.25], "entropy": [1.0, 2.0], "logprob": [-0.7, -1.4],
+           "temperature": 1.0, "finish": None}
+    s.put(msg)
+    assert s.peek("k", 3) is None
+    s.put({**msg, "start": 1, "token_ids": [6, 7], "confidence": [0.25, 0.5],
+           "entropy": [2.0, 1.0], "logprob": [-1.4, -0.7], "finish": "length"})  # resent
+    got = s.take("k", 3, timeout=1.0)
+    assert got["token_ids"] == [5, 6, 7] and got["finish"] == "length" and got["id"] == "same"
+    assert got["mean_logprob"] == pytest.approx(-2.8 / 3)
+    assert got["min_prob"] == pytest.approx(math.exp(-1.4))
+    assert s.peek("k", 1) is None  # taken
+    s.put(msg)
+    assert s.peek("k", 1) is None  # a late message for a taken key is dropped
+    s.put({**msg, "key": "k2"})
+    s.put({**msg, "key": "k2", "sub": 2})
+    assert "error" in s.peek("k2", 2)  # n > 1: two engine requests under one key
+
+
+def test_mllmcal_serve_help_and_command(tmp_path, capsys):
+    from mllmcal.cli import main
+    from mllmcal.integrations.vllm.serve import MIDDLEWARE, PROCESSOR, server_command
+
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert PROCESSOR in out and MIDDLEWARE in out and "api-key" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+    cmd, env = server_command("M", ["--port", "9", "--api-key", "k1", "--api-key=k2"],
+                              str(tmp_path), env={})
+    assert cmd[-4:] == ["--logits-processors", PROCESSOR, "--middleware", MIDDLEWARE]
+    assert cmd[cmd.index("--model") + 1] == "M" and "--port" in cmd
+    assert json.loads(env["MLLMCAL_SERVE_API_KEYS"]) == ["k1", "k2"]
+    assert env["MLLMCAL_VLLM"] == "1" and env["MLLMCAL_VLLM_CHANNEL"].startswith(str(tmp_path))

@@ -184,9 +184,9 @@ def _engine(path: str, config: Any, dtype: str, multimodal: bool,
                         "flush_interval": 0.05, "metrics": False, "temperature": 1.0,
                         "online_temperature": False, "apply_temperature": False,
                         "enabled": True}
-    procs = list(args.pop("logits_processors", None) or [])
-    if not _entry_point_loaded():
-        procs.append(CalibratedLogitsProcessor)
+    # Named here, it is active whether or not the installed package's entry point also
+    # loads it: one instance per engine is active whatever the route.
+    procs = [*(args.pop("logits_processors", None) or []), CalibratedLogitsProcessor]
     if multimodal:
         args.setdefault("limit_mm_per_prompt", {"image": 1})
     args.setdefault("seed", 0)
@@ -194,14 +194,6 @@ def _engine(path: str, config: Any, dtype: str, multimodal: bool,
               **args)
     _ENGINES[key] = (llm, token_logits.RecordsReader(records))
     return _ENGINES[key]
-
-
-def _entry_point_loaded() -> bool:
-    """Whether vLLM loads mllmcal's processor by itself (the installed package's
-    ``vllm.logits_processors`` entry point): then naming it again would run it twice."""
-    from importlib.metadata import entry_points
-
-    return any(ep.value.startswith("mllmcal.") for ep in entry_points(group="vllm.logits_processors"))
 
 
 def load_vllm_model(spec: str, *, name: str | None = None, dtype: str = "auto",

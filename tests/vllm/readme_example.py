@@ -21,12 +21,17 @@ def main() -> None:
     assert len(blocks) == 1, f"expected one ```py block (the vLLM example), got {len(blocks)}"
     os.chdir(work)
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    exec(compile(blocks[0], "README.md[py block]", "exec"), {"__name__": "__readme__",
-                                                             "MODEL": model})
+    ns = {"__name__": "__readme__", "MODEL": model}
+    exec(compile(blocks[0], "README.md[py block]", "exec"), ns)
     recs = {r["id"]: r for r in map(json.loads, Path("records.jsonl").read_text().splitlines())}
     assert set(recs) == {"q1", "q2"}, recs.keys()
     for r in recs.values():
         assert r["n_tokens"] == 8 and None not in r["logprob"], r
+    stats = ns["stats"]  # response_stats: the records' values, one dict per output
+    assert [st["id"] for st in stats] == ["q1", "q2"], stats
+    for st in stats:
+        r = recs[st["id"]]
+        assert st["logprob"] == r["logprob"] and st["token_ids"] == r["token_ids"], (st, r)
     from mllmcal.integrations import vllm as mv
 
     (tracker,) = mv.trackers()

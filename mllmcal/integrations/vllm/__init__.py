@@ -20,8 +20,10 @@ runner's interface) or :class:`V2CalibratedLogitsProcessor` (Model Runner V2's);
 can also be named directly.
 
 Installing mllmcal as a package also registers it under vLLM's ``vllm.logits_processors``
-entry point: every engine in that environment then loads it (``MLLMCAL_VLLM_DISABLE=1``
-turns it into a no-op).
+entry point: every engine in that environment then loads it, and it stays inert unless the
+engine's operator asked for it (``MLLMCAL_VLLM=1``, an ``"mllmcal"`` key in
+``additional_config``, or the processor named in ``logits_processors``; see
+:func:`~.common.requested`). Loaded twice in one engine, only the first instance records.
 
 Which logits it sees
 --------------------
@@ -106,6 +108,22 @@ lower-case names): ``MLLMCAL_VLLM_TEMPERATURE`` (``temperature``, default 1),
 (``metrics``), ``MLLMCAL_VLLM_FLUSH_INTERVAL`` (``flush_interval``, seconds, default 0.5),
 ``MLLMCAL_VLLM_DETACH_TIMEOUT`` (``detach_timeout``, default 60),
 ``MLLMCAL_VLLM_APPLY_TEMPERATURE=1`` (``apply_temperature``), ``MLLMCAL_VLLM_DISABLE=1``.
+Records that cannot be written wait and are retried at every drain (failed attempts:
+``mllmcal_records_write_errors_total``).
+
+Stopping early: ``extra_args={"mllmcal_stop_below": x, "mllmcal_stop_window": w}`` forces
+the stop token once the mean confidence of the last ``w`` tokens is below ``x`` (V1 runner;
+see :meth:`.v1.V1Tracker._stop_low_confidence`); the record's ``finish`` is
+``"low_confidence"``.
+
+Statistics in the response
+--------------------------
+A request whose ``extra_args`` carry ``mllmcal_key`` (a private key: set by the API
+server's :mod:`.middleware` for ``"vllm_xargs": {"mllmcal": 1}``, or by :func:`with_stats`
+offline) has its per-token values published as they commit (:mod:`.channel`): to the socket
+``MLLMCAL_VLLM_CHANNEL`` (``mllmcal serve`` sets it; :func:`listen` serves one offline), or
+to this process's store for an in-process engine. :func:`response_stats` reads them for
+``LLM.generate``'s outputs. Requests without a key cost nothing more.
 
 Calibration feedback
 --------------------
@@ -128,14 +146,51 @@ happens to have it would bias ``T``.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from .channel import LOCAL, listen
 from .config import Config
 from .feedback_scorer import feedback
 from .tracker import Tracker, live_trackers
 
 __all__ = ["CalibratedLogitsProcessor", "Config", "Tracker", "V1CalibratedLogitsProcessor",
-           "V2CalibratedLogitsProcessor", "feedback", "flush", "trackers"]
+           "V2CalibratedLogitsProcessor", "feedback", "flush", "listen", "response_stats",
+           "trackers", "with_stats"]
+
+
+def with_stats(params: Any) -> Any:
+    """A copy of ``params`` (a ``SamplingParams``) whose request's statistics
+    :func:`response_stats` can return: a fresh private key in its ``extra_args`` (and
+    exact log-probs for sampled tokens, ``mllmcal_logprobs``). Use one per prompt."""
+    p = params.clone()
+    p.extra_args = {**(p.extra_args or {}), "mllmcal_key": uuid.uuid4().hex,
+                    "mllmcal_logprobs": True}
+    return p
+
+
+def response_stats(outputs: list[Any], params: list[Any], *,
+                   timeout: float = 10.0) -> list[dict[str, Any] | None]:
+    """The statistics of each of ``LLM.generate``'s ``outputs``, aligned with its tokens.
+
+    ``params`` are the per-prompt ``SamplingParams`` given to ``generate`` (each from
+    :func:`with_stats`). Each item is a dict with ``confidence``, ``entropy`` and ``logprob``
+    per returned token, ``mean_logprob``, ``min_prob``, ``temperature``, ``finish`` and
+    ``id`` (see :func:`.channel.summarize`), or None if they did not arrive within
+    ``timeout`` seconds. With the engine in its own process (the default), call
+    :func:`listen` before creating the ``LLM``; an in-process engine needs nothing. ``n > 1``
+    is not supported (the item is an ``{"error": ...}``).
+    """
+    for t in live_trackers():  # an in-process engine: publish now rather than at its drain
+        t.flush()
+    res = []
+    for out, p in zip(outputs, params, strict=True):
+        key = (p.extra_args or {}).get("mllmcal_key")
+        if key is None:
+            raise ValueError("these SamplingParams carry no mllmcal_key: make them with "
+                             "mllmcal.integrations.vllm.with_stats(params)")
+        res.append(LOCAL.take(key, len(out.outputs[0].token_ids), timeout))
+    return res
 
 
 def flush(*, end_active: bool = True) -> int:

@@ -103,25 +103,62 @@ def feedback(request_id: str, *, correct: bool | None = None, label: int | None 
 
 
 class FeedbackFile:
-    """Reads the lines appended to a JSON-lines feedback file since the last read."""
+    """Reads the lines appended to a JSON-lines feedback file since the last read.
+
+    A line is consumed once its newline is there: a last line without one is left for a
+    later read (so a writer may append a line in several writes, but must end it with a
+    newline). The file may be truncated (``> feedback.jsonl``) or rotated (moved away and
+    recreated): when its inode changed, it is shorter than what was read, or the bytes read
+    so far no longer end where they did, it is read again from its start (a warning says
+    so once).
+    """
+
+    _HEAD = 64  # bytes of the file's start remembered to recognise a rewritten file
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._pos = 0
+        self._ino: int | None = None
+        self._head = b""
+        self._warned = False
+
+    def _restarted(self, f: Any, st: os.stat_result) -> bool:
+        if self._ino is not None and st.st_ino != self._ino:
+            return True
+        if st.st_size < self._pos:
+            return True
+        if self._pos:
+            # Truncated and refilled past the old offset between two reads: the first
+            # bytes or the newline before the offset differ.
+            f.seek(0)
+            head = f.read(len(self._head))
+            f.seek(self._pos - 1)
+            return head != self._head or f.read(1) != b"\n"
+        return False
 
     def read_new(self) -> list[FeedbackItem]:
         """The complete new lines' items; a half-written last line is read next time, a bad
         line is logged and skipped."""
         try:
-            size = os.path.getsize(self.path)
+            f = open(self.path, "rb")  # noqa: SIM115
         except OSError:
             return []
-        if size <= self._pos:
-            return []
-        with open(self.path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())
+            if self._restarted(f, st):
+                if not self._warned:
+                    self._warned = True
+                    _log.warning("mllmcal: feedback file %s was truncated or replaced; "
+                                 "reading it again from its start. Said once.", self.path)
+                self._pos, self._head = 0, b""
+            self._ino = st.st_ino
+            if st.st_size <= self._pos:
+                return []
             f.seek(self._pos)
             data = f.read()
         end = data.rfind(b"\n") + 1
+        if self._pos == 0 and end:
+            self._head = data[:min(end, self._HEAD)]
         self._pos += end
         items = []
         for line in data[:end].splitlines():

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 __all__ = ["CONFIDENCE_BUCKETS", "ENTROPY_BUCKETS", "metrics", "observe_token",
-           "count_record", "count_feedback", "set_temperature"]
+           "count_record", "count_feedback", "count_write_error", "set_temperature"]
 
 _log = logging.getLogger("mllmcal")
 
@@ -59,6 +59,10 @@ def metrics() -> dict[str, Any] | None:
                 "feedback": Counter(
                     "mllmcal_feedback", "Correctness feedback items applied"
                 ),
+                "write_errors": Counter(
+                    "mllmcal_records_write_errors",
+                    "Failed attempts to write request records (they are retried)"
+                ),
                 "ece": Gauge(
                     "mllmcal_ece", "Expected calibration error (L1) of the feedback so far",
                     multiprocess_mode="mostrecent",
@@ -88,6 +92,12 @@ def count_record(m: dict[str, Any] | None) -> None:
     """One request's record was completed."""
     if m:
         m["requests"].inc()
+
+
+def count_write_error(m: dict[str, Any] | None) -> None:
+    """One attempt to write records failed (they stay queued and are retried)."""
+    if m:
+        m["write_errors"].inc()
 
 
 def count_feedback(m: dict[str, Any] | None, state: Any, temperature: float) -> None:

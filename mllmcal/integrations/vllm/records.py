@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import math
-from typing import IO, Any
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from .request import Request
 from .token_logits import token_logits_field
 
 __all__ = ["RecordWriter", "request_record"]
+
+_log = logging.getLogger("mllmcal")
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -41,24 +48,90 @@ def request_record(req: Request) -> dict[str, Any]:
 
 
 class RecordWriter:
-    """Appends records as JSON lines to ``path`` (opened on the first record; None: records
-    are counted but not written)."""
+    """Appends records as JSON lines to ``path``, at least once and at most once each.
 
-    def __init__(self, path: str | None) -> None:
+    A record is queued, then written with its line whole by :meth:`write` or, after a
+    failure (the folder does not exist yet, the disk is full, no permission), by a later
+    :meth:`retry` (the tracker calls it at every drain): a line leaves the queue only once
+    the file holds all of its bytes. The first failure is logged (once per writer), every
+    failed attempt calls ``on_error``; at most ``max_queued`` lines wait, older ones are
+    dropped with an error. ``path`` None: records are counted but not written.
+    """
+
+    def __init__(self, path: str | None, *, on_error: Callable[[], None] | None = None,
+                 max_queued: int = 100_000) -> None:
         self.path = path
-        self._file: IO[str] | None = None
+        self.n_failed = 0    # failed write attempts
+        self.n_dropped = 0   # lines dropped from a full queue
+        self._fd: int | None = None
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._partial = 0    # bytes of the first queued line already in the file
+        self._on_error = on_error
+        self._max = max_queued
+        self._warned = False
+        self._lock = threading.Lock()
 
-    def write(self, record: dict[str, Any]) -> None:
+    @property
+    def n_queued(self) -> int:
+        """Records waiting to be written."""
+        return len(self._queue)
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Queue ``record`` and write what is queued; True when nothing is left waiting."""
         if not self.path:
-            return
-        if self._file is None:
-            # One write() per line on a file opened for append: lines from several
-            # processes (data-parallel engines) interleave whole, never torn.
-            self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+            return True
+        with self._lock:
+            self._queue.append((json.dumps(record, allow_nan=False) + "\n").encode())
+            while len(self._queue) > self._max:
+                self._queue.popleft()
+                self._partial = 0
+                self.n_dropped += 1
+                _log.error("mllmcal: %d record(s) dropped: %s could not be written to for "
+                           "too long", self.n_dropped, self.path)
+            return self._write_queued()
+
+    def retry(self) -> bool:
+        """Write what earlier failures left queued; True when nothing is left waiting."""
+        if not self._queue:
+            return True
+        with self._lock:
+            return self._write_queued()
+
+    def _write_queued(self) -> bool:
+        q = self._queue
+        try:
+            if self._fd is None:
+                # One write() per line on a file opened for append: lines from several
+                # processes (data-parallel engines) interleave whole, never torn.
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            while q:
+                line = q[0]
+                while self._partial < len(line):
+                    self._partial += os.write(self._fd, line[self._partial:])
+                q.popleft()
+                self._partial = 0
+        except OSError as exc:
+            self.n_failed += 1
+            if self._on_error is not None:
+                self._on_error()
+            if not self._warned:
+                self._warned = True
+                _log.error("mllmcal: cannot write records to %s (%s); %d record(s) wait and "
+                           "are retried at every drain (counted in "
+                           "mllmcal_records_write_errors_total). Said once.",
+                           self.path, exc, len(q))
+            if self._fd is not None and self._partial == 0:
+                os.close(self._fd)  # reopen next time: the folder may be created meanwhile
+                self._fd = None
+            return False
+        return True
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Last try for queued records (an error names how many are lost), then close."""
+        with self._lock:
+            if self._queue and not self._write_queued():
+                _log.error("mllmcal: %d record(s) could not be written to %s and are lost",
+                           len(self._queue), self.path)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -62,7 +62,9 @@ class Request:
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
                  "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
-                 "temperature", "key", "greedy_plain", "scale", "token_logits", "__weakref__")
+                 "temperature", "key", "greedy_plain", "scale", "token_logits", "stop_below",
+                 "stop_window", "stop_eos", "conf_window", "stop_probes", "forced_at",
+                 "reply_key", "n_sent", "__weakref__")
 
     def __init__(self, params: Any, tokens: list[int] | None = None,
                  apply_temperature: bool = False) -> None:
@@ -96,6 +98,25 @@ class Request:
         self.fb_position = int(extra.get("mllmcal_feedback_position", 0))
         # opt-in logits of chosen token ids per step (mllmcal_logits_ids; V1 runner only)
         self.token_logits = wanted_logits(extra)
+        # Stop when the mean confidence of the last ``stop_window`` tokens is below
+        # ``stop_below``: the runner forces ``stop_eos`` (EOS, or with ignore_eos the first
+        # stop token id) at the next step it sees the window's values (see .v1).
+        below = extra.get("mllmcal_stop_below")
+        self.stop_below = float(below) if below is not None else None
+        self.stop_window = int(extra.get("mllmcal_stop_window", 16))
+        eos = None if getattr(params, "ignore_eos", False) else getattr(params, "eos_token_id", None)
+        if eos is None:
+            eos = next(iter(sorted(getattr(params, "stop_token_ids", None) or ())), None)
+        self.stop_eos: int | None = eos
+        self.conf_window: collections.deque[float] = collections.deque(maxlen=self.stop_window)
+        # (step, row, token index) of rows seen by the engine thread, not in the window yet
+        self.stop_probes: collections.deque[tuple[StepStats, int, int]] = collections.deque()
+        self.forced_at: int | None = None  # index of the token forced to stop_eos
+        # Response statistics: the private key the values are published under (set by the
+        # API server's middleware or with_stats, never by a client), and how many were.
+        key = extra.get("mllmcal_key")
+        self.reply_key: str | None = str(key) if key else None
+        self.n_sent = 0
         # V1: vLLM's live output-token list; V2: filled by the tracker as tokens commit.
         self.tokens: list[int] = tokens if tokens is not None else []
         self.entries: collections.deque[TokenRow | CommittedToken] = collections.deque()
@@ -114,8 +135,11 @@ class Request:
         self.key: Any = None  # what the runner recognises the request by when it returns
 
     def finished_by_tokens(self) -> str:
-        """'length' or 'stop' when the committed tokens alone show the request is over."""
+        """'length', 'stop' or 'low_confidence' (a stop token was forced) when the committed
+        tokens alone show the request is over."""
         n = len(self.confidence)
+        if self.forced_at is not None and n > self.forced_at:
+            return "low_confidence"
         if self.max_tokens is not None and n >= self.max_tokens:
             return "length"
         if n and n >= self.min_tokens and self.tokens[n - 1] in self.stop_ids:

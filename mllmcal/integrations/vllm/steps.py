@@ -94,6 +94,16 @@ class StepStats:
         if self._event is not None and self._lists is None:
             self._event.synchronize()
 
+    def value(self, i: int, r: int) -> float:
+        """One host value, ``values()[i][r]``, without converting the rest (call when
+        :meth:`ready`; safe against :meth:`values` running in another thread)."""
+        lists, host = self._lists, self._host
+        if lists is not None:
+            return lists[i][r]
+        if host is None:  # values() finished between the two reads
+            return self._lists[i][r]
+        return float(host[i, r])
+
     def values(self) -> list[list[float]]:
         """Host values as ``[n_rows_of_stats][B]`` Python floats (call when :meth:`ready`)."""
         if self._lists is None:

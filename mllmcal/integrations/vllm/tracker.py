@@ -27,9 +27,10 @@ import time
 import weakref
 from typing import Any
 
+from .channel import Publisher
 from .config import Config
 from .feedback_scorer import AwaitingAnswer, FeedbackScorer
-from .metrics import count_record, metrics, observe_token, set_temperature
+from .metrics import count_record, count_write_error, metrics, observe_token, set_temperature
 from .records import RecordWriter, request_record
 from .request import Request
 from .steps import StepStats
@@ -39,11 +40,12 @@ __all__ = ["Tracker", "live_trackers"]
 _log = logging.getLogger("mllmcal")
 
 _trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+_KEYED_INTERVAL = 0.01  # seconds between drains while requests publish their values
 
 
 def live_trackers() -> list[Tracker]:
-    """The live trackers of this process (one per processor instance)."""
-    return list(_trackers)
+    """The live trackers of this process (one per active processor), closed ones left out."""
+    return [t for t in _trackers if not t._closed]
 
 
 def _flush_all_at_exit() -> None:
@@ -74,11 +76,16 @@ class Tracker:
         self.temperature = config.temperature  # read by the runners at every step
         self._lock = threading.RLock()  # request bookkeeping, shared with the engine thread
         self._active: set[Request] = set()
+        self._keyed: set[Request] = set()  # active requests that publish their values
+        self._publisher: Publisher | None = None
+        self._outbox: list[dict[str, Any]] = []  # messages to send once the lock is released
         self._detached: dict[Any, tuple[Request, float]] = {}
         self._ended: collections.deque[Request] = collections.deque()
         self._writer = writer_rank
         self._metrics = metrics() if (config.metrics and writer_rank) else None
-        self.records = RecordWriter(config.records if writer_rank else None)
+        m = self._metrics
+        self.records = RecordWriter(config.records if writer_rank else None,
+                                    on_error=lambda: count_write_error(m))
         self.scorer = FeedbackScorer(
             config.n_bins, config.max_awaiting_feedback, config.temperature,
             online=config.online_temperature, path=config.feedback, metrics=self._metrics)
@@ -108,7 +115,8 @@ class Tracker:
             stop, interval = self._stop, self.config.flush_interval
 
             def loop() -> None:
-                while not stop.wait(interval):
+                wait = interval
+                while not stop.wait(wait):
                     t = ref()
                     if t is None:
                         return
@@ -116,6 +124,8 @@ class Tracker:
                         t.drain()
                     except Exception:  # keep serving; the next drain retries
                         _log.exception("mllmcal: draining vLLM statistics failed")
+                    # Someone waits for the values of running requests: drain more often.
+                    wait = min(interval, _KEYED_INTERVAL) if t._keyed else interval
                     del t
 
             self._thread = threading.Thread(target=loop, name="mllmcal-vllm-drain", daemon=True)
@@ -134,6 +144,8 @@ class Tracker:
 
     def open_request(self, req: Request) -> None:
         self._active.add(req)
+        if req.reply_key is not None and self._writer:
+            self._keyed.add(req)
 
     def detach(self, key: Any, req: Request) -> None:
         """``req`` left the batch without being known to be finished: vLLM also takes out
@@ -180,6 +192,13 @@ class Tracker:
     def drain(self, final: bool = False) -> None:
         with self._lock:
             self._drain_requests(final)
+            self.records.retry()
+            msgs, self._outbox = self._outbox, []
+        if msgs:
+            # Outside the lock the engine thread shares: a slow reader must not stall it.
+            if self._publisher is None:
+                self._publisher = Publisher()
+            self._publisher.send(msgs)
         # Feedback outside the engine's lock: scoring a kept row reads results back to the
         # host (a device sync), which must not hold up the engine thread.
         self.scorer.drain()
@@ -207,6 +226,21 @@ class Tracker:
                 self._ended.append(req)  # its last step is not readable yet
                 continue
             self._finish(req)
+        if self._keyed:
+            self._publish([req for req in self._keyed if len(req.confidence) > req.n_sent])
+
+    def _publish(self, reqs: list[Request], finish: str | None = None) -> None:
+        """Queue the values ``reqs`` committed since their last message (see .channel); the
+        drain sends them."""
+        msgs = self._outbox
+        for req in reqs:
+            a, b = req.n_sent, len(req.confidence)
+            msgs.append({"key": req.reply_key, "sub": id(req), "id": req.rid, "start": a,
+                         "token_ids": [int(t) for t in req.tokens[a:b]],
+                         "confidence": req.confidence[a:b], "entropy": req.entropy[a:b],
+                         "logprob": req.logprob[a:b], "temperature": req.temperature,
+                         "finish": finish})
+            req.n_sent = b
 
     def _commit_ready(self, req: Request, final: bool) -> None:
         raise NotImplementedError
@@ -240,6 +274,9 @@ class Tracker:
         if req.written:
             return
         req.written = True
+        if req in self._keyed:
+            self._keyed.discard(req)
+            self._publish([req], finish=req.ended_by)
         if self._writer:
             self.records.write(request_record(req))
             self.n_records += 1

@@ -12,7 +12,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
 from ...ops import token_stats
-from .common import ProcessorCore, config_of, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, log_conf, scale_rows, writer_rank
 from .config import Config
 from .request import Request, TokenRow
 from .steps import CONF, ENT, LSE, PRED, ChosenLogit, SavedLogits, StepStats
@@ -58,6 +58,7 @@ class V1Tracker(Tracker):
         self._fb_rows: list[int] = []     # rows of requests that keep a feedback row
         self._scaled_rows: list[int] = []  # rows to divide by the calibration temperature
         self._logit_rows: list[int] = []  # rows that keep logits of chosen ids (opt-in)
+        self._stop_rows: list[int] = []    # rows of requests that may stop on low confidence
         self._saved_steps: list[V1Step] = []  # steps with saved rows not all read yet
         self._new_steps: collections.deque[V1Step] = collections.deque()  # not handed out
 
@@ -100,6 +101,8 @@ class V1Tracker(Tracker):
             self._scaled_rows = [r for r, q in enumerate(rows) if q is not None and q.scale]
             self._logit_rows = [r for r, q in enumerate(rows)
                                 if q is not None and q.token_logits is not None]
+            self._stop_rows = [r for r, q in enumerate(rows)
+                               if q is not None and q.stop_below is not None]
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None
@@ -137,11 +140,53 @@ class V1Tracker(Tracker):
                 reqs[r].fb_rows[id(stats)] = logits[r].clone()
         if self._logit_rows:
             keep_token_logits(logits, self._logit_rows, reqs, step.n_tokens)
+        if self._stop_rows:
+            self._stop_low_confidence(logits, step)
         stats.launch_copy()
         self._new_steps.append(step)
         if self._scaled_rows and t != 1.0:
             scale_rows(logits, [r for r in self._scaled_rows if r < n], t)
         return logits
+
+    def _stop_low_confidence(self, logits: torch.Tensor, step: V1Step) -> None:
+        """Force the stop token on the rows of requests whose mean confidence over their
+        last ``stop_window`` tokens is below ``stop_below``.
+
+        Decided on the host from the values of earlier steps whose copy has completed (no
+        wait): on the CPU that is every earlier step, so the token after the window is the
+        stop token; on a GPU the copy of the step just before may still be in flight, and
+        the stop comes one token (rarely more) later. The forced row keeps the statistics
+        of its unforced distribution; the stop token's log-probability under it is read
+        like an opted-in row's (one-element copy)."""
+        stats = step.stats
+        for r in self._stop_rows:
+            if r >= len(step.requests):
+                continue
+            req = step.requests[r]
+            probes = req.stop_probes
+            while probes and probes[0][0].ready():
+                st, row, k = probes[0]
+                if len(probes) > 1 and probes[1][2] == k:
+                    probes.popleft()  # a prompt chunk: the next row has the same index
+                elif len(req.tokens) > k:
+                    req.conf_window.append(st.value(CONF, row))
+                    probes.popleft()
+                else:
+                    break
+            probes.append((stats, r, step.n_tokens[r]))
+            w = req.conf_window
+            if req.forced_at is None and not (
+                    len(w) == req.stop_window and sum(w) / len(w) < req.stop_below):
+                continue
+            if req.forced_at is None:
+                req.forced_at = step.n_tokens[r]
+            eos = req.stop_eos
+            if eos is None or eos >= logits.shape[1]:
+                continue
+            stats.chosen[r] = ChosenLogit(StepStats((logits[r, eos:eos + 1].clone(),)), 0)
+            keep = logits[r, eos].clone()
+            logits[r].fill_(float("-inf"))
+            logits[r, eos] = keep
 
     def _resolve_saved(self, superseded: bool) -> None:
         """Read the opted-in rows' logits at their chosen tokens, for rows whose token is
@@ -228,6 +273,8 @@ class V1Tracker(Tracker):
             tok = tokens[k]
             v = stats.values()
             conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
+            if tok < 0 and k == req.forced_at and req.stop_eos is not None:
+                tok = req.stop_eos  # forced by _stop_low_confidence
             if tok < 0:
                 # Async scheduling appends a placeholder that vLLM replaces only when its
                 # own processors need the ids. A greedy request without penalties chose
@@ -259,20 +306,21 @@ class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
 
     def __init__(self, vllm_config: Any, device: torch.device | str,
                  is_pin_memory: bool = False) -> None:
-        cfg = config_of(vllm_config)
-        self._start(cfg, V1Tracker(cfg, torch.device(device), writer_rank()))
+        dev = torch.device(device)
+        self._start(vllm_config, lambda cfg: V1Tracker(cfg, dev, writer_rank()))
 
     def is_argmax_invariant(self) -> bool:
-        # False although the logits are untouched: V1 skips argmax-invariant processors
-        # for all-greedy batches, and it would also hand them logits already divided by
-        # the sampling temperature.
-        return False
+        # Active: False although the logits are untouched: V1 skips argmax-invariant
+        # processors for all-greedy batches, and it would also hand them logits already
+        # divided by the sampling temperature. Inactive: True, so that V1 does not call
+        # apply() for all-greedy batches at all.
+        return not self.active
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if self.config.enabled:
+        if self.active:
             self.tracker.update_state(batch_update)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.config.enabled:
+        if not self.active:
             return logits
         return self.tracker.apply(logits)

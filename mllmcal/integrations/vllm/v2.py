@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +14,15 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from ...ops import token_stats
-from .common import ProcessorCore, config_of, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, log_conf, scale_rows, writer_rank
 from .config import Config
 from .request import CommittedToken, Request
 from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats
 from .tracker import Tracker
 
 __all__ = ["V2CalibratedLogitsProcessor", "V2Step", "V2Tracker"]
+
+_log = logging.getLogger("mllmcal")
 
 # Rows that V2Tracker._resolve appends to a step's CONF, ENT, LSE, PRED rows.
 _SLOT, _POS, _TOK, _COMMITTED, _CHOSEN = range(4, 9)
@@ -65,6 +68,7 @@ class V2Tracker(Tracker):
         self.slots: dict[int, Request] = {}
         self._unresolved: list[V2Step] = []  # tokens not gathered yet (engine thread)
         self._pending: collections.deque[V2Step] = collections.deque()  # copies in flight
+        self._warned_stop = False
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
         self._resolve()
@@ -76,6 +80,11 @@ class V2Tracker(Tracker):
             if req is None:
                 req = Request(sampling_params, None, self.config.apply_temperature)
                 req.key = sampling_params
+                if req.stop_below is not None and not self._warned_stop:
+                    self._warned_stop = True
+                    _log.warning("mllmcal: mllmcal_stop_below is not supported by Model "
+                                 "Runner V2 (VLLM_USE_V2_MODEL_RUNNER=0 selects V1); the "
+                                 "request runs to its end. Said once.")
                 self.open_request(req)
             self.slots[req_idx] = req
         # True: V2 calls apply() only for batches with a request that needs processing,
@@ -215,16 +224,16 @@ class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
     runner = "v2"
 
     def __init__(self, vllm_config: Any, req_states: Any) -> None:
-        cfg = config_of(vllm_config)
-        self._start(cfg, V2Tracker(cfg, req_states, writer_rank()))
+        self._start(vllm_config, lambda cfg: V2Tracker(cfg, req_states, writer_rank()))
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        if not self.config.enabled:
+        # Inactive: False, so that V2 never calls apply() on this instance's account.
+        if not self.active:
             return False
         return self.tracker.add_request(req_idx, sampling_params)
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        if not self.config.enabled:
+        if not self.active:
             return logits
         return self.tracker.apply(logits, ctx)
 

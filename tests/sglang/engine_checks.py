@@ -2,7 +2,8 @@
 SGLang's real CPU engine. Writes what SGLang returned and what mllmcal recorded as JSON.
 
 --mode offline: ``sglang.Engine`` in this process (its scheduler is a subprocess);
---mode server: ``python -m sglang.launch_server`` on 127.0.0.1, requests to /generate.
+--mode server: ``python -m sglang.launch_server`` on 127.0.0.1, concurrent requests to
+/generate, then its /metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mllmcal.integrations.sglang import CalibratedLogitProcessor
@@ -133,13 +135,15 @@ def server(args: argparse.Namespace, records: Path) -> dict:
                 raise SystemExit("server did not start in 240 s")
             time.sleep(1)
         proc = CalibratedLogitProcessor.to_str()
-        for r in requests():
-            if r["kind"] != "greedy":
-                continue
-            out = _post(base + "/generate", {
+
+        def one(r: dict) -> dict:
+            return result_of(r, _post(base + "/generate", {
                 "text": r["prompt"], "sampling_params": r["sampling_params"],
-                "return_logprob": True, "custom_logit_processor": proc})
-            results.append(result_of(r, out))
+                "return_logprob": True, "custom_logit_processor": proc}))
+
+        # All at once: greedy and sampled requests share batches.
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, requests()))
         before = wait_records(records, {r["id"] for r in results})
         time.sleep(1.0)
         with urllib.request.urlopen(base + "/metrics", timeout=10) as m:

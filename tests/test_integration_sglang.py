@@ -128,3 +128,102 @@ def test_server_records_and_metrics(tiny_model, tmp_path):
     assert m["mllmcal_token_confidence_count"] == n_tokens
     assert m["mllmcal_token_entropy_count"] == n_tokens
     assert m["mllmcal_requests_total"] == len(res["requests"])
+
+
+# ---------------------------------------------------------------------------------------
+# The tracker's bookkeeping against stand-ins of SGLang's request (no SGLang needed): the
+# overlap scheduler's lag and extra step, requests gone without a reason, prompt chunks,
+# opted-in sampled log-probs, a records folder that appears late.
+
+
+class FINISH_LENGTH:  # noqa: N801 - SGLang's finish-reason class names are what is matched
+    pass
+
+
+class _FakeReq:
+    def __init__(self, rid: str, max_new: int, prompt_len: int = 4) -> None:
+        from types import SimpleNamespace
+
+        self.rid = rid
+        self.output_ids: list[int] = []
+        self.sampling_params = SimpleNamespace(max_new_tokens=max_new)
+        self.finished_reason = None
+        self.full_untruncated_fill_ids = [0] * prompt_len
+        self.extend_end = prompt_len
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+
+def _params(req: _FakeReq, **extra) -> dict:
+    import weakref
+
+    return {**extra, "__req__": weakref.proxy(req)}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_tracker_bookkeeping_with_stand_in_requests(tmp_path, monkeypatch):
+    import torch
+
+    from mllmcal.integrations import sglang as sgl
+    from mllmcal.integrations.sglang import CalibratedLogitProcessor, SGLangTracker
+
+    path = tmp_path / "late" / "records.jsonl"  # its folder does not exist yet
+    monkeypatch.setenv("MLLMCAL_SGLANG_RECORDS", str(path))
+    monkeypatch.setenv("MLLMCAL_SGLANG_FLUSH_INTERVAL", "3600")  # drains by hand only
+    monkeypatch.setenv("MLLMCAL_SGLANG_METRICS", "0")
+    tr = SGLangTracker()
+    monkeypatch.setattr(sgl, "_tracker", tr)  # the processor's (this process's) tracker
+    g = torch.Generator().manual_seed(0)
+    a, b, c = _FakeReq("ra", max_new=3), _FakeReq("rb", max_new=9), _FakeReq("rc", 9, 100)
+    pa, pb, pc = _params(a, mllmcal_id="A"), _params(b, mllmcal_logprobs=True), _params(c)
+    c.extend_end = 64  # its first step prefills a chunk of its 100-token prompt
+    expect: dict[str, list[float]] = {"A": [], "rb": [], "rc": []}
+    pending: list[tuple[_FakeReq, str, int, float]] = []
+    for step in range(5):
+        batch = [(a, pa), (b, pb), (c, pc)] if step < 4 else [(b, pb), (c, pc)]
+        logits = torch.randn(len(batch), 30, generator=g) * 3
+        out = CalibratedLogitProcessor()(logits.clone(), [p for _, p in batch])
+        assert torch.equal(out, logits)  # observes only
+        # The overlap scheduler appends a step's tokens after the next step has run.
+        for req, key, tok, lp in pending:
+            req.output_ids.append(tok)
+            expect[key].append(lp)
+        pending = []
+        logp = torch.log_softmax(logits, -1)
+        for row, (req, _) in enumerate(batch):
+            key = {"ra": "A"}.get(req.rid, req.rid)
+            if req is c and step == 0:
+                c.extend_end = 100  # the next step prefills the last chunk
+                continue
+            if req is a and len(a.output_ids) + len(pending) >= 3:
+                continue  # the overlap scheduler's extra step: its token is dropped
+            tok = int(logits[row].argmin()) if req is b else int(logits[row].argmax())
+            pending.append((req, key, tok, float(logp[row, tok])))
+        if len(a.output_ids) == 3:
+            a.finished_reason = FINISH_LENGTH()
+        tr.drain()
+    batch = req = _ = pending = None  # the test's own references to the requests
+    assert not _records(path)  # the folder is missing: nothing written, nothing lost
+    path.parent.mkdir()
+    assert tr.drain() == 1
+    assert tr.drain() == 0  # written once
+    del a, pa  # SGLang drops the finished request: still no second record
+    tr.drain()
+    del b, pb  # b is dropped without a finish reason seen: written with what it produced
+    tr.drain()
+    tr.close()  # c is still running: written as "flush"
+    recs = {r["id"]: r for r in _records(path)}
+    assert sorted(recs) == ["A", "rb", "rc"] and len(_records(path)) == 3
+    assert recs["A"]["finish"] == "length" and recs["A"]["n_tokens"] == 3
+    assert recs["rb"]["finish"] == "removed" and recs["rc"]["finish"] == "flush"
+    for key, rec in recs.items():
+        assert rec["n_tokens"] == len(expect[key]) == len(rec["logprob"])
+        for lp, want in zip(rec["logprob"], expect[key], strict=True):
+            assert lp is not None and abs(lp - want) <= TOL, key
+    # rb sampled the least likely token each time: exact only because it opted in.
+    assert all(lp < math.log(conf) - 1 for lp, conf in
+               zip(recs["rb"]["logprob"], recs["rb"]["confidence"], strict=True))

@@ -252,13 +252,14 @@ class SGLangTracker:
                 if done or final:
                     if reason is not None:
                         st.ended_by = _finish_name(reason)
-                    elif done:
-                        st.ended_by = ("length" if st.max_new is not None
-                                       and len(tokens) >= st.max_new else "removed")
-                    else:
-                        st.ended_by = "flush"
-                    self._write(st, tokens)
-                    if not alive or final:
+                    elif not st.ended_by:  # gone before a drain saw its reason
+                        st.ended_by = ("flush" if not done else "length"
+                                       if st.max_new is not None and len(tokens) >= st.max_new
+                                       else "removed")
+                    written = self._write(st, tokens)
+                    # A written request that is still alive stays, marked written: the
+                    # overlap scheduler may run it one more step.
+                    if final or (written and not alive):
                         del self._reqs[key]
         return self.n_records - before
 
@@ -291,14 +292,21 @@ class SGLangTracker:
             st.logprob.append(lp)
             observe_token(self._metrics, conf, ent)
 
-    def _write(self, st: _Request, tokens: list[int]) -> None:
-        st.written = True
+    def _write(self, st: _Request, tokens: list[int]) -> bool:
+        """Write ``st``'s record; False (and kept for the next drain) if that failed."""
         st.entries.clear()
         st.tokens = tokens
         if self._writer:
-            self.records.write(request_record(st))
+            try:
+                self.records.write(request_record(st))
+            except OSError as e:
+                self._warn_once("write", f"mllmcal: writing SGLang records to "
+                                f"{self.records.path!r} failed ({e}); retrying every drain")
+                return False
             self.n_records += 1
             count_record(self._metrics)
+        st.written = True
+        return True
 
     def close(self) -> None:
         """Write every open request's record (``finish`` ``"flush"`` unless finished)."""

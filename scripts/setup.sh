@@ -21,6 +21,7 @@ if [ "${1:-}" = "--tests" ]; then
   # The newest transformers next to the same torch, for the integration tests.
   bash scripts/setup_tf_latest.sh
   bash scripts/setup_vllm.sh  # .venv-vllm: the vLLM CPU engine for tests/test_integration_vllm.py
+  bash scripts/setup_sglang.sh  # .venv-sglang: SGLang's CPU engine for tests/test_integration_sglang.py
 elif [ -n "${1:-}" ]; then
   echo "setup.sh: unknown option $1 (the only option is --tests)" >&2
   exit 2

@@ -55,7 +55,13 @@ from typing import Any
 import torch
 
 from ..ops import token_stats
-from .vllm.metrics import count_record, metrics, observe_token, set_temperature
+from .vllm.metrics import (
+    count_record,
+    count_write_error,
+    metrics,
+    observe_token,
+    set_temperature,
+)
 from .vllm.records import RecordWriter, request_record
 from .vllm.steps import CONF, ENT, LSE, PRED, StepStats
 
@@ -157,12 +163,13 @@ class SGLangTracker:
         use_metrics = os.environ.get("MLLMCAL_SGLANG_METRICS", "1").strip().lower() not in (
             "0", "false", "no", "off")
         self._metrics = metrics() if (writer and use_metrics) else None
+        m = self._metrics
         self.records = RecordWriter((os.environ.get("MLLMCAL_SGLANG_RECORDS") or None)
-                                    if writer else None)
+                                    if writer else None, on_error=lambda: count_write_error(m))
         self._writer = writer
         self._lock = threading.RLock()
         self._reqs: dict[int, _Request] = {}  # id(custom params dict) -> request
-        self.n_records = 0
+        self._handed = 0  # records handed to the writer (it may still hold some)
         self._warned: set[str] = set()
         self._stop = threading.Event()
         set_temperature(self._metrics, t)
@@ -235,6 +242,7 @@ class SGLangTracker:
         ``final``, of every request). Returns the number of records written."""
         before = self.n_records
         with self._lock:
+            self.records.retry()
             for key, st in list(self._reqs.items()):
                 try:
                     done = st.req.finished()
@@ -297,16 +305,18 @@ class SGLangTracker:
         st.entries.clear()
         st.tokens = tokens
         if self._writer:
-            try:
-                self.records.write(request_record(st))
-            except OSError as e:
-                self._warn_once("write", f"mllmcal: writing SGLang records to "
-                                f"{self.records.path!r} failed ({e}); retrying every drain")
-                return False
-            self.n_records += 1
+            # The writer keeps a record it could not write and retries it at every drain
+            # (vllm/records.py: at least once, at most once); it logs the first failure.
+            self.records.write(request_record(st))
+            self._handed += 1
             count_record(self._metrics)
         st.written = True
         return True
+
+    @property
+    def n_records(self) -> int:
+        """Records whose lines are in the file (handed over, not waiting, not dropped)."""
+        return self._handed - self.records.n_queued - self.records.n_dropped
 
     def close(self) -> None:
         """Write every open request's record (``finish`` ``"flush"`` unless finished)."""

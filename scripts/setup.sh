@@ -2,9 +2,10 @@
 # Set up a development environment in ./.venv: pinned dependencies, then mllmcal built in
 # place with its C++ (and, where nvcc is found, CUDA) kernels. Idempotent.
 #   bash scripts/setup.sh           what `mllmcal` needs (about a minute)
-#   bash scripts/setup.sh --tests   also the two extra environments the test suite drives:
-#                                   .venv-tf-latest (newest transformers 5.x) and .venv-vllm
-#                                   (the vLLM CPU engine; ~3.3 GB, a few minutes)
+#   bash scripts/setup.sh --tests   also the three extra environments the test suite drives:
+#                                   .venv-tf-latest (newest transformers 5.x), .venv-vllm
+#                                   (the vLLM CPU engine; ~3.3 GB) and .venv-sglang (SGLang's
+#                                   CPU engine; ~2.9 GB); a few minutes each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

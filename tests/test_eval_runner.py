@@ -287,7 +287,7 @@ def _assert_no_rows_cached(cache):
 
 
 def _answer_rows(em, items, modality, batch_size):
-    """The kept-rows way the eval fitted T before issue 13: every answer row stacked."""
+    """The kept-rows way the eval fitted T before the one-pass accumulator: every answer row stacked."""
     batches = list(score_items(em, items, with_image=modality == "image", batch_size=batch_size))
     rows = torch.cat([b.rows for b in batches if b.rows is not None])
     labels = torch.cat([b.labels for b in batches if b.rows is not None])

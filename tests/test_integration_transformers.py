@@ -350,7 +350,7 @@ def _exact_against_recorded(proc, rec, out, prompt_len, temperature, eos_ids):
 
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_exact_whatever_the_neighbours_do_to_the_scores(llama, do_sample):
-    """Issue 12: in-place editors after it, stacked processors, a neighbour that returns a
+    """In-place editors after it, stacked processors, a neighbour that returns a
     new tensor at step 1 only, one that reuses its output buffer, wrapping."""
     ids, mask = _left_padded_batch(seed=20)
     rec_a, rec_b, rec_c = _Recorder(), _Recorder(), _Recorder()
@@ -779,7 +779,7 @@ class _OpCounter:
 
 @pytest.mark.parametrize("scale_scores", [False, True])
 def test_one_fused_op_and_one_gather_per_decode_step(llama, scale_scores):
-    """Issue 12: the frame-walking processor did 9 device ops per decode step: 2 in the
+    """An earlier, frame-walking processor did 9 device ops per decode step: 2 in the
     processor (plus 3 allocations), 6 in its companion stopping criterion, and the
     raw-pointer kernel launch that no dispatch mode saw. Now: the mllmcal.token_stats op
     and one gather; a copy more when it returns scaled scores."""

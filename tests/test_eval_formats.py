@@ -4,6 +4,7 @@ with real PNG/JPEG bytes; and the demo's test split in every layout reads as its
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,34 @@ def test_a_generic_table_with_an_options_column_keeps_its_letter_answers(tmp_pat
                              "options": [["x", "y"], ["p", "q", "r"]], "answer": ["B", "r"]}),
                    tmp_path / "test.parquet")
     assert [it.answer for it in load_items(tmp_path / "test.parquet").items] == ["B", "C"]
+
+
+def test_demo_model_scores_every_layout_exactly_as_its_llava_json(tmp_path, monkeypatch):
+    """End to end: the demo model's accuracy, ECE, Brier and AUROC on the demo's test items
+    written in each toolkit layout equal those on the LLaVA JSON itself, exactly."""
+    pytest.importorskip("datasets")
+    from mllmcal.demo import demo_data_dir, demo_model_dir
+    from mllmcal.eval.config import EvalConfig
+    from mllmcal.eval.runner import run_eval
+
+    monkeypatch.setenv("MLLMCAL_CACHE", str(tmp_path / "cache"))
+    ref = _demo_items()[:40]
+    files = _write_layouts(tmp_path, ref)
+    d = demo_data_dir()
+    rows = json.loads((d / "test.json").read_text())[:40]
+    (tmp_path / "llava.json").write_text(json.dumps(rows))
+
+    def run(test: Path, name: str, fmt: str | None) -> dict:
+        rep = run_eval(EvalConfig(
+            models=[str(demo_model_dir())], test=str(test), calib=str(d / "calib.json"),
+            images=str(d), out=str(tmp_path / name), method="letter", batch_size=8,
+            split_limits={"calib": 40}, build_idk=False, idk_variants=(), progress=False,
+            plots=False, modalities=("image",), format=fmt))
+        return rep["models"][0]["modalities"]["image"]["test"]
+
+    base = run(tmp_path / "llava.json", "llava", None)
+    assert base["n_items"] == base["n_scored"] == 40 and 0 < base["accuracy"] < 1
+    for name in ("vlmevalkit", "mmbench", "scienceqa", "seedbench", "mmmu", "ai2d"):
+        got = run(files[name], name, name)
+        for key in ("accuracy", "ece", "brier", "auroc", "n_items", "n_scored"):
+            assert got[key] == base[key], (name, key, got[key], base[key])

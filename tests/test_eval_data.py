@@ -62,7 +62,7 @@ def test_invalid_jsonl_line_names_file_and_line(tmp_path):
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="cannot read data file"):
+    with pytest.raises(DataError, match=r"data file .*nope\.json: cannot read"):
         load_items(tmp_path / "nope.json")
 
 

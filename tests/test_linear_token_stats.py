@@ -274,3 +274,10 @@ def test_gpu_triton_matches_cpu_route(dtype):
     y = make_labels(n, v, seed=21)
     s = _run(h.cuda(), w.cuda(), y.cuda(), "triton", temperature=1.1)
     assert_matches_reference(s, logits64(h, w), y, 1.1)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    result = doctest.testmod(L, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -8,8 +8,9 @@ Contenders, on the same inputs (hidden ``[N, H]``, head ``[V, H]``, labels), fp3
   tiles through torch's GEMM into one buffer, statistics per tile, exact merge.
 
 Each (dtype, contender) runs in its own subprocess, so that its peak memory can be read
-from the process's peak RSS (``ru_maxrss``): "extra memory" is the peak RSS during the
-timed calls minus the RSS just before them (inputs built, libraries loaded by a small
+from the process's peak RSS (``VmHWM``, reset just before the timed calls; ``ru_maxrss``
+where that cannot be reset): "extra memory" is the peak RSS during the timed calls minus
+the RSS just before them (inputs built, libraries loaded by a small
 warm-up call). Time is the best of ``--repeat`` calls. The ratios divide the fused figures
 by the materialised ones from the same run, and memory also by the size of the
 materialised logits (``N * V * itemsize`` of the inputs' dtype).
@@ -46,14 +47,34 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that it starts at the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def worker(variant: str, dtype_name: str, n: int, hd: int, v: int, repeat: int) -> dict:
     """Build the inputs, warm up on a slice, then time ``repeat`` full calls."""
     import mllmcal
 
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, hd, generator=g).to(dtype)
-    weight = (torch.randn(v, hd, generator=g) / hd**0.5).to(dtype)
+    # Made in place in their dtype: a temporary copy would raise the peak RSS that the
+    # measurement below starts from.
+    hidden = torch.randn(n, hd, generator=g, dtype=dtype)
+    weight = torch.randn(v, hd, generator=g, dtype=dtype).div_(hd**0.5)
     labels = torch.randint(0, v, (n,), generator=g)
 
     def run(h, w, y):
@@ -63,13 +84,14 @@ def worker(variant: str, dtype_name: str, n: int, hd: int, v: int, repeat: int) 
 
     run(hidden[:64], weight[:8192], labels[:64] % 8192)  # load kernels and thread pools
     before = _rss_bytes()
+    reset = _reset_peak()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         s = run(hidden, weight, labels)
         times.append(time.perf_counter() - t0)
         del s
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _peak_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": variant, "dtype": dtype_name, "best_s": min(times), "times_s": times,
             "extra_bytes": max(0, peak - before)}
 
@@ -89,13 +111,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"small size {QUICK}, no JSON")
     ap.add_argument("--repeat", type=int, default=None, help="timed calls per variant")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--size", nargs=3, type=int, metavar=("N", "H", "V"),
+                    help="another size (the JSON goes to linear_token_stats_cpu_N_H_V.json)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         variant, dtype, n, hd, v, repeat = args.worker
         print(json.dumps(worker(variant, dtype, int(n), int(hd), int(v), int(repeat))))
         return
-    size = QUICK if args.quick else FULL
+    size = tuple(args.size) if args.size else (QUICK if args.quick else FULL)
+    results = RESULTS
+    if args.size and size != FULL:
+        results = RESULTS.with_name(f"linear_token_stats_cpu_{'_'.join(map(str, size))}.json")
     repeat = args.repeat or (3 if args.quick else 1)
     n, hd, v = size
     load_before = os.getloadavg()
@@ -121,12 +148,13 @@ def main() -> None:
               f"{100 * row['memory_ratio_vs_logits']:8.2f}%", flush=True)
     if args.quick:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
         "bench": "linear_token_stats_cpu", "size": {"N": n, "H": hd, "V": v},
         "repeat": repeat, "rows": rows,
-        "memory_method": "peak RSS (ru_maxrss) during the timed calls minus RSS before, "
-                         "one subprocess per variant",
+        "memory_method": "peak RSS (VmHWM, reset through /proc/self/clear_refs just "
+                         "before the timed calls) minus RSS before them, one subprocess "
+                         "per variant",
         "load_before": load_before, "load_after": os.getloadavg(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
@@ -134,7 +162,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "goal": {"time_ratio": 1.1, "memory_ratio_vs_logits": 0.02},
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

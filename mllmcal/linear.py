@@ -38,9 +38,18 @@ from __future__ import annotations
 import torch
 
 from . import _contract as C
-from .ops import TokenStats, _check_labels, _check_temperature, available_backends, resolve_backend
+from .ops import (
+    TokenStats,
+    _check_labels,
+    _check_temperature,
+    _linear_token_stats_op,
+    available_backends,
+    resolve_backend,
+)
 
-__all__ = ["linear_token_stats", "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE"]
+__all__ = [
+    "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE", "linear_token_stats", "linear_token_stats_into",
+]
 
 # Measured on a 2-core Xeon (4 MiB L2 per core, 260 MiB L3) at H = 896: 1024 x 4096 fp32
 # (16 MiB, in L3) keeps the GEMM as fast as one big GEMM; 256-row chunks were ~1.5x
@@ -152,7 +161,7 @@ def _tiled_into(
     # the tile's GEMM), written straight into this chunk's per-tile slots.
     cpp = None
     if stats_backend == "cpu":
-        from . import _cpp as cpp
+        from ._backends.compiled import cpu as cpp
     tile_flags = torch.empty(chunk, dtype=torch.uint8, device=dev)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -222,60 +231,24 @@ def _tiled_into(
         flags[r0:r1] = fg
 
 
-# --------------------------------------------------------------------------- torch op
+def linear_token_stats_into(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor | None, temperature: float, temperature_rows: torch.Tensor | None,
+    ignore_index: int, backend: str, fstats: torch.Tensor, pred: torch.Tensor,
+    flags: torch.Tensor,
+) -> None:
+    """The computation behind the torch op ``mllmcal::linear_token_stats`` (registered with
+    its fake in :mod:`mllmcal.ops`): fill fstats fp32 ``[7, N]``, pred int64 ``[N]`` and
+    flags uint8 ``[N]`` for ``hidden`` ``[N, H]``; ``backend`` is ``"triton"`` (the fused
+    kernel) or the ``token_stats`` backend of the tiled route."""
+    if backend == "triton":
+        from .kernels import linear_token_stats as K
 
-_SCHEMA = (
-    "linear_token_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor? labels, "
-    "float temperature, Tensor? temperature_rows, Tensor(a!)? histogram, int ignore_index, "
-    "str backend) -> (Tensor, Tensor, Tensor)"
-)
-# torch.library.Library rather than @custom_op, as for mllmcal::token_stats (see the note
-# in mllmcal/ops.py): no per-call Python autograd layers.
-_lib = torch.library.Library("mllmcal", "FRAGMENT")
-_lib.define(_SCHEMA)
-
-
-def _impl(hidden, weight, bias, labels, temperature, temperature_rows, histogram,
-          ignore_index, backend):
-    n = hidden.shape[0]
-    dev = hidden.device
-    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=dev)
-    pred = torch.empty(n, dtype=torch.int64, device=dev)
-    flags = torch.empty(n, dtype=torch.uint8, device=dev)
-    if n:
-        with torch.no_grad():
-            if backend == "triton":
-                from .kernels import linear_token_stats as K
-
-                K.linear_token_stats_into(
-                    hidden, weight, bias, labels, temperature, temperature_rows,
-                    fstats, pred, flags, ignore_index,
-                )
-            else:
-                _tiled_into(hidden, weight, bias, labels, temperature, temperature_rows,
-                            ignore_index, backend, fstats, pred, flags)
-            if histogram is not None:
-                keep = (flags & C.FLAG_VALID) != 0
-                keep &= labels != ignore_index
-                C.hist_add_(histogram, fstats[C.CONF], (flags & C.FLAG_CORRECT) != 0, keep)
-    return fstats, pred, flags
-
-
-_lib.impl("linear_token_stats", _impl, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("mllmcal::linear_token_stats", lib=_lib)
-def _fake(hidden, weight, bias, labels, temperature, temperature_rows, histogram,
-          ignore_index, backend):
-    n = hidden.shape[0]
-    return (
-        hidden.new_empty((C.N_FSTATS, n), dtype=torch.float32),
-        hidden.new_empty((n,), dtype=torch.int64),
-        hidden.new_empty((n,), dtype=torch.uint8),
-    )
-
-
-_op = torch.ops.mllmcal.linear_token_stats.default
+        K.linear_token_stats_into(hidden, weight, bias, labels, temperature, temperature_rows,
+                                  fstats, pred, flags, ignore_index)
+    else:
+        _tiled_into(hidden, weight, bias, labels, temperature, temperature_rows, ignore_index,
+                    backend, fstats, pred, flags)
 
 
 def _choose(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
@@ -388,7 +361,9 @@ def linear_token_stats(
         name = _choose_for_trace(backend, device, h.dtype, n, v)
     else:
         name = _choose(backend, device, h.dtype, n, v)
-    fstats, pred, flags = _op(h, w, bias, y, t_scalar, t_rows, histogram, int(ignore_index), name)
+    fstats, pred, flags = _linear_token_stats_op(
+        h, w, bias, y, t_scalar, t_rows, histogram, int(ignore_index), name
+    )
 
     def shaped(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(lead)

@@ -15,7 +15,7 @@ once per vocabulary tile. ``BLOCK_M`` trades that against registers.
 
 Only ``tl.exp``/``tl.log``/``tl.math.div_rn`` and ``tl.dot`` are used (no libdevice, no inline
 asm), so the kernel runs under ``TRITON_INTERPRET=1`` on the CPU and lowers for sm_90 ahead
-of time (:func:`aot_compile`). ``tl.dot`` needs every block dimension >= 16.
+of time (``tools/aot.py``). ``tl.dot`` needs every block dimension >= 16.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
 from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
-__all__ = ["linear_token_stats_into", "linear_token_stats_kernel", "aot_compile", "aot_report"]
+__all__ = ["linear_token_stats_into", "linear_token_stats_kernel"]
 
 if _interpreting():
     install_fixes()
@@ -199,60 +199,3 @@ def linear_token_stats_into(
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
         WIDEN_DOT=_interpreting() and hidden.dtype != torch.float32, num_warps=nw,
     )
-
-
-# ----------------------------------------------------------------------------- AOT checks
-
-_PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-def aot_compile(
-    dtype: torch.dtype = torch.float32, *, arch: int = 90, features: bool = True,
-    block_m: int = 64, block_v: int = 128, block_k: int = 64, num_warps: int = 8,
-):
-    """Compile the kernel for ``sm_<arch>`` without a GPU; returns Triton's CompiledKernel.
-
-    ``features`` turns bias, labels and per-row temperature all on or all off. Needs
-    ``TRITON_INTERPRET`` unset or 0 when this module was imported.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = linear_token_stats_kernel
-    if not isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError("kernel was created under TRITON_INTERPRET=1; compile without it")
-    xt = _PTR_TYPES[dtype]
-    signature = {
-        "h_ptr": xt, "stride_h": "i32", "w_ptr": xt, "stride_w": "i32", "bias_ptr": "*fp32",
-        "labels_ptr": "*i64", "t_ptr": "*fp32", "t_scalar": "fp32", "fstats_ptr": "*fp32",
-        "pred_ptr": "*i64", "flags_ptr": "*u8", "n_rows": "i32", "n_cols": "i32",
-        "n_hidden": "i32", "ignore_index": "i32",
-    }
-    flags = {
-        "HAS_BIAS": features, "HAS_LABELS": features, "HAS_T_ROWS": features,
-        "APPLY_T": features, "BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k,
-        "WIDEN_DOT": False,
-    }
-    for k in flags:
-        signature[k] = "constexpr"
-    attrs = {}
-    for i, arg in enumerate(kernel.arg_names):
-        if signature[arg].startswith("*") or arg in ("stride_h", "stride_w", "n_hidden"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-
-
-def aot_report(arch: int = 90) -> list[dict]:
-    """Compile every dtype with all features on and off; summarise the PTX (MMA and
-    64-bit offset counts). Run without ``TRITON_INTERPRET=1``."""
-    out = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for features in (True, False):
-            ptx = aot_compile(dtype, arch=arch, features=features).asm["ptx"]
-            out.append({
-                "dtype": str(dtype).removeprefix("torch."), "features": features,
-                "ptx_chars": len(ptx), "mma": ptx.count("mma.") + ptx.count("wgmma."),
-                "ex2": ptx.count("ex2.approx"), "mul_lo_s64": ptx.count("mul.lo.s64"),
-            })
-    return out

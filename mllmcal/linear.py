@@ -57,6 +57,14 @@ __all__ = [
 DEFAULT_ROW_CHUNK = 1024
 DEFAULT_VOCAB_TILE = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Threads of the C++ statistics of each tile (None: torch's count). One OpenMP runtime is
+# loaded (torch's libgomp; the extension links the same soname). The ~20 ms per 2-thread
+# call once seen here came from the kernel's OpenMP `parallel for`, whose barrier waited
+# for a team thread the OS had not scheduled on the 2 loaded cores; the kernel's threads
+# now claim work and the caller never waits for one that has not started. One thread is
+# still faster here: a helper woken after every tile competes with the next tile's GEMM
+# team (best of 5 at N=1024, H=896, V=151936 fp32: 2.50 s with 1, 2.75 s with 2, load 3.6).
+STATS_THREADS: int | None = 1
 
 
 # --------------------------------------------------------------------------- tiled route
@@ -153,12 +161,8 @@ def _tiled_into(
     wbuf = torch.empty(tile * hd, dtype=torch.float32, device=dev) if widen else None
     bias32 = None if bias is None else bias.to(torch.float32)
     op = torch.ops.mllmcal.token_stats.default
-    # Torch's GEMM and the C++ statistics use two OpenMP runtimes (torch's bundled libgomp,
-    # the extension's system one). Right after a GEMM its pool's workers still spin, and
-    # the extension's workers wait for a core: ~20 ms per call on 2 cores, measured (and
-    # toggling torch.set_num_threads stalls the next op as long). So the C++ statistics
-    # of a hot tile run on the calling thread (a 16 MiB tile from L3 in ~10 ms, a tenth of
-    # the tile's GEMM), written straight into this chunk's per-tile slots.
+    # The C++ statistics of a hot tile are written straight into this chunk's per-tile
+    # slots, with STATS_THREADS threads (None: torch's count).
     cpp = None
     if stats_backend == "cpu":
         from ._backends.compiled import cpu as cpp
@@ -206,7 +210,7 @@ def _tiled_into(
             if cpp is not None:
                 f, p, fl = fs[k], pt[k], tile_flags[:c]
                 cpp.token_stats_into(x, y_loc, t_scalar, t_chunk, f, p, fl, None, None, -1,
-                                     num_threads=1)
+                                     num_threads=STATS_THREADS)
             else:
                 f, p, fl = op(x, y_loc, t_scalar, t_chunk, None, None, -1, stats_backend)
                 fs[k] = f

@@ -6,15 +6,20 @@
 // Everything here has internal linkage and calls nothing with external linkage in its hot
 // loops, so no out-of-line function compiled for a wide ISA can leak to other code.
 //
-// The loops are written for GCC's auto-vectoriser: branch-free bodies, selects instead of
-// ifs, bit casts through __builtin_memcpy, and `#pragma omp simd reduction` where a loop
-// reduces (without -ffast-math GCC may not reassociate fp sums by itself; the pragma
-// allows it for exactly these loops, while NaN/inf semantics stay IEEE everywhere else).
+// The generic and AVX2 loops are written for GCC's auto-vectoriser: branch-free bodies,
+// selects instead of ifs, bit casts through __builtin_memcpy, and `#pragma omp simd
+// reduction` where a loop reduces (without -ffast-math GCC may not reassociate fp sums by
+// itself; the pragma allows it for exactly these loops, while NaN/inf semantics stay IEEE
+// everywhere else). The AVX-512 build (MLLMCAL_KERNEL_AVX512) replaces the two block
+// passes and the argmax search with intrinsics, where GCC's vectorisation left most of
+// the time on the table: one dependency chain per reduction, selects around the exp
+// (profile in bench/NOTES.md).
 
 namespace {
 
-// Columns per block. A block is read once from memory into `zbuf` (8 KiB, stays in L1)
-// and then re-read from L1 for the exp pass: "block max first, then exp of the block".
+// Columns per block. A block is read once from memory (into `zbuf`, 8 KiB, when it must be
+// converted or divided by T; fp32 as is is re-read in place) and then re-read from L1 for
+// the exp pass: "block max first, then exp of the block".
 constexpr int kBlock = 2048;
 
 static inline uint32_t f2u(float f) {

@@ -4,12 +4,17 @@ against what users write today. Not a test: it asserts nothing about speed.
 Contenders, on the same tensor in the same run (the baselines are imported from
 ``mllmcal.reference`` so the thing measured is the thing tested):
 
-* ``cpu``      -- ``mllmcal.token_stats(..., backend="cpu")`` (the C++/OpenMP kernel)
+* ``cpu``      -- ``mllmcal.token_stats(..., backend="cpu")`` (the C++ kernel)
+* ``cpu_kernel`` -- the same kernel called directly (``mllmcal._backends.compiled.cpu``),
+  without the Python layer; ``cpu_1thread`` the same with one thread (few-row shapes)
 * ``torch``    -- ``mllmcal.token_stats(..., backend="torch")`` (chunked fp32 composite)
 * ``eager``    -- ``eager_composite``: log_softmax, max, entropy, gather, Brier in eager torch
 * ``compiled`` -- ``torch.compile(eager_composite)``
 * ``exp``      -- ``torch.exp(x)``: the floor of any one-exp-per-element pass
 * ``exp_out``  -- ``torch.exp(x, out=buf)``: the same without allocating the output
+* ``floor``    -- ``x.view(torch.int32).amax(-1)``: one read of the same bytes with the
+  same threads, the memory floor; ``cpu/floor`` (best of the rounds, as medians swing
+  with load) is the kernel's distance to it
 
 Methods are timed round-robin (one call of each per round) so that load from other
 processes hits all of them alike; the table gives medians and ratios from one run.
@@ -43,6 +48,8 @@ SHAPES: list[tuple[tuple[int, int], torch.dtype]] = [
     ((1, 131072), torch.float32),
     ((1, 131072), torch.bfloat16),
     ((256, 32000), torch.float32),
+    ((8, 151936), torch.float32),
+    ((1, 151936), torch.float32),
 ]
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_token_stats.json"
 
@@ -59,18 +66,23 @@ def contenders(
     out = torch.empty_like(x)
     fns: dict[str, Callable[[], object]] = {}
     if "cpu" in mllmcal.available_backends("cpu"):
+        from mllmcal._backends.compiled import cpu
+
         fns["cpu"] = lambda: mllmcal.token_stats(x, y, backend="cpu")
+        n = x.shape[0]
+        fstats = torch.empty(7, n)
+        pred = torch.empty(n, dtype=torch.int64)
+        flags = torch.empty(n, dtype=torch.uint8)
+
+        def direct(threads: int | None) -> Callable[[], object]:
+            # The kernel alone, without token_stats' Python layer (~20 µs a call here),
+            # and without toggling torch.set_num_threads (which stalls the next torch op).
+            return lambda: cpu.token_stats_into(x, y, 1.0, None, fstats, pred, flags, None, None,
+                                                -100, num_threads=threads)
+
+        fns["cpu_kernel"] = direct(None)
         if threads > 1 and x.shape[0] < threads:
-
-            def cpu_one_thread() -> object:
-                prev = torch.get_num_threads()
-                torch.set_num_threads(1)  # the kernel follows torch's thread count
-                try:
-                    return mllmcal.token_stats(x, y, backend="cpu")
-                finally:
-                    torch.set_num_threads(prev)
-
-            fns["cpu_1thread"] = cpu_one_thread
+            fns["cpu_1thread"] = direct(1)
     fns["torch"] = lambda: mllmcal.token_stats(x, y, backend="torch")
     fns["eager"] = lambda: eager_composite(x, y)
     if compile_baseline:
@@ -78,6 +90,7 @@ def contenders(
         fns["compiled"] = lambda: compiled(x, y)
     fns["exp"] = lambda: torch.exp(x)
     fns["exp_out"] = lambda: torch.exp(x, out=out)
+    fns["floor"] = lambda: x.view(torch.int32).amax(-1)
     return fns
 
 
@@ -153,7 +166,8 @@ def ratio(med: dict[str, float], slow: str, fast: str) -> str:
 def format_table(result: dict[str, object]) -> str:
     """Median times, then the ratios (baseline time / fast time: > 1 means faster)."""
     rows = result["results"]
-    methods = ["cpu", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out"]
+    methods = ["cpu", "cpu_kernel", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out",
+               "floor"]
     lines = []
     head = f"{'shape':>14} {'dtype':>9} | " + " ".join(f"{m:>11}" for m in methods)
     lines.append("median ms (" + ", ".join(f"{k}={v}" for k, v in result["machine"].items()
@@ -166,7 +180,7 @@ def format_table(result: dict[str, object]) -> str:
         lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
     lines.append("")
     pairs = [("eager", "cpu"), ("compiled", "cpu"), ("torch", "cpu"), ("cpu", "exp"),
-             ("cpu", "exp_out"), ("cpu_1thread", "cpu"), ("eager", "torch")]
+             ("cpu", "exp_out"), ("cpu_1thread", "cpu_kernel"), ("cpu", "cpu_kernel"), ("eager", "torch")]
     head = f"{'shape':>14} {'dtype':>9} | " + " ".join(f"{a + '/' + b:>16}" for a, b in pairs)
     lines.append("ratios of medians (a/b; for x/cpu > 1 means cpu is faster; cpu/exp is the distance to the exp floor)")
     lines.append(head)
@@ -175,6 +189,16 @@ def format_table(result: dict[str, object]) -> str:
         med = r["median_ms"]
         cells = " ".join(f"{ratio(med, a, b):>16}" for a, b in pairs)
         lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
+    lines.append("")
+    lines.append("distance to the read floor, best of the rounds (goal: <= 2x at [64, 131072], "
+                 "<= 4x at [1|8, 151936])")
+    for r in rows:
+        best = r["min_ms"]
+        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | cpu "
+                     f"{best.get('cpu', float('nan')):.4f} ms  kernel "
+                     f"{best.get('cpu_kernel', float('nan')):.4f} ms  floor {best['floor']:.4f} ms"
+                     f"  cpu/floor {ratio(best, 'cpu', 'floor')}  kernel/floor "
+                     f"{ratio(best, 'cpu_kernel', 'floor')}")
     return "\n".join(lines)
 
 

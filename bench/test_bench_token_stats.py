@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_token_stats import SHAPES, contenders, make_case  # noqa: E402
 
 COMPILE = os.environ.get("MLLMCAL_BENCH_COMPILE", "1") != "0"
-METHODS = ["cpu", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out"]
+METHODS = [
+    "cpu", "cpu_kernel", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out", "floor",
+]
 _cases: dict = {}
 
 

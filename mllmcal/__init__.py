@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import metrics
 from .calibration import CalibrationState, OnlineTemperature, fit_temperature
+from .linear import linear_token_stats
 from .ops import TokenStats, available_backends, token_stats
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "TokenStats",
     "available_backends",
     "fit_temperature",
+    "linear_token_stats",
     "metrics",
     "plot",
     "token_stats",

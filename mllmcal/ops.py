@@ -5,7 +5,9 @@
   the temperature-scaled logits and integer adds to a calibration histogram;
 * :func:`histogram_add_` -- the histogram add on its own, from any source of confidences;
 * :func:`temperature_fit_rows` -- per-row NLL and its first two derivatives in β = 1/T at K
-  temperatures, what the one-pass temperature fit accumulates.
+  temperatures, what the one-pass temperature fit accumulates;
+* ``mllmcal::linear_token_stats`` -- :func:`token_stats` of ``hidden @ weight.T + bias``
+  without the logits (public function and computation in :mod:`mllmcal.linear`).
 
 Backends (``backend=``): ``"triton"`` (CUDA tensors; CPU tensors under
 ``TRITON_INTERPRET=1``), ``"cuda"`` (``mllmcal._C_cuda``), ``"cpu"`` (the C++/OpenMP kernel of
@@ -353,6 +355,47 @@ def _temperature_fit_fake(x, labels, betas, ignore_index, backend):
 
 
 _temperature_fit_op = torch.ops.mllmcal.temperature_fit.default
+
+
+# linear_token_stats(hidden [N, H], weight [V, H], ...): the computation lives in
+# mllmcal.linear (imported on first call, since it imports this module).
+_lib.define(
+    "linear_token_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor? labels, "
+    "float temperature, Tensor? temperature_rows, Tensor(a!)? histogram, int ignore_index, "
+    "str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _linear_token_stats_impl(hidden, weight, bias, labels, temperature, temperature_rows,
+                             histogram, ignore_index, backend):
+    """``mllmcal::linear_token_stats``: as ``token_stats`` of ``hidden @ weight.T + bias``."""
+    from .linear import linear_token_stats_into
+
+    n = hidden.shape[0]
+    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=hidden.device)
+    pred = torch.empty(n, dtype=torch.int64, device=hidden.device)
+    flags = torch.empty(n, dtype=torch.uint8, device=hidden.device)
+    if n:
+        with torch.no_grad():
+            linear_token_stats_into(hidden, weight, bias, labels, temperature,
+                                    temperature_rows, ignore_index, backend, fstats, pred, flags)
+            if histogram is not None:
+                keep = ((flags & C.FLAG_VALID) != 0) & (labels != ignore_index)
+                _histogram_add_op(histogram, fstats[C.CONF], (flags & C.FLAG_CORRECT) != 0, keep)
+                torch.autograd.graph.increment_version(histogram)
+    return fstats, pred, flags
+
+
+_lib.impl("linear_token_stats", _linear_token_stats_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("mllmcal::linear_token_stats", lib=_lib)
+def _linear_token_stats_fake(hidden, weight, bias, labels, temperature, temperature_rows,
+                             histogram, ignore_index, backend):
+    return _token_stats_fake(hidden, None, 1.0, None, None, None, 0, "")
+
+
+_linear_token_stats_op = torch.ops.mllmcal.linear_token_stats.default
 
 
 @torch.compiler.assume_constant_result

@@ -31,8 +31,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 __all__ = [
-    "compile_temperature_fit", "compile_token_stats", "temperature_fit_report",
-    "token_stats_report",
+    "compile_linear_token_stats", "compile_temperature_fit", "compile_token_stats",
+    "linear_token_stats_report", "temperature_fit_report", "token_stats_report",
 ]
 
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -201,7 +201,57 @@ def temperature_fit_report(arch: int = 90) -> list[dict]:
         })
     return report
 
-REPORTS = {"token_stats": token_stats_report, "temperature_fit": temperature_fit_report}
+# --------------------------------------------------------------------------- linear_token_stats
+
+def compile_linear_token_stats(
+    dtype: torch.dtype = torch.float32, *, arch: int = 90, features: bool = True,
+    block_m: int = 64, block_v: int = 128, block_k: int = 64, num_warps: int = 8,
+):
+    """Compile the fused linear kernel for ``sm_<arch>`` without a GPU; returns Triton's
+    ``CompiledKernel``. ``features`` turns bias, labels and per-row temperature all on or
+    all off. Needs ``TRITON_INTERPRET`` unset or 0 when the kernel was imported."""
+    from mllmcal.kernels.linear_token_stats import linear_token_stats_kernel as kernel
+
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("kernel was created under TRITON_INTERPRET=1; compile without it")
+    xt = _PTR_TYPES[dtype]
+    signature = {
+        "h_ptr": xt, "stride_h": "i32", "w_ptr": xt, "stride_w": "i32", "bias_ptr": "*fp32",
+        "labels_ptr": "*i64", "t_ptr": "*fp32", "t_scalar": "fp32", "fstats_ptr": "*fp32",
+        "pred_ptr": "*i64", "flags_ptr": "*u8", "n_rows": "i32", "n_cols": "i32",
+        "n_hidden": "i32", "ignore_index": "i32",
+    }
+    flags = {
+        "HAS_BIAS": features, "HAS_LABELS": features, "HAS_T_ROWS": features,
+        "APPLY_T": features, "BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k,
+        "WIDEN_DOT": False,
+    }
+    for k in flags:
+        signature[k] = "constexpr"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names)
+             if signature[a].startswith("*") or a in ("stride_h", "stride_w", "n_hidden")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def linear_token_stats_report(arch: int = 90) -> list[dict]:
+    """Every dtype with all features on and off, compiled for ``sm_<arch>``: PTX size and
+    MMA, ex2 and 64-bit multiply counts."""
+    out = []
+    for dtype in _PTR_TYPES:
+        for features in (True, False):
+            ptx = compile_linear_token_stats(dtype, arch=arch, features=features).asm["ptx"]
+            out.append({
+                "dtype": str(dtype).removeprefix("torch."), "features": features,
+                "ptx_chars": len(ptx), "mma": ptx.count("mma.") + ptx.count("wgmma."),
+                "ex2": ptx.count("ex2.approx"), "mul_lo_s64": ptx.count("mul.lo.s64"),
+            })
+    return out
+
+REPORTS = {
+    "token_stats": token_stats_report, "temperature_fit": temperature_fit_report,
+    "linear_token_stats": linear_token_stats_report,
+}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(REPORTS)

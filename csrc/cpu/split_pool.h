@@ -1,5 +1,6 @@
-// A small persistent thread pool for the split-vocabulary path (few rows, one call per
-// decode step), where an OpenMP parallel region is a poor fit on a shared machine.
+// A small persistent thread pool for both paths of the token-statistics kernel (whole
+// rows, or vocabulary chunks of few rows), where an OpenMP parallel region is a poor fit
+// on a shared machine or inside a serving engine.
 //
 // Why not OpenMP here: a parallel region ends in a barrier that waits for *every* team
 // thread, including one the OS has not scheduled yet. With one [1, V] row per call the

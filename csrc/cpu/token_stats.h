@@ -21,7 +21,8 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Online-softmax state of a set of columns, relative to its own maximum m:
 //   s = Σ e_i,  a = Σ e_i d_i,  b = Σ e_i d_i²,  q = Σ e_i²,  with d_i = z_i − m, e_i = exp(d_i).
 // Terms with e_i == 0 (masked −inf, or underflowed) are left out of a and b so that
-// 0 · inf never appears. From the state of a whole row (S = s):
+// 0 · inf never appears (the AVX-512 build floors d at −87 instead, so such a term adds
+// ~1e-38: see block_sums in kernel_isa.h). From the state of a whole row (S = s):
 //   logsumexp = m + log S,  confidence = 1/S,  E_p[d] = a/S,  entropy = log S − a/S,
 //   Var_p[z] = b/S − (a/S)²,  Σ p² = q/S².
 // Sums are kept in double so that merging hundreds of block partials does not drift;

@@ -1,0 +1,387 @@
+"""Token statistics straight from hidden states: ``linear_token_stats``.
+
+``linear_token_stats(hidden, weight, ...)`` returns the :class:`~mllmcal.TokenStats` of the
+logits ``hidden @ weight.T (+ bias)`` without ever holding those ``[N, V]`` logits. For a
+152k vocabulary, 32k tokens of fp32 logits are 19.5 GB; here the extra memory is one
+cache-sized tile.
+
+Two routes, both exact in the sense of the contract (tile logits stay fp32, never rounded
+to a 16-bit input dtype):
+
+* **tiled** (CPU, and CUDA without Triton): rows in chunks, the vocabulary in tiles; each
+  tile's logits go through torch's GEMM into one preallocated fp32 buffer, the fused
+  ``token_stats`` op (C++ on the CPU) reads the buffer while it is in cache, and the
+  per-tile results are merged exactly (below). 16-bit inputs are widened to fp32 one
+  chunk/tile at a time, which is also the fast GEMM on CPUs without bf16 units.
+* **triton** (:mod:`mllmcal.kernels.linear_token_stats`): one kernel in the Cut
+  Cross-Entropy style, ``tl.dot`` per vocabulary tile with an online merge in registers.
+
+Merging tiles. Tile t of a row gives, for z restricted to its columns: its max ``m_t``
+(read back from the buffer at the tile's argmax, so it is the exact fp32 value), its sum
+``S_t = 1 / conf_t`` relative to ``m_t``, entropy ``H_t``, ``E_t[z]``, ``Var_t[z]`` and,
+with a label inside every tile (the real one where the tile holds it, else column 0),
+``Σ p_t² = brier_t - 1 + 2 p_t,y``. With ``M = max_t m_t`` and, in float64,
+
+    S = Σ_t S_t e^(m_t - M)          logsumexp = M + log S,   confidence = 1 / S
+    w_t = S_t e^(m_t - M) / S        (the tile's probability mass)
+    entropy = Σ w_t (H_t - log w_t)  E[z] = Σ w_t E_t[z]
+    Var[z] = Σ w_t (Var_t[z] + (E_t[z] - E[z])²)      Σ p² = Σ w_t² Σ p_t²
+    prediction = the first tile's argmax with m_t = M  (tiles are in column order)
+    label_logprob = z_y - M - log S  (z_y read from the buffer of the label's tile)
+
+Tiles where every z is ``-inf`` (a masked block of the vocabulary) carry no mass; a NaN or
+``+inf`` anywhere makes the row invalid, as in ``token_stats``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _contract as C
+from .ops import (
+    TokenStats,
+    _check_labels,
+    _check_temperature,
+    _linear_token_stats_op,
+    available_backends,
+    resolve_backend,
+)
+
+__all__ = [
+    "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE", "linear_token_stats", "linear_token_stats_into",
+]
+
+# Measured on a 2-core Xeon (4 MiB L2 per core, 260 MiB L3) at H = 896: 1024 x 4096 fp32
+# (16 MiB, in L3) keeps the GEMM as fast as one big GEMM; 256-row chunks were ~1.5x
+# slower in the GEMM. The statistics then read the tile from L3 while it is hot.
+DEFAULT_ROW_CHUNK = 1024
+DEFAULT_VOCAB_TILE = 4096
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Threads of the C++ statistics of each tile (None: torch's count). One OpenMP runtime is
+# loaded (torch's libgomp; the extension links the same soname). The ~20 ms per 2-thread
+# call once seen here came from the kernel's OpenMP `parallel for`, whose barrier waited
+# for a team thread the OS had not scheduled on the 2 loaded cores; the kernel's threads
+# now claim work and the caller never waits for one that has not started. One thread is
+# still faster here: a helper woken after every tile competes with the next tile's GEMM
+# team (best of 5 at N=1024, H=896, V=151936 fp32: 2.50 s with 1, 2.75 s with 2, load 3.6).
+STATS_THREADS: int | None = 1
+
+
+# --------------------------------------------------------------------------- tiled route
+
+
+def _tile_z(buf: torch.Tensor, cols: torch.Tensor, t_col: torch.Tensor | None) -> torch.Tensor:
+    """z = x / T (fp32, correctly rounded as the kernels do it) at one column per row."""
+    x = buf.gather(1, cols[:, None]).squeeze(1)
+    return x if t_col is None else x / t_col
+
+
+def _merge_chunk(
+    m: torch.Tensor, fs: torch.Tensor, pred_t: torch.Tensor, starts: torch.Tensor,
+    zy: torch.Tensor | None, poison: torch.Tensor, labelled: torch.Tensor | None,
+    y: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge per-tile states of one row chunk (see the module docstring).
+
+    ``m`` fp64 ``[T, c]`` tile maxima (-inf for tiles with no mass), ``fs`` fp32
+    ``[T, 7, c]`` per-tile fstats, ``pred_t`` int64 ``[T, c]`` in-tile argmax, ``starts``
+    int64 ``[T]`` first column of each tile, ``zy`` fp64 ``[c]`` scaled label logit,
+    ``poison`` bool ``[c]`` (a NaN or +inf seen). Returns fstats fp32 ``[7, c]``, pred
+    int64 ``[c]`` and flags uint8 ``[c]``.
+    """
+    n_tiles, c = m.shape
+    big_m = m.max(0).values
+    valid = torch.isfinite(big_m) & ~poison
+    mref = torch.where(valid, big_m, torch.zeros_like(big_m))
+    live = m > float("-inf")
+    f = fs.double()
+    s_t = torch.where(live, 1.0 / f[:, C.CONF], torch.zeros_like(m))
+    rel = torch.where(live, m - mref, torch.full_like(m, float("-inf")))
+    a = torch.exp(rel) * s_t
+    s = a.sum(0)
+    log_s = torch.log(s)
+    w = a / s
+    pos = w > 0
+    logw = torch.where(pos, rel + torch.log(s_t) - log_s, torch.zeros_like(w))
+    zero = torch.zeros_like(w)
+    ent = torch.where(pos, w * (f[:, C.ENT] - logw), zero).sum(0)
+    mean_t = torch.where(pos, f[:, C.MEAN], zero)
+    mean = (w * mean_t).sum(0)
+    dev = mean_t - mean
+    var = torch.where(pos, w * (f[:, C.VAR] + dev * dev), zero).sum(0)
+    first = (m == big_m).to(torch.uint8).argmax(0)  # lowest tile attaining the max
+    pred = (starts[first] + pred_t.gather(0, first[None]).squeeze(0))
+    pred = torch.where(valid, pred, torch.full_like(pred, -1))
+    nan = torch.full_like(s, float("nan"))
+    out = torch.empty((C.N_FSTATS, c), dtype=torch.float32, device=m.device)
+    out[C.LSE] = torch.where(valid, mref + log_s, nan)
+    out[C.CONF] = torch.where(valid, 1.0 / s, nan)
+    out[C.ENT] = torch.where(valid, ent, nan)
+    out[C.MEAN] = torch.where(valid, mean, nan)
+    out[C.VAR] = torch.where(valid, var.clamp_min(0.0), nan)
+    flags = valid.to(torch.uint8)
+    if y is None:
+        out[C.LABEL_LOGPROB] = nan
+        out[C.BRIER] = nan
+    else:
+        lp = zy - mref - log_s
+        # Σ p_t² of each tile from its Brier score against the label given to it.
+        sq_t = f[:, C.BRIER] - 1.0 + 2.0 * torch.exp(f[:, C.LABEL_LOGPROB])
+        sq = torch.where(pos, w * w * sq_t, zero).sum(0)
+        keep = valid & labelled
+        out[C.LABEL_LOGPROB] = torch.where(keep, lp, nan)
+        out[C.BRIER] = torch.where(keep, sq - 2.0 * torch.exp(lp) + 1.0, nan)
+        flags = flags | ((keep & (pred == y)).to(torch.uint8) << 1)
+    return out, pred, flags
+
+
+def _tiled_into(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor | None,
+    t_scalar: float, t_rows: torch.Tensor | None, ignore_index: int, stats_backend: str,
+    fstats: torch.Tensor, pred: torch.Tensor, flags: torch.Tensor,
+    row_chunk: int | None = None, vocab_tile: int | None = None,
+) -> None:
+    """Fill ``fstats``/``pred``/``flags`` for ``h`` ``[N, H]``, chunk by chunk, tile by tile
+    (``row_chunk``/``vocab_tile`` default to the module's ``DEFAULT_*`` at call time)."""
+    row_chunk = row_chunk or DEFAULT_ROW_CHUNK
+    vocab_tile = vocab_tile or DEFAULT_VOCAB_TILE
+    n, hd = h.shape
+    v = weight.shape[0]
+    dev = h.device
+    widen = h.dtype != torch.float32
+    chunk = max(1, min(row_chunk, n))
+    tile = max(1, min(vocab_tile, v))
+    starts = list(range(0, v, tile))
+    n_tiles = len(starts)
+    starts_t = torch.tensor(starts, dtype=torch.int64, device=dev)
+    # The only buffers that scale with the problem: one fp32 tile of logits and, for
+    # 16-bit inputs, the fp32 copies of one row chunk and one weight tile.
+    buf = torch.empty(chunk * tile, dtype=torch.float32, device=dev)
+    hbuf = torch.empty(chunk * hd, dtype=torch.float32, device=dev) if widen else None
+    wbuf = torch.empty(tile * hd, dtype=torch.float32, device=dev) if widen else None
+    bias32 = None if bias is None else bias.to(torch.float32)
+    op = torch.ops.mllmcal.token_stats.default
+    # The C++ statistics of a hot tile are written straight into this chunk's per-tile
+    # slots, with STATS_THREADS threads (None: torch's count).
+    cpp = None
+    if stats_backend == "cpu":
+        from ._backends.compiled import cpu as cpp
+    tile_flags = torch.empty(chunk, dtype=torch.uint8, device=dev)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        c = r1 - r0
+        if widen:
+            hc = hbuf[: c * hd].view(c, hd)
+            hc.copy_(h[r0:r1])
+        else:
+            hc = h[r0:r1]
+        t_chunk = None if t_rows is None else t_rows[r0:r1]
+        t_col = t_chunk if t_chunk is not None else (
+            None if t_scalar == 1.0 else torch.full((c,), t_scalar, dtype=torch.float32, device=dev)
+        )
+        m = torch.empty((n_tiles, c), dtype=torch.float64, device=dev)
+        fs = torch.empty((n_tiles, C.N_FSTATS, c), dtype=torch.float32, device=dev)
+        pt = torch.empty((n_tiles, c), dtype=torch.int64, device=dev)
+        poison = torch.zeros(c, dtype=torch.bool, device=dev)
+        yc = labelled = zy = None
+        if y is not None:
+            yc = y[r0:r1]
+            labelled = yc != ignore_index
+            zy = torch.zeros(c, dtype=torch.float64, device=dev)
+        for k, c0 in enumerate(starts):
+            c1 = min(v, c0 + tile)
+            wdt = c1 - c0
+            x = buf[: c * wdt].view(c, wdt)
+            if widen:
+                wt = wbuf[: wdt * hd].view(wdt, hd)
+                wt.copy_(weight[c0:c1])
+            else:
+                wt = weight[c0:c1]
+            if bias32 is None:
+                torch.matmul(hc, wt.T, out=x)
+            else:
+                torch.addmm(bias32[c0:c1], hc, wt.T, out=x)
+            y_loc = None
+            if yc is not None:
+                inside = labelled & (yc >= c0) & (yc < c1)
+                # Every row gets a label inside the tile (column 0 where its own is
+                # elsewhere or ignored): the tile's Brier score then yields Σ p_t².
+                y_loc = torch.where(inside, yc - c0, torch.zeros_like(yc))
+            if cpp is not None:
+                f, p, fl = fs[k], pt[k], tile_flags[:c]
+                cpp.token_stats_into(x, y_loc, t_scalar, t_chunk, f, p, fl, None, None, -1,
+                                     num_threads=STATS_THREADS)
+            else:
+                f, p, fl = op(x, y_loc, t_scalar, t_chunk, None, None, -1, stats_backend)
+                fs[k] = f
+                pt[k] = p
+            mk = _tile_z(x, p.clamp_min(0), t_col).double()
+            bad = (fl & C.FLAG_VALID) == 0
+            if bool(bad.any()):
+                # No finite max or a NaN in this tile: a fully -inf tile only carries no
+                # mass; anything else (NaN, +inf) makes the row invalid.
+                rows = bad.nonzero().squeeze(1)
+                zb = x[rows] if t_col is None else x[rows] / t_col[rows, None]
+                masked = (zb == float("-inf")).all(1)
+                poison[rows[~masked]] = True
+                mk[rows] = float("-inf")
+            m[k] = mk
+            if yc is not None:
+                zk = _tile_z(x, y_loc, t_col).double()
+                zy = torch.where(inside, zk, zy)
+        o, pr, fg = _merge_chunk(m, fs, pt, starts_t, zy, poison, labelled, yc)
+        fstats[:, r0:r1] = o
+        pred[r0:r1] = pr
+        flags[r0:r1] = fg
+
+
+def linear_token_stats_into(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor | None, temperature: float, temperature_rows: torch.Tensor | None,
+    ignore_index: int, backend: str, fstats: torch.Tensor, pred: torch.Tensor,
+    flags: torch.Tensor,
+) -> None:
+    """The computation behind the torch op ``mllmcal::linear_token_stats`` (registered with
+    its fake in :mod:`mllmcal.ops`): fill fstats fp32 ``[7, N]``, pred int64 ``[N]`` and
+    flags uint8 ``[N]`` for ``hidden`` ``[N, H]``; ``backend`` is ``"triton"`` (the fused
+    kernel) or the ``token_stats`` backend of the tiled route."""
+    if backend == "triton":
+        from .kernels import linear_token_stats as K
+
+        K.linear_token_stats_into(hidden, weight, bias, labels, temperature, temperature_rows,
+                                  fstats, pred, flags, ignore_index)
+    else:
+        _tiled_into(hidden, weight, bias, labels, temperature, temperature_rows, ignore_index,
+                    backend, fstats, pred, flags)
+
+
+def _choose(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
+    """``"triton"`` (fused kernel) or the ``token_stats`` backend the tiled route uses."""
+    if backend == "triton":
+        if "triton" not in available_backends(device):
+            resolve_backend("triton", device, dtype, n, v)  # raises, naming what is missing
+        return "triton"
+    name = resolve_backend(backend, device, dtype, n, v)
+    if backend == "auto" and device.type == "cuda" and "triton" in available_backends(device):
+        return "triton"  # the fused kernel: no tile round trip through global memory
+    return name
+
+
+@torch.compiler.assume_constant_result
+def _choose_for_trace(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
+    return _choose(backend, device, dtype, n, v)
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    histogram: torch.Tensor | None = None,
+    ignore_index: int = C.IGNORE_INDEX,
+    backend: str = "auto",
+) -> TokenStats:
+    """Token statistics of the logits ``hidden @ weight.T + bias``, never materialised.
+
+    Returns the same :class:`~mllmcal.TokenStats` as
+    ``mllmcal.token_stats(hidden.float() @ weight.float().T + bias.float(), labels,
+    temperature)``: the logits of each vocabulary tile are computed and kept in fp32 (for
+    bf16/fp16 inputs that is more exact than materialised half-precision logits), and the
+    tiles' statistics are merged exactly. Peak extra memory is one tile of logits
+    (``DEFAULT_ROW_CHUNK x DEFAULT_VOCAB_TILE`` fp32 on the CPU), not ``[N, V]``.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16 or fp16 (leading dims flattened to N rows).
+        weight: ``[V, H]``, the output head (for a tied head, the embedding matrix), same
+            dtype and device as ``hidden``.
+        labels: optional integer tensor of shape ``hidden.shape[:-1]``, values in
+            ``[0, V)`` or ``ignore_index``.
+        temperature: a float > 0 or a float tensor with one entry per row.
+        bias: optional ``[V]`` (any float dtype); ``-inf`` entries mask tokens.
+        histogram: optional int64 ``[3, n_bins]`` on the same device; valid labelled rows
+            are *added* to it exactly as ``token_stats(..., histogram=)`` does. Needs labels.
+        ignore_index: label value of rows without a label.
+        backend: ``"auto"`` (C++ statistics on CPU tiles; the Triton kernel on CUDA),
+            ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"``, ``"cuda"``
+            or ``"torch"`` (the ``token_stats`` backend used on each tile).
+
+    Returns:
+        :class:`~mllmcal.TokenStats` with fields shaped ``hidden.shape[:-1]`` on
+        ``hidden``'s device; no field requires grad.
+
+    Runs as the torch op ``torch.ops.mllmcal.linear_token_stats`` (with a fake
+    implementation), so ``torch.compile(fullgraph=True)`` traces through it.
+
+    Example:
+        >>> import torch, mllmcal
+        >>> h, w = torch.randn(2, 3, 16), torch.randn(50, 16)
+        >>> s = mllmcal.linear_token_stats(h, w, torch.tensor([[1, 2, -100], [0, 4, 7]]))
+        >>> ref = mllmcal.token_stats(h @ w.T, torch.tensor([[1, 2, -100], [0, 4, 7]]))
+        >>> bool(torch.allclose(s.entropy, ref.entropy, atol=1e-4)), s.prediction.shape
+        (True, torch.Size([2, 3]))
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"expected hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    v, hd = weight.shape
+    if v == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    device = hidden.device
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {device}")
+    if bias is not None:
+        if bias.shape != (v,) or bias.device != device or not bias.is_floating_point():
+            raise ValueError(f"bias must be a float [{v}] tensor on {device}, got "
+                             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+        bias = bias.detach().contiguous()
+    lead = tuple(hidden.shape[:-1])
+    h = hidden.detach().reshape(-1, hd)
+    n = h.shape[0]
+    w = weight.detach()
+    t_scalar, t_rows = _check_temperature(temperature, n, device, True)
+    y = _check_labels(labels, lead, n, v, device, ignore_index, True)
+    if histogram is not None:
+        if y is None:
+            raise ValueError("a histogram needs labels (correctness of each row)")
+        if (histogram.dtype != torch.int64 or histogram.dim() != 2 or histogram.shape[0] != 3
+                or histogram.device != device or not histogram.is_contiguous()):
+            raise ValueError("histogram must be a contiguous int64 [3, n_bins] tensor on "
+                             f"{device}, got {histogram.dtype} {tuple(histogram.shape)}")
+    if torch.compiler.is_compiling():
+        name = _choose_for_trace(backend, device, h.dtype, n, v)
+    else:
+        name = _choose(backend, device, h.dtype, n, v)
+    fstats, pred, flags = _linear_token_stats_op(
+        h, w, bias, y, t_scalar, t_rows, histogram, int(ignore_index), name
+    )
+
+    def shaped(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(lead)
+
+    labelled = y is not None
+    return TokenStats(
+        logsumexp=shaped(fstats[C.LSE]),
+        confidence=shaped(fstats[C.CONF]),
+        prediction=shaped(pred),
+        entropy=shaped(fstats[C.ENT]),
+        logit_mean=shaped(fstats[C.MEAN]),
+        logit_var=shaped(fstats[C.VAR]),
+        label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
+        brier=shaped(fstats[C.BRIER]) if labelled else None,
+        backend=name,
+        flags=flags,
+    )

@@ -368,20 +368,4 @@ def linear_token_stats(
     fstats, pred, flags = _linear_token_stats_op(
         h, w, bias, y, t_scalar, t_rows, histogram, int(ignore_index), name
     )
-
-    def shaped(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(lead)
-
-    labelled = y is not None
-    return TokenStats(
-        logsumexp=shaped(fstats[C.LSE]),
-        confidence=shaped(fstats[C.CONF]),
-        prediction=shaped(pred),
-        entropy=shaped(fstats[C.ENT]),
-        logit_mean=shaped(fstats[C.MEAN]),
-        logit_var=shaped(fstats[C.VAR]),
-        label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
-        brier=shaped(fstats[C.BRIER]) if labelled else None,
-        backend=name,
-        flags=flags,
-    )
+    return TokenStats.from_kernel(fstats, pred, flags, lead, y is not None, name)

@@ -82,6 +82,29 @@ class TokenStats:
         self._valid, self._correct, self._flags = valid, correct, flags
         self._shape = logsumexp.shape
 
+    @classmethod
+    def from_kernel(cls, fstats: torch.Tensor, pred: torch.Tensor, flags: torch.Tensor,
+                    lead: tuple[int, ...], labelled: bool, backend: str) -> TokenStats:
+        """From a fused op's fstats fp32 ``[7, N]``, prediction int64 ``[N]`` and flags uint8
+        ``[N]`` (:mod:`mllmcal._contract`), fields shaped ``lead``; ``labelled``: had labels."""
+        flat = len(lead) == 1  # the decode loop's case: skip the reshapes (host overhead)
+
+        def shaped(t: torch.Tensor) -> torch.Tensor:
+            return t if flat else t.reshape(lead)
+
+        return cls(
+            logsumexp=shaped(fstats[C.LSE]),
+            confidence=shaped(fstats[C.CONF]),
+            prediction=shaped(pred),
+            entropy=shaped(fstats[C.ENT]),
+            logit_mean=shaped(fstats[C.MEAN]),
+            logit_var=shaped(fstats[C.VAR]),
+            label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
+            brier=shaped(fstats[C.BRIER]) if labelled else None,
+            backend=backend,
+            flags=flags,
+        )
+
     # Decoded on every access, not cached: under CUDA-graph replay the flags tensor is
     # refilled in place, and a cached decoding would go stale.
     @property
@@ -519,24 +542,7 @@ def token_stats(
         x, y, t_scalar, t_rows, out2d, histogram, int(ignore_index), name
     )
 
-    flat = len(lead) == 1  # the decode loop's case: skip the reshapes (host overhead)
-
-    def shaped(t: torch.Tensor) -> torch.Tensor:
-        return t if flat else t.reshape(lead)
-
-    labelled = y is not None
-    return TokenStats(
-        logsumexp=shaped(fstats[C.LSE]),
-        confidence=shaped(fstats[C.CONF]),
-        prediction=shaped(pred),
-        entropy=shaped(fstats[C.ENT]),
-        logit_mean=shaped(fstats[C.MEAN]),
-        logit_var=shaped(fstats[C.VAR]),
-        label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
-        brier=shaped(fstats[C.BRIER]) if labelled else None,
-        backend=name,
-        flags=flags,
-    )
+    return TokenStats.from_kernel(fstats, pred, flags, lead, y is not None, name)
 
 
 def histogram_add_(

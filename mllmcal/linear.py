@@ -38,10 +38,10 @@ from __future__ import annotations
 import torch
 
 from . import _contract as C
+from ._checks import check_labels as _check_labels
+from ._checks import check_temperature as _check_temperature
 from .ops import (
     TokenStats,
-    _check_labels,
-    _check_temperature,
     _linear_token_stats_op,
     available_backends,
     resolve_backend,

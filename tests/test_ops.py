@@ -289,3 +289,29 @@ def test_histogram_does_not_depend_on_row_split():
             mllmcal.token_stats(x[lo:hi], y[lo:hi], backend=backend, histogram=parts)
         assert torch.equal(whole, parts)
         assert whole[0].sum() == (y != -100).sum()
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 200])
+@pytest.mark.parametrize("validate", [True, False])
+def test_label_checks_agree_on_both_sides_of_the_few_rows_threshold(n, validate):
+    """Up to 64 CPU rows labels are checked in Python, above by tensor ops: the same labels
+    give the same error (validate) or the same ignored rows (validate=False), and the
+    caller's labels are never modified."""
+    from mllmcal._checks import check_labels
+
+    g = torch.Generator().manual_seed(n)
+    y = torch.randint(-3, 12, (n,), generator=g)
+    y[0] = -100
+    y_before = y.clone()
+    bad = ((y < 0) | (y >= 9)) & (y != -100)
+    if validate:
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            with pytest.raises(ValueError, match=f"label {int(y[first])} at row {first} "):
+                check_labels(y, (n,), n, 9, torch.device("cpu"), -100, True)
+        else:
+            assert torch.equal(check_labels(y, (n,), n, 9, torch.device("cpu"), -100, True), y)
+    else:
+        got = check_labels(y, (n,), n, 9, torch.device("cpu"), -100, False)
+        assert torch.equal(got, torch.where(bad, torch.full_like(y, -100), y))
+    assert torch.equal(y, y_before)

@@ -90,15 +90,16 @@ class TokenStats:
         def shaped(t: torch.Tensor) -> torch.Tensor:
             return t if flat else t.reshape(lead)
 
+        f = fstats.unbind(0)  # one op for the seven row views (indexing is one op each)
         return cls(
-            logsumexp=shaped(fstats[C.LSE]),
-            confidence=shaped(fstats[C.CONF]),
+            logsumexp=shaped(f[C.LSE]),
+            confidence=shaped(f[C.CONF]),
             prediction=shaped(pred),
-            entropy=shaped(fstats[C.ENT]),
-            logit_mean=shaped(fstats[C.MEAN]),
-            logit_var=shaped(fstats[C.VAR]),
-            label_logprob=shaped(fstats[C.LABEL_LOGPROB]) if labelled else None,
-            brier=shaped(fstats[C.BRIER]) if labelled else None,
+            entropy=shaped(f[C.ENT]),
+            logit_mean=shaped(f[C.MEAN]),
+            logit_var=shaped(f[C.VAR]),
+            label_logprob=shaped(f[C.LABEL_LOGPROB]) if labelled else None,
+            brier=shaped(f[C.BRIER]) if labelled else None,
             backend=backend,
             flags=flags,
         )

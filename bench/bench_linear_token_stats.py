@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 FULL = (8192, 896, 151936)
 QUICK = (512, 128, 8192)
@@ -42,27 +43,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_token_stats_cpu.json"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so that it starts at the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(variant: str, dtype_name: str, n: int, hd: int, v: int, repeat: int) -> dict:
@@ -83,15 +67,15 @@ def worker(variant: str, dtype_name: str, n: int, hd: int, v: int, repeat: int) 
         return mllmcal.linear_token_stats(h, w, y)
 
     run(hidden[:64], weight[:8192], labels[:64] % 8192)  # load kernels and thread pools
-    before = _rss_bytes()
-    reset = _reset_peak()
+    before = rss_bytes()
+    reset = reset_peak_rss()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         s = run(hidden, weight, labels)
         times.append(time.perf_counter() - t0)
         del s
-    peak = _peak_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": variant, "dtype": dtype_name, "best_s": min(times), "times_s": times,
             "extra_bytes": max(0, peak - before)}
 

@@ -33,37 +33,20 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+
+from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0), so the
-    peak measured afterwards excludes the set-up's temporaries."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(method: str, n: int, v: int, batch: int, pool_rows: int) -> dict:
@@ -87,8 +70,8 @@ def child(method: str, n: int, v: int, batch: int, pool_rows: int) -> dict:
     import gc
 
     gc.collect()
-    exact_peak = _reset_peak_rss()
-    base = _rss_bytes()
+    exact_peak = reset_peak_rss()
+    base = rss_bytes()
     t0 = time.perf_counter()
     if method == "onepass":
         t, info = mllmcal.fit_temperature(batches(), method="onepass", return_info=True)
@@ -107,7 +90,7 @@ def child(method: str, n: int, v: int, batch: int, pool_rows: int) -> dict:
     else:
         raise ValueError(method)
     seconds = time.perf_counter() - t0
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return {"method": method, "n": n, "v": v, "seconds": seconds, "temperature": t,
             "nll": info["nll"], "passes": info["passes"],
             "extra_peak_bytes": max(0, peak - base), "peak_is_exact": exact_peak,

@@ -35,6 +35,8 @@ Tiles where every z is ``-inf`` (a masked block of the vocabulary) carry no mass
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from . import _contract as C
@@ -48,7 +50,8 @@ from .ops import (
 )
 
 __all__ = [
-    "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE", "linear_token_stats", "linear_token_stats_into",
+    "DEFAULT_ROW_CHUNK", "DEFAULT_VOCAB_TILE", "LogitTiles", "check_linear_inputs",
+    "linear_token_stats", "linear_token_stats_into",
 ]
 
 # Measured on a 2-core Xeon (4 MiB L2 per core, 260 MiB L3) at H = 896: 1024 x 3072 fp32
@@ -138,6 +141,66 @@ def _merge_chunk(
     return out, pred, flags
 
 
+class LogitTiles:
+    """The fp32 logits ``h @ weight.T + bias`` one ``[rows, cols]`` tile at a time, each
+    computed by torch's GEMM into one reused buffer (the tiled route's only memory that
+    scales with the problem; shared by :func:`linear_token_stats` and
+    :meth:`mllmcal.calibration.TemperatureFitAccumulator.update_hidden`).
+
+    ``h`` ``[N, H]`` and ``weight`` ``[V, H]`` (fp32/bf16/fp16, same dtype and device),
+    ``bias`` ``[V]`` or None. Iterating yields ``(r0, r1, tiles)`` per row chunk; ``tiles``
+    yields ``(c0, c1, x)`` with ``x`` fp32 ``[r1 - r0, c1 - c0]``, a view of the buffer that
+    the next tile overwrites (consume each before asking for the next). 16-bit inputs are
+    widened to fp32 one row chunk and one weight tile at a time (exact, and the fast GEMM
+    on CPUs without bf16 units). ``row_chunk``/``vocab_tile`` default to the module's
+    ``DEFAULT_*`` at construction time.
+    """
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 row_chunk: int | None = None, vocab_tile: int | None = None) -> None:
+        self.h, self.weight = h, weight
+        self.n, self.hd = h.shape
+        self.v = weight.shape[0]
+        dev = h.device
+        self.widen = h.dtype != torch.float32
+        self.chunk = max(1, min(row_chunk or DEFAULT_ROW_CHUNK, self.n))
+        self.tile = max(1, min(vocab_tile or DEFAULT_VOCAB_TILE, self.v))
+        self.starts = list(range(0, self.v, self.tile))
+        self.buf = torch.empty(self.chunk * self.tile, dtype=torch.float32, device=dev)
+        self.hbuf = (torch.empty(self.chunk * self.hd, dtype=torch.float32, device=dev)
+                     if self.widen else None)
+        self.wbuf = (torch.empty(self.tile * self.hd, dtype=torch.float32, device=dev)
+                     if self.widen else None)
+        self.bias32 = None if bias is None else bias.to(torch.float32)
+
+    def _tiles(self, hc: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        c, hd = hc.shape
+        for c0 in self.starts:
+            c1 = min(self.v, c0 + self.tile)
+            wdt = c1 - c0
+            x = self.buf[: c * wdt].view(c, wdt)
+            if self.widen:
+                wt = self.wbuf[: wdt * hd].view(wdt, hd)
+                wt.copy_(self.weight[c0:c1])
+            else:
+                wt = self.weight[c0:c1]
+            if self.bias32 is None:
+                torch.matmul(hc, wt.T, out=x)
+            else:
+                torch.addmm(self.bias32[c0:c1], hc, wt.T, out=x)
+            yield c0, c1, x
+
+    def __iter__(self) -> Iterator[tuple[int, int, Iterator[tuple[int, int, torch.Tensor]]]]:
+        for r0 in range(0, self.n, self.chunk):
+            r1 = min(self.n, r0 + self.chunk)
+            if self.widen:
+                hc = self.hbuf[: (r1 - r0) * self.hd].view(r1 - r0, self.hd)
+                hc.copy_(self.h[r0:r1])
+            else:
+                hc = self.h[r0:r1]
+            yield r0, r1, self._tiles(hc)
+
+
 def _tiled_into(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor | None,
     t_scalar: float, t_rows: torch.Tensor | None, ignore_index: int, stats_backend: str,
@@ -146,38 +209,19 @@ def _tiled_into(
 ) -> None:
     """Fill ``fstats``/``pred``/``flags`` for ``h`` ``[N, H]``, chunk by chunk, tile by tile
     (``row_chunk``/``vocab_tile`` default to the module's ``DEFAULT_*`` at call time)."""
-    row_chunk = row_chunk or DEFAULT_ROW_CHUNK
-    vocab_tile = vocab_tile or DEFAULT_VOCAB_TILE
-    n, hd = h.shape
-    v = weight.shape[0]
+    tiler = LogitTiles(h, weight, bias, row_chunk, vocab_tile)
     dev = h.device
-    widen = h.dtype != torch.float32
-    chunk = max(1, min(row_chunk, n))
-    tile = max(1, min(vocab_tile, v))
-    starts = list(range(0, v, tile))
-    n_tiles = len(starts)
-    starts_t = torch.tensor(starts, dtype=torch.int64, device=dev)
-    # The only buffers that scale with the problem: one fp32 tile of logits and, for
-    # 16-bit inputs, the fp32 copies of one row chunk and one weight tile.
-    buf = torch.empty(chunk * tile, dtype=torch.float32, device=dev)
-    hbuf = torch.empty(chunk * hd, dtype=torch.float32, device=dev) if widen else None
-    wbuf = torch.empty(tile * hd, dtype=torch.float32, device=dev) if widen else None
-    bias32 = None if bias is None else bias.to(torch.float32)
+    n_tiles = len(tiler.starts)
+    starts_t = torch.tensor(tiler.starts, dtype=torch.int64, device=dev)
     op = torch.ops.mllmcal.token_stats.default
     # The C++ statistics of a hot tile are written straight into this chunk's per-tile
     # slots, with STATS_THREADS threads (None: torch's count).
     cpp = None
     if stats_backend == "cpu":
         from ._backends.compiled import cpu as cpp
-    tile_flags = torch.empty(chunk, dtype=torch.uint8, device=dev)
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
+    tile_flags = torch.empty(tiler.chunk, dtype=torch.uint8, device=dev)
+    for r0, r1, tiles in tiler:
         c = r1 - r0
-        if widen:
-            hc = hbuf[: c * hd].view(c, hd)
-            hc.copy_(h[r0:r1])
-        else:
-            hc = h[r0:r1]
         t_chunk = None if t_rows is None else t_rows[r0:r1]
         t_col = t_chunk if t_chunk is not None else (
             None if t_scalar == 1.0 else torch.full((c,), t_scalar, dtype=torch.float32, device=dev)
@@ -191,19 +235,7 @@ def _tiled_into(
             yc = y[r0:r1]
             labelled = yc != ignore_index
             zy = torch.zeros(c, dtype=torch.float64, device=dev)
-        for k, c0 in enumerate(starts):
-            c1 = min(v, c0 + tile)
-            wdt = c1 - c0
-            x = buf[: c * wdt].view(c, wdt)
-            if widen:
-                wt = wbuf[: wdt * hd].view(wdt, hd)
-                wt.copy_(weight[c0:c1])
-            else:
-                wt = weight[c0:c1]
-            if bias32 is None:
-                torch.matmul(hc, wt.T, out=x)
-            else:
-                torch.addmm(bias32[c0:c1], hc, wt.T, out=x)
+        for k, (c0, c1, x) in enumerate(tiles):
             y_loc = None
             if yc is not None:
                 inside = labelled & (yc >= c0) & (yc < c1)
@@ -275,6 +307,39 @@ def _choose_for_trace(backend: str, device: torch.device, dtype: torch.dtype, n:
     return _choose(backend, device, dtype, n, v)
 
 
+def check_linear_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """Validate a head's inputs: ``hidden`` ``[..., H]`` and ``weight`` ``[V, H]`` of one
+    dtype (fp32/bf16/fp16) and device, ``bias`` a float ``[V]`` there or None (errors name
+    the problem). Returns detached ``(h [N, H], weight, bias (contiguous) or None, lead)``
+    with ``lead = hidden.shape[:-1]``."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"expected hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    v, hd = weight.shape
+    if v == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    device = hidden.device
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {device}")
+    if bias is not None:
+        if bias.shape != (v,) or bias.device != device or not bias.is_floating_point():
+            raise ValueError(f"bias must be a float [{v}] tensor on {device}, got "
+                             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+        bias = bias.detach().contiguous()
+    return hidden.detach().reshape(-1, hd), weight.detach(), bias, tuple(hidden.shape[:-1])
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -328,33 +393,9 @@ def linear_token_stats(
         >>> bool(torch.allclose(s.entropy, ref.entropy, atol=1e-4)), s.prediction.shape
         (True, torch.Size([2, 3]))
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"expected hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    v, hd = weight.shape
-    if v == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
-    device = hidden.device
-    if weight.device != device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {device}")
-    if bias is not None:
-        if bias.shape != (v,) or bias.device != device or not bias.is_floating_point():
-            raise ValueError(f"bias must be a float [{v}] tensor on {device}, got "
-                             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
-        bias = bias.detach().contiguous()
-    lead = tuple(hidden.shape[:-1])
-    h = hidden.detach().reshape(-1, hd)
-    n = h.shape[0]
-    w = weight.detach()
+    h, w, bias, lead = check_linear_inputs(hidden, weight, bias)
+    n, v = h.shape[0], w.shape[0]
+    device = h.device
     t_scalar, t_rows = _check_temperature(temperature, n, device, True)
     y = _check_labels(labels, lead, n, v, device, ignore_index, True)
     if histogram is not None:

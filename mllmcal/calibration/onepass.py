@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .. import _contract as C
+from .. import linear as _linear
 from ..ops import temperature_fit_rows
 from . import _sync
 
@@ -240,6 +241,76 @@ class TemperatureFitAccumulator:
             self.n_masked += int(packed[3 * k + 1])
         return self
 
+    def update_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      *, bias: torch.Tensor | None = None) -> TemperatureFitAccumulator:
+        """Add a batch given as hidden states and the output head: the same sums as
+        ``update(hidden.float() @ weight.float().T + bias, labels)``, without the ``[N, V]``
+        logits.
+
+        Args:
+            hidden: ``[..., H]`` fp32/bf16/fp16 (leading dims flattened to N rows).
+            weight: ``[V, H]`` head of the same dtype and device (for tied embeddings, the
+                embedding matrix).
+            labels: integer, shaped ``hidden.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
+            bias: optional float ``[V]`` (``-inf`` masks a token).
+
+        Rows with an ignored label are dropped before the GEMM. The rest go through
+        :class:`mllmcal.linear.LogitTiles` (row chunks x vocabulary tiles of fp32 logits in
+        one reused buffer, as :func:`mllmcal.linear_token_stats`); the fit kernel
+        (``backend``) runs on each hot tile with the tile's argmax as its label, so its
+        (ℓ, ℓ', ℓ'') are the tile's ``log S_t(β)``, ``E_t[x] − m_t`` and ``Var_t[x]``
+        relative to the tile max ``m_t``. Per row and β these merge online in float64
+        (module ``linear``'s rule): with ``M`` the running max, ``a = log S + β(m − M)``,
+        ``log S ← logaddexp(a_old, a_t)``, weights ``w = e^(a − log S)``, mean
+        ``E ← Σ w E``, ``Var ← Σ w (Var + (E_· − E)²)``; the label's logit comes from its
+        tile. Then ``ℓ = log S + β(M − x_y)``, ``ℓ' = E − x_y``, ``ℓ'' = Var``. A NaN or
+        ``+inf`` logit makes its row invalid (skipped), a ``-inf`` label logit counts in
+        ``n_masked``, as in :meth:`update`. Extra memory: the tile buffer plus O(rows x K)
+        float64 per chunk (row chunks are capped so the fit's per-tile output stays within
+        ``_MAX_OUT_ELEMENTS``).
+        """
+        h, w, bias, lead = _linear.check_linear_inputs(hidden, weight, bias)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError("update_hidden takes labels as a tensor")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden's "
+                             f"leading shape {lead}")
+        v = w.shape[0]
+        y = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
+        bad = (y != self.ignore_index) & ((y < 0) | (y >= v))
+        if y.numel() and bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"label {int(y[i])} at row {i} is outside [0, {v}) and not "
+                             f"ignore_index={self.ignore_index}")
+        keep = y != self.ignore_index
+        if not bool(keep.all()):
+            h, y = h[keep], y[keep]
+        if y.numel() == 0:
+            return self
+        k = len(self.betas)
+        betas = torch.tensor(self.betas, dtype=torch.float64, device=h.device)
+        rows = min(_linear.DEFAULT_ROW_CHUNK, max(1, _MAX_OUT_ELEMENTS // (3 * k)))
+        for r0, r1, tiles in _linear.LogitTiles(h, w, bias, row_chunk=rows):
+            self._add_row_sums(*_merge_tiles(tiles, y[r0:r1], betas, self.backend))
+        return self
+
+    def _add_row_sums(self, nll: torch.Tensor, grad: torch.Tensor, curv: torch.Tensor,
+                      status: torch.Tensor) -> None:
+        """Add per-row float64 ``[rows, K]`` (ℓ, ℓ', ℓ'') of the rows whose uint8 ``status``
+        is used (1; 2 counts a masked label), with one host read-back."""
+        k = len(self.betas)
+        used = (status == 1)[:, None]
+        sums = torch.stack([torch.where(used, t, 0.0).sum(0) for t in (nll, grad, curv)])
+        counts = torch.bincount(status.long(), minlength=3)
+        packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()
+        self.nll += packed[:k]
+        self.grad += packed[k:2 * k]
+        self.curv += packed[2 * k:3 * k]
+        self.n_rows += int(packed[3 * k])
+        self.n_masked += int(packed[3 * k + 1])
+
     # ------------------------------------------------------------------ merging
 
     def _check_compatible(self, other: TemperatureFitAccumulator) -> None:
@@ -419,3 +490,51 @@ class TemperatureFitAccumulator:
     def __repr__(self) -> str:
         return (f"TemperatureFitAccumulator(K={len(self.betas)}, n_rows={self.n_rows}, "
                 f"derivatives={self.derivatives}, backend={self.backend!r})")
+
+
+def _merge_tiles(tiles: Any, y: torch.Tensor, betas: torch.Tensor, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (ℓ, ℓ', ℓ'') at each β from one row chunk's logit tiles (``(c0, c1, x)``,
+    ``x`` fp32 ``[c, w]``) merged online (see :meth:`TemperatureFitAccumulator.update_hidden`).
+
+    ``y`` int64 ``[c]`` labels (none ignored), ``betas`` fp64 ``[K]``. Returns float64
+    ``[c, K]`` nll, grad, curv and uint8 ``[c]`` status (0 invalid, 1 used, 2 label -inf).
+    """
+    c, k = y.shape[0], betas.shape[0]
+    dev = y.device
+    ninf = float("-inf")
+    big_m = torch.full((c,), ninf, dtype=torch.float64, device=dev)
+    poison = torch.zeros(c, dtype=torch.bool, device=dev)
+    log_s = torch.full((c, k), ninf, dtype=torch.float64, device=dev)
+    mean = torch.zeros((c, k), dtype=torch.float64, device=dev)
+    var = torch.zeros((c, k), dtype=torch.float64, device=dev)
+    xy = torch.zeros(c, dtype=torch.float64, device=dev)
+    b = betas[None, :]
+    for c0, c1, x in tiles:
+        mt32, am = x.max(1)  # NaN propagates into the max: the row is then poisoned
+        inside = (y >= c0) & (y < c1)
+        loc = torch.where(inside, y - c0, torch.zeros_like(y))
+        xy = torch.where(inside, x.gather(1, loc[:, None]).squeeze(1).double(), xy)
+        # The argmax as the label: d_y = 0, so ℓ = log S_t and ℓ' = E_t[x] - m_t.
+        out, st = temperature_fit_rows(x, am, betas, backend, -1)
+        mt = mt32.double()
+        live = st == 1
+        poison |= ~live & (mt != ninf)  # a NaN or +inf; an all -inf tile only has no mass
+        o = out.double()
+        m_new = torch.maximum(big_m, torch.where(live, mt, ninf))
+        ref = torch.where(m_new > ninf, m_new, 0.0)[:, None]
+        a_old = log_s + b * (big_m[:, None] - ref)
+        mean_t = torch.where(live[:, None], o[:, 1] + mt[:, None], 0.0)
+        a_t = torch.where(live[:, None], o[:, 0] + b * (mt[:, None] - ref), ninf)
+        log_new = torch.logaddexp(a_old, a_t)
+        w_old = torch.where(a_old > ninf, torch.exp(a_old - log_new), 0.0)
+        w_t = torch.where(a_t > ninf, torch.exp(a_t - log_new), 0.0)
+        mean_new = w_old * mean + w_t * mean_t
+        var = (w_old * (var + (mean - mean_new) ** 2)
+               + w_t * (torch.where(live[:, None], o[:, 2], 0.0) + (mean_t - mean_new) ** 2))
+        big_m, log_s, mean = m_new, log_new, mean_new
+    valid = ~poison & (big_m > ninf)
+    masked = valid & (xy == ninf)
+    status = torch.where(masked, 2, valid.to(torch.int64)).to(torch.uint8)
+    d_y = torch.where(valid & ~masked, big_m - xy, 0.0)[:, None]
+    return log_s + b * d_y, mean - big_m[:, None] + d_y, var.clamp_min(0.0), status

@@ -8,11 +8,13 @@ at once; each ``[B, chunk, V]`` block goes to ``CalibrationState.update_logits``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from ...linear import linear_token_stats
 from ...ops import check_scalar_temperature
 from .._feedback import new_calibration_state
 
@@ -22,6 +24,29 @@ __all__ = ["score_tokens", "iter_score_tokens"]
 def _text_config(model: torch.nn.Module) -> Any:
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _fused_head(model: torch.nn.Module, head: Any, hidden: torch.Tensor, state: Any
+                ) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """``(weight [V, H], bias or None, logit scale)`` when the logits are exactly
+    ``scale * (hidden @ weight.T + bias)`` and ``state`` is a ``CalibrationState``, else
+    None (the caller then materialises logits in chunks)."""
+    from ...calibration import CalibrationState
+
+    cfg = _text_config(model)
+    scale = getattr(cfg, "logit_scale", None)
+    scale = 1.0 if scale is None else float(scale)
+    weight = getattr(head, "weight", None)
+    bias = getattr(head, "bias", None)
+    if (not isinstance(state, CalibrationState) or type(head) is not torch.nn.Linear
+            or getattr(cfg, "final_logit_softcapping", None) is not None  # tanh: not linear
+            or not (scale > 0 and math.isfinite(scale))
+            or not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype
+            or weight.device != hidden.device
+            or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or (bias is not None and bias.device != hidden.device)):
+        return None
+    return weight, bias, scale
 
 
 def _final_logit_transform(model: torch.nn.Module):
@@ -53,6 +78,7 @@ def score_tokens(
     temperature: float = 1.0,
     n_bins: int = 15,
     ignore_index: int = -100,
+    fused: bool = True,
     **model_kwargs: Any,
 ):
     """Teacher-forced next-token calibration of ``model`` on a batch, into a CalibrationState.
@@ -63,12 +89,25 @@ def score_tokens(
     the token is not an image placeholder (``config.image_token_id`` /
     ``image_token_index``). Targets equal to ``ignore_index`` are skipped.
 
-    The model body runs once. Its last hidden state ``[B, L, H]`` is then sent through the
-    output embedding ``chunk_size`` positions at a time, and each ``[B, chunk, V]`` block
-    (in the model's dtype) goes to ``state.update_logits``. No ``[B, L, V]`` logits tensor
-    exists at once, in fp32 or otherwise. Known post-``lm_head`` transforms
-    (``logit_scale``, ``final_logit_softcapping``) are applied. Models without a separate
-    base model / output embedding fall back to one full forward (``chunk_size`` ignored).
+    The model body runs once and gives the last hidden state ``[B, L, H]``. Then, by route:
+
+    * **fused** (the default, when ``state`` is a ``CalibrationState``, the output embedding
+      is a plain ``nn.Linear`` on the hidden state's device and dtype, and the model applies
+      no ``final_logit_softcapping``): :func:`mllmcal.linear_token_stats` on the hidden
+      state and the head's weight and bias, filling the state's histogram directly. No
+      logits tensor exists beyond one fp32 vocabulary tile (``chunk_size`` is unused). A
+      ``logit_scale`` s is folded into the temperature (statistics of ``s·x / T`` are those
+      of ``x / (T / s)``). The tiles' logits are fp32, so for a bf16/fp16 model the
+      statistics are of ``hidden.float() @ weight.float().T``: more exact than the model's
+      own half-precision logits, hence not bit-equal to them.
+    * **chunked logits** (otherwise, or ``fused=False``): the hidden state goes through the
+      output embedding ``chunk_size`` positions at a time, and each ``[B, chunk, V]`` block
+      (in the model's dtype, after the known transforms ``logit_scale`` and
+      ``final_logit_softcapping``, the latter a tanh the fused route cannot apply) goes to
+      ``state.update_logits``; no ``[B, L, V]`` tensor exists at once.
+
+    Models without a separate base model / output embedding fall back to one full forward
+    (``chunk_size`` ignored).
 
     Args:
         model: a causal LM or a LLaVA-style model (``pixel_values`` etc. go in
@@ -81,6 +120,7 @@ def score_tokens(
         chunk_size: positions per ``lm_head`` block. By default it is chosen so that a
             block has about 2**24 logits.
         temperature: ``T > 0`` applied to the logits before the statistics.
+        fused: allow the fused route (``False`` forces the chunked-logits route).
 
     Returns:
         The ``CalibrationState`` (``state`` itself when given).
@@ -126,6 +166,17 @@ def score_tokens(
     hidden = base(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
     ).last_hidden_state
+    route = _fused_head(model, head, hidden, state) if fused else None
+    if route is not None:
+        weight, bias, scale = route
+        t_eff = check_scalar_temperature(temperature / scale)
+        # What CalibrationState.update_logits does around token_stats, around the fused op.
+        state._adopt(hidden.device)
+        state._reserve(b * length)
+        stats = linear_token_stats(hidden, weight, target, temperature=t_eff, bias=bias,
+                                   histogram=state.hist, ignore_index=ignore_index)
+        state._add_scores(stats.label_logprob.reshape(-1), stats.brier.reshape(-1))
+        return state
     vocab = head.weight.shape[0] if hasattr(head, "weight") else _text_config(model).vocab_size
     if chunk_size is None:
         chunk_size = max(1, (1 << 24) // max(1, b * vocab))

@@ -1,4 +1,5 @@
-"""Benchmark of ``linear_token_stats`` on the CPU against materialising the logits.
+"""Benchmark of ``linear_token_stats`` (and, with ``--fit``, of the one-pass temperature
+accumulator's ``update_hidden``) on the CPU against materialising the logits.
 
 Contenders, on the same inputs (hidden ``[N, H]``, head ``[V, H]``, labels), fp32 and bf16:
 
@@ -6,6 +7,11 @@ Contenders, on the same inputs (hidden ``[N, H]``, head ``[V, H]``, labels), fp3
   inputs' dtype writes the ``[N, V]`` logits, then the C++ kernel reads them.
 * ``fused``        -- ``mllmcal.linear_token_stats(hidden, W, labels)``: fp32 vocabulary
   tiles through torch's GEMM into one buffer, statistics per tile, exact merge.
+
+With ``--fit`` (JSON ``temperature_fit_hidden_cpu*.json``), the same pair for
+:class:`mllmcal.calibration.TemperatureFitAccumulator` at its default 31 temperatures:
+``materialised`` is ``acc.update(hidden @ W.T, labels)``, ``fused`` is
+``acc.update_hidden(hidden, W, labels)`` (the fit kernel on each fp32 tile, online merge).
 
 Each (dtype, contender) runs in its own subprocess, so that its peak memory can be read
 from the process's peak RSS (``VmHWM``, reset just before the timed calls; ``ru_maxrss``
@@ -41,6 +47,7 @@ FULL = (8192, 896, 151936)
 QUICK = (512, 128, 8192)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_token_stats_cpu.json"
+FIT_RESULTS = RESULTS.with_name("temperature_fit_hidden_cpu.json")
 
 
 
@@ -64,7 +71,13 @@ def worker(variant: str, dtype_name: str, n: int, hd: int, v: int, repeat: int) 
     def run(h, w, y):
         if variant == "materialised":
             return mllmcal.token_stats(h @ w.T, y)
-        return mllmcal.linear_token_stats(h, w, y)
+        if variant == "fused":
+            return mllmcal.linear_token_stats(h, w, y)
+        from mllmcal.calibration import TemperatureFitAccumulator
+
+        if variant == "fit_materialised":
+            return TemperatureFitAccumulator().update(h @ w.T, y)
+        return TemperatureFitAccumulator().update_hidden(h, w, y)
 
     run(hidden[:64], weight[:8192], labels[:64] % 8192)  # load kernels and thread pools
     before = rss_bytes()
@@ -97,6 +110,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--size", nargs=3, type=int, metavar=("N", "H", "V"),
                     help="another size (the JSON goes to linear_token_stats_cpu_N_H_V.json)")
+    ap.add_argument("--fit", action="store_true",
+                    help="TemperatureFitAccumulator.update_hidden vs update(h @ W.T)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -104,20 +119,22 @@ def main() -> None:
         print(json.dumps(worker(variant, dtype, int(n), int(hd), int(v), int(repeat))))
         return
     size = tuple(args.size) if args.size else (QUICK if args.quick else FULL)
-    results = RESULTS
+    results = FIT_RESULTS if args.fit else RESULTS
     if args.size and size != FULL:
-        results = RESULTS.with_name(f"linear_token_stats_cpu_{'_'.join(map(str, size))}.json")
+        results = results.with_name(f"{results.stem}_{'_'.join(map(str, size))}.json")
+    prefix = "fit_" if args.fit else ""
     repeat = args.repeat or (3 if args.quick else 1)
     n, hd, v = size
     load_before = os.getloadavg()
     rows = []
-    print(f"N={n} H={hd} V={v}, best of {repeat}, torch {torch.__version__}, "
+    what = "TemperatureFitAccumulator (K=31)" if args.fit else "token stats"
+    print(f"{what}: N={n} H={hd} V={v}, best of {repeat}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {load_before[0]:.2f}")
     print(f"{'dtype':9} {'materialised':>13} {'fused':>9} {'time':>6} {'extra mem':>12} "
           f"{'vs logits':>9}")
     for dtype in args.dtypes.split(","):
-        base = _spawn("materialised", dtype, size, repeat)
-        fused = _spawn("fused", dtype, size, repeat)
+        base = _spawn(prefix + "materialised", dtype, size, repeat)
+        fused = _spawn(prefix + "fused", dtype, size, repeat)
         logits_bytes = n * v * DTYPES[dtype].itemsize
         row = {
             "dtype": dtype, "materialised": base, "fused": fused,
@@ -134,7 +151,7 @@ def main() -> None:
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({
-        "bench": "linear_token_stats_cpu", "size": {"N": n, "H": hd, "V": v},
+        "bench": results.stem.split("_cpu")[0] + "_cpu", "size": {"N": n, "H": hd, "V": v},
         "repeat": repeat, "rows": rows,
         "memory_method": "peak RSS (VmHWM, reset through /proc/self/clear_refs just "
                          "before the timed calls) minus RSS before them, one subprocess "

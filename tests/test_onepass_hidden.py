@@ -199,3 +199,12 @@ def test_never_allocates_n_by_v():
     # [8, 3, K] / tile [8, 48]; the logits would be N x V = 128000.
     k = len(acc.betas)
     assert Largest.numel <= max(v * hd, 8 * 3 * k, 8 * 48), Largest.numel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_update_on_float64_logits(dtype):
+    h, w, b, y = head_data(n=300, v=1000, hd=64, dtype=dtype, bias=True, seed=12)
+    ref = TemperatureFitAccumulator(backend="torch").update(logits64(h, w, b), y)
+    got = TemperatureFitAccumulator().update_hidden(h.cuda(), w.cuda(), y.cuda(), bias=b.cuda())
+    assert_same_sums(ref, got)

@@ -146,6 +146,9 @@ class TemperatureFitAccumulator:
         acc.all_reduce()                          # under torchrun, before fitting
         T = acc.fit()
 
+    With hidden states ``[..., H]`` and the output head ``[V, H]`` instead of logits,
+    :meth:`update_hidden` adds the same sums without the ``[N, V]`` logits.
+
     Example:
         >>> import torch
         >>> from mllmcal.calibration import TemperatureFitAccumulator

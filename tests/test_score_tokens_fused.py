@@ -119,3 +119,16 @@ def test_llava_fused_route_equals_logits_route():
     fused, chunked, n_fused, n_chunked = _both_routes(model, ids, mask, pixel_values=pixels)
     assert n_fused == 0 and n_chunked > 0
     _assert_same_state(fused, chunked, rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_custom_ignore_index_reaches_every_route(checkpoint, fused):
+    # The chunked route used to pass the default ignore_index to update_logits, so the
+    # padding that score_tokens itself marked with ignore_index=-1 was read as a label -1.
+    model = tf.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids, mask = _batch(model.config.vocab_size, seed=2)
+    ref = score_tokens(model, ids, mask, n_bins=10, fused=fused, chunk_size=3)
+    got = score_tokens(model, ids, mask, n_bins=10, fused=fused, chunk_size=3, ignore_index=-1)
+    assert got.count == ref.count > 0
+    assert torch.equal(got.hist, ref.hist)
+    assert got.nll() == pytest.approx(ref.nll(), rel=1e-12)

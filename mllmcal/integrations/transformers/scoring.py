@@ -160,7 +160,7 @@ def score_tokens(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or base is model or head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
-        state.update_logits(logits, target, temperature=temperature)
+        state.update_logits(logits, target, temperature=temperature, ignore_index=ignore_index)
         return state
 
     hidden = base(
@@ -185,7 +185,7 @@ def score_tokens(
         p1 = min(length, p0 + int(chunk_size))
         tgt = target[:, p0:p1]
         logits = transform(head(hidden[:, p0:p1]))
-        state.update_logits(logits, tgt, temperature=temperature)
+        state.update_logits(logits, tgt, temperature=temperature, ignore_index=ignore_index)
         del logits
     return state
 

@@ -50,8 +50,6 @@ from typing import Any
 
 import torch
 
-import mllmcal
-
 from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .compat import MissingDependencyError, load_processor
 from .confidence import (
@@ -62,7 +60,8 @@ from .confidence import (
     _load_image,
     _record,
     _shows_image,
-    parse_verbalized,
+    option_softmax_batch,
+    verbalized_batch,
 )
 from .data import Item
 from .models import EvalModel, _letter_table, parse_dtype, resolve_checkpoint
@@ -368,37 +367,6 @@ def _letter_batch(em: VllmEvalModel, items: list[Item], outputs: list[Any], recs
     return ScoredBatch(records, row_ids, torch.stack(rows).float(), torch.tensor(labels))
 
 
-def _option_batch(em: VllmEvalModel, items: list[Item], recs: list[dict], texts: list[str],
-                  answer_prefix: str) -> ScoredBatch:
-    from ..integrations.vllm.token_logits import token_logits
-
-    answer_ids = em.answer_token_ids(answer_prefix)
-    logits = torch.stack([token_logits(rec)[1][0] for rec in recs]).float()
-    n_opt = torch.tensor([len(it.options) for it in items])
-    logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
-    logits[:, torch.tensor([c < 0 for c in answer_ids])] = float("-inf")
-    s = mllmcal.token_stats(logits)
-    soft = torch.softmax(logits.double(), dim=1)  # over the item's letters, as the HF path
-    records = []
-    for i, it in enumerate(items):
-        ok = bool(s.valid[i])
-        pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-        records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
-                               option_probs=soft[i, :len(it.options)].tolist() if ok else None))
-    return ScoredBatch(records, [it.id for it in items], logits,
-                       torch.tensor([it.answer_index for it in items]))
-
-
-def _verbalized_batch(items: list[Item], texts: list[str]) -> ScoredBatch:
-    records = []
-    for it, text in zip(items, texts, strict=True):
-        letter, conf = parse_verbalized(text, it.letters)
-        rec = _record(it, letter if conf is not None else None, conf, text)
-        rec["parse_failure"] = letter is None or conf is None
-        records.append(rec)
-    return ScoredBatch(records, [], None, None)
-
-
 @torch.inference_mode()
 def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "letter",
                      answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
@@ -407,6 +375,8 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
     """:func:`~mllmcal.eval.confidence.score_items` on the vLLM engine: the same
     :class:`ScoredBatch` per ``batch_size`` items (records, the answer rows ``[b, W]`` fp32
     and their labels), with up to :data:`CHUNK_ITEMS` items per ``LLM.generate`` call."""
+    from ..integrations.vllm.token_logits import token_logits
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
@@ -425,6 +395,8 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
                 if method == "letter":
                     yield _letter_batch(em, part[sl], outputs[sl], recs[sl], texts[sl])
                 elif method == "option-softmax":
-                    yield _option_batch(em, part[sl], recs[sl], texts[sl], answer_prefix)
+                    yield option_softmax_batch(
+                        part[sl], torch.stack([token_logits(r)[1][0] for r in recs[sl]]).float(),
+                        em.answer_token_ids(answer_prefix), texts[sl])
                 else:
-                    yield _verbalized_batch(part[sl], texts[sl])
+                    yield verbalized_batch(part[sl], texts[sl])

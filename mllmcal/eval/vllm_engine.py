@@ -64,7 +64,7 @@ from .confidence import (
     verbalized_batch,
 )
 from .data import Item
-from .models import EvalModel, _letter_table, parse_dtype, resolve_checkpoint
+from .models import EvalModel, parse_dtype, prepare_tokenizer, resolve_checkpoint
 from .quirks import quirks_for
 
 __all__ = ["VllmEvalModel", "cpu_engine_defaults", "load_vllm_model", "require_vllm",
@@ -220,23 +220,13 @@ def load_vllm_model(spec: str, *, name: str | None = None, dtype: str = "auto",
                          "out image tokens and BOS themselves (PaliGemma); use --engine hf")
     processor = load_processor(path, name) if multimodal else None
     tokenizer = processor.tokenizer if multimodal else tf.AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    owner = processor if multimodal else tokenizer
-    use_chat = chat_template != "off" and bool(getattr(owner, "chat_template", None))
-    text_cfg = getattr(config, "text_config", None) or config
-    vocab_size = int(text_cfg.vocab_size)
-    letter_of = _letter_table(tokenizer, vocab_size)
-    if all(li < 0 for li in letter_of):
-        raise ValueError(f"{path}: no token of this vocabulary decodes to an option letter A-H")
+    vocab_size = int((getattr(config, "text_config", None) or config).vocab_size)
     try:
-        gen = tf.GenerationConfig.from_pretrained(path)
-        eos = gen.eos_token_id
+        eos = tf.GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:
         eos = None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    use_chat, letter_of, eos_ids = prepare_tokenizer(
+        path, tokenizer, processor if multimodal else tokenizer, chat_template, vocab_size, eos)
     llm, reader = _engine(path, config, dtype, multimodal, dict(engine_args or {}))
     dev = torch.device("cpu")
     return VllmEvalModel(

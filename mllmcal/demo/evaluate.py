@@ -11,11 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_SPLIT_SIZES", "demo_eval_config", "evaluate_demo_model"]
-
-#: Items per split ``mllmcal demo`` evaluates: the demo (the shipped model, nothing trained)
-#: must finish in 90 s on 2 CPU cores; ``mllmcal eval`` keeps the full splits.
-DEMO_SPLIT_SIZES = {"test": 1000, "calib": 1000, "dev": 100, "idk": 200}
+__all__ = ["demo_eval_config", "evaluate_demo_model"]
 
 
 def demo_eval_config(model: Any, data_dir: str | Path, out: str | Path, *,

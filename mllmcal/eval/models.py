@@ -178,12 +178,10 @@ class EvalModel:
     @property
     def image_token(self) -> str:
         """The processor's own image placeholder (never a literal ``<image>`` guess)."""
-        tok = getattr(self.processor, "image_token", None)
-        if isinstance(tok, str) and tok:
-            return tok
-        tok = getattr(self.tokenizer, "image_token", None)
-        if isinstance(tok, str) and tok:
-            return tok
+        for owner in (self.processor, self.tokenizer):
+            tok = getattr(owner, "image_token", None)
+            if isinstance(tok, str) and tok:
+                return tok
         raise ValueError(f"model {self.name!r}: its processor names no image token and has "
                          "no chat template; cannot place the image in the prompt")
 

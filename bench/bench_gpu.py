@@ -12,12 +12,34 @@ The work is in mllmcal.benchmarks (also `mllmcal bench`).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from mllmcal.benchmarks import run_suite, write_autotune_table  # noqa: E402
+from mllmcal._autotune import TABLE_PATH  # noqa: E402
+from mllmcal.benchmarks import run_suite  # noqa: E402
+
+
+def write_autotune_table(doc: dict, path: str | os.PathLike = TABLE_PATH) -> dict:
+    """From a GPU run, record per (dtype, batch, vocab) whether Triton or CUDA was faster,
+    in the format :mod:`mllmcal._autotune` reads. Returns the table."""
+    if doc["meta"]["mode"] != "gpu":
+        raise ValueError("the auto-selection table needs a GPU run")
+    entries = []
+    keys = dict.fromkeys((r["dtype"], r["batch"], r["vocab"]) for r in doc["records"])
+    for dname, b, v in keys:
+        row = {r["backend"]: r["median_us"] for r in doc["records"]
+               if (r["dtype"], r["batch"], r["vocab"]) == (dname, b, v)
+               and r["backend"] in ("triton", "cuda")}
+        if len(row) == 2:
+            entries.append({"dtype": dname, "batch": b, "vocab": v,
+                            "backend": min(row, key=row.get), "us": row})
+    table = {"device": doc["meta"]["device"], "date": doc["meta"]["date"], "entries": entries}
+    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+    return table
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Measured choice between the ``triton`` and ``cuda`` backends for ``backend="auto"``.
 
 ``_autotune.json`` (next to this file) is written from a GPU benchmark run by
-:func:`mllmcal.benchmarks.write_autotune_table`: for each measured (dtype, batch, vocab)
+``bench/bench_gpu.py --write-autotune``: for each measured (dtype, batch, vocab)
 it names the faster of the two. A shape that was not measured takes the choice of the
 nearest measured one of the same dtype (distance in log batch and log vocab), since the
 winner depends on which launch path a shape lands in and that varies smoothly. An empty

@@ -15,8 +15,8 @@ Without a GPU it runs a CPU mode (backends ``cpu``, ``torch``, ``eager``, ``comp
 reduced shape set, wall-clock medians; the copy reference is a CPU ``copy_``).
 
 Results go to ``bench/results/`` as JSON (device name, versions, date, records), a
-Markdown table and a matplotlib plot. :func:`write_autotune_table` turns a GPU run into
-``mllmcal/_autotune.json``, from which :func:`mllmcal._autotune.preferred_cuda_backend`
+Markdown table and a matplotlib plot. ``bench/bench_gpu.py --write-autotune`` turns a GPU
+run into ``mllmcal/_autotune.json``, from which :func:`mllmcal._autotune.preferred_cuda_backend`
 picks Triton or CUDA per shape.
 """
 
@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-from ._autotune import TABLE_PATH, preferred_cuda_backend  # noqa: F401  (re-exported)
 from ._backends import unavailable_reason
 from .reference import eager_composite, make_labels, make_logits
 
 __all__ = [
     "GPU_BATCHES", "GPU_VOCABS", "CPU_BATCHES", "CPU_VOCABS", "Record", "run_suite",
-    "markdown_table", "plot_records", "write_autotune_table", "preferred_cuda_backend",
+    "markdown_table", "plot_records",
 ]
 
 GPU_BATCHES = (1, 8, 64, 256, 1024)
@@ -319,21 +318,3 @@ def plot_records(doc: dict, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def write_autotune_table(doc: dict, path: str | os.PathLike = TABLE_PATH) -> dict:
-    """From a GPU run, record per (dtype, batch, vocab) whether Triton or CUDA was faster,
-    in the format :mod:`mllmcal._autotune` reads. Returns the table."""
-    if doc["meta"]["mode"] != "gpu":
-        raise ValueError("the auto-selection table needs a GPU run")
-    entries = []
-    keys = dict.fromkeys((r["dtype"], r["batch"], r["vocab"]) for r in doc["records"])
-    for dname, b, v in keys:
-        row = {r["backend"]: r["median_us"] for r in doc["records"]
-               if (r["dtype"], r["batch"], r["vocab"]) == (dname, b, v)
-               and r["backend"] in ("triton", "cuda")}
-        if len(row) == 2:
-            entries.append({"dtype": dname, "batch": b, "vocab": v,
-                            "backend": min(row, key=row.get), "us": row})
-    table = {"device": doc["meta"]["device"], "date": doc["meta"]["date"], "entries": entries}
-    Path(path).write_text(json.dumps(table, indent=1) + "\n")
-    return table

@@ -223,15 +223,12 @@ def _split_paths(args: argparse.Namespace) -> dict[str, str | None]:
     return paths
 
 
-def _check_out(out: str) -> None:
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise _UsageError(f"--out {out}: is a file; --out names the output directory")
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise _UsageError(f"--limit must be a positive number of items, got {limit}")
+def _check_out_and_limit(args: argparse.Namespace) -> None:
+    """``--out`` names a directory (or nothing yet) and ``--limit`` a positive count."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise _UsageError(f"--out {args.out}: is a file; --out names the output directory")
+    if args.limit is not None and args.limit < 1:
+        raise _UsageError(f"--limit must be a positive number of items, got {args.limit}")
 
 
 def _model_specs(models: list[str]) -> list[Any]:
@@ -279,8 +276,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mllmcal.eval.runner import EvalConfig, run_eval
 
-    _check_out(args.out)
-    _check_limit(args.limit)
+    _check_out_and_limit(args)
     paths = _split_paths(args)
     if paths["test"] is None:
         print("mllmcal eval: a test split is needed (--test FILE or --data DIR with test.json)",
@@ -336,8 +332,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"mllmcal demo: the embedded demo (mllmcal.demo) is not available: {exc}",
               file=sys.stderr)
         return 1
-    _check_out(args.out)
-    _check_limit(args.limit)
+    _check_out_and_limit(args)
     out = Path(args.out)
     model = "demo"
     if args.retrain:
@@ -389,8 +384,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from mllmcal.eval.runner import fit_calib_temperature
 
-    _check_out(args.out)
-    _check_limit(args.limit)
+    _check_out_and_limit(args)
     paths = _split_paths(args)
     if paths["calib"] is None:
         print("mllmcal fit: a calib split is needed (--calib FILE or --data DIR)", file=sys.stderr)

@@ -155,24 +155,6 @@ def histogram(
     return {"count": count, "sum_confidence": sconf, "sum_correct": scorr}
 
 
-def ece_from_histogram(hist: dict[str, torch.Tensor], norm: str = "l1") -> float:
-    """ECE-L1, ECE-L2 or MCE (``norm="max"``) of a float64 histogram, as in docs/design.md."""
-    n = hist["count"].double()
-    total = n.sum()
-    if total == 0:
-        return float("nan")
-    nz = n > 0
-    gap = (hist["sum_correct"][nz] - hist["sum_confidence"][nz]).abs() / n[nz]
-    w = n[nz] / total
-    if norm == "l1":
-        return float((w * gap).sum())
-    if norm == "l2":
-        return float(torch.sqrt((w * gap * gap).sum()))
-    if norm == "max":
-        return float(gap.max())
-    raise ValueError(f"norm must be 'l1', 'l2' or 'max', got {norm!r}")
-
-
 # --------------------------------------------------------------------------- temperature fit
 
 FIT_SKIPPED, FIT_USED, FIT_MASKED_LABEL = 0, 1, 2

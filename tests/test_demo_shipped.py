@@ -13,7 +13,7 @@ import pytest
 from mllmcal.cli import main
 from mllmcal.demo import demo_data_dir, demo_model_dir
 from mllmcal.demo import train as demo_train
-from mllmcal.demo.evaluate import evaluate_demo_model
+from mllmcal.demo.evaluate import demo_eval_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,12 +99,37 @@ def test_mllmcal_demo_never_trains_and_shows_the_findings(cache, monkeypatch, no
     assert invite["false_idk_rate"] <= FALSE_IDK_MAX
 
 
-def test_scorer_figures_on_a_fixed_subset(cache, monkeypatch, no_training):
+def _answer_position_figures(out: Path, limit: int) -> dict:
+    """The paper's headline figures for the shipped checkpoint through the evaluator at the
+    answer position only (one generated token), without prompt optimisation or plots: on
+    the first ``limit`` items of ``test`` (image and text), T fitted on ``calib`` in one
+    pass, and the ``idk`` split under each abstention hint."""
+    import torch
+
+    from mllmcal.eval.runner import run_eval
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_eval(demo_eval_config(
+            str(demo_model_dir()), demo_data_dir(), out, limit=limit, max_new_tokens=1,
+            batch_size=64, temperature_method="onepass", progress=False, plots=False))
+    finally:
+        torch.set_num_threads(prev)
+    m = report["models"][0]
+    img, txt = m["modalities"]["image"], m["modalities"]["text"]
+    return {"accuracy": img["test"]["accuracy"], "ece": img["test"]["ece"],
+            "temperature": img["temperature"],
+            "ece_after_temperature": (img["test_after_temperature"] or {}).get("ece"),
+            "text_only_accuracy": txt["test"]["accuracy"], "idk": m["idk"]}
+
+
+def test_scorer_figures_on_a_fixed_subset(cache, monkeypatch, no_training, tmp_path):
     """The same findings at the answer position alone (one generated token, no prompt
     optimisation), so that a failure of the test above can be told apart from one in the
     later generation steps or APE."""
     monkeypatch.setenv("MLLMCAL_CACHE", str(cache))
-    f = evaluate_demo_model(demo_model_dir(), demo_data_dir(), limit=300, threads=1)
+    f = _answer_position_figures(tmp_path / "out", limit=300)
     assert f["accuracy"] >= ACC_MIN
     assert f["ece"] >= ECE_MIN and f["temperature"] >= T_MIN
     assert f["ece_after_temperature"] <= ECE_AFTER_T_MAX_RATIO * f["ece"]

@@ -37,32 +37,38 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 PAPER_TEMPERATURE_GRID = tuple(round(0.01 * k, 2) for k in range(1, 1000))
 
 
-def _batches(logits_or_batches: Any, labels: torch.Tensor | None) -> Callable[[], Iterator[Batch]]:
-    """Return a function that yields the data afresh for every pass."""
+def _checked(logits_or_batches: Any, labels: torch.Tensor | None) -> Any:
+    """The data as a batch source: a logits tensor with its labels becomes one batch; a
+    callable returning batches, or an iterable of them, is returned as it is."""
     if isinstance(logits_or_batches, torch.Tensor):
         if labels is None:
             raise ValueError("fit_temperature(logits, labels): labels are required with a logits tensor")
-        pair = (logits_or_batches, labels)
-        return lambda: iter((pair,))
+        return ((logits_or_batches, labels),)
     if labels is not None:
         raise ValueError(
             "labels must be None when batches are given; each batch is a (logits, labels) pair"
         )
-    if callable(logits_or_batches):
-        return lambda: iter(logits_or_batches())
-    if not isinstance(logits_or_batches, Iterable):
+    if not callable(logits_or_batches) and not isinstance(logits_or_batches, Iterable):
         raise TypeError(
             "expected a logits tensor with labels, an iterable of (logits, labels) batches, or a "
             f"callable returning one; got {type(logits_or_batches).__name__}"
         )
-    if iter(logits_or_batches) is logits_or_batches:
+    return logits_or_batches
+
+
+def _batches(logits_or_batches: Any, labels: torch.Tensor | None) -> Callable[[], Iterator[Batch]]:
+    """Return a function that yields the data afresh for every pass."""
+    source = _checked(logits_or_batches, labels)
+    if callable(source):
+        return lambda: iter(source())
+    if iter(source) is source:
         raise TypeError(
             "method='newton' reads the data several times, but a one-shot iterator/generator "
             "can be read only once. Use method='onepass' (or 'auto'), or pass a list of "
             "(logits, labels) batches, a re-iterable such as a DataLoader, or a callable that "
             "returns a fresh iterator (e.g. `lambda: gen()`)"
         )
-    return lambda: iter(logits_or_batches)
+    return lambda: iter(source)
 
 
 def _unpack(batch: Any) -> Batch:
@@ -117,22 +123,8 @@ def _is_one_shot(obj: Any) -> bool:
 
 def _stream(logits_or_batches: Any, labels: torch.Tensor | None) -> Iterator[Batch]:
     """The data as (logits, labels) batches, read once."""
-    if isinstance(logits_or_batches, torch.Tensor):
-        if labels is None:
-            raise ValueError("fit_temperature(logits, labels): labels are required with a logits tensor")
-        yield logits_or_batches, labels
-        return
-    if labels is not None:
-        raise ValueError(
-            "labels must be None when batches are given; each batch is a (logits, labels) pair"
-        )
-    source = logits_or_batches() if callable(logits_or_batches) else logits_or_batches
-    if not isinstance(source, Iterable):
-        raise TypeError(
-            "expected a logits tensor with labels, an iterable of (logits, labels) batches, or a "
-            f"callable returning one; got {type(logits_or_batches).__name__}"
-        )
-    for batch in source:
+    source = _checked(logits_or_batches, labels)
+    for batch in source() if callable(source) else source:
         yield _unpack(batch)
 
 

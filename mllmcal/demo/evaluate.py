@@ -1,5 +1,5 @@
 """The demo through the evaluator: the :class:`~mllmcal.eval.runner.EvalConfig` of
-``mllmcal demo`` and the quick headline figures of a demo checkpoint.
+``mllmcal demo``.
 
 Scoring, prompting, the temperature fit, ECE and the IDK metrics are all
 :mod:`mllmcal.eval`'s; this module only chooses the settings.
@@ -7,15 +7,10 @@ Scoring, prompting, the temperature fit, ECE and the IDK metrics are all
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_SPLIT_SIZES", "demo_eval_config", "evaluate_demo_model"]
-
-#: Items per split ``mllmcal demo`` evaluates: the demo (the shipped model, nothing trained)
-#: must finish in 90 s on 2 CPU cores; ``mllmcal eval`` keeps the full splits.
-DEMO_SPLIT_SIZES = {"test": 1000, "calib": 1000, "dev": 100, "idk": 200}
+__all__ = ["demo_eval_config"]
 
 
 def demo_eval_config(model: Any, data_dir: str | Path, out: str | Path, *,
@@ -41,47 +36,3 @@ def demo_eval_config(model: Any, data_dir: str | Path, out: str | Path, *,
         **{s: str(p) if p else None for s, p in paths.items()},
         limit=limit, split_limits=dict(split_limits or {}), **settings)
 
-
-def evaluate_demo_model(model_dir: str | Path, data_dir: str | Path,
-                        limit: int | None = None, threads: int | None = None) -> dict[str, Any]:
-    """The paper's headline figures for a demo checkpoint, quickly: the evaluator at the
-    answer position only (one generated token), without prompt optimisation or plots.
-
-    On ``data_dir``'s ``test`` (answerable) items with the image and text only, T fitted
-    on ``calib`` in one pass, and the ``idk`` split under each abstention hint. The first
-    ``limit`` items of each split (all if None). A quick check for tuning and tests; the
-    report of ``mllmcal demo`` is the full pipeline (up to 20 generated tokens, APE).
-
-    Returns ``{"n_test", "accuracy", "ece", "mean_confidence", "temperature",
-    "ece_after_temperature", "text_only_accuracy", "text_only_ece", "idk": {variant:
-    {"idk_rate", "false_idk_rate", "answered_accuracy"}}}``.
-    """
-    import torch
-
-    from mllmcal.eval.runner import run_eval
-
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="mllmcal-demo-eval-") as out:
-            cfg = demo_eval_config(str(model_dir), data_dir, out, limit=limit,
-                                   max_new_tokens=1, batch_size=64,
-                                   temperature_method="onepass", progress=False, plots=False)
-            report = run_eval(cfg)
-    finally:
-        torch.set_num_threads(prev)
-    m = report["models"][0]
-    img, txt = m["modalities"]["image"], m["modalities"]["text"]
-    return {
-        "n_test": img["test"]["n_items"],
-        "accuracy": img["test"]["accuracy"],
-        "ece": img["test"]["ece"],
-        "mean_confidence": img["test"]["mean_confidence"],
-        "temperature": img["temperature"],
-        "ece_after_temperature": (img["test_after_temperature"] or {}).get("ece"),
-        "text_only_accuracy": txt["test"]["accuracy"],
-        "text_only_ece": txt["test"]["ece"],
-        "idk": {variant: {k: r[k] for k in ("idk_rate", "false_idk_rate", "answered_accuracy")}
-                for variant, r in m["idk"].items()},
-    }

@@ -44,14 +44,9 @@ def missing_package(exc: BaseException) -> str:
 
 def _processor_class_name(path: Path) -> str | None:
     for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        f = path / fname
-        if f.is_file():
-            try:
-                name = json.loads(f.read_text()).get("processor_class")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if name:
-                return str(name)
+        name = _read_json(path / fname).get("processor_class")
+        if name:
+            return str(name)
     return None
 
 

@@ -159,60 +159,73 @@ def _score_group(em: EvalModel, items: list[Item], method: str, answer_prefix: s
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()
     texts = em.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
-    records, row_ids, rows, labels = [], [], None, None
-    if method == "letter":
-        assert stop is not None
-        answer_rows = stop.rows  # [B, V] z at T = 1 of each row's answer step
-        letter_of = em.letter_of_token.to(answer_rows.device)  # the scores' device
-        # A row whose answer step had no finite maximum (NaN/+inf logits) has a NaN
-        # log-probability: counted as unanswered, as an invalid row never enters a histogram.
-        found_d = stop.found & torch.isfinite(stop.logprob)
-        letter_d = torch.where(found_d, letter_of[stop.token.clamp(min=0)], -1)
-        found, letter, conf = found_d.cpu(), letter_d.cpu(), stop.confidence.cpu()
-        step = stop.step.cpu()
-        ans = torch.tensor([it.answer_index for it in items], device=answer_rows.device)
-        # label for the NLL: the answer letter's spelling the model likes best in that row
-        variants = letter_of[None, :] == ans[:, None]
-        masked = torch.where(variants, answer_rows.float(), float("-inf"))
-        label_tok = masked.argmax(dim=1).cpu()
-        keep_idx = [i for i in range(len(items)) if bool(found[i])]
-        probs = _letter_option_probs(answer_rows, letter_of, keep_idx, items)
-        if keep_idx:
-            sel = torch.tensor(keep_idx, device=answer_rows.device)
-            rows = answer_rows.index_select(0, sel).float()
-            labels = label_tok[keep_idx]
-            row_ids = [items[i].id for i in keep_idx]
-        for i, it in enumerate(items):
-            li = int(letter[i])
-            pred = OPTION_LETTERS[li] if bool(found[i]) else None
-            records.append(_record(it, pred, float(conf[i]) if pred else None, texts[i],
-                                   step=int(step[i]), option_probs=probs.get(i)))
-    elif method == "option-softmax":
+    if method == "option-softmax":
         # the answer position is the first (only) step: its z = scores at T = 1
         z = proc.latest_scaled_scores()
         ids = torch.tensor([max(i, 0) for i in answer_ids], device=z.device)
-        logits = z.index_select(1, ids).float().cpu()
-        n_opt = torch.tensor([len(it.options) for it in items])
-        logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
-        missing = torch.tensor([c < 0 for c in answer_ids])
-        logits[:, missing] = float("-inf")
-        s = mllmcal.token_stats(logits)
-        rows, labels = logits, torch.tensor([it.answer_index for it in items])
-        row_ids = [it.id for it in items]
-        # the softmax over the item's letters (missing letters are -inf: probability 0)
-        soft = torch.softmax(logits.double(), dim=1)
-        for i, it in enumerate(items):
-            ok = bool(s.valid[i])
-            pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-            records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
-                                   option_probs=soft[i, :len(it.options)].tolist() if ok else None))
-    else:
-        for i, it in enumerate(items):
-            letter, conf = parse_verbalized(texts[i], it.letters)
-            rec = _record(it, letter if conf is not None else None, conf, texts[i])
-            rec["parse_failure"] = letter is None or conf is None
-            records.append(rec)
+        return option_softmax_batch(items, z.index_select(1, ids).float().cpu(), answer_ids,
+                                    texts)
+    if method == "verbalized":
+        return verbalized_batch(items, texts)
+    records, row_ids, rows, labels = [], [], None, None
+    assert stop is not None
+    answer_rows = stop.rows  # [B, V] z at T = 1 of each row's answer step
+    letter_of = em.letter_of_token.to(answer_rows.device)  # the scores' device
+    # A row whose answer step had no finite maximum (NaN/+inf logits) has a NaN
+    # log-probability: counted as unanswered, as an invalid row never enters a histogram.
+    found_d = stop.found & torch.isfinite(stop.logprob)
+    letter_d = torch.where(found_d, letter_of[stop.token.clamp(min=0)], -1)
+    found, letter, conf = found_d.cpu(), letter_d.cpu(), stop.confidence.cpu()
+    step = stop.step.cpu()
+    ans = torch.tensor([it.answer_index for it in items], device=answer_rows.device)
+    # label for the NLL: the answer letter's spelling the model likes best in that row
+    variants = letter_of[None, :] == ans[:, None]
+    masked = torch.where(variants, answer_rows.float(), float("-inf"))
+    label_tok = masked.argmax(dim=1).cpu()
+    keep_idx = [i for i in range(len(items)) if bool(found[i])]
+    probs = _letter_option_probs(answer_rows, letter_of, keep_idx, items)
+    if keep_idx:
+        sel = torch.tensor(keep_idx, device=answer_rows.device)
+        rows = answer_rows.index_select(0, sel).float()
+        labels = label_tok[keep_idx]
+        row_ids = [items[i].id for i in keep_idx]
+    for i, it in enumerate(items):
+        li = int(letter[i])
+        pred = OPTION_LETTERS[li] if bool(found[i]) else None
+        records.append(_record(it, pred, float(conf[i]) if pred else None, texts[i],
+                               step=int(step[i]), option_probs=probs.get(i)))
     return ScoredBatch(records, row_ids, rows, labels)
+
+
+def option_softmax_batch(items: Sequence[Item], logits: torch.Tensor, answer_ids: Sequence[int],
+                         texts: Sequence[str]) -> ScoredBatch:
+    """The ``option-softmax`` batch of either engine from the answer position's fp32 logits
+    ``[b, 8]`` of the option letters' tokens (CPU; ``answer_ids[j] < 0``: letter ``j`` has
+    no token). Letters past an item's options, or without a token, get probability 0."""
+    n_opt = torch.tensor([len(it.options) for it in items])
+    logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
+    logits[:, torch.tensor([c < 0 for c in answer_ids])] = float("-inf")
+    s = mllmcal.token_stats(logits)
+    soft = torch.softmax(logits.double(), dim=1)  # over the item's letters
+    records = []
+    for i, it in enumerate(items):
+        ok = bool(s.valid[i])
+        pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
+        records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
+                               option_probs=soft[i, :len(it.options)].tolist() if ok else None))
+    return ScoredBatch(records, [it.id for it in items], logits,
+                       torch.tensor([it.answer_index for it in items]))
+
+
+def verbalized_batch(items: Sequence[Item], texts: Sequence[str]) -> ScoredBatch:
+    """The ``verbalized`` batch of either engine from the generated ``texts``."""
+    records = []
+    for it, text in zip(items, texts, strict=True):
+        letter, conf = parse_verbalized(text, it.letters)
+        rec = _record(it, letter if conf is not None else None, conf, text)
+        rec["parse_failure"] = letter is None or conf is None
+        records.append(rec)
+    return ScoredBatch(records, [], None, None)
 
 
 def _letter_option_probs(rows: torch.Tensor, letter_of: torch.Tensor, keep: list[int],

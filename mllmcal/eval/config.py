@@ -15,6 +15,7 @@ from ..calibration.temperature import PAPER_TEMPERATURE_GRID
 from .confidence import METHODS
 from .data import FORMAT_NAMES
 from .idk import ABSTENTION_HINTS
+from .prompt_opt import SEED_PROMPTS
 
 __all__ = ["ENGINES", "EvalConfig", "ModelSpec", "PROTOCOLS", "TEMPERATURE_METHODS",
            "canonical_temperature_method", "check_device", "new_fit_accumulator",
@@ -88,8 +89,7 @@ def unique_names(specs: Sequence[ModelSpec]) -> list[str]:
 #: equal-width bins, temperature by grid search 0.01..9.99 on the calibration split.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": {"method": "letter", "max_new_tokens": 20, "n_bins": 10,
-              "temperature_method": "grid", "seed_prompts": ("Answer", "The answer might be",
-                                                             "The answer must be")},
+              "temperature_method": "grid", "seed_prompts": SEED_PROMPTS},
 }
 
 
@@ -120,7 +120,7 @@ class EvalConfig:
     ape_m: int = 5
     ape_rounds: int = 10
     proposer: str = "bank"
-    seed_prompts: tuple[str, ...] = ("Answer", "The answer might be", "The answer must be")
+    seed_prompts: tuple[str, ...] = SEED_PROMPTS
     limit: int | None = None
     split_limits: dict[str, int] = field(default_factory=dict)
     seed: int = 0

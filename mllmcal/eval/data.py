@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -589,7 +589,3 @@ def find_split(data_dir: str | os.PathLike, split: str) -> Path | None:
         return d / split
     return None
 
-
-def shard(items: Iterable[Item], rank: int, world_size: int) -> list[Item]:
-    """Every ``world_size``-th item starting at ``rank`` (balanced, order-preserving)."""
-    return list(items)[rank::world_size]

@@ -178,12 +178,10 @@ class EvalModel:
     @property
     def image_token(self) -> str:
         """The processor's own image placeholder (never a literal ``<image>`` guess)."""
-        tok = getattr(self.processor, "image_token", None)
-        if isinstance(tok, str) and tok:
-            return tok
-        tok = getattr(self.tokenizer, "image_token", None)
-        if isinstance(tok, str) and tok:
-            return tok
+        for owner in (self.processor, self.tokenizer):
+            tok = getattr(owner, "image_token", None)
+            if isinstance(tok, str) and tok:
+                return tok
         raise ValueError(f"model {self.name!r}: its processor names no image token and has "
                          "no chat template; cannot place the image in the prompt")
 
@@ -488,6 +486,25 @@ def _input_device(model: Any, fallback: torch.device) -> torch.device:
         return fallback
 
 
+def prepare_tokenizer(path: str, tokenizer: Any, owner: Any, chat_template: str,
+                      vocab_size: int, eos: int | list[int] | None
+                      ) -> tuple[bool, list[int], list[int]]:
+    """What both engines set up on the tokenizer side: left padding (generation appends on
+    the right; pad = EOS where unset). Returns whether the chat template of ``owner`` (the
+    processor, else the tokenizer) is used, the ``[vocab_size]`` letter table and the end
+    token ids (``eos``, the generation config's, else the tokenizer's)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    use_chat = chat_template != "off" and bool(getattr(owner, "chat_template", None))
+    letter_of = _letter_table(tokenizer, vocab_size)
+    if all(li < 0 for li in letter_of):
+        raise ValueError(f"{path}: no token of this vocabulary decodes to an option letter A-H")
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return use_chat, letter_of, [e for e in (eos if isinstance(eos, list) else [eos])
+                                 if e is not None]
+
+
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto",
                chat_template: str = "auto", name: str | None = None,
                device_map: str | None = None) -> EvalModel:
@@ -546,18 +563,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     device = _input_device(model, device)
     # logits come out where the lm_head lives (another GPU than the inputs with device_map)
     out_device = model.get_output_embeddings().weight.device
-    tokenizer.padding_side = "left"  # generation appends on the right
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    owner = processor if multimodal else tokenizer
-    use_chat = chat_template != "off" and bool(getattr(owner, "chat_template", None))
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    letter_of = _letter_table(tokenizer, vocab_size)
-    if all(li < 0 for li in letter_of):
-        raise ValueError(f"{path}: no token of this vocabulary decodes to an option letter A-H")
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    use_chat, letter_of, eos_ids = prepare_tokenizer(
+        path, tokenizer, processor if multimodal else tokenizer, chat_template, vocab_size,
+        model.generation_config.eos_token_id if model.generation_config else None)
     return EvalModel(
         name=name, path=path, model=model, tokenizer=tokenizer, processor=processor,
         multimodal=multimodal, device=device, dtype=torch_dtype, use_chat_template=use_chat,

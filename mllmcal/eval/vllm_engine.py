@@ -50,8 +50,6 @@ from typing import Any
 
 import torch
 
-import mllmcal
-
 from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .compat import MissingDependencyError, load_processor
 from .confidence import (
@@ -62,10 +60,11 @@ from .confidence import (
     _load_image,
     _record,
     _shows_image,
-    parse_verbalized,
+    option_softmax_batch,
+    verbalized_batch,
 )
 from .data import Item
-from .models import EvalModel, _letter_table, parse_dtype, resolve_checkpoint
+from .models import EvalModel, parse_dtype, prepare_tokenizer, resolve_checkpoint
 from .quirks import quirks_for
 
 __all__ = ["VllmEvalModel", "cpu_engine_defaults", "load_vllm_model", "require_vllm",
@@ -221,23 +220,13 @@ def load_vllm_model(spec: str, *, name: str | None = None, dtype: str = "auto",
                          "out image tokens and BOS themselves (PaliGemma); use --engine hf")
     processor = load_processor(path, name) if multimodal else None
     tokenizer = processor.tokenizer if multimodal else tf.AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    owner = processor if multimodal else tokenizer
-    use_chat = chat_template != "off" and bool(getattr(owner, "chat_template", None))
-    text_cfg = getattr(config, "text_config", None) or config
-    vocab_size = int(text_cfg.vocab_size)
-    letter_of = _letter_table(tokenizer, vocab_size)
-    if all(li < 0 for li in letter_of):
-        raise ValueError(f"{path}: no token of this vocabulary decodes to an option letter A-H")
+    vocab_size = int((getattr(config, "text_config", None) or config).vocab_size)
     try:
-        gen = tf.GenerationConfig.from_pretrained(path)
-        eos = gen.eos_token_id
+        eos = tf.GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:
         eos = None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    use_chat, letter_of, eos_ids = prepare_tokenizer(
+        path, tokenizer, processor if multimodal else tokenizer, chat_template, vocab_size, eos)
     llm, reader = _engine(path, config, dtype, multimodal, dict(engine_args or {}))
     dev = torch.device("cpu")
     return VllmEvalModel(
@@ -368,37 +357,6 @@ def _letter_batch(em: VllmEvalModel, items: list[Item], outputs: list[Any], recs
     return ScoredBatch(records, row_ids, torch.stack(rows).float(), torch.tensor(labels))
 
 
-def _option_batch(em: VllmEvalModel, items: list[Item], recs: list[dict], texts: list[str],
-                  answer_prefix: str) -> ScoredBatch:
-    from ..integrations.vllm.token_logits import token_logits
-
-    answer_ids = em.answer_token_ids(answer_prefix)
-    logits = torch.stack([token_logits(rec)[1][0] for rec in recs]).float()
-    n_opt = torch.tensor([len(it.options) for it in items])
-    logits[torch.arange(logits.shape[1])[None, :] >= n_opt[:, None]] = float("-inf")
-    logits[:, torch.tensor([c < 0 for c in answer_ids])] = float("-inf")
-    s = mllmcal.token_stats(logits)
-    soft = torch.softmax(logits.double(), dim=1)  # over the item's letters, as the HF path
-    records = []
-    for i, it in enumerate(items):
-        ok = bool(s.valid[i])
-        pred = OPTION_LETTERS[int(s.prediction[i])] if ok else None
-        records.append(_record(it, pred, float(s.confidence[i]) if ok else None, texts[i],
-                               option_probs=soft[i, :len(it.options)].tolist() if ok else None))
-    return ScoredBatch(records, [it.id for it in items], logits,
-                       torch.tensor([it.answer_index for it in items]))
-
-
-def _verbalized_batch(items: list[Item], texts: list[str]) -> ScoredBatch:
-    records = []
-    for it, text in zip(items, texts, strict=True):
-        letter, conf = parse_verbalized(text, it.letters)
-        rec = _record(it, letter if conf is not None else None, conf, text)
-        rec["parse_failure"] = letter is None or conf is None
-        records.append(rec)
-    return ScoredBatch(records, [], None, None)
-
-
 @torch.inference_mode()
 def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "letter",
                      answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
@@ -407,6 +365,8 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
     """:func:`~mllmcal.eval.confidence.score_items` on the vLLM engine: the same
     :class:`ScoredBatch` per ``batch_size`` items (records, the answer rows ``[b, W]`` fp32
     and their labels), with up to :data:`CHUNK_ITEMS` items per ``LLM.generate`` call."""
+    from ..integrations.vllm.token_logits import token_logits
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
@@ -425,6 +385,8 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
                 if method == "letter":
                     yield _letter_batch(em, part[sl], outputs[sl], recs[sl], texts[sl])
                 elif method == "option-softmax":
-                    yield _option_batch(em, part[sl], recs[sl], texts[sl], answer_prefix)
+                    yield option_softmax_batch(
+                        part[sl], torch.stack([token_logits(r)[1][0] for r in recs[sl]]).float(),
+                        em.answer_token_ids(answer_prefix), texts[sl])
                 else:
-                    yield _verbalized_batch(part[sl], texts[sl])
+                    yield verbalized_batch(part[sl], texts[sl])

@@ -75,15 +75,6 @@ class FeedbackMonitor(FeedbackBook[PendingRow]):
         self.n_runs = 0
         self.n_steps = 0
 
-    @property
-    def state_device(self) -> torch.device | str | None:
-        """Device the calibration state is created on (the latest run's)."""
-        return self.device
-
-    @state_device.setter
-    def state_device(self, device: torch.device | str | None) -> None:
-        self.device = device
-
     def _warn_dropped(self, n: int) -> None:
         warnings.warn(
             f"CalibratedLogitsProcessor: dropped {n} rows that waited too long for "

@@ -333,7 +333,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         if ids is not None:
             run.request_ids = list(ids)
             self.monitor.open_rows(run, run.request_ids)
-        self.monitor.state_device = scores.device
+        self.monitor.device = scores.device  # the calibration state is created there
         self._run = self._latest_run = run
         return run
 
@@ -373,19 +373,13 @@ class CalibratedLogitsProcessor(LogitsProcessor):
                     "call run.finish(out.sequences) (or proc.finish) after generate",
                 )
             else:
-                n = run.n_final if run.n_final is not None else run.n_steps
-                conf = pick_confidence(sequence_scores(run.logprobs(self.eos_token_id, n)),
-                                       self.sequence_confidence_kind)
-                self.monitor.close_rows(run, conf)
+                self.monitor.close_rows(run, self._run_confidence(run))
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """End the latest run with the ``out.sequences`` of its ``generate`` call: the last
         tokens become known, waiting request ids get their sequence confidence, and the
         buffer is released. Returns :meth:`token_logprobs` of ``sequences``."""
-        return self._finish(self._latest(), sequences)
-
-    def _finish(self, run: _Run, sequences: torch.Tensor) -> torch.Tensor:
-        return self._token_logprobs(run, sequences)
+        return self._token_logprobs(self._latest(), sequences)
 
     # ------------------------------------------------------------------ results
 
@@ -454,7 +448,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
         ``"mean"`` (geometric mean token probability) or ``"min"``; default: the
         processor's ``sequence_confidence``."""
         kind = kind or self.sequence_confidence_kind
-        if kind not in SEQUENCE_CONFIDENCE_KINDS:
+        if kind not in SEQUENCE_CONFIDENCE_KINDS:  # before reading: reading may end the run
             raise ValueError(f"kind must be one of {SEQUENCE_CONFIDENCE_KINDS}, got {kind!r}")
         return pick_confidence(self.sequence_scores(sequences), kind)
 

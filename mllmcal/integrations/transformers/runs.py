@@ -239,7 +239,7 @@ class GenerationRun:
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """See :meth:`CalibratedLogitsProcessor.finish`."""
-        return self.processor._finish(self.record, sequences)
+        return self.processor._token_logprobs(self.record, sequences)
 
     def sequence_scores(self, sequences: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :meth:`CalibratedLogitsProcessor.sequence_scores`."""

@@ -192,9 +192,7 @@ class StatsMiddleware:
                 body = json.dumps(resp).encode()
             except ValueError:
                 pass
-            start = dict(start, headers=[(k, v) for k, v in start["headers"]
-                                         if k.lower() != b"content-length"]
-                         + [(b"content-length", str(len(body)).encode())])
+            start = dict(start, headers=_with_length(start["headers"], body))
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -298,9 +296,13 @@ def _replay(body: bytes, more: list[Message], receive: Receive) -> Receive:
 
 def _rewritten(scope: Scope, req: dict[str, Any], receive: Receive) -> tuple[Scope, Receive]:
     body = json.dumps(req).encode()
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    return dict(scope, headers=headers), _replay(body, [], receive)
+    return dict(scope, headers=_with_length(scope["headers"], body)), _replay(body, [], receive)
+
+
+def _with_length(headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
+    """``headers`` with the content length of ``body`` (a rewritten request or response)."""
+    return [(k, v) for k, v in headers if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())]
 
 
 async def _json(send: Send, status: int, obj: Any) -> None:

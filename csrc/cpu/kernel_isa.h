@@ -208,6 +208,30 @@ static inline __m512 div_by_t(__m512 x, __m512 vt, __m512 vr) {
   return ok == 0xffff ? q1 : _mm512_div_ps(x, vt);
 }
 
+// Two vectors of 16 columns from 32 consecutive ones. bf16: one 64-byte load and two
+// word permutes (vpermw, zeros in the low halves), one shuffle per 16 columns where
+// vpmovzxwd + vpslld cost two; the column order is kept, so zbuf stays in column order.
+template <int DT>
+static inline void load32(const typename Io<DT>::T* p, __m512& lo, __m512& hi) {
+  if constexpr (DT == kBF16) {
+    const __m512i w = _mm512_loadu_si512(p);
+    const __m512i ilo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    constexpr __mmask32 kOdd = 0xaaaaaaaau;  // the high word of each 32-bit lane
+    lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(kOdd, ilo, w));
+    hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(kOdd, ihi, w));
+  } else {
+    lo = load16<DT>(p);
+    hi = load16<DT>(p + 16);
+  }
+}
+
+// Pass 1 of the AVX-512 build: the block max with NaN ignored (vmaxps returns its second
+// operand when either is NaN, and the running max is that operand), z = x / T into zbuf
+// when kStore. Unlike load_block it does not look for NaN: the exp pass does, for free
+// (block_sums propagates a NaN z into the sum of e; the caller checks it), which saves
+// one vector operation per 16 columns here. *any_nan is always 0.
 template <int DT, bool kDivide, bool kStore>
 __attribute__((noinline)) static float load_block_avx512(const typename Io<DT>::T* __restrict xb,
                                                          int len, float temperature,
@@ -216,20 +240,20 @@ __attribute__((noinline)) static float load_block_avx512(const typename Io<DT>::
   // 1/T once per block (a scalar division); the FMA quotient only for a moderate T.
   const bool fast = temperature >= 0x1p-60f && temperature <= 0x1p60f;
   const __m512 vr = _mm512_set1_ps(1.0f / temperature);
-  __m512 mx[4], sm[4];
-  for (int k = 0; k < 4; ++k) {
-    mx[k] = _mm512_set1_ps(-INFINITY);
-    sm[k] = _mm512_setzero_ps();
-  }
+  // Four max chains: one chain's 4-cycle latency per 16 columns made pass 1 a third of
+  // the old kernel's time.
+  __m512 mx[4];
+  for (int k = 0; k < 4; ++k) mx[k] = _mm512_set1_ps(-INFINITY);
   int j = 0;
   for (; j + 64 <= len; j += 64) {
+    __m512 z[4];
+    load32<DT>(xb + j, z[0], z[1]);
+    load32<DT>(xb + j + 32, z[2], z[3]);
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
-      __m512 z = load16<DT>(xb + j + 16 * k);
-      if (kDivide) z = fast ? div_by_t(z, vt, vr) : _mm512_div_ps(z, vt);
-      if (kStore) _mm512_store_ps(zbuf + j + 16 * k, z);
-      mx[k] = _mm512_max_ps(mx[k], z);
-      sm[k] = _mm512_add_ps(sm[k], z);
+      if (kDivide) z[k] = fast ? div_by_t(z[k], vt, vr) : _mm512_div_ps(z[k], vt);
+      if (kStore) _mm512_store_ps(zbuf + j + 16 * k, z[k]);
+      mx[k] = _mm512_max_ps(z[k], mx[k]);
     }
   }
   for (; j < len; j += 16) {
@@ -238,23 +262,10 @@ __attribute__((noinline)) static float load_block_avx512(const typename Io<DT>::
     __m512 z = load16_masked<DT>(xb + j, m);
     if (kDivide) z = _mm512_div_ps(z, vt);
     if (kStore) _mm512_mask_storeu_ps(zbuf + j, m, z);
-    mx[0] = _mm512_mask_max_ps(mx[0], m, mx[0], z);
-    sm[0] = _mm512_mask_add_ps(sm[0], m, sm[0], z);
+    mx[0] = _mm512_mask_max_ps(mx[0], m, z, mx[0]);
   }
-  const float mb = _mm512_reduce_max_ps(
-      _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
-  const float sum = _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(sm[0], sm[1]), _mm512_add_ps(sm[2], sm[3])));
-  int nan = 0;
-  if (!(sum - sum == 0.0f)) {
-    for (int i = 0; i < len; ++i) {
-      float z = Io<DT>::load(xb[i]);
-      if (kDivide) z = z / temperature;
-      nan |= (z != z);
-    }
-  }
-  *any_nan = nan;
-  return mb;
+  *any_nan = 0;
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
 }
 #define MLLMCAL_LOAD_BLOCK load_block_avx512
 #else
@@ -291,7 +302,7 @@ struct Sums512 {
 };
 
 static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
-  const __m512 d = _mm512_max_ps(_mm512_sub_ps(z, vmb), _mm512_set1_ps(kDFloor));
+  const __m512 d = _mm512_max_ps(_mm512_set1_ps(kDFloor), _mm512_sub_ps(z, vmb));  // NaN stays NaN
   const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: round to nearest
   const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(1.44269504088896341f), magic), magic);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), d);
@@ -311,12 +322,12 @@ static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
 
 // sums_step on four vectors, written operation by operation across the four so that
 // independent work is adjacent in the instruction stream.
-static inline void sums_step4(Sums512& x, Sums512& y, const float* z, __m512 vmb) {
+static inline void sums_step4(Sums512& acc, const float* z, __m512 vmb) {
   const __m512 floor = _mm512_set1_ps(kDFloor);
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   __m512 d[4], n[4], r[4], p[4], e[4], ed[4];
 #pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) d[k] = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(z + 16 * k), vmb), floor);
+  for (int k = 0; k < 4; ++k) d[k] = _mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(z + 16 * k), vmb));
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k)
     n[k] = _mm512_sub_ps(_mm512_fmadd_ps(d[k], _mm512_set1_ps(1.44269504088896341f), magic), magic);
@@ -337,16 +348,14 @@ static inline void sums_step4(Sums512& x, Sums512& y, const float* z, __m512 vmb
   for (int k = 0; k < 4; ++k) e[k] = _mm512_scalef_ps(p[k], n[k]);
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) ed[k] = _mm512_mul_ps(e[k], d[k]);
-#pragma GCC unroll 2
-  for (int k = 0; k < 4; k += 2) {
-    x.s = _mm512_add_ps(x.s, e[k]);
-    y.s = _mm512_add_ps(y.s, e[k + 1]);
-    x.a = _mm512_add_ps(x.a, ed[k]);
-    y.a = _mm512_add_ps(y.a, ed[k + 1]);
-    x.b = _mm512_fmadd_ps(ed[k], d[k], x.b);
-    y.b = _mm512_fmadd_ps(ed[k + 1], d[k + 1], y.b);
-    x.q = _mm512_fmadd_ps(e[k], e[k], x.q);
-    y.q = _mm512_fmadd_ps(e[k + 1], e[k + 1], y.q);
+  // One accumulator set, four adds into each per trip: 16 cycles of add latency per
+  // 32-cycle trip, and eight zmm registers fewer than two sets (which spilled).
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    acc.s = _mm512_add_ps(acc.s, e[k]);
+    acc.a = _mm512_add_ps(acc.a, ed[k]);
+    acc.b = _mm512_fmadd_ps(ed[k], d[k], acc.b);
+    acc.q = _mm512_fmadd_ps(e[k], e[k], acc.q);
   }
 }
 
@@ -357,21 +366,28 @@ static inline double reduce_pd(__m512 v) {
   return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
+// `pf`..`pf_end`: the bytes of the next block, prefetched into L1 while this block's exp
+// pass runs from L1 (the pass reads no new lines, so the hardware prefetcher would
+// otherwise sit idle, and pass 1 of the next block would wait on memory).
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out) {
+                                                 Partial* __restrict out, const char* pf,
+                                                 const char* pf_end) {
   const __m512 vmb = _mm512_set1_ps(mb);
   Sums512 x{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  Sums512 y = x;  // two independent chains per sum: the adds' latency stays hidden
   int j = 0;
   // Four vectors per trip: each vector's exp is a chain of ~15 dependent 4-cycle
   // operations, so the core needs several chains side by side in program order to issue
   // two per cycle (two were not enough: 0.8 cycles per column instead of 0.6).
   for (; j + 64 <= len; j += 64) {
-    sums_step4(x, y, zbuf + j, vmb);
-  }
-  for (; j + 32 <= len; j += 32) {
-    sums_step(x, _mm512_loadu_ps(zbuf + j), vmb);
-    sums_step(y, _mm512_loadu_ps(zbuf + j + 16), vmb);
+    // Four lines per 64 columns: a whole fp32 block (8 KiB) over one exp pass.
+    if (pf < pf_end) {
+      _mm_prefetch(pf, _MM_HINT_T0);
+      _mm_prefetch(pf + 64, _MM_HINT_T0);
+      _mm_prefetch(pf + 128, _MM_HINT_T0);
+      _mm_prefetch(pf + 192, _MM_HINT_T0);
+      pf += 256;
+    }
+    sums_step4(x, zbuf + j, vmb);
   }
   for (; j < len; j += 16) {
     // Masked tail: lanes past len load −inf, whose terms are the floor's ~1e-38; zeroed
@@ -380,15 +396,15 @@ __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, i
                                       : static_cast<__mmask16>((1u << (len - j)) - 1u);
     Sums512 t{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     sums_step(t, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, zbuf + j), vmb);
-    y.s = _mm512_mask_add_ps(y.s, m, y.s, t.s);
-    y.a = _mm512_mask_add_ps(y.a, m, y.a, t.a);
-    y.b = _mm512_mask_add_ps(y.b, m, y.b, t.b);
-    y.q = _mm512_mask_add_ps(y.q, m, y.q, t.q);
+    x.s = _mm512_mask_add_ps(x.s, m, x.s, t.s);
+    x.a = _mm512_mask_add_ps(x.a, m, x.a, t.a);
+    x.b = _mm512_mask_add_ps(x.b, m, x.b, t.b);
+    x.q = _mm512_mask_add_ps(x.q, m, x.q, t.q);
   }
-  out->s = reduce_pd(_mm512_add_ps(x.s, y.s));
-  out->a = reduce_pd(_mm512_add_ps(x.a, y.a));
-  out->b = reduce_pd(_mm512_add_ps(x.b, y.b));
-  out->q = reduce_pd(_mm512_add_ps(x.q, y.q));
+  out->s = reduce_pd(x.s);
+  out->a = reduce_pd(x.a);
+  out->b = reduce_pd(x.b);
+  out->q = reduce_pd(x.q);
 }
 #else
 // `live` guards the terms that underflow (or are −inf): their d may be −inf or huge, and
@@ -396,7 +412,7 @@ __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, i
 // Kept out of line so that the vectoriser sees this loop alone: inlined into `chunk`,
 // GCC unswitched the block loop and left the copy it took most often scalar.
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out) {
+                                                 Partial* __restrict out, const char*, const char*) {
   float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, a, b, q)
   for (int j = 0; j < len; ++j) {
@@ -444,6 +460,19 @@ static int first_equal(const float* __restrict z, int len, float mb) {
   return -1;  // not reached: mb is one of the z
 }
 
+#if defined(MLLMCAL_KERNEL_AVX512)
+constexpr bool kNanFromSums = true;  // pass 1 ignores NaN; block_sums propagates it
+#else
+constexpr bool kNanFromSums = false;  // load_block reports NaN itself
+#endif
+
+// Whether any z of a block is NaN (z as pass 1 wrote or read it).
+static bool block_has_nan(const float* z, int len) {
+  int nan = 0;
+  for (int j = 0; j < len; ++j) nan |= (z[j] != z[j]);
+  return nan != 0;
+}
+
 template <int DT>
 static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, bool divide,
                   int64_t label, void* out_row, Partial* result) {
@@ -474,12 +503,24 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     }
     if (any_nan || mb == INFINITY) acc.bad = true;
     // A bad row's statistics are all NaN: only the scaled copy still has to be written.
-    // A block of only −inf carries no probability mass.
-    if (acc.bad || mb == -INFINITY) continue;
+    if (acc.bad) continue;
+    // A block of only −inf carries no probability mass (but may hide a NaN, which the
+    // AVX-512 pass 1 ignores: look for one, a rare scalar scan).
+    if (mb == -INFINITY) {
+      if (kNanFromSums && block_has_nan(z, len)) acc.bad = true;
+      continue;
+    }
 
-    // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max.
+    // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max,
+    // while the next block is prefetched.
+    const int64_t next = c1 - (j0 + len) < kBlock ? c1 - (j0 + len) : kBlock;
+    const char* pf = reinterpret_cast<const char*>(x + j0 + len);
     Partial blk;
-    block_sums(z, len, mb, &blk);
+    block_sums(z, len, mb, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)));
+    if (kNanFromSums && !(blk.s == blk.s)) {  // a NaN z (see load_block_avx512)
+      acc.bad = true;
+      continue;
+    }
     blk.m = mb;
     blk.has_label = false;
     blk.bad = false;

@@ -280,7 +280,7 @@ __attribute__((noinline)) static void store_block(const float* __restrict zbuf, 
   for (int j = 0; j < len; ++j) ob[j] = Io<DT>::store(zbuf[j]);
 }
 
-// e = exp(z − mb) over one block and the sums s, a, b, q relative to mb.
+// e = exp(z − m) over one block and the sums s, a, b, q relative to m (any m >= the block max).
 #if defined(MLLMCAL_KERNEL_AVX512)
 // AVX-512 (where this loop is most of the kernel's time): d = max(z − mb, kDFloor), then
 // e = 2^n · e^r with n = round(d / ln2), r = d − n·ln2, e^r a
@@ -301,8 +301,17 @@ struct Sums512 {
   __m512 s, a, b, q;
 };
 
+// d = z − m, floored at kDFloor when kClamp (NaN stays NaN: vmaxps returns its second
+// operand when either is NaN).
+template <bool kClamp>
+static inline __m512 diff(__m512 z, __m512 vmb) {
+  const __m512 d = _mm512_sub_ps(z, vmb);
+  return kClamp ? _mm512_max_ps(_mm512_set1_ps(kDFloor), d) : d;
+}
+
+template <bool kClamp>
 static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
-  const __m512 d = _mm512_max_ps(_mm512_set1_ps(kDFloor), _mm512_sub_ps(z, vmb));  // NaN stays NaN
+  const __m512 d = diff<kClamp>(z, vmb);
   const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: round to nearest
   const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(1.44269504088896341f), magic), magic);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), d);
@@ -322,12 +331,12 @@ static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
 
 // sums_step on four vectors, written operation by operation across the four so that
 // independent work is adjacent in the instruction stream.
+template <bool kClamp>
 static inline void sums_step4(Sums512& acc, const float* z, __m512 vmb) {
-  const __m512 floor = _mm512_set1_ps(kDFloor);
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   __m512 d[4], n[4], r[4], p[4], e[4], ed[4];
 #pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) d[k] = _mm512_max_ps(floor, _mm512_sub_ps(_mm512_loadu_ps(z + 16 * k), vmb));
+  for (int k = 0; k < 4; ++k) d[k] = diff<kClamp>(_mm512_loadu_ps(z + 16 * k), vmb);
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k)
     n[k] = _mm512_sub_ps(_mm512_fmadd_ps(d[k], _mm512_set1_ps(1.44269504088896341f), magic), magic);
@@ -369,9 +378,10 @@ static inline double reduce_pd(__m512 v) {
 // `pf`..`pf_end`: the bytes of the next block, prefetched into L1 while this block's exp
 // pass runs from L1 (the pass reads no new lines, so the hardware prefetcher would
 // otherwise sit idle, and pass 1 of the next block would wait on memory).
-__attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out, const char* pf,
-                                                 const char* pf_end) {
+template <bool kClamp>
+__attribute__((noinline)) static void block_sums_avx512(const float* __restrict zbuf, int len, float mb,
+                                                        Partial* __restrict out, const char* pf,
+                                                        const char* pf_end) {
   const __m512 vmb = _mm512_set1_ps(mb);
   Sums512 x{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int j = 0;
@@ -387,15 +397,14 @@ __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, i
       _mm_prefetch(pf + 192, _MM_HINT_T0);
       pf += 256;
     }
-    sums_step4(x, zbuf + j, vmb);
+    sums_step4<kClamp>(x, zbuf + j, vmb);
   }
   for (; j < len; j += 16) {
-    // Masked tail: lanes past len load −inf, whose terms are the floor's ~1e-38; zeroed
-    // so the tail adds exactly nothing for them.
+    // Masked tail: lanes past len hold m (d = 0, harmless) and are not added.
     const __mmask16 m = len - j >= 16 ? static_cast<__mmask16>(0xffff)
                                       : static_cast<__mmask16>((1u << (len - j)) - 1u);
     Sums512 t{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    sums_step(t, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, zbuf + j), vmb);
+    sums_step<kClamp>(t, _mm512_mask_loadu_ps(vmb, m, zbuf + j), vmb);
     x.s = _mm512_mask_add_ps(x.s, m, x.s, t.s);
     x.a = _mm512_mask_add_ps(x.a, m, x.a, t.a);
     x.b = _mm512_mask_add_ps(x.b, m, x.b, t.b);
@@ -406,13 +415,48 @@ __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, i
   out->b = reduce_pd(x.b);
   out->q = reduce_pd(x.q);
 }
+
+// The exp pass without the floor (15 vector operations per 16 columns instead of 16),
+// run with flush-to-zero, falling back to the floored pass for this block and the rest
+// of the chunk (`clamp` set) when the sum of e or of e·d comes out NaN or infinite.
+//
+// Why the unfloored pass is exact wherever its s is finite, for d = z − m <= 0:
+// * −87.3 <= d: the floored pass's arithmetic, the same values.
+// * −2.9e6 <= d < −87.3: n = round(d/ln2) in [−2^22, −126] (the 1.5·2^23 rounding still
+//   works), |r| <= 0.36, e = p·2^n < 2^-125: a flushed 0 or ~1e-38, as the floor gives.
+// * d < −2.9e6: n is not an integer any more, r = d − n·ln2 is garbage up to |d|·1e-7,
+//   so p is huge, negative or infinite; but 2^n < 2^-4000000 makes e = ±0 for a finite
+//   p, and an infinite p gives e = ±inf or NaN, which the check catches.
+// * d = −inf (a masked column) makes r = −inf + inf = NaN, and e (0 or NaN) times d is
+//   NaN; a NaN z gives NaN: caught in a, and the floored pass then takes −inf to the
+//   floor and keeps NaN (the row is bad).
+// Finite s and a therefore mean every e was accurate or negligible (< 1.5e-38) and every
+// d finite, so b and q are finite and accurate too. Flush-to-zero is needed for speed only: without it every e below 2^-126 is a
+// denormal result, i.e. a microcode assist of ~100 cycles. With a temperature it is set
+// around this pass alone (`set_ftz`; two ldmxcsr cost ~40 cycles a block), as pass 1's
+// z = x / T must keep denormal quotients; without one, chunk sets it once (FtzScope).
+static void block_sums(const float* __restrict zbuf, int len, float mb, Partial* __restrict out,
+                       const char* pf, const char* pf_end, bool& clamp, bool set_ftz) {
+  if (!clamp) {
+    const unsigned csr = _mm_getcsr();
+    if (set_ftz) _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
+    block_sums_avx512<false>(zbuf, len, mb, out, pf, pf_end);
+    if (set_ftz) _mm_setcsr(csr);
+    const double sa = out->s + out->a;  // s >= 0 >= a: finite iff both are
+    if (sa - sa == 0.0) return;
+    clamp = true;
+    pf = pf_end;  // already prefetched
+  }
+  block_sums_avx512<true>(zbuf, len, mb, out, pf, pf_end);
+}
 #else
 // `live` guards the terms that underflow (or are −inf): their d may be −inf or huge, and
 // they must add exactly 0, never 0·inf. One compare masks both e and d.
 // Kept out of line so that the vectoriser sees this loop alone: inlined into `chunk`,
 // GCC unswitched the block loop and left the copy it took most often scalar.
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out, const char*, const char*) {
+                                                 Partial* __restrict out, const char*, const char*,
+                                                 bool&, bool) {
   float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, a, b, q)
   for (int j = 0; j < len; ++j) {
@@ -466,6 +510,22 @@ constexpr bool kNanFromSums = true;  // pass 1 ignores NaN; block_sums propagate
 constexpr bool kNanFromSums = false;  // load_block reports NaN itself
 #endif
 
+// Flush-to-zero on the calling thread for a scope (AVX-512 build; see block_sums).
+struct FtzScope {
+#if defined(MLLMCAL_KERNEL_AVX512)
+  explicit FtzScope(bool on) : csr(_mm_getcsr()), on(on) {
+    if (on) _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
+  }
+  ~FtzScope() {
+    if (on) _mm_setcsr(csr);
+  }
+  unsigned csr;
+  bool on;
+#else
+  explicit FtzScope(bool) {}
+#endif
+};
+
 // Whether any z of a block is NaN (z as pass 1 wrote or read it).
 static bool block_has_nan(const float* z, int len) {
   int nan = 0;
@@ -483,7 +543,11 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
   // fp32 read as is (no temperature, no scaled copy): both passes read x itself (the
   // block is in L1 for the second), no copy into zbuf.
   const bool in_place = DT == kF32 && !divide && out == nullptr;
+  // Without a division nothing here rounds to a denormal but the exp pass's tiny e
+  // (pass 1 only loads, widens exactly and takes maxima; the scaled copy is z itself).
+  FtzScope ftz(!divide);
   Partial acc = empty_partial();
+  bool clamp = false;  // the exp pass keeps its floor for the rest of the chunk (AVX-512)
   for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
     const int len = static_cast<int>(c1 - j0 < kBlock ? c1 - j0 : kBlock);
     int any_nan = 0;
@@ -511,24 +575,29 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
       continue;
     }
 
-    // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max,
+    // A block whose max beats the chunk's so far moves the reference: the running sums
+    // are rescaled to it (an exp in double) and it holds the lowest argmax. Only such a
+    // block can, so this runs on few blocks per row: O(log blocks) on random rows.
+    if (mb > acc.m) {
+      rescale_to(acc, mb);
+      acc.m = mb;
+      acc.argmax = j0 + first_equal(z, len, mb);
+    }
+    // Pass 2 (from L1): e = exp(z − m) relative to the chunk's running max m >= mb, so
+    // the block's sums add to the running ones as they are (no rescale per block),
     // while the next block is prefetched.
     const int64_t next = c1 - (j0 + len) < kBlock ? c1 - (j0 + len) : kBlock;
     const char* pf = reinterpret_cast<const char*>(x + j0 + len);
     Partial blk;
-    block_sums(z, len, mb, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)));
+    block_sums(z, len, acc.m, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)), clamp, divide);
     if (kNanFromSums && !(blk.s == blk.s)) {  // a NaN z (see load_block_avx512)
       acc.bad = true;
       continue;
     }
-    blk.m = mb;
-    blk.has_label = false;
-    blk.bad = false;
-    // Only a block whose max strictly beats everything before it can hold the row's
-    // lowest argmax, so the search runs on few blocks per row: O(log blocks) on random
-    // rows.
-    blk.argmax = mb > acc.m ? j0 + first_equal(z, len, mb) : -1;
-    merge_into(acc, blk);
+    acc.s += blk.s;
+    acc.a += blk.a;
+    acc.b += blk.b;
+    acc.q += blk.q;
   }
   *result = acc;
 }

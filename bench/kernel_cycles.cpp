@@ -56,20 +56,21 @@ int main() {
   mllmcal::Partial p;
   const auto& fp32 = kTable.chunk[mllmcal::kF32];
   const auto& bf16 = kTable.chunk[mllmcal::kBF16];
-  const double sums = best_per_column([&] { block_sums_avx512<true>(x, 2048, 9.0f, &p, nullptr, nullptr); }, 2048);
+  const double sums = best_per_column([&] { block_sums_avx512<true, true>(x, 2048, 9.0f, &p, nullptr, nullptr); }, 2048);
   const double sums_nf = best_per_column([&] {
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
-    block_sums_avx512<false>(x, 2048, 9.0f, &p, nullptr, nullptr);
+    block_sums_avx512<false, true>(x, 2048, 9.0f, &p, nullptr, nullptr);
     _mm_setcsr(csr);
   }, 2048);
-  const double one = best_per_column([&] { fp32(x, 0, 2048, 1.0f, false, -1, nullptr, &p); }, 2048);
-  const double row = best_per_column([&] { fp32(x, 0, V, 1.0f, false, -1, nullptr, &p); }, V);
-  const double row_t = best_per_column([&] { fp32(x, 0, V, 1.3f, true, -1, nullptr, &p); }, V);
-  const double row_b = best_per_column([&] { bf16(xb, 0, V, 1.0f, false, -1, nullptr, &p); }, V);
+  const double one = best_per_column([&] { fp32(x, 0, 2048, 1.0f, false, 5, nullptr, &p); }, 2048);
+  const double row = best_per_column([&] { fp32(x, 0, V, 1.0f, false, 5, nullptr, &p); }, V);
+  const double row_t = best_per_column([&] { fp32(x, 0, V, 1.3f, true, 5, nullptr, &p); }, V);
+  const double row_b = best_per_column([&] { bf16(xb, 0, V, 1.0f, false, 5, nullptr, &p); }, V);
+  const double row_b_nl = best_per_column([&] { bf16(xb, 0, V, 1.0f, false, -1, nullptr, &p); }, V);
   std::printf("TSC cycles per column: block_sums %.3f (unfloored %.3f) | chunk fp32: one block %.3f, "
-              "row of %d %.3f, T=1.3 %.3f | chunk bf16 row %.3f\n",
-              sums, sums_nf, one, V, row, row_t, row_b);
+              "row of %d %.3f, T=1.3 %.3f | chunk bf16 row %.3f (no label %.3f)\n",
+              sums, sums_nf, one, V, row, row_t, row_b, row_b_nl);
 
   // A [64, 131072] matrix per dtype (32 MiB fp32, 16 MiB bf16: beyond L2, as in the
   // bench), one thread, against one read of the same bytes (an int32 max, the bench's

@@ -138,7 +138,7 @@ static inline __m512 diff(__m512 z, __m512 vmb) {
   return kClamp ? _mm512_max_ps(_mm512_set1_ps(kDFloor), d) : d;
 }
 
-template <bool kClamp>
+template <bool kClamp, bool kQ>
 static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
   const __m512 d = diff<kClamp>(z, vmb);
   const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: round to nearest
@@ -155,12 +155,12 @@ static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
   acc.s = _mm512_add_ps(acc.s, e);
   acc.a = _mm512_add_ps(acc.a, ed);
   acc.b = _mm512_fmadd_ps(ed, d, acc.b);
-  acc.q = _mm512_fmadd_ps(e, e, acc.q);
+  if (kQ) acc.q = _mm512_fmadd_ps(e, e, acc.q);
 }
 
 // sums_step on four vectors, written operation by operation across the four so that
 // independent work is adjacent in the instruction stream.
-template <bool kClamp>
+template <bool kClamp, bool kQ>
 static inline void sums_step4(Sums512& acc, const float* z, __m512 vmb) {
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   __m512 d[4], n[4], r[4], p[4], e[4], ed[4];
@@ -193,7 +193,7 @@ static inline void sums_step4(Sums512& acc, const float* z, __m512 vmb) {
     acc.s = _mm512_add_ps(acc.s, e[k]);
     acc.a = _mm512_add_ps(acc.a, ed[k]);
     acc.b = _mm512_fmadd_ps(ed[k], d[k], acc.b);
-    acc.q = _mm512_fmadd_ps(e[k], e[k], acc.q);
+    if (kQ) acc.q = _mm512_fmadd_ps(e[k], e[k], acc.q);
   }
 }
 
@@ -207,7 +207,9 @@ static inline double reduce_pd(__m512 v) {
 // `pf`..`pf_end`: the bytes of the next block, prefetched into L1 while this block's exp
 // pass runs from L1 (the pass reads no new lines, so the hardware prefetcher would
 // otherwise sit idle, and pass 1 of the next block would wait on memory).
-template <bool kClamp>
+// kQ: whether q = Σ e² is wanted (only a row with a label uses it, for the Brier
+// score; without one the pass saves one operation per 16 columns and q stays 0).
+template <bool kClamp, bool kQ>
 __attribute__((noinline)) static void block_sums_avx512(const float* __restrict zbuf, int len, float mb,
                                                         Partial* __restrict out, const char* pf,
                                                         const char* pf_end) {
@@ -226,14 +228,14 @@ __attribute__((noinline)) static void block_sums_avx512(const float* __restrict 
       _mm_prefetch(pf + 192, _MM_HINT_T0);
       pf += 256;
     }
-    sums_step4<kClamp>(x, zbuf + j, vmb);
+    sums_step4<kClamp, kQ>(x, zbuf + j, vmb);
   }
   for (; j < len; j += 16) {
     // Masked tail: lanes past len hold m (d = 0, harmless) and are not added.
     const __mmask16 m = len - j >= 16 ? static_cast<__mmask16>(0xffff)
                                       : static_cast<__mmask16>((1u << (len - j)) - 1u);
     Sums512 t{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    sums_step<kClamp>(t, _mm512_mask_loadu_ps(vmb, m, zbuf + j), vmb);
+    sums_step<kClamp, kQ>(t, _mm512_mask_loadu_ps(vmb, m, zbuf + j), vmb);
     x.s = _mm512_mask_add_ps(x.s, m, x.s, t.s);
     x.a = _mm512_mask_add_ps(x.a, m, x.a, t.a);
     x.b = _mm512_mask_add_ps(x.b, m, x.b, t.b);
@@ -264,17 +266,29 @@ __attribute__((noinline)) static void block_sums_avx512(const float* __restrict 
 // denormal result, i.e. a microcode assist of ~100 cycles. With a temperature it is set
 // around this pass alone (`set_ftz`; two ldmxcsr cost ~40 cycles a block), as pass 1's
 // z = x / T must keep denormal quotients; without one, chunk sets it once (FtzScope).
+template <bool kClamp>
+static inline void block_sums_q(const float* __restrict zbuf, int len, float mb,
+                                Partial* __restrict out, const char* pf, const char* pf_end,
+                                bool need_q) {
+  if (need_q) {
+    block_sums_avx512<kClamp, true>(zbuf, len, mb, out, pf, pf_end);
+  } else {
+    block_sums_avx512<kClamp, false>(zbuf, len, mb, out, pf, pf_end);
+  }
+}
+
 static void block_sums(const float* __restrict zbuf, int len, float mb, Partial* __restrict out,
-                       const char* pf, const char* pf_end, bool& clamp, bool set_ftz) {
+                       const char* pf, const char* pf_end, bool& clamp, bool set_ftz,
+                       bool need_q) {
   if (!clamp) {
     const unsigned csr = _mm_getcsr();
     if (set_ftz) _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
-    block_sums_avx512<false>(zbuf, len, mb, out, pf, pf_end);
+    block_sums_q<false>(zbuf, len, mb, out, pf, pf_end, need_q);
     if (set_ftz) _mm_setcsr(csr);
     const double sa = out->s + out->a;  // s >= 0 >= a: finite iff both are
     if (sa - sa == 0.0) return;
     clamp = true;
     pf = pf_end;  // already prefetched
   }
-  block_sums_avx512<true>(zbuf, len, mb, out, pf, pf_end);
+  block_sums_q<true>(zbuf, len, mb, out, pf, pf_end, need_q);
 }

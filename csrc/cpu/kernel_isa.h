@@ -179,7 +179,7 @@ __attribute__((noinline)) static void store_block(const float* __restrict zbuf, 
 // GCC unswitched the block loop and left the copy it took most often scalar.
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
                                                  Partial* __restrict out, const char*, const char*,
-                                                 bool&, bool) {
+                                                 bool&, bool, bool) {
   float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, a, b, q)
   for (int j = 0; j < len; ++j) {
@@ -312,7 +312,8 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     const int64_t next = c1 - (j0 + len) < kBlock ? c1 - (j0 + len) : kBlock;
     const char* pf = reinterpret_cast<const char*>(x + j0 + len);
     Partial blk;
-    block_sums(z, len, acc.m, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)), clamp, divide);
+    block_sums(z, len, acc.m, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)), clamp, divide,
+               label >= 0);
     if (kNanFromSums && !(blk.s == blk.s)) {  // a NaN z (see load_block_avx512)
       acc.bad = true;
       continue;

@@ -281,7 +281,7 @@ static void block_sums(const float* __restrict zbuf, int len, float mb, Partial*
                        const char* pf, const char* pf_end, bool& clamp, bool set_ftz,
                        bool need_q) {
   if (!clamp) {
-    const unsigned csr = _mm_getcsr();
+    const unsigned csr = set_ftz ? _mm_getcsr() : 0u;
     if (set_ftz) _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
     block_sums_q<false>(zbuf, len, mb, out, pf, pf_end, need_q);
     if (set_ftz) _mm_setcsr(csr);

@@ -1,12 +1,15 @@
 // Cycles per column of the AVX-512 CPU kernel's block loops, without perf counters (the
 // KVM guest this was written on has none, and valgrind has no AVX-512): each function is
 // timed with rdtsc on data in L1/L2, best of 2000 runs so that other processes' load
-// drops out. TSC cycles, not core cycles (the TSC here ticks at 2.3 GHz).
+// drops out; then a [64, 131072] matrix per dtype (beyond L2) against a read of the same
+// bytes, best of 40. TSC cycles, not core cycles (the TSC here ticks at 2.3 GHz).
 //
 //   g++ -O3 -std=c++17 -fno-math-errno -fno-trapping-math -ffp-contract=fast -fopenmp \
 //       -Icsrc -w bench/kernel_cycles.cpp -o /tmp/kernel_cycles && /tmp/kernel_cycles
 //
-// Point -I at another checkout's csrc to time its kernel (the same calls exist there).
+// Point -I at another checkout's csrc to time its kernel: the chunk calls exist there;
+// the exp-pass lines name this checkout's block_sums_avx512 (older ones had
+// block_sums(z, len, m, &partial)).
 #include <immintrin.h>
 #include <x86intrin.h>
 

@@ -307,3 +307,58 @@ def test_fp32_division_by_temperature_is_exact(isa):
         run(x, None, t, scaled_out=out, mode="rows", isa=isa)
         expect = x / torch.tensor(t, dtype=torch.float32)
         assert torch.equal(out.view(torch.int32), expect.view(torch.int32)), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", PATHS[::2], ids=["rows1", "split-auto", "split-1000"])
+def test_nan_is_found_wherever_it_hides(dtype, path):
+    # The AVX-512 max pass ignores NaN; the exp pass's sum of e finds it, and a block whose
+    # max is −inf (no exp pass) is scanned. 9001 columns: the last block's tail is masked.
+    v = 9001
+    x = make_logits(7, v, torch.float32, "normal", seed=2)
+    x[0, :] = float("-inf")
+    x[0, 3000] = float("nan")  # the only non −inf value of its block and row
+    x[1, v - 1] = float("nan")  # in the masked tail lanes of the last block
+    x[2, 2047] = float("nan")  # before the max moves to a later block
+    x[2, 4000] = 50.0
+    x[3, 6144:8192] = float("-inf")  # NaN inside a masked block between live ones
+    x[3, 7000] = float("nan")
+    x[4, :] = float("nan")
+    x[5, 100] = float("-inf")  # −inf alone keeps the row valid
+    x[6, 10] = 6.0e4 if dtype == torch.float16 else 1.0e30  # every other z − max is huge
+    x = x.to(dtype)
+    y = make_labels(7, v, seed=2, ignore_frac=0.0)
+    s = run(x, y, 1.0, **path)
+    assert s.valid.tolist() == [False] * 5 + [True, True]
+    assert_matches_reference(s, x, y, 1.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_values_far_below_the_max_and_denormal_quotients(isa):
+    # The exp pass runs without its floor until a block's sum of e is not finite, then
+    # with it for the rest of the chunk: every regime of z − max, and −inf before live
+    # blocks. Flush-to-zero covers that pass only: x / T keeps its denormal quotients.
+    v = 5000
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(7, v, generator=g)
+    x[0, ::3] = -1.0e5  # −2.9e6 < z − max < −87: e underflows
+    x[1, ::3] = -1.0e7  # z − max < −2.9e6: the rounding trick no longer gives integers
+    x[2, ::5] = -3.0e38  # z − max overflows to −inf
+    x[2, 7] = 3.0e38
+    x[3] = torch.randn(v, generator=g) * 1e-39  # denormal logits (and quotients)
+    x[4, :2048] = float("-inf")  # a masked first block, then live blocks
+    x[5, 3000] = float("-inf")
+    x[6, 4999] = 200.0  # the max in the masked tail of the last block
+    y = make_labels(7, v, seed=11, ignore_frac=0.0)
+    out = torch.empty_like(x)
+    for t in (1.0, 0.01, 3.0):
+        s = run(x, y, t, scaled_out=out, mode="rows", isa=isa)
+        assert_matches_reference(s, x, y, t, scaled_out=out)
+        assert torch.equal(out.view(torch.int32), (x / torch.tensor(t)).view(torch.int32))
+
+
+def test_flush_to_zero_does_not_leak_to_the_caller():
+    x = make_logits(2, 5000, torch.float32, "normal", seed=3)
+    run(x, None, 1.0, mode="rows", num_threads=1)
+    run(x, None, 0.5, mode="rows", num_threads=1)
+    assert (torch.tensor([1e-38]) / torch.tensor([100.0])).item() != 0.0

@@ -11,9 +11,9 @@
 // reduction` where a loop reduces (without -ffast-math GCC may not reassociate fp sums by
 // itself; the pragma allows it for exactly these loops, while NaN/inf semantics stay IEEE
 // everywhere else). The AVX-512 build (MLLMCAL_KERNEL_AVX512) replaces the two block
-// passes and the argmax search with intrinsics, where GCC's vectorisation left most of
-// the time on the table: one dependency chain per reduction, selects around the exp
-// (profile in bench/NOTES.md).
+// passes (kernel_avx512_passes.h) and the argmax search with intrinsics, where GCC's
+// vectorisation left most of the time on the table: one dependency chain per reduction,
+// selects around the exp (profile in bench/NOTES.md).
 
 namespace {
 
@@ -159,108 +159,6 @@ __attribute__((noinline)) static float load_block(const typename Io<DT>::T* __re
   return mb;
 }
 
-#if defined(MLLMCAL_KERNEL_AVX512)
-// AVX-512 pass 1: the same contract as the generic loop above, with four independent max
-// and sum chains. GCC's `omp simd` reduction keeps one chain each, whose 4-cycle latency
-// per 16 columns made pass 1 a third of the kernel's time. Widening in registers: bf16
-// is a 16-bit shift of the zero-extended halves; fp16 is vcvtph2ps (exact, subnormals
-// included).
-template <int DT>
-static inline __m512 load16(const typename Io<DT>::T* p) {
-  if constexpr (DT == kF32) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (DT == kBF16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
-template <int DT>
-static inline __m512 load16_masked(const typename Io<DT>::T* p, __mmask16 m) {
-  if constexpr (DT == kF32) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else if constexpr (DT == kBF16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-  }
-}
-
-// z = x / T, correctly rounded, without vdivps (5 cycles per 16 columns on one port, 40%
-// of the kernel's time with a temperature): with r = RN(1/T), q0 = RN(x·r), the exact
-// remainder e = x − q0·T (one FMA) and q1 = RN(q0 + e·r), q1 is the correctly rounded
-// x / T (Markstein's theorem: r within half an ulp of 1/T and q0 within one ulp of x/T;
-// Muller et al., Handbook of Floating-Point Arithmetic, 2nd ed., sec. 4.9), provided
-// nothing over- or underflows: the caller takes this path only for 2^-60 <= T <= 2^60,
-// and a vector with a lane outside 2^-60 <= |x| <= 2^60 (a zero, NaN, inf, a hostile
-// magnitude) takes a true division, so q0 stays within 2^±120 and e is exact. Checked
-// bit for bit against the division on 6e8 random (x, T) lanes, 0 mismatches
-// (bench/div_by_t_check.cpp).
-static inline __m512 div_by_t(__m512 x, __m512 vt, __m512 vr) {
-  const __m512 q0 = _mm512_mul_ps(x, vr);
-  const __m512 q1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, vt, x), vr, q0);
-  const __m512 ax = _mm512_abs_ps(x);
-  const __mmask16 ok = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0x1p-60f), _CMP_GE_OQ) &
-                       _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0x1p60f), _CMP_LE_OQ);
-  return ok == 0xffff ? q1 : _mm512_div_ps(x, vt);
-}
-
-template <int DT, bool kDivide, bool kStore>
-__attribute__((noinline)) static float load_block_avx512(const typename Io<DT>::T* __restrict xb,
-                                                         int len, float temperature,
-                                                         float* __restrict zbuf, int* any_nan) {
-  const __m512 vt = _mm512_set1_ps(temperature);
-  // 1/T once per block (a scalar division); the FMA quotient only for a moderate T.
-  const bool fast = temperature >= 0x1p-60f && temperature <= 0x1p60f;
-  const __m512 vr = _mm512_set1_ps(1.0f / temperature);
-  __m512 mx[4], sm[4];
-  for (int k = 0; k < 4; ++k) {
-    mx[k] = _mm512_set1_ps(-INFINITY);
-    sm[k] = _mm512_setzero_ps();
-  }
-  int j = 0;
-  for (; j + 64 <= len; j += 64) {
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      __m512 z = load16<DT>(xb + j + 16 * k);
-      if (kDivide) z = fast ? div_by_t(z, vt, vr) : _mm512_div_ps(z, vt);
-      if (kStore) _mm512_store_ps(zbuf + j + 16 * k, z);
-      mx[k] = _mm512_max_ps(mx[k], z);
-      sm[k] = _mm512_add_ps(sm[k], z);
-    }
-  }
-  for (; j < len; j += 16) {
-    const __mmask16 m = len - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                      : static_cast<__mmask16>((1u << (len - j)) - 1u);
-    __m512 z = load16_masked<DT>(xb + j, m);
-    if (kDivide) z = _mm512_div_ps(z, vt);
-    if (kStore) _mm512_mask_storeu_ps(zbuf + j, m, z);
-    mx[0] = _mm512_mask_max_ps(mx[0], m, mx[0], z);
-    sm[0] = _mm512_mask_add_ps(sm[0], m, sm[0], z);
-  }
-  const float mb = _mm512_reduce_max_ps(
-      _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
-  const float sum = _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(sm[0], sm[1]), _mm512_add_ps(sm[2], sm[3])));
-  int nan = 0;
-  if (!(sum - sum == 0.0f)) {
-    for (int i = 0; i < len; ++i) {
-      float z = Io<DT>::load(xb[i]);
-      if (kDivide) z = z / temperature;
-      nan |= (z != z);
-    }
-  }
-  *any_nan = nan;
-  return mb;
-}
-#define MLLMCAL_LOAD_BLOCK load_block_avx512
-#else
-#define MLLMCAL_LOAD_BLOCK load_block
-#endif
-
 // The scaled copy: zbuf rounded to the output dtype.
 template <int DT>
 __attribute__((noinline)) static void store_block(const float* __restrict zbuf, int len,
@@ -269,134 +167,19 @@ __attribute__((noinline)) static void store_block(const float* __restrict zbuf, 
   for (int j = 0; j < len; ++j) ob[j] = Io<DT>::store(zbuf[j]);
 }
 
-// e = exp(z − mb) over one block and the sums s, a, b, q relative to mb.
+// e = exp(z − m) over one block and the sums s, a, b, q relative to m (any m >= the block max).
 #if defined(MLLMCAL_KERNEL_AVX512)
-// AVX-512 (where this loop is most of the kernel's time): d = max(z − mb, kDFloor), then
-// e = 2^n · e^r with n = round(d / ln2), r = d − n·ln2, e^r a
-// degree-5 minimax polynomial (relative error 1.3e-7 on |r| <= ln2/2, fitted in fp32
-// coefficients) and the 2^n scaling by vscalefps. The floor replaces exp_core's select:
-// a term with d < kDFloor (−inf included) adds e = e^kDFloor ≈ 1.6e-38 and e·d, e·d²
-// below 2e-34, i.e. nothing next to the maximum's term 1 (a sum of 2^31 of them is still
-// 1e-24), and every value stays a normal float. 16 vector operations per 16 columns,
-// against 30 with exp_core and the selects.
-//
-// One-step reduction r = d − n·ln2 by a single FMA (the product is exact inside it): the
-// only error is fp32 ln2's, 1.9e-9·|n|, i.e. 3e-8 relative on the terms that matter
-// (|n| <= 15 down to e^-10 of the max) and 2.4e-7 on e^-87 ones.
-constexpr float kDFloor = -87.0f;
-constexpr float kLn2 = 0.693147180559945309f;
-
-struct Sums512 {
-  __m512 s, a, b, q;
-};
-
-static inline void sums_step(Sums512& acc, __m512 z, __m512 vmb) {
-  const __m512 d = _mm512_max_ps(_mm512_sub_ps(z, vmb), _mm512_set1_ps(kDFloor));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: round to nearest
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(1.44269504088896341f), magic), magic);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), d);
-  __m512 p = _mm512_set1_ps(0.008297448977828026f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.04191680997610092f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.1666758507490158f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.4999888241291046f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999997019767761f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192092896f));
-  const __m512 e = _mm512_scalef_ps(p, n);
-  const __m512 ed = _mm512_mul_ps(e, d);
-  acc.s = _mm512_add_ps(acc.s, e);
-  acc.a = _mm512_add_ps(acc.a, ed);
-  acc.b = _mm512_fmadd_ps(ed, d, acc.b);
-  acc.q = _mm512_fmadd_ps(e, e, acc.q);
-}
-
-// sums_step on four vectors, written operation by operation across the four so that
-// independent work is adjacent in the instruction stream.
-static inline void sums_step4(Sums512& x, Sums512& y, const float* z, __m512 vmb) {
-  const __m512 floor = _mm512_set1_ps(kDFloor);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  __m512 d[4], n[4], r[4], p[4], e[4], ed[4];
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) d[k] = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(z + 16 * k), vmb), floor);
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)
-    n[k] = _mm512_sub_ps(_mm512_fmadd_ps(d[k], _mm512_set1_ps(1.44269504088896341f), magic), magic);
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) r[k] = _mm512_fnmadd_ps(n[k], _mm512_set1_ps(kLn2), d[k]);
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)
-    p[k] = _mm512_fmadd_ps(_mm512_set1_ps(0.008297448977828026f), r[k], _mm512_set1_ps(0.04191680997610092f));
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) p[k] = _mm512_fmadd_ps(p[k], r[k], _mm512_set1_ps(0.1666758507490158f));
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) p[k] = _mm512_fmadd_ps(p[k], r[k], _mm512_set1_ps(0.4999888241291046f));
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) p[k] = _mm512_fmadd_ps(p[k], r[k], _mm512_set1_ps(0.9999997019767761f));
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) p[k] = _mm512_fmadd_ps(p[k], r[k], _mm512_set1_ps(1.0000001192092896f));
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) e[k] = _mm512_scalef_ps(p[k], n[k]);
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) ed[k] = _mm512_mul_ps(e[k], d[k]);
-#pragma GCC unroll 2
-  for (int k = 0; k < 4; k += 2) {
-    x.s = _mm512_add_ps(x.s, e[k]);
-    y.s = _mm512_add_ps(y.s, e[k + 1]);
-    x.a = _mm512_add_ps(x.a, ed[k]);
-    y.a = _mm512_add_ps(y.a, ed[k + 1]);
-    x.b = _mm512_fmadd_ps(ed[k], d[k], x.b);
-    y.b = _mm512_fmadd_ps(ed[k + 1], d[k + 1], y.b);
-    x.q = _mm512_fmadd_ps(e[k], e[k], x.q);
-    y.q = _mm512_fmadd_ps(e[k + 1], e[k + 1], y.q);
-  }
-}
-
-// Lane sums in double (the Partial's precision).
-static inline double reduce_pd(__m512 v) {
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
-}
-
-__attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out) {
-  const __m512 vmb = _mm512_set1_ps(mb);
-  Sums512 x{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  Sums512 y = x;  // two independent chains per sum: the adds' latency stays hidden
-  int j = 0;
-  // Four vectors per trip: each vector's exp is a chain of ~15 dependent 4-cycle
-  // operations, so the core needs several chains side by side in program order to issue
-  // two per cycle (two were not enough: 0.8 cycles per column instead of 0.6).
-  for (; j + 64 <= len; j += 64) {
-    sums_step4(x, y, zbuf + j, vmb);
-  }
-  for (; j + 32 <= len; j += 32) {
-    sums_step(x, _mm512_loadu_ps(zbuf + j), vmb);
-    sums_step(y, _mm512_loadu_ps(zbuf + j + 16), vmb);
-  }
-  for (; j < len; j += 16) {
-    // Masked tail: lanes past len load −inf, whose terms are the floor's ~1e-38; zeroed
-    // so the tail adds exactly nothing for them.
-    const __mmask16 m = len - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                      : static_cast<__mmask16>((1u << (len - j)) - 1u);
-    Sums512 t{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    sums_step(t, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, zbuf + j), vmb);
-    y.s = _mm512_mask_add_ps(y.s, m, y.s, t.s);
-    y.a = _mm512_mask_add_ps(y.a, m, y.a, t.a);
-    y.b = _mm512_mask_add_ps(y.b, m, y.b, t.b);
-    y.q = _mm512_mask_add_ps(y.q, m, y.q, t.q);
-  }
-  out->s = reduce_pd(_mm512_add_ps(x.s, y.s));
-  out->a = reduce_pd(_mm512_add_ps(x.a, y.a));
-  out->b = reduce_pd(_mm512_add_ps(x.b, y.b));
-  out->q = reduce_pd(_mm512_add_ps(x.q, y.q));
-}
+#include "cpu/kernel_avx512_passes.h"  // load_block_avx512, block_sums
+#define MLLMCAL_LOAD_BLOCK load_block_avx512
 #else
+#define MLLMCAL_LOAD_BLOCK load_block
 // `live` guards the terms that underflow (or are −inf): their d may be −inf or huge, and
 // they must add exactly 0, never 0·inf. One compare masks both e and d.
 // Kept out of line so that the vectoriser sees this loop alone: inlined into `chunk`,
 // GCC unswitched the block loop and left the copy it took most often scalar.
 __attribute__((noinline)) static void block_sums(const float* __restrict zbuf, int len, float mb,
-                                                 Partial* __restrict out) {
+                                                 Partial* __restrict out, const char*, const char*,
+                                                 bool&, bool, bool) {
   float s = 0.0f, a = 0.0f, b = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, a, b, q)
   for (int j = 0; j < len; ++j) {
@@ -444,6 +227,35 @@ static int first_equal(const float* __restrict z, int len, float mb) {
   return -1;  // not reached: mb is one of the z
 }
 
+#if defined(MLLMCAL_KERNEL_AVX512)
+constexpr bool kNanFromSums = true;  // pass 1 ignores NaN; block_sums propagates it
+#else
+constexpr bool kNanFromSums = false;  // load_block reports NaN itself
+#endif
+
+// Flush-to-zero on the calling thread for a scope (AVX-512 build; see block_sums).
+struct FtzScope {
+#if defined(MLLMCAL_KERNEL_AVX512)
+  explicit FtzScope(bool on) : csr(_mm_getcsr()), on(on) {
+    if (on) _mm_setcsr(csr | _MM_FLUSH_ZERO_ON);
+  }
+  ~FtzScope() {
+    if (on) _mm_setcsr(csr);
+  }
+  unsigned csr;
+  bool on;
+#else
+  explicit FtzScope(bool) {}
+#endif
+};
+
+// Whether any z of a block is NaN (z as pass 1 wrote or read it).
+static bool block_has_nan(const float* z, int len) {
+  int nan = 0;
+  for (int j = 0; j < len; ++j) nan |= (z[j] != z[j]);
+  return nan != 0;
+}
+
 template <int DT>
 static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, bool divide,
                   int64_t label, void* out_row, Partial* result) {
@@ -454,7 +266,11 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
   // fp32 read as is (no temperature, no scaled copy): both passes read x itself (the
   // block is in L1 for the second), no copy into zbuf.
   const bool in_place = DT == kF32 && !divide && out == nullptr;
+  // Without a division nothing here rounds to a denormal but the exp pass's tiny e
+  // (pass 1 only loads, widens exactly and takes maxima; the scaled copy is z itself).
+  FtzScope ftz(!divide);
   Partial acc = empty_partial();
+  bool clamp = false;  // the exp pass keeps its floor for the rest of the chunk (AVX-512)
   for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
     const int len = static_cast<int>(c1 - j0 < kBlock ? c1 - j0 : kBlock);
     int any_nan = 0;
@@ -474,20 +290,38 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     }
     if (any_nan || mb == INFINITY) acc.bad = true;
     // A bad row's statistics are all NaN: only the scaled copy still has to be written.
-    // A block of only −inf carries no probability mass.
-    if (acc.bad || mb == -INFINITY) continue;
+    if (acc.bad) continue;
+    // A block of only −inf carries no probability mass (but may hide a NaN, which the
+    // AVX-512 pass 1 ignores: look for one, a rare scalar scan).
+    if (mb == -INFINITY) {
+      if (kNanFromSums && block_has_nan(z, len)) acc.bad = true;
+      continue;
+    }
 
-    // Pass 2 (from L1): e = exp(z − mb) and the block's sums relative to its own max.
+    // A block whose max beats the chunk's so far moves the reference: the running sums
+    // are rescaled to it (an exp in double) and it holds the lowest argmax. Only such a
+    // block can, so this runs on few blocks per row: O(log blocks) on random rows.
+    if (mb > acc.m) {
+      rescale_to(acc, mb);
+      acc.m = mb;
+      acc.argmax = j0 + first_equal(z, len, mb);
+    }
+    // Pass 2 (from L1): e = exp(z − m) relative to the chunk's running max m >= mb, so
+    // the block's sums add to the running ones as they are (no rescale per block),
+    // while the next block is prefetched.
+    const int64_t next = c1 - (j0 + len) < kBlock ? c1 - (j0 + len) : kBlock;
+    const char* pf = reinterpret_cast<const char*>(x + j0 + len);
     Partial blk;
-    block_sums(z, len, mb, &blk);
-    blk.m = mb;
-    blk.has_label = false;
-    blk.bad = false;
-    // Only a block whose max strictly beats everything before it can hold the row's
-    // lowest argmax, so the search runs on few blocks per row: O(log blocks) on random
-    // rows.
-    blk.argmax = mb > acc.m ? j0 + first_equal(z, len, mb) : -1;
-    merge_into(acc, blk);
+    block_sums(z, len, acc.m, &blk, pf, pf + next * static_cast<int64_t>(sizeof(T)), clamp, divide,
+               label >= 0);
+    if (kNanFromSums && !(blk.s == blk.s)) {  // a NaN z (see load_block_avx512)
+      acc.bad = true;
+      continue;
+    }
+    acc.s += blk.s;
+    acc.a += blk.a;
+    acc.b += blk.b;
+    acc.q += blk.q;
   }
   *result = acc;
 }

@@ -99,6 +99,9 @@ def _extensions():
         Pybind11Extension(
             "mllmcal._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
+            # The kernel lives mostly in headers: without them here, an in-place rebuild
+            # after a header-only change would keep the old .so.
+            depends=sorted(glob.glob("csrc/cpu/*.h") + glob.glob("csrc/common/*.h")),
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
@@ -116,6 +119,7 @@ def _extensions():
             Pybind11Extension(
                 "mllmcal._C_cuda",
                 sorted(glob.glob("csrc/cuda/*.cpp")) + cu,
+                depends=sorted(glob.glob("csrc/cuda/*.h") + glob.glob("csrc/common/*.h")),
                 include_dirs=["csrc", os.path.join(cuda_home, "include")],
                 library_dirs=lib_dirs,
                 runtime_library_dirs=lib_dirs,

@@ -99,20 +99,17 @@ class TokenStats:
                 label_logprob=f[C.LABEL_LOGPROB] if labelled else None,
                 brier=f[C.BRIER] if labelled else None, backend=backend, flags=flags,
             )
-        self = cls._unset(torch.Size(lead), labelled, backend, None)
+        self = cls._lazy(torch.Size(lead), labelled, backend)
         self._fstats, self._flags = fstats, flags
         self.prediction = pred if flat else pred.reshape(lead)
         return self
 
     @classmethod
-    def _from_block(cls, block: torch.Tensor, n: int, labelled: bool, backend: str) -> TokenStats:
-        """From the eager CPU path's one allocation (layout at :func:`_block_floats`): no
-        tensor op here, each field is a view made when first read."""
-        return cls._unset(torch.Size((n,)), labelled, backend, block)
-
-    @classmethod
-    def _unset(cls, shape: torch.Size, labelled: bool, backend: str,
-               block: torch.Tensor | None) -> TokenStats:
+    def _lazy(cls, shape: torch.Size, labelled: bool, backend: str,
+              block: torch.Tensor | None = None) -> TokenStats:
+        """A result whose fields are views made when first read (``__getattr__``), of
+        ``block`` (the eager CPU path's one allocation, :func:`_block_floats`) or of the
+        ``_fstats`` the caller sets. No tensor op."""
         self = cls.__new__(cls)
         self._shape, self.backend, self._block, self._fstats = shape, backend, block, None
         self._valid = self._correct = None
@@ -438,14 +435,14 @@ def token_stats(
     """
     name = None
     if (
-        not torch.compiler.is_compiling()
-        and type(logits) is torch.Tensor
+        type(logits) is torch.Tensor
+        and type(temperature) is float
         and scaled_out is None
         and histogram is None
-        and type(temperature) is float
         and logits.is_cpu
         and logits.dim() == 2
         and logits.dtype in DTYPE_CODES
+        and not torch.compiler.is_compiling()
         and _plain_eager()
     ):
         n, v = logits.shape
@@ -454,7 +451,11 @@ def token_stats(
             t = check_scalar_temperature(temperature)  # the same error as below, if any
             name = resolve("token_stats", backend, logits.device, logits.dtype, n, v)
             if name == "cpu":
-                return _cpu_eager(logits, y, t, int(ignore_index))
+                block = torch.empty(_block_floats(n), dtype=torch.float32)
+                at = block.data_ptr()
+                load("cpu").token_stats_at(logits, y, t, int(ignore_index), at + 8 * n, at,
+                                           at + 36 * n)
+                return TokenStats._lazy(logits.shape[:1], y is not None, "cpu", block)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -532,16 +533,6 @@ def _plain_eager() -> bool:
         or torch._C._are_functorch_transforms_active()
         or torch.autograd._profiler_enabled()
     )
-
-
-def _cpu_eager(x: torch.Tensor, y: torch.Tensor | None, t: float, ignore_index: int) -> TokenStats:
-    """:func:`token_stats` of a 2-D CPU ``x`` (stride-1 rows, fp32/fp16/bf16, N, V > 0) by
-    the ``cpu`` backend, without the dispatcher; ``y`` int64 ``[N]`` checked, or None."""
-    n = x.shape[0]
-    block = torch.empty(_block_floats(n), dtype=torch.float32)
-    at = block.data_ptr()
-    load("cpu").token_stats_at(x, y, t, ignore_index, at + 8 * n, at, at + 36 * n)
-    return TokenStats._from_block(block, n, y is not None, "cpu")
 
 
 def histogram_add_(

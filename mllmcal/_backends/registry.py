@@ -179,7 +179,17 @@ def _device_name(device: torch.device) -> str:
 # at once) and the dtype. On the CPU nothing else enters: "auto" does not depend on the
 # shape, and the CPU backends' availability is settled by their first import. Triton
 # (which on the CPU depends on TRITON_INTERPRET) and answers that warned are not kept.
-_cpu_answers: dict[tuple[str, str, str | None, torch.dtype], str] = {}
+_cpu_answers: dict[tuple[str, str, object, torch.dtype], str] = {}
+_ENV = "MLLMCAL_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _ENV
+
+
+def _env_raw() -> object:
+    """MLLMCAL_BACKEND as stored in ``os.environ`` (None when unset). One dict read where
+    ``os.environ.get`` costs a few Python frames and, when unset, two exceptions."""
+    env = os.environ
+    data = getattr(env, "_data", None)  # CPython's store behind os.environ, always current
+    return env.get(_ENV) if data is None else data.get(_ENV_KEY)
 
 
 def resolve(
@@ -191,15 +201,16 @@ def resolve(
     Raises ``ValueError`` for an unknown name (argument or ``MLLMCAL_BACKEND``) and
     ``RuntimeError`` for an explicit backend that cannot run.
     """
-    env = os.environ.get("MLLMCAL_BACKEND") if backend == "auto" else None
+    raw = _env_raw() if backend == "auto" else None
     cpu = device.type == "cpu"
     if cpu:
-        got = _cpu_answers.get((op, backend, env, dtype))
+        got = _cpu_answers.get((op, backend, raw, dtype))
         if got is not None:
             return got
+    env = None if raw is None else os.environ.get(_ENV)
     name, keep = _resolve(op, backend, env, device, dtype, n, v)
     if cpu and keep:
-        _cpu_answers[(op, backend, env, dtype)] = name
+        _cpu_answers[(op, backend, raw, dtype)] = name
     return name
 
 

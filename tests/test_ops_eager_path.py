@@ -219,6 +219,14 @@ def test_functorch_transform_takes_the_op(op_calls):
         torch.vmap(lambda t: mllmcal.token_stats(t).confidence)(torch.randn(4, 3, 10))
 
 
+def test_jit_trace_records_the_op(op_calls):
+    x = make_logits(3, 50, torch.float32, "normal", seed=14)
+    traced = torch.jit.trace(lambda t: mllmcal.token_stats(t).confidence, (x,), check_trace=False)
+    assert "mllmcal::token_stats" in str(traced.graph) and op_calls == ["cpu"]
+    other = make_logits(3, 50, torch.float32, "peaked", seed=15)
+    torch.testing.assert_close(traced(other), mllmcal.token_stats(other).confidence)
+
+
 def test_profiler_names_the_op(op_calls):
     x = make_logits(2, 30, torch.float32, "normal", seed=10)
     with torch.profiler.profile() as prof:

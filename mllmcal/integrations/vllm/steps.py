@@ -92,8 +92,9 @@ class StepStats:
 
     def launch_copy(self) -> None:
         rows = self._rows
-        dev = rows.prediction if isinstance(rows, TokenStats) else rows[0]
-        if dev.device.type == "cuda":
+        # A result of the "cpu" backend is on the CPU: no field is made to ask its device.
+        on_cpu = isinstance(rows, TokenStats) and rows.backend == "cpu"
+        if not on_cpu and self._tensors()[0].device.type == "cuda":
             stacked = torch.stack([r.to(torch.float32) for r in self._tensors()])
             self._host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
             self._host.copy_(stacked, non_blocking=True)

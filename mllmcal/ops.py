@@ -434,6 +434,13 @@ def token_stats(
         >>> s.entropy.shape, s.prediction.dtype
         (torch.Size([2, 5]), torch.int64)
     """
+    # The eager CPU path. The decode loop's call (plain CPU tensor, few rows, float
+    # temperature) is a kernel of ~13 µs at [1, 151936] on a 2-core Zen 4; the op route
+    # added ~35 µs of Python and dispatcher to it, and a cold call (between decode steps)
+    # pays for every frame. Where nothing could tell, the kernel is called here, inline.
+    # The op serves everything else: torch.compile, tensor subclasses (FakeTensor too),
+    # dispatch and function modes, functorch transforms, torch.jit.trace, the profiler,
+    # scaled_out and histogram (version counters), tensor temperatures, unclean labels.
     name = None
     if (
         type(logits) is torch.Tensor
@@ -444,7 +451,12 @@ def token_stats(
         and logits.dim() == 2
         and logits.dtype in DTYPE_CODES
         and not torch.compiler.is_compiling()
-        and _plain_eager()
+        # No mode, transform, tracer or profiler that should see mllmcal::token_stats:
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._len_torch_function_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._get_tracing_state()
+        and not torch.autograd._profiler_enabled()
     ):
         n, v = logits.shape
         y = plain_labels(labels, n, v, ignore_index)
@@ -515,27 +527,6 @@ def token_stats(
     )
 
     return TokenStats.from_kernel(fstats, pred, flags, lead, y is not None, name)
-
-
-# --------------------------------------------------------------------------- eager CPU path
-#
-# The decode loop's call (plain CPU tensor, few rows, float temperature) is a kernel of
-# ~13 µs at [1, 151936] on a 2-core Zen 4; the op route added ~35 µs of Python and
-# dispatcher to it. Where nothing could tell, token_stats calls the kernel itself. The op
-# serves everything else: torch.compile, tensor subclasses (FakeTensor too), dispatch and
-# function modes, functorch transforms, torch.jit.trace, the profiler, scaled_out and
-# histogram (version counters), tensor temperatures, unclean labels.
-
-
-def _plain_eager() -> bool:
-    """No mode, transform, tracer or profiler that should see ``mllmcal::token_stats``."""
-    return not (
-        torch._C._len_torch_dispatch_stack()
-        or torch._C._len_torch_function_stack()
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._get_tracing_state()
-        or torch.autograd._profiler_enabled()
-    )
 
 
 def histogram_add_(

@@ -184,14 +184,6 @@ _ENV = "MLLMCAL_BACKEND"
 _ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _ENV
 
 
-def _env_raw() -> object:
-    """MLLMCAL_BACKEND as stored in ``os.environ`` (None when unset). One dict read where
-    ``os.environ.get`` costs a few Python frames and, when unset, two exceptions."""
-    env = os.environ
-    data = getattr(env, "_data", None)  # CPython's store behind os.environ, always current
-    return env.get(_ENV) if data is None else data.get(_ENV_KEY)
-
-
 def resolve(
     op: str, backend: str, device: torch.device, dtype: torch.dtype, n: int = 1, v: int = 1
 ) -> str:
@@ -201,7 +193,13 @@ def resolve(
     Raises ``ValueError`` for an unknown name (argument or ``MLLMCAL_BACKEND``) and
     ``RuntimeError`` for an explicit backend that cannot run.
     """
-    raw = _env_raw() if backend == "auto" else None
+    raw = None
+    if backend == "auto":
+        # MLLMCAL_BACKEND as stored: one dict read in CPython's store behind os.environ
+        # (always current), where os.environ.get costs a few frames and, when unset, two
+        # exceptions.
+        env_store = getattr(os.environ, "_data", None)
+        raw = os.environ.get(_ENV) if env_store is None else env_store.get(_ENV_KEY)
     cpu = device.type == "cpu"
     if cpu:
         got = _cpu_answers.get((op, backend, raw, dtype))

@@ -435,7 +435,7 @@ def token_stats(
         (torch.Size([2, 5]), torch.int64)
     """
     # The eager CPU path. The decode loop's call (plain CPU tensor, few rows, float
-    # temperature) is a kernel of ~13 µs at [1, 151936] on a 2-core Zen 4; the op route
+    # temperature) is a kernel of ~13 µs at [1, 151936] on the 2-core CI box; the op route
     # added ~35 µs of Python and dispatcher to it, and a cold call (between decode steps)
     # pays for every frame. Where nothing could tell, the kernel is called here, inline.
     # The op serves everything else: torch.compile, tensor subclasses (FakeTensor too),

@@ -18,8 +18,8 @@ Contenders, on the same tensor in the same run (the baselines are imported from
   same threads, the memory floor; ``cpu/floor`` (best of the rounds, as medians swing
   with load) is the kernel's distance to it
 
-Methods are timed round-robin (one call of each per round) so that load from other
-processes hits all of them alike; the table gives medians and ratios from one run.
+Methods are timed round-robin (one call of each per round, in a fresh random order each round)
+so that load from other processes and the cost of coming first hit all of them alike; the table gives medians and ratios from one run.
 
     python bench/bench_token_stats.py            # prints the table, writes the JSON
     python bench/bench_token_stats.py --quick    # fewer rounds, no torch.compile
@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -107,10 +108,17 @@ def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    order = random.Random(0)
     for _ in range(rounds):
-        for name, f in fns.items():
+        # A fresh order each round: a call is slower or faster by what ran just before it
+        # (torch's OpenMP workers still spinning after a torch op, other code in the
+        # caches), and a fixed order would give each contender the same predecessor in
+        # every round (a rotation would too).
+        order.shuffle(names)
+        for name in names:
             t0 = time.perf_counter()
-            f()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 

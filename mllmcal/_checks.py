@@ -165,3 +165,19 @@ def plain_labels(
         if (t < 0 or t >= v) and t != ignore_index:
             return False
     return labels
+
+
+def check_histogram(histogram: torch.Tensor, labels: torch.Tensor | None,
+                    device: torch.device) -> None:
+    """A fused op's ``histogram=``: contiguous int64 ``[3, n_bins]`` on ``device``, and only
+    with labels (a row's correctness is what it counts)."""
+    if labels is None:
+        raise ValueError("a histogram needs labels (correctness of each row)")
+    if histogram.dtype != torch.int64 or histogram.dim() != 2 or histogram.shape[0] != 3:
+        raise ValueError(
+            f"histogram must be int64 [3, n_bins], got {histogram.dtype} {tuple(histogram.shape)}"
+        )
+    if histogram.device != device:
+        raise ValueError(f"histogram is on {histogram.device} but the inputs are on {device}")
+    if not histogram.is_contiguous():
+        raise ValueError("histogram must be contiguous")

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _contract as C
+from ._checks import check_histogram
 from ._checks import check_labels as _check_labels
 from ._checks import check_temperature as _check_temperature
 from .ops import (
@@ -399,12 +400,7 @@ def linear_token_stats(
     t_scalar, t_rows = _check_temperature(temperature, n, device, True)
     y = _check_labels(labels, lead, n, v, device, ignore_index, True)
     if histogram is not None:
-        if y is None:
-            raise ValueError("a histogram needs labels (correctness of each row)")
-        if (histogram.dtype != torch.int64 or histogram.dim() != 2 or histogram.shape[0] != 3
-                or histogram.device != device or not histogram.is_contiguous()):
-            raise ValueError("histogram must be a contiguous int64 [3, n_bins] tensor on "
-                             f"{device}, got {histogram.dtype} {tuple(histogram.shape)}")
+        check_histogram(histogram, y, device)
     if torch.compiler.is_compiling():
         name = _choose_for_trace(backend, device, h.dtype, n, v)
     else:

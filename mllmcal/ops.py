@@ -23,7 +23,13 @@ import torch
 from . import _contract as C
 from ._backends.composite import histogram_add_into as _histogram_add_into
 from ._backends.registry import BACKENDS, DTYPE_CODES, load, resolve, unavailable_reason
-from ._checks import check_labels, check_scalar_temperature, check_temperature, plain_labels
+from ._checks import (
+    check_histogram,
+    check_labels,
+    check_scalar_temperature,
+    check_temperature,
+    plain_labels,
+)
 
 __all__ = [
     "BACKENDS", "TokenStats", "available_backends", "check_scalar_temperature",
@@ -490,16 +496,7 @@ def token_stats(
     t_scalar, t_rows = check_temperature(temperature, n, device, validate)
     y = check_labels(labels, lead, n, v, device, ignore_index, validate)
     if histogram is not None:
-        if y is None:
-            raise ValueError("a histogram needs labels (correctness of each row)")
-        if histogram.dtype != torch.int64 or histogram.dim() != 2 or histogram.shape[0] != 3:
-            raise ValueError(
-                f"histogram must be int64 [3, n_bins], got {histogram.dtype} {tuple(histogram.shape)}"
-            )
-        if histogram.device != device:
-            raise ValueError(f"histogram is on {histogram.device} but logits are on {device}")
-        if not histogram.is_contiguous():
-            raise ValueError("histogram must be contiguous")
+        check_histogram(histogram, y, device)
     out2d = None
     if scaled_out is not None:
         if scaled_out.shape != logits.shape:

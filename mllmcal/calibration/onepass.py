@@ -234,14 +234,7 @@ class TemperatureFitAccumulator:
         for r0 in range(0, x.shape[0], rows):
             out, status = temperature_fit_rows(x[r0:r0 + rows], y[r0:r0 + rows], betas,
                                                self.backend, self.ignore_index)
-            sums = out.double().sum(0)
-            counts = torch.bincount(status.long(), minlength=3)
-            packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()
-            self.nll += packed[:k]
-            self.grad += packed[k:2 * k]
-            self.curv += packed[2 * k:3 * k]
-            self.n_rows += int(packed[3 * k])
-            self.n_masked += int(packed[3 * k + 1])
+            self._add_row_sums(out.double().sum(0), status)
         return self
 
     def update_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -296,16 +289,17 @@ class TemperatureFitAccumulator:
         betas = torch.tensor(self.betas, dtype=torch.float64, device=h.device)
         rows = min(_linear.DEFAULT_ROW_CHUNK, max(1, _MAX_OUT_ELEMENTS // (3 * k)))
         for r0, r1, tiles in _linear.LogitTiles(h, w, bias, row_chunk=rows):
-            self._add_row_sums(*_merge_tiles(tiles, y[r0:r1], betas, self.backend))
+            nll, grad, curv, status = _merge_tiles(tiles, y[r0:r1], betas, self.backend)
+            used = (status == 1)[:, None]
+            self._add_row_sums(
+                torch.stack([torch.where(used, t, 0.0).sum(0) for t in (nll, grad, curv)]),
+                status)
         return self
 
-    def _add_row_sums(self, nll: torch.Tensor, grad: torch.Tensor, curv: torch.Tensor,
-                      status: torch.Tensor) -> None:
-        """Add per-row float64 ``[rows, K]`` (ℓ, ℓ', ℓ'') of the rows whose uint8 ``status``
-        is used (1; 2 counts a masked label), with one host read-back."""
+    def _add_row_sums(self, sums: torch.Tensor, status: torch.Tensor) -> None:
+        """Add float64 ``[3, K]`` sums (ℓ, ℓ', ℓ'') over the rows of one block and count its
+        uint8 ``status`` (1 used, 2 a masked label), with one host read-back."""
         k = len(self.betas)
-        used = (status == 1)[:, None]
-        sums = torch.stack([torch.where(used, t, 0.0).sum(0) for t in (nll, grad, curv)])
         counts = torch.bincount(status.long(), minlength=3)
         packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()
         self.nll += packed[:k]

@@ -23,7 +23,7 @@ from bench_token_stats import SHAPES, contenders, make_case  # noqa: E402
 
 COMPILE = os.environ.get("MLLMCAL_BENCH_COMPILE", "1") != "0"
 METHODS = [
-    "cpu", "cpu_kernel", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out", "floor",
+    "cpu", "cpu_read", "cpu_kernel", "cpu_1thread", "torch", "eager", "compiled", "exp", "exp_out", "floor",
 ]
 _cases: dict = {}
 

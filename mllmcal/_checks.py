@@ -9,11 +9,15 @@ import struct
 
 import torch
 
-__all__ = ["check_labels", "check_scalar_temperature", "check_temperature"]
+__all__ = [
+    "FEW_ROWS", "bad_label_rows", "check_labels", "check_scalar_temperature", "check_temperature",
+    "plain_labels",
+]
 
 # Kernels compute z = x / T in fp32, so T must survive the cast: a float that rounds to 0,
 # to a subnormal (whose reciprocal overflows) or to inf in fp32 is refused up front.
 _FP32_TINY = torch.finfo(torch.float32).tiny
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _as_fp32(t: float) -> float:
@@ -25,6 +29,10 @@ def _as_fp32(t: float) -> float:
 
 def check_scalar_temperature(temperature: float) -> float:
     """``float(temperature)``, or a clear error unless it is finite and > 0, in fp32 too."""
+    # The common case in two comparisons: a float in [tiny, max] of fp32 rounds to a
+    # normal finite fp32 (NaN fails both comparisons and goes to the full check).
+    if type(temperature) is float and _FP32_TINY <= temperature <= _FP32_MAX:
+        return temperature
     try:
         t = float(temperature)
     except (TypeError, ValueError):
@@ -73,7 +81,13 @@ def check_temperature(
     return check_scalar_temperature(temperature), None
 
 
-_FEW_ROWS = 64  # up to this many CPU rows, labels are checked in Python (see check_labels)
+FEW_ROWS = 64  # up to this many CPU rows, labels are checked in Python (see check_labels)
+
+
+def bad_label_rows(values: list[int], v: int, ignore_index: int) -> list[int]:
+    """Indices of the labels in ``values`` outside ``[0, v)`` that are not ``ignore_index``
+    (the Python scan of a few CPU rows, ~1 µs where the tensor check costs ~20 µs)."""
+    return [i for i, t in enumerate(values) if (t < 0 or t >= v) and t != ignore_index]
 
 
 def check_labels(
@@ -99,10 +113,10 @@ def check_labels(
     y = labels.detach().reshape(n).to(torch.int64).contiguous()
     if not n:
         return y
-    if device.type == "cpu" and n <= _FEW_ROWS and not torch.compiler.is_compiling():
-        # The decode loop's few rows: a Python scan costs ~1 µs where the tensor check
-        # below is four small ops and a reduction (~20 µs on this CPU). Same verdicts.
-        rows = [i for i, t in enumerate(y.tolist()) if (t < 0 or t >= v) and t != ignore_index]
+    if device.type == "cpu" and n <= FEW_ROWS and not torch.compiler.is_compiling():
+        # The decode loop's few rows: a Python scan instead of four small ops and a
+        # reduction. Same verdicts.
+        rows = bad_label_rows(y.tolist(), v, ignore_index)
         if not rows:
             return y
         if validate:
@@ -126,3 +140,28 @@ def check_labels(
     # sync): an out-of-range label must never reach a kernel as an address, so it is
     # treated as ignored (NaN label_logprob, never correct, not in the histogram).
     return torch.where(bad, torch.full_like(y, ignore_index), y)
+
+
+def plain_labels(
+    labels: torch.Tensor | None, n: int, v: int, ignore_index: int
+) -> torch.Tensor | None | bool:
+    """``labels`` when a kernel can read them as they are, with no tensor op: a plain int64
+    ``[n]`` CPU tensor, stride 1, at most ``FEW_ROWS`` rows, all in ``[0, v)`` or
+    ``ignore_index``. None for no labels; False for anything else, which
+    :func:`check_labels` then converts, masks or refuses with its error."""
+    if labels is None:
+        return None
+    if (
+        type(labels) is not torch.Tensor
+        or labels.dtype is not torch.int64
+        or labels.dim() != 1
+        or labels.shape[0] != n
+        or n > FEW_ROWS
+        or not labels.is_cpu
+        or (n > 1 and labels.stride(0) != 1)
+    ):
+        return False
+    for t in labels.tolist():  # bad_label_rows' test, inline: this runs every decode step
+        if (t < 0 or t >= v) and t != ignore_index:
+            return False
+    return labels

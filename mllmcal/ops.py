@@ -22,8 +22,8 @@ import torch
 
 from . import _contract as C
 from ._backends.composite import histogram_add_into as _histogram_add_into
-from ._backends.registry import BACKENDS, load, resolve, unavailable_reason
-from ._checks import check_labels, check_scalar_temperature, check_temperature
+from ._backends.registry import BACKENDS, DTYPE_CODES, load, resolve, unavailable_reason
+from ._checks import check_labels, check_scalar_temperature, check_temperature, plain_labels
 
 __all__ = [
     "BACKENDS", "TokenStats", "available_backends", "check_scalar_temperature",
@@ -44,12 +44,14 @@ class TokenStats:
     gradient on any backend (they are measurements, not a loss).
 
     ``valid`` and ``correct`` are decoded from the kernel's uint8 flags when read, so a
-    caller that never reads them (the decode loop) pays no device op for them.
+    caller that never reads them (the decode loop) pays no device op for them; likewise the
+    float fields of a kernel's result are views of its ``[7, N]`` block made on first read.
     """
 
     __slots__ = (
         "logsumexp", "confidence", "prediction", "entropy", "logit_mean", "logit_var",
         "label_logprob", "brier", "backend", "_valid", "_correct", "_flags", "_shape",
+        "_fstats", "_block",
     )
     FIELDS = (
         "logsumexp", "confidence", "prediction", "entropy", "valid", "logit_mean",
@@ -79,30 +81,56 @@ class TokenStats:
         self.label_logprob, self.brier, self.backend = label_logprob, brier, backend
         self._valid, self._correct, self._flags = valid, correct, flags
         self._shape = logsumexp.shape
+        self._fstats = self._block = None
 
     @classmethod
     def from_kernel(cls, fstats: torch.Tensor, pred: torch.Tensor, flags: torch.Tensor,
                     lead: tuple[int, ...], labelled: bool, backend: str) -> TokenStats:
         """From a fused op's fstats fp32 ``[7, N]``, prediction int64 ``[N]`` and flags uint8
-        ``[N]`` (:mod:`mllmcal._contract`), fields shaped ``lead``; ``labelled``: had labels."""
-        flat = len(lead) == 1  # the decode loop's case: skip the reshapes (host overhead)
+        ``[N]`` (:mod:`mllmcal._contract`), fields shaped ``lead``; ``labelled``: had labels.
+        The float fields are views made when first read (``__getattr__``): ~1 µs each."""
+        flat = len(lead) == 1  # the decode loop's case: no reshapes
+        if torch.compiler.is_compiling():
+            # In a graph views cost nothing at run time; Dynamo gets a plain object.
+            f = [t if flat else t.reshape(lead) for t in fstats.unbind(0)]
+            return cls(
+                f[C.LSE], f[C.CONF], pred if flat else pred.reshape(lead), f[C.ENT],
+                logit_mean=f[C.MEAN], logit_var=f[C.VAR],
+                label_logprob=f[C.LABEL_LOGPROB] if labelled else None,
+                brier=f[C.BRIER] if labelled else None, backend=backend, flags=flags,
+            )
+        self = cls._lazy(torch.Size(lead), labelled, backend)
+        self._fstats, self._flags = fstats, flags
+        self.prediction = pred if flat else pred.reshape(lead)
+        return self
 
-        def shaped(t: torch.Tensor) -> torch.Tensor:
-            return t if flat else t.reshape(lead)
+    @classmethod
+    def _lazy(cls, shape: torch.Size, labelled: bool, backend: str,
+              block: torch.Tensor | None = None) -> TokenStats:
+        """A result whose fields are views made when first read (``__getattr__``), of
+        ``block`` (the eager CPU path's one allocation, :func:`_block_floats`) or of the
+        ``_fstats`` the caller sets. No tensor op."""
+        self = cls.__new__(cls)
+        self._shape, self.backend, self._block, self._fstats = shape, backend, block, None
+        self._valid = self._correct = None
+        if not labelled:
+            self.label_logprob = self.brier = None
+        return self
 
-        f = fstats.unbind(0)  # one op for the seven row views (indexing is one op each)
-        return cls(
-            logsumexp=shaped(f[C.LSE]),
-            confidence=shaped(f[C.CONF]),
-            prediction=shaped(pred),
-            entropy=shaped(f[C.ENT]),
-            logit_mean=shaped(f[C.MEAN]),
-            logit_var=shaped(f[C.VAR]),
-            label_logprob=shaped(f[C.LABEL_LOGPROB]) if labelled else None,
-            brier=shaped(f[C.BRIER]) if labelled else None,
-            backend=backend,
-            flags=flags,
-        )
+    def __getattr__(self, name: str) -> torch.Tensor:
+        # Only for an unset slot: a kernel result's field read for the first time (unset
+        # _fstats or _block fail both tests: no recursion). The view is kept in the slot.
+        row = _FSTATS_ROWS.get(name)
+        if row is not None and self._fstats is not None:
+            t = self._fstats[row]
+            if len(self._shape) != 1:
+                t = t.reshape(self._shape)
+        elif (row is not None or name in _BLOCK_INTS) and self._block is not None:
+            t = _block_view(self._block, self._shape[0], name, row)
+        else:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        setattr(self, name, t)
+        return t
 
     # Decoded on every access, not cached: under CUDA-graph replay the flags tensor is
     # refilled in place, and a cached decoding would go stale.
@@ -134,6 +162,28 @@ class TokenStats:
 
     def __repr__(self) -> str:
         return f"TokenStats(backend={self.backend!r}, shape={tuple(self._shape)})"
+
+
+_FSTATS_ROWS = {
+    "logsumexp": C.LSE, "confidence": C.CONF, "entropy": C.ENT, "logit_mean": C.MEAN,
+    "logit_var": C.VAR, "label_logprob": C.LABEL_LOGPROB, "brier": C.BRIER,
+}
+_BLOCK_INTS = ("prediction", "_flags")
+
+
+# The eager CPU path's three outputs share one fp32 allocation (a torch.empty costs more
+# than the Python around it): prediction int64 [N] at byte 0 (torch's CPU allocations are
+# 64-byte aligned), the fp32 [7, N] statistics at float 2N, the uint8 flags at byte 36N.
+def _block_floats(n: int) -> int:
+    return 9 * n + (n + 3) // 4
+
+
+def _block_view(block: torch.Tensor, n: int, name: str, row: int | None) -> torch.Tensor:
+    if row is not None:
+        return block[(2 + row) * n:(3 + row) * n]
+    if name == "prediction":
+        return block[:2 * n].view(torch.int64)
+    return block.view(torch.uint8)[36 * n:37 * n]
 
 
 # --------------------------------------------------------------------------- backends
@@ -384,6 +434,41 @@ def token_stats(
         >>> s.entropy.shape, s.prediction.dtype
         (torch.Size([2, 5]), torch.int64)
     """
+    # The eager CPU path. The decode loop's call (plain CPU tensor, few rows, float
+    # temperature) is a kernel of ~13 µs at [1, 151936] on a 2-core Zen 4; the op route
+    # added ~35 µs of Python and dispatcher to it, and a cold call (between decode steps)
+    # pays for every frame. Where nothing could tell, the kernel is called here, inline.
+    # The op serves everything else: torch.compile, tensor subclasses (FakeTensor too),
+    # dispatch and function modes, functorch transforms, torch.jit.trace, the profiler,
+    # scaled_out and histogram (version counters), tensor temperatures, unclean labels.
+    name = None
+    if (
+        type(logits) is torch.Tensor
+        and type(temperature) is float
+        and scaled_out is None
+        and histogram is None
+        and logits.is_cpu
+        and logits.dim() == 2
+        and logits.dtype in DTYPE_CODES
+        and not torch.compiler.is_compiling()
+        # No mode, transform, tracer or profiler that should see mllmcal::token_stats:
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._len_torch_function_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._get_tracing_state()
+        and not torch.autograd._profiler_enabled()
+    ):
+        n, v = logits.shape
+        y = plain_labels(labels, n, v, ignore_index)
+        if y is not False and n and v and logits.stride(1) == 1:
+            t = check_scalar_temperature(temperature)  # the same error as below, if any
+            name = resolve("token_stats", backend, logits.device, logits.dtype, n, v)
+            if name == "cpu":
+                block = torch.empty(_block_floats(n), dtype=torch.float32)
+                at = block.data_ptr()
+                load("cpu").token_stats_at(logits, y, t, int(ignore_index), at + 8 * n, at,
+                                           at + 36 * n)
+                return TokenStats._lazy(logits.shape[:1], y is not None, "cpu", block)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -435,7 +520,7 @@ def token_stats(
 
     if torch.compiler.is_compiling():
         name = _resolve_for_trace("token_stats", backend, device, x.dtype, n, v)
-    else:
+    elif name is None:
         name = resolve("token_stats", backend, device, x.dtype, n, v)
     fstats, pred, flags = _token_stats_op(
         x, y, t_scalar, t_rows, out2d, histogram, int(ignore_index), name

@@ -15,7 +15,7 @@ from mllmcal.integrations.vllm import feedback
 from mllmcal.integrations.vllm.config import Config
 from mllmcal.integrations.vllm.feedback_scorer import parse_feedback
 from mllmcal.integrations.vllm.request import Request
-from mllmcal.integrations.vllm.steps import StepStats
+from mllmcal.integrations.vllm.steps import CONF, ENT, LSE, PRED, StepStats
 from mllmcal.integrations.vllm.tracker import Tracker
 
 
@@ -291,3 +291,28 @@ def test_mllmcal_serve_help_and_command(tmp_path, capsys):
     assert cmd[cmd.index("--model") + 1] == "M" and "--port" in cmd
     assert json.loads(env["MLLMCAL_SERVE_API_KEYS"]) == ["k1", "k2"]
     assert env["MLLMCAL_VLLM"] == "1" and env["MLLMCAL_VLLM_CHANNEL"].startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_step_stats_of_a_token_stats_reads_its_rows_when_asked(backend):
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(3)) * 3
+    x[1] = float("-inf")  # an invalid row: NaN statistics, prediction -1
+    s = mllmcal.token_stats(x, temperature=1.5, backend=backend)
+    want = [s.confidence.tolist(), s.entropy.tolist(), s.logsumexp.tolist(), s.prediction.tolist()]
+    step = StepStats(mllmcal.token_stats(x, temperature=1.5, backend=backend), defer=True)
+    assert not step.ready()
+    step.launch_copy()
+    assert step.ready() and step.value(CONF, 2) == want[CONF][2]
+    got = step.values()
+    for i in (CONF, ENT, LSE):
+        assert all((math.isnan(a) and math.isnan(b)) or a == b
+                   for a, b in zip(got[i], want[i], strict=True)), i
+    assert got[PRED] == want[PRED] and got[PRED][1] == -1
+    assert math.isnan(got[CONF][1]) and step.value(ENT, 0) == want[ENT][0]
+    # Rows given as tensors, and rows appended before the copy, read alike.
+    rows = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction))
+    assert rows.values()[PRED] == want[PRED]
+    more = StepStats(mllmcal.token_stats(x, temperature=1.5, backend=backend), defer=True)
+    more.append_rows((torch.tensor([7, 8, 9]),))
+    more.launch_copy()
+    assert more.values()[4] == [7, 8, 9] and more.values()[PRED] == want[PRED]

@@ -108,6 +108,19 @@ class CpuBackend(CompiledBackend):
     def _fit_tail(self, x: torch.Tensor) -> tuple:
         return (0,)  # OpenMP's default thread count
 
+    def token_stats_at(self, x: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+                       ignore_index: int, fstats: int, pred: int, flags: int) -> None:
+        """:meth:`token_stats_into` of the eager decode call (:func:`mllmcal.token_stats`
+        without per-row temperatures, ``scaled_out`` or histogram; default threads and plan)
+        with its three outputs given as addresses, so that they can share one allocation:
+        fstats fp32 ``[7, N]``, pred int64 ``[N]`` (8-byte aligned) and flags uint8 ``[N]``."""
+        n, v = x.shape
+        self.ext.token_stats(
+            x.data_ptr(), DTYPE_CODES[x.dtype], n, v, x.stride(0),
+            0 if labels is None else labels.data_ptr(), ignore_index, temperature, 0, fstats,
+            pred, flags, 0, 0, 0, 0, torch.get_num_threads(), CPU_MODES["auto"], 0, "",
+        )
+
 
 class CudaBackend(CompiledBackend):
     """``mllmcal._C_cuda``: the CUDA kernels (CUDA tensors), launched asynchronously on

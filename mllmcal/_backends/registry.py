@@ -174,6 +174,16 @@ def _device_name(device: torch.device) -> str:
     return _device_names[device]
 
 
+# resolve()'s answers for CPU tensors, keyed by what they depend on there: the op, the
+# backend asked for, MLLMCAL_BACKEND's raw value (read on every call, so a change is seen
+# at once) and the dtype. On the CPU nothing else enters: "auto" does not depend on the
+# shape, and the CPU backends' availability is settled by their first import. Triton
+# (which on the CPU depends on TRITON_INTERPRET) and answers that warned are not kept.
+_cpu_answers: dict[tuple[str, str, object, torch.dtype], str] = {}
+_ENV = "MLLMCAL_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _ENV
+
+
 def resolve(
     op: str, backend: str, device: torch.device, dtype: torch.dtype, n: int = 1, v: int = 1
 ) -> str:
@@ -183,24 +193,48 @@ def resolve(
     Raises ``ValueError`` for an unknown name (argument or ``MLLMCAL_BACKEND``) and
     ``RuntimeError`` for an explicit backend that cannot run.
     """
+    raw = None
+    if backend == "auto":
+        # MLLMCAL_BACKEND as stored: one dict read in CPython's store behind os.environ
+        # (always current), where os.environ.get costs a few frames and, when unset, two
+        # exceptions.
+        env_store = getattr(os.environ, "_data", None)
+        raw = os.environ.get(_ENV) if env_store is None else env_store.get(_ENV_KEY)
+    cpu = device.type == "cpu"
+    if cpu:
+        got = _cpu_answers.get((op, backend, raw, dtype))
+        if got is not None:
+            return got
+    env = None if raw is None else os.environ.get(_ENV)
+    name, keep = _resolve(op, backend, env, device, dtype, n, v)
+    if cpu and keep:
+        _cpu_answers[(op, backend, raw, dtype)] = name
+    return name
+
+
+def _resolve(
+    op: str, backend: str, env: str | None, device: torch.device, dtype: torch.dtype,
+    n: int, v: int,
+) -> tuple[str, bool]:
+    """:func:`resolve`'s answer, and whether it may be kept in ``_cpu_answers``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from_env = False
     if backend == "auto":
-        backend = os.environ.get("MLLMCAL_BACKEND", "auto").strip().lower() or "auto"
+        backend = (env or "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
-            raise ValueError(
-                f"MLLMCAL_BACKEND must be one of {BACKENDS}, got {os.environ['MLLMCAL_BACKEND']!r}"
-            )
+            raise ValueError(f"MLLMCAL_BACKEND must be one of {BACKENDS}, got {env!r}")
         from_env = backend != "auto"
     if dtype not in DTYPE_CODES:
-        return "torch"  # fp64 is the oracle's precision; only the composite reads it
+        return "torch", True  # fp64 is the oracle's precision; only the composite reads it
+    keep = backend != "triton"
     if backend != "auto":
         why = _reason(REGISTRY[backend], device, op)
         if why is None:
-            return backend
+            return backend, keep
         if not from_env:
             raise RuntimeError(why)
+        keep = False
         key = (backend, device.type)
         if key not in _env_warned:
             _env_warned.add(key)
@@ -208,9 +242,9 @@ def resolve(
                 f"MLLMCAL_BACKEND={backend!r} cannot serve this tensor ({why}); using the "
                 "automatic choice for it instead",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     for b in _auto_order(device, n, v, dtype):
         if _reason(REGISTRY[b], device, op) is None:
-            return b
-    return "torch"
+            return b, keep
+    return "torch", keep

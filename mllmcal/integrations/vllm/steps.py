@@ -12,10 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CONF", "ENT", "LSE", "PRED", "ChosenLogit", "SavedLogits", "StepStats"]
+from ...ops import TokenStats
+
+__all__ = [
+    "CONF", "ENT", "LSE", "PRED", "STEP_FIELDS", "ChosenLogit", "SavedLogits", "StepStats",
+]
 
 # Rows of a StepStats host array: the token_stats fields every step has.
 CONF, ENT, LSE, PRED = range(4)
+STEP_FIELDS = ("confidence", "entropy", "logsumexp", "prediction")
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,12 @@ class ChosenLogit:
 class StepStats:
     """The ``[B]`` statistics of one step, read back to the host without blocking.
 
-    On a CUDA device the values are copied into pinned memory with ``non_blocking=True``
-    and an event is recorded; :meth:`ready` polls the event, so the reader never waits. On
-    the CPU the values are the tensors themselves.
+    Built from the step's rows, or from its :class:`~mllmcal.TokenStats` (rows
+    :data:`STEP_FIELDS`, read when first needed). On a CUDA device the rows are stacked and
+    copied into pinned memory with ``non_blocking=True`` and an event is recorded;
+    :meth:`ready` polls the event, so the reader never waits. On the CPU the rows are read
+    as they are, by whoever first asks for a value (the drain thread, as a rule), so the
+    engine's step pays no tensor op for them.
 
     Attributes:
         temperature: the calibration temperature the statistics were computed at.
@@ -57,12 +65,13 @@ class StepStats:
         chosen: batch row -> where its chosen token's logit was read to.
     """
 
-    __slots__ = ("_dev", "_host", "_event", "_lists", "temperature", "saved", "chosen")
+    __slots__ = ("_rows", "_host", "_event", "_lists", "temperature", "saved", "chosen")
 
-    def __init__(self, rows: Iterable[torch.Tensor], *, temperature: float = 1.0,
+    def __init__(self, rows: Iterable[torch.Tensor] | TokenStats, *, temperature: float = 1.0,
                  defer: bool = False) -> None:
-        self._dev = torch.stack([r.to(torch.float32) for r in rows])
-        self._host: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, ...] | TokenStats | None = (
+            rows if isinstance(rows, TokenStats) else tuple(rows))
+        self._host: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self._event = None
         self._lists: list[list[float]] | None = None
         self.temperature = temperature
@@ -71,18 +80,28 @@ class StepStats:
         if not defer:
             self.launch_copy()
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        rows = self._rows
+        if isinstance(rows, TokenStats):
+            rows = self._rows = tuple(getattr(rows, name) for name in STEP_FIELDS)
+        return rows
+
     def append_rows(self, rows: Iterable[torch.Tensor]) -> None:
         """Add rows before :meth:`launch_copy` (values computed a step later, on device)."""
-        self._dev = torch.cat([self._dev, torch.stack([r.to(torch.float32) for r in rows])])
+        self._rows = self._tensors() + tuple(rows)
 
     def launch_copy(self) -> None:
-        if self._dev.device.type == "cuda":
-            self._host = torch.empty(self._dev.shape, dtype=torch.float32, pin_memory=True)
-            self._host.copy_(self._dev, non_blocking=True)
+        rows = self._rows
+        # A result of the "cpu" backend is on the CPU: no field is made to ask its device.
+        on_cpu = isinstance(rows, TokenStats) and rows.backend == "cpu"
+        if not on_cpu and self._tensors()[0].device.type == "cuda":
+            stacked = torch.stack([r.to(torch.float32) for r in self._tensors()])
+            self._host = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
+            self._host.copy_(stacked, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = self._dev
+            self._host = ()  # marks the copy "launched": the rows themselves are read
 
     def ready(self) -> bool:
         if self._lists is not None:
@@ -97,16 +116,25 @@ class StepStats:
     def value(self, i: int, r: int) -> float:
         """One host value, ``values()[i][r]``, without converting the rest (call when
         :meth:`ready`; safe against :meth:`values` running in another thread)."""
-        lists, host = self._lists, self._host
+        lists, host, rows = self._lists, self._host, self._rows
         if lists is not None:
             return lists[i][r]
-        if host is None:  # values() finished between the two reads
+        if host is None or rows is None:  # values() finished between the reads
             return self._lists[i][r]
-        return float(host[i, r])
+        if isinstance(host, torch.Tensor):
+            return float(host[i, r])
+        if isinstance(rows, TokenStats):
+            return float(getattr(rows, STEP_FIELDS[i])[r])
+        return float(rows[i][r])
 
     def values(self) -> list[list[float]]:
-        """Host values as ``[n_rows_of_stats][B]`` Python floats (call when :meth:`ready`)."""
+        """Host values as ``[n_rows_of_stats][B]`` Python numbers (call when :meth:`ready`;
+        rows of integers, as the prediction, give ints on the CPU)."""
         if self._lists is None:
-            self._lists = self._host.tolist()
-            self._dev = self._host = None
+            host = self._host
+            if isinstance(host, torch.Tensor):
+                self._lists = host.tolist()
+            else:
+                self._lists = [r.tolist() for r in self._tensors()]
+            self._rows = self._host = None
         return self._lists

@@ -120,8 +120,7 @@ class V1Tracker(Tracker):
         s = token_stats(logits, temperature=t)
         # defer: on a GPU the copy's event is recorded after the opted-in rows are copied
         # below, so a ready step also has its saved rows in place (read by the drain thread).
-        stats = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction),
-                          temperature=t, defer=True)
+        stats = StepStats(s, temperature=t, defer=True)
         reqs = self.rows[:n]
         step = V1Step(stats, reqs, [len(q.tokens) if q is not None else -1 for q in reqs])
         if self._saved_rows:

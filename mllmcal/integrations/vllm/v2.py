@@ -99,8 +99,7 @@ class V2Tracker(Tracker):
             return logits
         t = self.temperature
         s = token_stats(logits, temperature=t)
-        stats = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction),
-                          temperature=t, defer=True)
+        stats = StepStats(s, temperature=t, defer=True)
         requests: dict[int, Request] = {}
         prompt_lens: dict[int, int] = {}
         prompt_len = self.req_states.prompt_len.np

@@ -4,19 +4,17 @@ request validation, and the tracker's start and shutdown."""
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import weakref
 from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, env_flag
 from .token_logits import check_logits_args
 from .tracker import Tracker
 
-__all__ = ["ProcessorCore", "config_of", "log_conf", "scale_rows", "check_extra_args",
+__all__ = ["ProcessorCore", "config_of", "scale_rows", "check_extra_args",
            "requested", "writer_rank"]
 
 _log = logging.getLogger("mllmcal")
@@ -48,13 +46,9 @@ def requested(vllm_config: Any) -> bool:
     ``logits_processors`` (``LLM(logits_processors=[...])``, ``--logits-processors``).
     ``MLLMCAL_VLLM=0`` turns it off whatever else says (as ``MLLMCAL_VLLM_DISABLE=1``).
     """
-    env = os.environ.get("MLLMCAL_VLLM", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    if env:
-        raise ValueError(f"MLLMCAL_VLLM must be 0/1/true/false, got {os.environ['MLLMCAL_VLLM']!r}")
+    env = env_flag("MLLMCAL_VLLM", None)
+    if env is not None:
+        return env
     extra = getattr(vllm_config, "additional_config", None)
     if isinstance(extra, dict) and "mllmcal" in extra:
         return True
@@ -139,11 +133,6 @@ def scale_rows(logits: torch.Tensor, rows: list[int], t: float) -> None:
             logits[r].div_(t)
 
 
-def log_conf(conf: float) -> float | None:
-    """The argmax token's log-probability, ``log(confidence)`` (None for a zero)."""
-    return math.log(conf) if conf > 0 else None
-
-
 class ProcessorCore:
     """The runner-independent part of a processor class: its :class:`~.config.Config`, its
     tracker, and the hooks vLLM calls on the class.
@@ -180,6 +169,12 @@ class ProcessorCore:
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         check_extra_args(sampling_params)
+
+    def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
+        """The runner's ``apply`` (V2 also passes its ``LogitsContext``): the tracker
+        observes ``[B, V]`` ``logits``; an inactive instance returns them untouched."""
+        tracker = self.tracker
+        return logits if tracker is None else tracker.apply(logits, *ctx)
 
     def flush(self, *, end_active: bool = False) -> int:
         """Drain now (see :meth:`Tracker.flush`); returns the number of records written."""

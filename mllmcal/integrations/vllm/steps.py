@@ -2,20 +2,24 @@
 
 :class:`StepStats` holds the statistics of one step's rows and reads them back to the host
 without blocking; :class:`SavedLogits` and :class:`ChosenLogit` are the typed carriers of
-the opted-in rows whose chosen token's logit is read once the token is known.
+the opted-in rows whose chosen token's logit is read once the token is known;
+:func:`token_logprob` turns a row's values into its token's log-probability. Shared by the
+vLLM runners and the SGLang integration.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from ...ops import TokenStats
+from ...ops import TokenStats, token_stats
 
 __all__ = [
     "CONF", "ENT", "LSE", "PRED", "STEP_FIELDS", "ChosenLogit", "SavedLogits", "StepStats",
+    "log_conf", "nan_to_none", "token_logprob",
 ]
 
 # Rows of a StepStats host array: the token_stats fields every step has.
@@ -38,6 +42,19 @@ class SavedLogits:
     logits: torch.Tensor
     index: torch.Tensor
     position: Mapping[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, logits: torch.Tensor, rows: list[int],
+             position: Mapping[int, int] | None = None) -> SavedLogits:
+        """Copy rows ``rows`` of the ``[B, V]`` ``logits`` (the step's only ``[b, V]``
+        allocation: the engine scales or masks the logits in place after the processor
+        returns, so a view would not keep the values the statistics were computed from).
+
+        The index is built on the host and copied without blocking:
+        ``torch.tensor(..., device="cuda")`` would be a synchronous copy.
+        """
+        idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return cls(logits.index_select(0, idx), idx, {} if position is None else position)
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,15 @@ class StepStats:
         self.chosen: dict[int, ChosenLogit] = {}
         if not defer:
             self.launch_copy()
+
+    @classmethod
+    def observe(cls, logits: torch.Tensor, temperature: float) -> StepStats:
+        """The statistics of a step's ``[B, V]`` logits at ``temperature``: one
+        :func:`~mllmcal.token_stats` call, its copy to the host not launched yet (the
+        caller copies the rows it keeps first, then calls :meth:`launch_copy`, so a ready
+        step also has its kept rows in place)."""
+        return cls(token_stats(logits, temperature=temperature), temperature=temperature,
+                   defer=True)
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         rows = self._rows
@@ -138,3 +164,34 @@ class StepStats:
                 self._lists = [r.tolist() for r in self._tensors()]
             self._rows = self._host = None
         return self._lists
+
+
+def nan_to_none(x: float | None) -> float | None:
+    """A record's value: NaN (a row without a defined value) becomes None (JSON null)."""
+    return None if (x is None or math.isnan(x)) else x
+
+
+def log_conf(conf: float) -> float | None:
+    """The argmax token's log-probability, ``log(confidence)`` (None for a zero)."""
+    return math.log(conf) if conf > 0 else None
+
+
+def token_logprob(token: int, pred: int, conf: float, lse: float, logit: float | None,
+                  temperature: float) -> float | None:
+    """The log-probability of ``token`` under a row's distribution at ``temperature``.
+
+    Args:
+        token: the token the row produced (negative: not known).
+        pred, conf, lse: the row's argmax, confidence and logsumexp (of ``logits / t``).
+        logit: the row's logit of ``token``, where a copy of the row was kept; None or
+            NaN where it was not.
+
+    Returns:
+        ``log(conf)`` for the argmax token, ``logit / t - lse`` for another token whose
+        logit was kept, else None (not known exactly).
+    """
+    if token >= 0 and token == pred:
+        return log_conf(conf)
+    if logit is not None and not math.isnan(logit):
+        return logit / temperature - lse
+    return None

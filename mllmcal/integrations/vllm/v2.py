@@ -13,11 +13,10 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from ...ops import token_stats
-from .common import ProcessorCore, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, scale_rows, writer_rank
 from .config import Config
 from .request import CommittedToken, Request
-from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats
+from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats, token_logprob
 from .tracker import Tracker
 
 __all__ = ["V2CalibratedLogitsProcessor", "V2Step", "V2Tracker"]
@@ -98,8 +97,7 @@ class V2Tracker(Tracker):
         if logits.shape[0] == 0 or len(slots_np) == 0:
             return logits
         t = self.temperature
-        s = token_stats(logits, temperature=t)
-        stats = StepStats(s, temperature=t, defer=True)
+        stats = StepStats.observe(logits, t)  # launched once the rows' tokens are gathered
         requests: dict[int, Request] = {}
         prompt_lens: dict[int, int] = {}
         prompt_len = self.req_states.prompt_len.np
@@ -124,8 +122,7 @@ class V2Tracker(Tracker):
             # the device only; keep the whole batch's logits for this step.
             saved_rows = list(range(logits.shape[0]))
         if saved_rows:
-            idx = torch.tensor(saved_rows, dtype=torch.long).to(logits.device, non_blocking=True)
-            stats.saved = SavedLogits(logits.index_select(0, idx), idx)
+            stats.saved = SavedLogits.take(logits, saved_rows)
         scaled = [j for j, slot in enumerate(slots_np.tolist())
                   if slot in requests and requests[slot].scale] if plain else []
         if scaled and t != 1.0:
@@ -191,13 +188,7 @@ class V2Tracker(Tracker):
                 if k < 0:
                     continue
                 conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
-                ch = v[_CHOSEN][r]
-                if tok == pred:
-                    lp = log_conf(conf)
-                elif not math.isnan(ch):
-                    lp = ch / t - lse
-                else:
-                    lp = None
+                lp = token_logprob(tok, pred, conf, lse, v[_CHOSEN][r], t)
                 req.entries.append(CommittedToken(k, tok, conf, ent, lp, stats))
 
     def _commit_ready(self, req: Request, final: bool) -> None:
@@ -230,11 +221,6 @@ class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
         if not self.active:
             return False
         return self.tracker.add_request(req_idx, sampling_params)
-
-    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        if not self.active:
-            return logits
-        return self.tracker.apply(logits, ctx)
 
     def apply_staged_writes(self) -> None:
         return None

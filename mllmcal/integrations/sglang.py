@@ -54,16 +54,10 @@ from typing import Any
 import torch
 
 from .vllm.config import env_flag
-from .vllm.metrics import (
-    count_record,
-    count_write_error,
-    metrics,
-    observe_token,
-    set_temperature,
-)
+from .vllm.metrics import count_record, count_write_error, metrics, set_temperature
 from .vllm.records import RecordWriter, request_record
-from .vllm.steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats, nan_to_none, token_logprob
-from .vllm.tracker import start_drain_thread
+from .vllm.steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats, token_logprob
+from .vllm.tracker import append_token, start_drain_thread
 
 try:
     from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor as _Base
@@ -274,10 +268,8 @@ class SGLangTracker:
             logit = float(kept[tok]) if kept is not None and tok != pred else None
             if k == 0:
                 st.temperature = stats.temperature
-            st.confidence.append(nan_to_none(conf))
-            st.entropy.append(nan_to_none(ent))
-            st.logprob.append(token_logprob(tok, pred, conf, lse, logit, stats.temperature))
-            observe_token(self._metrics, conf, ent)
+            append_token(st, conf, ent, token_logprob(tok, pred, conf, lse, logit,
+                                                      stats.temperature), self._metrics)
 
     def _write(self, st: _Request, tokens: list[int]) -> bool:
         """Write ``st``'s record; False (and kept for the next drain) if that failed."""

@@ -35,7 +35,7 @@ from .records import RecordWriter, request_record
 from .request import Request
 from .steps import StepStats, nan_to_none
 
-__all__ = ["Tracker", "live_trackers", "start_drain_thread"]
+__all__ = ["Tracker", "append_token", "live_trackers", "start_drain_thread"]
 
 _log = logging.getLogger("mllmcal")
 
@@ -57,6 +57,17 @@ def _flush_all_at_exit() -> None:
 
 
 atexit.register(_flush_all_at_exit)
+
+
+def append_token(req: Any, conf: float, ent: float, logprob: float | None,
+                 metrics: Any) -> None:
+    """Append one token's values to the record lists of ``req`` (``confidence``,
+    ``entropy``, ``logprob``; NaN as None) and count the token in ``metrics`` (the
+    :func:`.metrics.metrics` or None)."""
+    req.confidence.append(nan_to_none(conf))
+    req.entropy.append(nan_to_none(ent))
+    req.logprob.append(nan_to_none(logprob))
+    observe_token(metrics, conf, ent)
 
 
 def start_drain_thread(owner: Any, stop: threading.Event, interval: float, engine: str,
@@ -271,15 +282,12 @@ class Tracker:
                 req.logprob.append(None)
             if k < len(req.confidence):
                 return
-        req.confidence.append(nan_to_none(conf))
-        req.entropy.append(nan_to_none(ent))
-        req.logprob.append(nan_to_none(logprob))
+        append_token(req, conf, ent, logprob, self._metrics)
         if k == req.fb_position:
             req.temperature = temperature
             if req.keep_row:
                 req.fb_row = req.fb_rows.pop(id(step), None)
                 req.fb_rows.clear()
-        observe_token(self._metrics, conf, ent)
 
     def _finish(self, req: Request) -> None:
         self._active.discard(req)

@@ -144,12 +144,17 @@ class ProcessorCore:
             and no other instance is active in the engine. An inactive one does nothing.
         tracker: the runner's :class:`~.tracker.Tracker` (its drain thread starts here);
             None when inactive.
+        per_step: names of the runner's methods an active instance takes from its
+            tracker.
     """
 
     runner: str
     config: Config
     active: bool
     tracker: Tracker | None
+    # vLLM calls these every step (or every new request): bound straight to the tracker's,
+    # the engine thread pays no forwarding frame; the class's own serve an inactive one.
+    per_step: tuple[str, ...] = ()
 
     def _start(self, vllm_config: Any, make_tracker: Any) -> None:
         """Read the settings; if mllmcal was asked for and the engine has no active
@@ -161,6 +166,8 @@ class ProcessorCore:
         if not self.active:
             return
         tracker = self.tracker = make_tracker(self.config)
+        for name in self.per_step:
+            setattr(self, name, getattr(tracker, name))
         tracker.start()
         # Engine shutdown drops the processor: write whatever is still open then (and at
         # interpreter exit, for engines that are never garbage-collected).
@@ -171,10 +178,9 @@ class ProcessorCore:
         check_extra_args(sampling_params)
 
     def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
-        """The runner's ``apply`` (V2 also passes its ``LogitsContext``): the tracker
-        observes ``[B, V]`` ``logits``; an inactive instance returns them untouched."""
-        tracker = self.tracker
-        return logits if tracker is None else tracker.apply(logits, *ctx)
+        """The runner's ``apply`` of an inactive instance: ``[B, V]`` ``logits`` untouched
+        (an active one's is its tracker's, see :attr:`per_step`)."""
+        return logits
 
     def flush(self, *, end_active: bool = False) -> int:
         """Drain now (see :meth:`Tracker.flush`); returns the number of records written."""

@@ -300,6 +300,7 @@ class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
     """
 
     runner = "v1"
+    per_step = ("update_state", "apply")
 
     def __init__(self, vllm_config: Any, device: torch.device | str,
                  is_pin_memory: bool = False) -> None:
@@ -314,5 +315,4 @@ class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
         return not self.active
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if self.active:
-            self.tracker.update_state(batch_update)
+        """Inactive: nothing (an active instance's is its tracker's)."""

@@ -212,15 +212,15 @@ class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
     """
 
     runner = "v2"
+    per_step = ("add_request", "apply")
 
     def __init__(self, vllm_config: Any, req_states: Any) -> None:
         self._start(vllm_config, lambda cfg: V2Tracker(cfg, req_states, writer_rank()))
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        # Inactive: False, so that V2 never calls apply() on this instance's account.
-        if not self.active:
-            return False
-        return self.tracker.add_request(req_idx, sampling_params)
+        """Inactive: False, so that V2 never calls apply() on this instance's account (an
+        active instance's is its tracker's)."""
+        return False
 
     def apply_staged_writes(self) -> None:
         return None

@@ -19,7 +19,7 @@ from ...ops import TokenStats, token_stats
 
 __all__ = [
     "CONF", "ENT", "LSE", "PRED", "STEP_FIELDS", "ChosenLogit", "SavedLogits", "StepStats",
-    "log_conf", "nan_to_none", "token_logprob",
+    "nan_to_none", "token_logprob",
 ]
 
 # Rows of a StepStats host array: the token_stats fields every step has.
@@ -46,13 +46,9 @@ class SavedLogits:
     @classmethod
     def take(cls, logits: torch.Tensor, rows: list[int],
              position: Mapping[int, int] | None = None) -> SavedLogits:
-        """Copy rows ``rows`` of the ``[B, V]`` ``logits`` (the step's only ``[b, V]``
-        allocation: the engine scales or masks the logits in place after the processor
-        returns, so a view would not keep the values the statistics were computed from).
-
-        The index is built on the host and copied without blocking:
-        ``torch.tensor(..., device="cuda")`` would be a synchronous copy.
-        """
+        """Copy ``rows`` of the ``[B, V]`` ``logits`` (the engine changes them in place
+        after the processor returns). The index is copied to the device without blocking
+        (``torch.tensor(..., device="cuda")`` would be a synchronous copy)."""
         idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
         return cls(logits.index_select(0, idx), idx, {} if position is None else position)
 
@@ -99,10 +95,9 @@ class StepStats:
 
     @classmethod
     def observe(cls, logits: torch.Tensor, temperature: float) -> StepStats:
-        """The statistics of a step's ``[B, V]`` logits at ``temperature``: one
-        :func:`~mllmcal.token_stats` call, its copy to the host not launched yet (the
-        caller copies the rows it keeps first, then calls :meth:`launch_copy`, so a ready
-        step also has its kept rows in place)."""
+        """:func:`~mllmcal.token_stats` of a step's ``[B, V]`` logits, the host copy not
+        launched: the caller keeps its rows first, then :meth:`launch_copy`, so a ready
+        step has its kept rows in place."""
         return cls(token_stats(logits, temperature=temperature), temperature=temperature,
                    defer=True)
 
@@ -171,27 +166,14 @@ def nan_to_none(x: float | None) -> float | None:
     return None if (x is None or math.isnan(x)) else x
 
 
-def log_conf(conf: float) -> float | None:
-    """The argmax token's log-probability, ``log(confidence)`` (None for a zero)."""
-    return math.log(conf) if conf > 0 else None
-
-
 def token_logprob(token: int, pred: int, conf: float, lse: float, logit: float | None,
                   temperature: float) -> float | None:
-    """The log-probability of ``token`` under a row's distribution at ``temperature``.
-
-    Args:
-        token: the token the row produced (negative: not known).
-        pred, conf, lse: the row's argmax, confidence and logsumexp (of ``logits / t``).
-        logit: the row's logit of ``token``, where a copy of the row was kept; None or
-            NaN where it was not.
-
-    Returns:
-        ``log(conf)`` for the argmax token, ``logit / t - lse`` for another token whose
-        logit was kept, else None (not known exactly).
-    """
+    """The log-probability of ``token`` (negative: not known) under a row with argmax
+    ``pred``, confidence ``conf`` and logsumexp ``lse`` of ``logits / temperature``:
+    ``log(conf)`` for the argmax, ``logit / temperature - lse`` for another token whose
+    ``logit`` was kept (None or NaN: not kept), else None (not known exactly)."""
     if token >= 0 and token == pred:
-        return log_conf(conf)
+        return math.log(conf) if conf > 0 else None
     if logit is not None and not math.isnan(logit):
         return logit / temperature - lse
     return None

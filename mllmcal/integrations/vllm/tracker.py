@@ -61,9 +61,8 @@ atexit.register(_flush_all_at_exit)
 
 def append_token(req: Any, conf: float, ent: float, logprob: float | None,
                  metrics: Any) -> None:
-    """Append one token's values to the record lists of ``req`` (``confidence``,
-    ``entropy``, ``logprob``; NaN as None) and count the token in ``metrics`` (the
-    :func:`.metrics.metrics` or None)."""
+    """Append one token's values to ``req``'s record lists (NaN as None) and count it in
+    ``metrics`` (:func:`.metrics.metrics`, or None)."""
     req.confidence.append(nan_to_none(conf))
     req.entropy.append(nan_to_none(ent))
     req.logprob.append(nan_to_none(logprob))
@@ -72,17 +71,10 @@ def append_token(req: Any, conf: float, ent: float, logprob: float | None,
 
 def start_drain_thread(owner: Any, stop: threading.Event, interval: float, engine: str,
                        hurry: Callable[[Any], bool] | None = None) -> threading.Thread:
-    """Start the daemon thread that calls ``owner.drain()`` every ``interval`` seconds.
-
-    It stops when ``stop`` is set or ``owner`` is garbage-collected (it holds only a weak
-    reference, so an engine that drops its processor frees the tracker). A failing drain
-    is logged and retried at the next tick: serving goes on. Where ``hurry(owner)`` is true
-    after a drain (someone waits for the values of running requests), the next one comes
-    after at most :data:`_KEYED_INTERVAL` seconds.
-
-    Args:
-        engine: the serving engine's name, for the thread's name and the log.
-    """
+    """Start the daemon thread that calls ``owner.drain()`` every ``interval`` seconds
+    (sooner, :data:`_KEYED_INTERVAL`, while ``hurry(owner)``: someone waits for values)
+    until ``stop`` is set or ``owner`` is garbage-collected (it holds a weak reference).
+    A failing drain is logged, naming ``engine``, and retried at the next tick."""
     ref = weakref.ref(owner)
 
     def loop() -> None:

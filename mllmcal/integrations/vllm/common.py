@@ -135,7 +135,9 @@ def scale_rows(logits: torch.Tensor, rows: list[int], t: float) -> None:
 
 class ProcessorCore:
     """The runner-independent part of a processor class: its :class:`~.config.Config`, its
-    tracker, and the hooks vLLM calls on the class.
+    tracker, and the hooks vLLM calls on the class. A processor observes (the logits it
+    returns are the ones it got), except for requests that ask it to apply the calibration
+    temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
 
     Attributes:
         runner: ``"v1"`` or ``"v2"``, the model-runner interface the class implements.

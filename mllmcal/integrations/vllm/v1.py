@@ -293,11 +293,7 @@ class V1Tracker(Tracker):
 
 class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
     """mllmcal's processor for the V1 model runner, built by vLLM as
-    ``(vllm_config, device, is_pin_memory)``.
-
-    It observes (the logits it returns are the ones it got), except for requests that ask
-    it to apply the calibration temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
-    """
+    ``(vllm_config, device, is_pin_memory)`` (the rest: :class:`~.common.ProcessorCore`)."""
 
     runner = "v1"
     per_step = ("update_state", "apply")

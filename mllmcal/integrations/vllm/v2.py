@@ -205,11 +205,7 @@ class V2Tracker(Tracker):
 
 class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
     """mllmcal's processor for Model Runner V2, built by vLLM as
-    ``(vllm_config, req_states)``.
-
-    It observes (the logits it returns are the ones it got), except for requests that ask
-    it to apply the calibration temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
-    """
+    ``(vllm_config, req_states)`` (the rest: :class:`~.common.ProcessorCore`)."""
 
     runner = "v2"
     per_step = ("add_request", "apply")

@@ -12,11 +12,20 @@ import torch
 
 import mllmcal
 from mllmcal.integrations.vllm import feedback
+from mllmcal.integrations.vllm.common import requested
 from mllmcal.integrations.vllm.config import Config
 from mllmcal.integrations.vllm.feedback_scorer import parse_feedback
 from mllmcal.integrations.vllm.request import Request
-from mllmcal.integrations.vllm.steps import CONF, ENT, LSE, PRED, StepStats
-from mllmcal.integrations.vllm.tracker import Tracker
+from mllmcal.integrations.vllm.steps import (
+    CONF,
+    ENT,
+    LSE,
+    PRED,
+    SavedLogits,
+    StepStats,
+    token_logprob,
+)
+from mllmcal.integrations.vllm.tracker import Tracker, start_drain_thread
 
 
 class ManualTracker(Tracker):
@@ -316,3 +325,69 @@ def test_step_stats_of_a_token_stats_reads_its_rows_when_asked(backend):
     more.append_rows((torch.tensor([7, 8, 9]),))
     more.launch_copy()
     assert more.values()[4] == [7, 8, 9] and more.values()[PRED] == want[PRED]
+
+
+def test_step_helpers_against_log_softmax():
+    """StepStats.observe, SavedLogits.take and token_logprob, the per-step pieces the V1,
+    V2 and SGLang processors share, against float64 log_softmax."""
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(5)) * 4
+    x[2] = float("-inf")  # an invalid row: NaN statistics, prediction -1
+    t = 1.7
+    step = StepStats.observe(x, t)
+    saved = SavedLogits.take(x, [3, 0], {3: 0, 0: 1})
+    x.mul_(0.0)  # the engine scales the logits in place after the processor returns
+    step.launch_copy()
+    v = step.values()
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(5)) * 4
+    assert torch.equal(saved.logits, x[[3, 0]]) and saved.index.tolist() == [3, 0]
+    assert saved.position == {3: 0, 0: 1} and SavedLogits.take(x, [1]).position == {}
+    logp = torch.log_softmax(x.double() / t, -1)
+    for r in (0, 1, 3):
+        conf, lse, pred = v[CONF][r], v[LSE][r], v[PRED][r]
+        other = (pred + 1) % 40
+        got = token_logprob(pred, pred, conf, lse, None, t)
+        assert abs(got - float(logp[r, pred])) < 1e-5
+        got = token_logprob(other, pred, conf, lse, float(x[r, other]), t)
+        assert abs(got - float(logp[r, other])) < 1e-5
+        assert token_logprob(other, pred, conf, lse, None, t) is None
+        assert token_logprob(other, pred, conf, lse, math.nan, t) is None
+    assert v[PRED][2] == -1 and token_logprob(-1, -1, v[CONF][2], v[LSE][2], None, t) is None
+    assert token_logprob(5, 5, 0.0, 0.0, None, t) is None  # confidence 0: no log
+
+
+@pytest.mark.parametrize("value, want", [("1", True), (" Yes", True), ("on", True),
+                                         ("0", False), ("FALSE", False), ("off", False),
+                                         ("", "config"), ("maybe", ValueError)])
+def test_mllmcal_vllm_flag(monkeypatch, value, want):
+    monkeypatch.setenv("MLLMCAL_VLLM", value)
+    cfg = SimpleNamespace(additional_config={"mllmcal": {}})
+    if want is ValueError:
+        with pytest.raises(ValueError, match="MLLMCAL_VLLM must be"):
+            requested(cfg)
+    elif want == "config":  # blank: what the engine's config says
+        assert requested(cfg) and not requested(SimpleNamespace())
+    else:
+        assert requested(cfg) is want and requested(SimpleNamespace()) is want
+
+
+def test_drain_thread_drains_survives_errors_and_stops():
+    import threading
+
+    class Owner:
+        def __init__(self) -> None:
+            self.n, self.done = 0, threading.Event()
+
+        def drain(self) -> None:
+            self.n += 1
+            if self.n == 1:
+                raise RuntimeError("a failing drain is logged and retried")
+            if self.n == 3:
+                self.done.set()
+
+    owner, stop = Owner(), threading.Event()
+    thread = start_drain_thread(owner, stop, 0.01, "Test")
+    assert thread.daemon and thread.name == "mllmcal-test-drain"
+    assert owner.done.wait(10)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()

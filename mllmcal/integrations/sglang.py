@@ -49,21 +49,15 @@ import logging
 import math
 import os
 import threading
-import weakref
 from typing import Any
 
 import torch
 
-from ..ops import token_stats
-from .vllm.metrics import (
-    count_record,
-    count_write_error,
-    metrics,
-    observe_token,
-    set_temperature,
-)
+from .vllm.config import env_flag
+from .vllm.metrics import count_record, count_write_error, metrics, set_temperature
 from .vllm.records import RecordWriter, request_record
-from .vllm.steps import CONF, ENT, LSE, PRED, StepStats
+from .vllm.steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats, token_logprob
+from .vllm.tracker import append_token, start_drain_thread
 
 try:
     from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor as _Base
@@ -160,8 +154,7 @@ class SGLangTracker:
         self.temperature = t
         self.flush_interval = _env_float("MLLMCAL_SGLANG_FLUSH_INTERVAL", 0.5)
         writer = _writer_rank()
-        use_metrics = os.environ.get("MLLMCAL_SGLANG_METRICS", "1").strip().lower() not in (
-            "0", "false", "no", "off")
+        use_metrics = env_flag("MLLMCAL_SGLANG_METRICS", True)
         self._metrics = metrics() if (writer and use_metrics) else None
         m = self._metrics
         self.records = RecordWriter((os.environ.get("MLLMCAL_SGLANG_RECORDS") or None)
@@ -173,20 +166,7 @@ class SGLangTracker:
         self._warned: set[str] = set()
         self._stop = threading.Event()
         set_temperature(self._metrics, t)
-        ref = weakref.ref(self)
-
-        def loop() -> None:
-            while not self._stop.wait(self.flush_interval):
-                tr = ref()
-                if tr is None:
-                    return
-                try:
-                    tr.drain()
-                except Exception:  # keep serving; the next drain retries
-                    _log.exception("mllmcal: draining SGLang statistics failed")
-                del tr
-
-        threading.Thread(target=loop, name="mllmcal-sglang-drain", daemon=True).start()
+        start_drain_thread(self, self._stop, self.flush_interval, "SGLang")
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -202,10 +182,7 @@ class SGLangTracker:
             self._warn_once("spec", "mllmcal: several rows per request (speculative "
                             "decoding) are not supported; statistics are skipped")
             return
-        t = self.temperature
-        s = token_stats(logits, temperature=t)
-        stats = StepStats((s.confidence, s.entropy, s.logsumexp, s.prediction),
-                          temperature=t, defer=True)
+        stats = StepStats.observe(logits, self.temperature)
         rows: list[tuple[_Request, int]] = []
         with self._lock:
             for i, p in enumerate(params):
@@ -228,7 +205,7 @@ class SGLangTracker:
         if kept:
             # SGLang hands the processor a copy of the rows, but the chosen token is only
             # known a step or two later: keep the opted-in rows, nothing else.
-            sel = logits[torch.tensor(kept, dtype=torch.long, device=logits.device)]
+            sel = SavedLogits.take(logits, kept).logits
             saved = {r: sel[j] for j, r in enumerate(kept)}
         stats.launch_copy()
         for st, i in rows:
@@ -287,18 +264,12 @@ class SGLangTracker:
             v = stats.values()
             conf, ent, lse, pred = v[CONF][row], v[ENT][row], v[LSE][row], int(v[PRED][row])
             tok = tokens[k]
-            if tok == pred:
-                lp = math.log(conf) if conf > 0 else None
-            elif kept is not None:
-                lp = float(kept[tok]) / stats.temperature - lse
-            else:
-                lp = None
+            # The kept row is read (a device sync) only for a token that is not the argmax.
+            logit = float(kept[tok]) if kept is not None and tok != pred else None
             if k == 0:
                 st.temperature = stats.temperature
-            st.confidence.append(None if math.isnan(conf) else conf)
-            st.entropy.append(None if math.isnan(ent) else ent)
-            st.logprob.append(lp)
-            observe_token(self._metrics, conf, ent)
+            append_token(st, conf, ent, token_logprob(tok, pred, conf, lse, logit,
+                                                      stats.temperature), self._metrics)
 
     def _write(self, st: _Request, tokens: list[int]) -> bool:
         """Write ``st``'s record; False (and kept for the next drain) if that failed."""

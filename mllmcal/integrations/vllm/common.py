@@ -4,19 +4,17 @@ request validation, and the tracker's start and shutdown."""
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import weakref
 from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, env_flag
 from .token_logits import check_logits_args
 from .tracker import Tracker
 
-__all__ = ["ProcessorCore", "config_of", "log_conf", "scale_rows", "check_extra_args",
+__all__ = ["ProcessorCore", "config_of", "scale_rows", "check_extra_args",
            "requested", "writer_rank"]
 
 _log = logging.getLogger("mllmcal")
@@ -48,13 +46,9 @@ def requested(vllm_config: Any) -> bool:
     ``logits_processors`` (``LLM(logits_processors=[...])``, ``--logits-processors``).
     ``MLLMCAL_VLLM=0`` turns it off whatever else says (as ``MLLMCAL_VLLM_DISABLE=1``).
     """
-    env = os.environ.get("MLLMCAL_VLLM", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    if env:
-        raise ValueError(f"MLLMCAL_VLLM must be 0/1/true/false, got {os.environ['MLLMCAL_VLLM']!r}")
+    env = env_flag("MLLMCAL_VLLM", None)
+    if env is not None:
+        return env
     extra = getattr(vllm_config, "additional_config", None)
     if isinstance(extra, dict) and "mllmcal" in extra:
         return True
@@ -139,14 +133,11 @@ def scale_rows(logits: torch.Tensor, rows: list[int], t: float) -> None:
             logits[r].div_(t)
 
 
-def log_conf(conf: float) -> float | None:
-    """The argmax token's log-probability, ``log(confidence)`` (None for a zero)."""
-    return math.log(conf) if conf > 0 else None
-
-
 class ProcessorCore:
     """The runner-independent part of a processor class: its :class:`~.config.Config`, its
-    tracker, and the hooks vLLM calls on the class.
+    tracker, and the hooks vLLM calls on the class. A processor observes (the logits it
+    returns are the ones it got), except for requests that ask it to apply the calibration
+    temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
 
     Attributes:
         runner: ``"v1"`` or ``"v2"``, the model-runner interface the class implements.
@@ -155,12 +146,17 @@ class ProcessorCore:
             and no other instance is active in the engine. An inactive one does nothing.
         tracker: the runner's :class:`~.tracker.Tracker` (its drain thread starts here);
             None when inactive.
+        per_step: names of the runner's methods an active instance takes from its
+            tracker.
     """
 
     runner: str
     config: Config
     active: bool
     tracker: Tracker | None
+    # vLLM calls these every step (or every new request): bound straight to the tracker's,
+    # the engine thread pays no forwarding frame; the class's own serve an inactive one.
+    per_step: tuple[str, ...] = ()
 
     def _start(self, vllm_config: Any, make_tracker: Any) -> None:
         """Read the settings; if mllmcal was asked for and the engine has no active
@@ -172,6 +168,8 @@ class ProcessorCore:
         if not self.active:
             return
         tracker = self.tracker = make_tracker(self.config)
+        for name in self.per_step:
+            setattr(self, name, getattr(tracker, name))
         tracker.start()
         # Engine shutdown drops the processor: write whatever is still open then (and at
         # interpreter exit, for engines that are never garbage-collected).
@@ -180,6 +178,11 @@ class ProcessorCore:
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
         check_extra_args(sampling_params)
+
+    def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
+        """The runner's ``apply`` of an inactive instance: ``[B, V]`` ``logits`` untouched
+        (an active one's is its tracker's, see :attr:`per_step`)."""
+        return logits
 
     def flush(self, *, end_active: bool = False) -> int:
         """Drain now (see :meth:`Tracker.flush`); returns the number of records written."""

@@ -9,10 +9,12 @@ from typing import Any
 
 from ...ops import check_scalar_temperature
 
-__all__ = ["Config"]
+__all__ = ["Config", "env_flag"]
 
 
-def _env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool | None) -> bool | None:
+    """The on/off environment variable ``name`` (``1/true/yes/on``, ``0/false/no/off``,
+    any case); ``default`` where it is unset or blank. Anything else raises ValueError."""
     v = os.environ.get(name)
     if v is None or v.strip() == "":
         return default
@@ -51,14 +53,14 @@ class Config:
         cfg = cls(
             records=env.get("MLLMCAL_VLLM_RECORDS") or None,
             temperature=float(env.get("MLLMCAL_VLLM_TEMPERATURE", "1.0")),
-            online_temperature=_env_flag("MLLMCAL_VLLM_ONLINE_TEMPERATURE", False),
+            online_temperature=env_flag("MLLMCAL_VLLM_ONLINE_TEMPERATURE", False),
             feedback=env.get("MLLMCAL_VLLM_FEEDBACK") or None,
             n_bins=int(env.get("MLLMCAL_VLLM_N_BINS", "15")),
-            metrics=_env_flag("MLLMCAL_VLLM_METRICS", True),
+            metrics=env_flag("MLLMCAL_VLLM_METRICS", True),
             flush_interval=float(env.get("MLLMCAL_VLLM_FLUSH_INTERVAL", "0.5")),
-            enabled=not _env_flag("MLLMCAL_VLLM_DISABLE", False),
+            enabled=not env_flag("MLLMCAL_VLLM_DISABLE", False),
             detach_timeout=float(env.get("MLLMCAL_VLLM_DETACH_TIMEOUT", "60")),
-            apply_temperature=_env_flag("MLLMCAL_VLLM_APPLY_TEMPERATURE", False),
+            apply_temperature=env_flag("MLLMCAL_VLLM_APPLY_TEMPERATURE", False),
         )
         if overrides:
             unknown = set(overrides) - set(cls.__dataclass_fields__)

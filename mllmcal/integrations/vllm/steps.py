@@ -2,20 +2,24 @@
 
 :class:`StepStats` holds the statistics of one step's rows and reads them back to the host
 without blocking; :class:`SavedLogits` and :class:`ChosenLogit` are the typed carriers of
-the opted-in rows whose chosen token's logit is read once the token is known.
+the opted-in rows whose chosen token's logit is read once the token is known;
+:func:`token_logprob` turns a row's values into its token's log-probability. Shared by the
+vLLM runners and the SGLang integration.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from ...ops import TokenStats
+from ...ops import TokenStats, token_stats
 
 __all__ = [
     "CONF", "ENT", "LSE", "PRED", "STEP_FIELDS", "ChosenLogit", "SavedLogits", "StepStats",
+    "nan_to_none", "token_logprob",
 ]
 
 # Rows of a StepStats host array: the token_stats fields every step has.
@@ -38,6 +42,15 @@ class SavedLogits:
     logits: torch.Tensor
     index: torch.Tensor
     position: Mapping[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, logits: torch.Tensor, rows: list[int],
+             position: Mapping[int, int] | None = None) -> SavedLogits:
+        """Copy ``rows`` of the ``[B, V]`` ``logits`` (the engine changes them in place
+        after the processor returns). The index is copied to the device without blocking
+        (``torch.tensor(..., device="cuda")`` would be a synchronous copy)."""
+        idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return cls(logits.index_select(0, idx), idx, {} if position is None else position)
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,14 @@ class StepStats:
         self.chosen: dict[int, ChosenLogit] = {}
         if not defer:
             self.launch_copy()
+
+    @classmethod
+    def observe(cls, logits: torch.Tensor, temperature: float) -> StepStats:
+        """:func:`~mllmcal.token_stats` of a step's ``[B, V]`` logits, the host copy not
+        launched: the caller keeps its rows first, then :meth:`launch_copy`, so a ready
+        step has its kept rows in place."""
+        return cls(token_stats(logits, temperature=temperature), temperature=temperature,
+                   defer=True)
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         rows = self._rows
@@ -138,3 +159,21 @@ class StepStats:
                 self._lists = [r.tolist() for r in self._tensors()]
             self._rows = self._host = None
         return self._lists
+
+
+def nan_to_none(x: float | None) -> float | None:
+    """A record's value: NaN (a row without a defined value) becomes None (JSON null)."""
+    return None if (x is None or math.isnan(x)) else x
+
+
+def token_logprob(token: int, pred: int, conf: float, lse: float, logit: float | None,
+                  temperature: float) -> float | None:
+    """The log-probability of ``token`` (negative: not known) under a row with argmax
+    ``pred``, confidence ``conf`` and logsumexp ``lse`` of ``logits / temperature``:
+    ``log(conf)`` for the argmax, ``logit / temperature - lse`` for another token whose
+    ``logit`` was kept (None or NaN: not kept), else None (not known exactly)."""
+    if token >= 0 and token == pred:
+        return math.log(conf) if conf > 0 else None
+    if logit is not None and not math.isnan(logit):
+        return logit / temperature - lse
+    return None

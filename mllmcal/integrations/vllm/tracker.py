@@ -21,10 +21,10 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import math
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .channel import Publisher
@@ -33,9 +33,9 @@ from .feedback_scorer import AwaitingAnswer, FeedbackScorer
 from .metrics import count_record, count_write_error, metrics, observe_token, set_temperature
 from .records import RecordWriter, request_record
 from .request import Request
-from .steps import StepStats
+from .steps import StepStats, nan_to_none
 
-__all__ = ["Tracker", "live_trackers"]
+__all__ = ["Tracker", "append_token", "live_trackers", "start_drain_thread"]
 
 _log = logging.getLogger("mllmcal")
 
@@ -59,8 +59,40 @@ def _flush_all_at_exit() -> None:
 atexit.register(_flush_all_at_exit)
 
 
-def _num(x: float | None) -> float | None:
-    return None if (x is None or math.isnan(x)) else x
+def append_token(req: Any, conf: float, ent: float, logprob: float | None,
+                 metrics: Any) -> None:
+    """Append one token's values to ``req``'s record lists (NaN as None) and count it in
+    ``metrics`` (:func:`.metrics.metrics`, or None)."""
+    req.confidence.append(nan_to_none(conf))
+    req.entropy.append(nan_to_none(ent))
+    req.logprob.append(nan_to_none(logprob))
+    observe_token(metrics, conf, ent)
+
+
+def start_drain_thread(owner: Any, stop: threading.Event, interval: float, engine: str,
+                       hurry: Callable[[Any], bool] | None = None) -> threading.Thread:
+    """Start the daemon thread that calls ``owner.drain()`` every ``interval`` seconds
+    (sooner, :data:`_KEYED_INTERVAL`, while ``hurry(owner)``: someone waits for values)
+    until ``stop`` is set or ``owner`` is garbage-collected (it holds a weak reference).
+    A failing drain is logged, naming ``engine``, and retried at the next tick."""
+    ref = weakref.ref(owner)
+
+    def loop() -> None:
+        wait = interval
+        while not stop.wait(wait):
+            t = ref()
+            if t is None:
+                return
+            try:
+                t.drain()
+            except Exception:  # keep serving; the next drain retries
+                _log.exception("mllmcal: draining %s statistics failed", engine)
+            wait = min(interval, _KEYED_INTERVAL) if hurry is not None and hurry(t) else interval
+            del t
+
+    thread = threading.Thread(target=loop, name=f"mllmcal-{engine.lower()}-drain", daemon=True)
+    thread.start()
+    return thread
 
 
 class Tracker:
@@ -111,25 +143,9 @@ class Tracker:
     def start(self) -> None:
         """Start the drain thread (idempotent)."""
         if self._thread is None and not self._closed:
-            ref = weakref.ref(self)
-            stop, interval = self._stop, self.config.flush_interval
-
-            def loop() -> None:
-                wait = interval
-                while not stop.wait(wait):
-                    t = ref()
-                    if t is None:
-                        return
-                    try:
-                        t.drain()
-                    except Exception:  # keep serving; the next drain retries
-                        _log.exception("mllmcal: draining vLLM statistics failed")
-                    # Someone waits for the values of running requests: drain more often.
-                    wait = min(interval, _KEYED_INTERVAL) if t._keyed else interval
-                    del t
-
-            self._thread = threading.Thread(target=loop, name="mllmcal-vllm-drain", daemon=True)
-            self._thread.start()
+            self._thread = start_drain_thread(
+                self, self._stop, self.config.flush_interval, "vLLM",
+                hurry=lambda t: bool(t._keyed))
 
     def close(self) -> None:
         """Write the records of every request still open, then stop the drain thread."""
@@ -258,15 +274,12 @@ class Tracker:
                 req.logprob.append(None)
             if k < len(req.confidence):
                 return
-        req.confidence.append(_num(conf))
-        req.entropy.append(_num(ent))
-        req.logprob.append(_num(logprob))
+        append_token(req, conf, ent, logprob, self._metrics)
         if k == req.fb_position:
             req.temperature = temperature
             if req.keep_row:
                 req.fb_row = req.fb_rows.pop(id(step), None)
                 req.fb_rows.clear()
-        observe_token(self._metrics, conf, ent)
 
     def _finish(self, req: Request) -> None:
         self._active.discard(req)

@@ -11,11 +11,10 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
-from ...ops import token_stats
-from .common import ProcessorCore, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, scale_rows, writer_rank
 from .config import Config
 from .request import Request, TokenRow
-from .steps import CONF, ENT, LSE, PRED, ChosenLogit, SavedLogits, StepStats
+from .steps import CONF, ENT, LSE, PRED, ChosenLogit, SavedLogits, StepStats, token_logprob
 from .token_logits import keep_token_logits
 from .tracker import Tracker
 
@@ -96,13 +95,22 @@ class V1Tracker(Tracker):
                     self._vacate(b)
                     rows[b], rows[a] = rows[a], None
             del rows[batch_update.batch_size:]
-            self._saved_rows = [r for r, q in enumerate(rows) if q is not None and q.needs_rows]
-            self._fb_rows = [r for r, q in enumerate(rows) if q is not None and q.keep_row]
-            self._scaled_rows = [r for r, q in enumerate(rows) if q is not None and q.scale]
-            self._logit_rows = [r for r, q in enumerate(rows)
-                                if q is not None and q.token_logits is not None]
-            self._stop_rows = [r for r, q in enumerate(rows)
-                               if q is not None and q.stop_below is not None]
+            saved, fb, scaled, logit, stop = [], [], [], [], []
+            for r, q in enumerate(rows):
+                if q is None:
+                    continue
+                if q.needs_rows:
+                    saved.append(r)
+                if q.keep_row:
+                    fb.append(r)
+                if q.scale:
+                    scaled.append(r)
+                if q.token_logits is not None:
+                    logit.append(r)
+                if q.stop_below is not None:
+                    stop.append(r)
+            self._saved_rows, self._fb_rows, self._scaled_rows = saved, fb, scaled
+            self._logit_rows, self._stop_rows = logit, stop
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None
@@ -117,21 +125,15 @@ class V1Tracker(Tracker):
         if n == 0:
             return logits
         t = self.temperature
-        s = token_stats(logits, temperature=t)
-        # defer: on a GPU the copy's event is recorded after the opted-in rows are copied
-        # below, so a ready step also has its saved rows in place (read by the drain thread).
-        stats = StepStats(s, temperature=t, defer=True)
+        stats = StepStats.observe(logits, t)  # launched below, after the kept copies
         reqs = self.rows[:n]
         step = V1Step(stats, reqs, [len(q.tokens) if q is not None else -1 for q in reqs])
         if self._saved_rows:
-            # The only [b, V] allocation, for opted-in sampled requests: vLLM scales these
-            # logits by the sampling temperature in place after this returns, so a
-            # reference would not keep the values the statistics were computed from.
+            # Opted-in sampled requests: vLLM scales these logits by the sampling
+            # temperature in place after this returns, so keep a copy.
             sel = [r for r in self._saved_rows if r < n]
             if sel:
-                idx = torch.tensor(sel, dtype=torch.long).to(logits.device, non_blocking=True)
-                stats.saved = SavedLogits(logits.index_select(0, idx), idx,
-                                          {r: j for j, r in enumerate(sel)})
+                stats.saved = SavedLogits.take(logits, sel, {r: j for j, r in enumerate(sel)})
                 with self._lock:
                     self._saved_steps.append(step)
         for r in self._fb_rows:
@@ -283,25 +285,18 @@ class V1Tracker(Tracker):
                 elif not final:
                     return
             t = stats.temperature
-            if tok >= 0 and tok == pred:
-                lp = log_conf(conf)
-            elif chosen is not None:
-                lp = chosen.values.values()[0][chosen.index] / t - lse
-            else:
-                lp = None
-            self._commit(req, k, conf, ent, lp, stats, t)
+            logit = chosen.values.values()[0][chosen.index] if chosen is not None else None
+            self._commit(req, k, conf, ent, token_logprob(tok, pred, conf, lse, logit, t),
+                         stats, t)
             entries.popleft()
 
 
 class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
     """mllmcal's processor for the V1 model runner, built by vLLM as
-    ``(vllm_config, device, is_pin_memory)``.
-
-    It observes (the logits it returns are the ones it got), except for requests that ask
-    it to apply the calibration temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
-    """
+    ``(vllm_config, device, is_pin_memory)`` (the rest: :class:`~.common.ProcessorCore`)."""
 
     runner = "v1"
+    per_step = ("update_state", "apply")
 
     def __init__(self, vllm_config: Any, device: torch.device | str,
                  is_pin_memory: bool = False) -> None:
@@ -316,10 +311,4 @@ class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
         return not self.active
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if self.active:
-            self.tracker.update_state(batch_update)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return logits
-        return self.tracker.apply(logits)
+        """Inactive: nothing (an active instance's is its tracker's)."""

@@ -13,11 +13,10 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from ...ops import token_stats
-from .common import ProcessorCore, log_conf, scale_rows, writer_rank
+from .common import ProcessorCore, scale_rows, writer_rank
 from .config import Config
 from .request import CommittedToken, Request
-from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats
+from .steps import CONF, ENT, LSE, PRED, SavedLogits, StepStats, token_logprob
 from .tracker import Tracker
 
 __all__ = ["V2CalibratedLogitsProcessor", "V2Step", "V2Tracker"]
@@ -98,8 +97,7 @@ class V2Tracker(Tracker):
         if logits.shape[0] == 0 or len(slots_np) == 0:
             return logits
         t = self.temperature
-        s = token_stats(logits, temperature=t)
-        stats = StepStats(s, temperature=t, defer=True)
+        stats = StepStats.observe(logits, t)  # launched once the rows' tokens are gathered
         requests: dict[int, Request] = {}
         prompt_lens: dict[int, int] = {}
         prompt_len = self.req_states.prompt_len.np
@@ -124,8 +122,7 @@ class V2Tracker(Tracker):
             # the device only; keep the whole batch's logits for this step.
             saved_rows = list(range(logits.shape[0]))
         if saved_rows:
-            idx = torch.tensor(saved_rows, dtype=torch.long).to(logits.device, non_blocking=True)
-            stats.saved = SavedLogits(logits.index_select(0, idx), idx)
+            stats.saved = SavedLogits.take(logits, saved_rows)
         scaled = [j for j, slot in enumerate(slots_np.tolist())
                   if slot in requests and requests[slot].scale] if plain else []
         if scaled and t != 1.0:
@@ -191,13 +188,7 @@ class V2Tracker(Tracker):
                 if k < 0:
                     continue
                 conf, ent, lse, pred = v[CONF][r], v[ENT][r], v[LSE][r], v[PRED][r]
-                ch = v[_CHOSEN][r]
-                if tok == pred:
-                    lp = log_conf(conf)
-                elif not math.isnan(ch):
-                    lp = ch / t - lse
-                else:
-                    lp = None
+                lp = token_logprob(tok, pred, conf, lse, v[_CHOSEN][r], t)
                 req.entries.append(CommittedToken(k, tok, conf, ent, lp, stats))
 
     def _commit_ready(self, req: Request, final: bool) -> None:
@@ -214,27 +205,18 @@ class V2Tracker(Tracker):
 
 class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
     """mllmcal's processor for Model Runner V2, built by vLLM as
-    ``(vllm_config, req_states)``.
-
-    It observes (the logits it returns are the ones it got), except for requests that ask
-    it to apply the calibration temperature to sampling. See :mod:`mllmcal.integrations.vllm`.
-    """
+    ``(vllm_config, req_states)`` (the rest: :class:`~.common.ProcessorCore`)."""
 
     runner = "v2"
+    per_step = ("add_request", "apply")
 
     def __init__(self, vllm_config: Any, req_states: Any) -> None:
         self._start(vllm_config, lambda cfg: V2Tracker(cfg, req_states, writer_rank()))
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        # Inactive: False, so that V2 never calls apply() on this instance's account.
-        if not self.active:
-            return False
-        return self.tracker.add_request(req_idx, sampling_params)
-
-    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        if not self.active:
-            return logits
-        return self.tracker.apply(logits, ctx)
+        """Inactive: False, so that V2 never calls apply() on this instance's account (an
+        active instance's is its tracker's)."""
+        return False
 
     def apply_staged_writes(self) -> None:
         return None

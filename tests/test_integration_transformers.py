@@ -821,9 +821,10 @@ class _CollectingState:
     label_logprob: list = dataclasses.field(default_factory=list)
     widths: list = dataclasses.field(default_factory=list)
 
-    def update_logits(self, logits, labels, temperature=1.0):
+    def update_logits(self, logits, labels, temperature=1.0, ignore_index=-100):
         self.widths.append(logits.shape[1])
-        s = mllmcal.token_stats(logits, labels=labels, temperature=temperature)
+        s = mllmcal.token_stats(logits, labels=labels, temperature=temperature,
+                                ignore_index=ignore_index)
         self.label_logprob.append(s.label_logprob)
 
 

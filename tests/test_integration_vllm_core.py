@@ -391,3 +391,48 @@ def test_drain_thread_drains_survives_errors_and_stops():
     stop.set()
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_an_active_processor_calls_its_tracker_directly_and_a_subclass_still_runs(monkeypatch):
+    # An active instance binds the runner's per-step methods straight to its tracker's. A
+    # subclass that overrides one (a probe timing apply, say) must still run, and its
+    # super().apply must reach the tracker: the binding once shadowed the override, and
+    # the class's apply only passed the logits through.
+    from mllmcal.integrations.vllm import common
+
+    monkeypatch.setattr(common, "config_of", lambda cfg: SimpleNamespace(enabled=True))
+    monkeypatch.setattr(common, "_claim", lambda proc, cfg: True)
+
+    class FakeTracker:
+        def __init__(self):
+            self.seen = []
+
+        def apply(self, logits, *ctx):
+            self.seen.append(logits)
+            return logits
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+
+    class Core(common.ProcessorCore):
+        per_step = ("apply",)
+
+        def __init__(self):
+            self._start(SimpleNamespace(), lambda cfg: FakeTracker())
+
+    class Probe(Core):
+        calls = 0
+
+        def apply(self, logits, *ctx):
+            Probe.calls += 1
+            return super().apply(logits, *ctx)
+
+    x = torch.zeros(2, 5)
+    core, probe = Core(), Probe()
+    assert core.apply == core.tracker.apply  # no forwarding frame on the engine thread
+    assert core.apply(x) is x and len(core.tracker.seen) == 1
+    assert probe.apply(x) is x
+    assert Probe.calls == 1 and len(probe.tracker.seen) == 1

@@ -168,8 +168,12 @@ class ProcessorCore:
         if not self.active:
             return
         tracker = self.tracker = make_tracker(self.config)
+        # Bound straight to the tracker's, unless a subclass overrides the method (it then
+        # runs, and its super() call forwards to the tracker through the class's method).
+        owner = next(c for c in type(self).__mro__ if "per_step" in c.__dict__)
         for name in self.per_step:
-            setattr(self, name, getattr(tracker, name))
+            if getattr(type(self), name) is getattr(owner, name):
+                setattr(self, name, getattr(tracker, name))
         tracker.start()
         # Engine shutdown drops the processor: write whatever is still open then (and at
         # interpreter exit, for engines that are never garbage-collected).
@@ -180,9 +184,10 @@ class ProcessorCore:
         check_extra_args(sampling_params)
 
     def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
-        """The runner's ``apply`` of an inactive instance: ``[B, V]`` ``logits`` untouched
-        (an active one's is its tracker's, see :attr:`per_step`)."""
-        return logits
+        """The runner's ``apply``: ``[B, V]`` ``logits`` untouched, observed by the tracker
+        when active (an active instance calls the tracker's directly, see :attr:`per_step`;
+        this forwarding serves a subclass's ``super().apply``)."""
+        return logits if self.tracker is None else self.tracker.apply(logits, *ctx)
 
     def flush(self, *, end_active: bool = False) -> int:
         """Drain now (see :meth:`Tracker.flush`); returns the number of records written."""

@@ -311,4 +311,6 @@ class V1CalibratedLogitsProcessor(ProcessorCore, V1LogitsProcessor):
         return not self.active
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        """Inactive: nothing (an active instance's is its tracker's)."""
+        """Inactive: nothing; active: the tracker's (called directly, see ``per_step``)."""
+        if self.tracker is not None:
+            self.tracker.update_state(batch_update)

@@ -214,9 +214,9 @@ class V2CalibratedLogitsProcessor(ProcessorCore, V2LogitsProcessor):
         self._start(vllm_config, lambda cfg: V2Tracker(cfg, req_states, writer_rank()))
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
-        """Inactive: False, so that V2 never calls apply() on this instance's account (an
-        active instance's is its tracker's)."""
-        return False
+        """Inactive: False, so that V2 never calls apply() on this instance's account;
+        active: the tracker's (called directly, see ``per_step``)."""
+        return self.tracker is not None and self.tracker.add_request(req_idx, sampling_params)
 
     def apply_staged_writes(self) -> None:
         return None

@@ -227,3 +227,17 @@ def test_tracker_bookkeeping_with_stand_in_requests(tmp_path, monkeypatch):
     # rb sampled the least likely token each time: exact only because it opted in.
     assert all(lp < math.log(conf) - 1 for lp, conf in
                zip(recs["rb"]["logprob"], recs["rb"]["confidence"], strict=True))
+
+
+@pytest.mark.parametrize("value, match", [("0", "finite and > 0"), ("nan", "finite and > 0"),
+                                          ("1e-50", "zero or subnormal in fp32"),
+                                          ("1e39", "infinite in fp32")])
+def test_a_bad_temperature_is_refused_at_start_up(monkeypatch, value, match):
+    # 1e-50 and 1e39 passed the old check (finite, > 0) and then failed at every step,
+    # where the kernels divide by the temperature in fp32.
+    from mllmcal.integrations.sglang import SGLangTracker
+
+    monkeypatch.setenv("MLLMCAL_SGLANG_TEMPERATURE", value)
+    monkeypatch.setenv("MLLMCAL_SGLANG_METRICS", "0")
+    with pytest.raises(ValueError, match=f"MLLMCAL_SGLANG_TEMPERATURE: .*{match}"):
+        SGLangTracker()

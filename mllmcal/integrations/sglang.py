@@ -46,13 +46,13 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import math
 import os
 import threading
 from typing import Any
 
 import torch
 
+from .._checks import check_scalar_temperature
 from .vllm.config import env_flag
 from .vllm.metrics import count_record, count_write_error, metrics, set_temperature
 from .vllm.records import RecordWriter, request_record
@@ -148,10 +148,11 @@ class SGLangTracker:
     """
 
     def __init__(self) -> None:
-        t = _env_float("MLLMCAL_SGLANG_TEMPERATURE", 1.0)
-        if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"MLLMCAL_SGLANG_TEMPERATURE must be a finite float > 0, got {t}")
-        self.temperature = t
+        try:  # the kernels' own check (fp32 range included), naming the variable
+            self.temperature = check_scalar_temperature(
+                _env_float("MLLMCAL_SGLANG_TEMPERATURE", 1.0))
+        except ValueError as e:
+            raise ValueError(f"MLLMCAL_SGLANG_TEMPERATURE: {e}") from None
         self.flush_interval = _env_float("MLLMCAL_SGLANG_FLUSH_INTERVAL", 0.5)
         writer = _writer_rank()
         use_metrics = env_flag("MLLMCAL_SGLANG_METRICS", True)
@@ -165,7 +166,7 @@ class SGLangTracker:
         self._handed = 0  # records handed to the writer (it may still hold some)
         self._warned: set[str] = set()
         self._stop = threading.Event()
-        set_temperature(self._metrics, t)
+        set_temperature(self._metrics, self.temperature)
         start_drain_thread(self, self._stop, self.flush_interval, "SGLang")
 
     def _warn_once(self, key: str, msg: str) -> None:

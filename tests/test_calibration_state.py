@@ -261,3 +261,26 @@ def test_update_refuses_pairs_of_different_shapes():
     assert s.count == 0
     s.update(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool))
     assert s.count == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_update_hidden_equals_update_logits_of_the_fp32_logits(dtype, with_bias):
+    g = torch.Generator().manual_seed(7)
+    h = (torch.randn(3, 7, 24, generator=g) * 2).to(dtype)  # [B, L, H], odd sizes
+    w = (torch.randn(1001, 24, generator=g) * 0.4).to(dtype)  # [V, H], V past a tile edge
+    bias = torch.randn(1001, generator=g).to(dtype) if with_bias else None
+    y = torch.randint(0, 1001, (3, 7), generator=g)
+    y[0, :3] = -1  # a custom ignore_index
+    logits = h.float() @ w.float().T + (bias.float() if with_bias else 0.0)
+    a, b = mllmcal.CalibrationState(n_bins=10), mllmcal.CalibrationState(n_bins=10)
+    sa = a.update_hidden(h, w, y, 1.3, bias=bias, ignore_index=-1)
+    sb = b.update_logits(logits, y, 1.3, ignore_index=-1)
+    assert sa.confidence.shape == (3, 7) and a.count == b.count == 18
+    assert torch.equal(a.hist[0], b.hist[0]) and torch.equal(a.hist[2], b.hist[2])
+    assert torch.allclose(sa.label_logprob.nan_to_num(), sb.label_logprob.nan_to_num(),
+                          rtol=1e-5, atol=1e-5)
+    assert a.nll() == pytest.approx(b.nll(), rel=1e-5)
+    assert a.brier() == pytest.approx(b.brier(), rel=1e-5)
+    with pytest.raises(ValueError, match="histogram needs labels"):
+        a.update_hidden(h, w, None)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from .. import _contract as C
+from ..linear import linear_token_stats
 from ..ops import TokenStats, histogram_add_, token_stats
 from . import _sync
 from .functional import (
@@ -256,6 +257,19 @@ class CalibrationState:
             logits, labels, temperature, backend, ignore_index=ignore_index,
             histogram=self.hist, validate=validate,
         )
+        self._add_scores(stats.label_logprob.reshape(-1), stats.brier.reshape(-1))
+        return stats
+
+    def update_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      temperature: float | torch.Tensor = 1.0, *, bias: torch.Tensor | None = None,
+                      backend: str = "auto", ignore_index: int = C.IGNORE_INDEX) -> TokenStats:
+        """:meth:`update_logits` of ``hidden @ weight.T + bias`` without the ``[N, V]`` logits,
+        through :func:`mllmcal.linear_token_stats` (``hidden`` ``[..., H]``, ``weight``
+        ``[V, H]``, ``bias`` ``[V]``, ``labels`` ``[...]``; the tiles' logits are fp32)."""
+        self._adopt(hidden.device)
+        self._reserve(hidden.numel() // max(1, hidden.shape[-1]) if hidden.dim() else 1)
+        stats = linear_token_stats(hidden, weight, labels, temperature=temperature, bias=bias,
+                                   histogram=self.hist, ignore_index=ignore_index, backend=backend)
         self._add_scores(stats.label_logprob.reshape(-1), stats.brier.reshape(-1))
         return stats
 

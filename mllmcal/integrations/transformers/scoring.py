@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ...linear import linear_token_stats
 from ...ops import check_scalar_temperature
 from .._feedback import new_calibration_state
 
@@ -170,12 +169,7 @@ def score_tokens(
     if route is not None:
         weight, bias, scale = route
         t_eff = check_scalar_temperature(temperature / scale)
-        # What CalibrationState.update_logits does around token_stats, around the fused op.
-        state._adopt(hidden.device)
-        state._reserve(b * length)
-        stats = linear_token_stats(hidden, weight, target, temperature=t_eff, bias=bias,
-                                   histogram=state.hist, ignore_index=ignore_index)
-        state._add_scores(stats.label_logprob.reshape(-1), stats.brier.reshape(-1))
+        state.update_hidden(hidden, weight, target, t_eff, bias=bias, ignore_index=ignore_index)
         return state
     vocab = head.weight.shape[0] if hasattr(head, "weight") else _text_config(model).vocab_size
     if chunk_size is None:

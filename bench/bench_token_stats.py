@@ -23,6 +23,10 @@ so that load from other processes and the cost of coming first hit all of them a
 
     python bench/bench_token_stats.py            # prints the table, writes the JSON
     python bench/bench_token_stats.py --quick    # fewer rounds, no torch.compile
+    python bench/bench_token_stats.py --no-compile --after-lm-head 896   # decode-loop conditions
+
+With ``--after-lm-head H`` every timed call (the floor's too) follows an untimed LM head
+``[N, H] @ [H, V]`` that writes the logits, as in a decode step; only N <= 8 shapes run.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def contenders(
     return fns
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                     before: Callable[[], object] | None = None) -> dict[str, list[float]]:
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -117,6 +122,8 @@ def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
         # every round (a rotation would too).
         order.shuffle(names)
         for name in names:
+            if before is not None:
+                before()  # untimed: what the decode loop runs before the call
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
@@ -148,16 +155,32 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def lm_head(x: torch.Tensor, hidden: int) -> Callable[[], object]:
+    """The decode step's last op before the statistics: ``x = h @ W.T`` for ``h`` ``[N, H]``
+    and ``W`` ``[V, H]``, written into ``x`` (the logits every contender then reads)."""
+    n, v = x.shape
+    g = torch.Generator().manual_seed(v)
+    h = torch.randn(n, hidden, generator=g).to(x.dtype)
+    w = (torch.randn(v, hidden, generator=g) * hidden ** -0.5).to(x.dtype)
+    return lambda: torch.matmul(h, w.T, out=x)
+
+
 def run(rounds: int = 15, warmup: int = 3, compile_baseline: bool = True,
-        shapes: list[tuple[tuple[int, int], torch.dtype]] | None = None) -> dict[str, object]:
-    """Time every contender on every shape; returns the JSON-able result."""
+        shapes: list[tuple[tuple[int, int], torch.dtype]] | None = None,
+        after_lm_head: int = 0) -> dict[str, object]:
+    """Time every contender on every shape; returns the JSON-able result. With
+    ``after_lm_head=H`` each timed call follows an (untimed) ``[N, H] @ [H, V]`` head into
+    the logits, as in a decode loop, and only the decode shapes (N <= 8) run."""
     threads = torch.get_num_threads()
     rows = []
     cases = shapes or SHAPES
+    if after_lm_head:
+        cases = [(shape, dtype) for shape, dtype in cases if shape[0] <= 8]
     for shape, dtype in tqdm(cases, desc="shapes", unit="shape"):
         x, y = make_case(shape, dtype)
         fns = contenders(x, y, compile_baseline, threads)
-        times = time_round_robin(fns, rounds, warmup)
+        before = lm_head(x, after_lm_head) if after_lm_head else None
+        times = time_round_robin(fns, rounds, warmup, before)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({
             "shape": list(shape),
@@ -169,6 +192,7 @@ def run(rounds: int = 15, warmup: int = 3, compile_baseline: bool = True,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "rounds": rounds,
+        "after_lm_head": after_lm_head,
         "results": rows,
     }
 
@@ -224,10 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="5 rounds, no torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    ap.add_argument("--out", type=Path, default=None, help="JSON output path")
+    ap.add_argument("--after-lm-head", type=int, default=0, metavar="H",
+                    help="decode-loop conditions: before each timed call, an untimed LM head "
+                         "[N, H] @ [H, V] writes the logits (N <= 8 shapes only; e.g. 896)")
     args = ap.parse_args(argv)
     rounds = 5 if args.quick else args.rounds
-    result = run(rounds=rounds, compile_baseline=not (args.quick or args.no_compile))
+    result = run(rounds=rounds, compile_baseline=not (args.quick or args.no_compile),
+                 after_lm_head=args.after_lm_head)
+    if args.out is None:
+        args.out = (RESULTS.with_name(f"cpu_token_stats_after_lm_head_{args.after_lm_head}.json")
+                    if args.after_lm_head else RESULTS)
     print(format_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

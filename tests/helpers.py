@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllmcal import reference as R
 from mllmcal._contract import conf_bins, conf_fixed_point
@@ -119,3 +120,20 @@ def run_two_ranks(script_text: str, tmp_path, mode: str, root: str,
     for p in procs:
         assert p.returncode == 0, p.stderr.read()[-3000:]
     return [json.loads(o.read_text()) for o in outs]
+
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any op's output had: ``with LargestTensor() as m: ...``,
+    then ``m.numel``. Tests that a path never makes an ``[N, V]`` tensor bound it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

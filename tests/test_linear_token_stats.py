@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_matches_reference
+from helpers import LargestTensor, assert_matches_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -198,26 +198,14 @@ def test_validation_errors():
 
 
 def test_no_gradient_and_no_nv_buffer():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
     n, v = 64, 2000
     h = torch.randn(n, 4, requires_grad=True)
     w = torch.randn(v, 4, requires_grad=True)
-    with Largest():
+    with LargestTensor() as largest:
         s = mllmcal.linear_token_stats(h, w, make_labels(n, v), backend="cpu")
     assert not any(t.requires_grad for t in s.as_dict().values())
     # The largest tensor any op made is the weight's view (8000), never [N, V] logits.
-    assert Largest.numel <= max(v * 4, 8 * 48 * 7), Largest.numel
+    assert largest.numel <= max(v * 4, 8 * 48 * 7), largest.numel
 
 
 def test_torch_compile_fullgraph():

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from helpers import LargestTensor
 
 from mllmcal import linear as L
 from mllmcal.calibration import TemperatureFitAccumulator
@@ -177,28 +178,16 @@ def test_validation_errors():
 
 
 def test_never_allocates_n_by_v():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
     n, v, hd = 64, 2000, 4
     h, w, _, y = head_data(n=n, v=v, hd=hd, seed=11)
     acc = TemperatureFitAccumulator()
-    with Largest():
+    with LargestTensor() as largest:
         acc.update_hidden(h, w, y)
     assert acc.n_rows > 0
     # The largest tensor any op made is the weight (8000 numbers) or one chunk's fit output
     # [8, 3, K] / tile [8, 48]; the logits would be N x V = 128000.
     k = len(acc.betas)
-    assert Largest.numel <= max(v * hd, 8 * 3 * k, 8 * 48), Largest.numel
+    assert largest.numel <= max(v * hd, 8 * 3 * k, 8 * 48), largest.numel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,24 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _vllm_venv import run_with_vllm
+
 ROOT = Path(__file__).resolve().parents[1]
-VPY = ROOT / ".venv-vllm" / "bin" / "python"
-TORCHVISION = ROOT / ".venv-vllm" / "torchvision-cpu"
 COLOURS = ["red", "blue", "green", "yellow"]
-
-
-def _reexec() -> None:
-    try:
-        import vllm  # noqa: F401
-        from vllm import LLM  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if not VPY.exists():
-        sys.exit(f"{VPY} is missing: run `bash scripts/setup_vllm.sh`")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TORCHVISION), env.get("PYTHONPATH", "")])
-    os.execve(str(VPY), [str(VPY), *sys.argv], env)
 
 
 def _items(n: int, d: Path):
@@ -73,7 +59,6 @@ def _items(n: int, d: Path):
 
 
 def main() -> None:
-    _reexec()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="llava-1.5", choices=["llama", "llava-1.5", "qwen2-vl"])
     ap.add_argument("--model", help="a checkpoint directory instead of a tiny built one")
@@ -152,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_vllm(main, torchvision=True)

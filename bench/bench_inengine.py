@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _vllm_venv import run_with_vllm
+
 ROOT = Path(__file__).resolve().parents[1]
-VPY = ROOT / ".venv-vllm" / "bin" / "python"
 SHAPE = (16, 32000)
 
 
@@ -170,10 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if not VPY.exists():
-            sys.exit(f"no vLLM here and no {VPY}: run `bash scripts/setup_vllm.sh` first")
-        os.execv(str(VPY), [str(VPY), *sys.argv])
-    main()
+    run_with_vllm(main)

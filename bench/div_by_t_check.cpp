@@ -13,17 +13,7 @@
 #include <cstring>
 #include <random>
 
-#include "cpu/partial.h"
-#include "cpu/token_stats.h"
-
-#pragma GCC target("arch=x86-64-v4,prefer-vector-width=512")
-#define MLLMCAL_KERNEL_AVX512 1
-#define MLLMCAL_ISA_NAME "avx512"
-namespace mllmcal {
-namespace isa_avx512 {
-#include "cpu/kernel_isa.h"
-}  // namespace isa_avx512
-}  // namespace mllmcal
+#include "kernel_avx512_here.h"
 
 int main() {
   std::mt19937_64 g(1);

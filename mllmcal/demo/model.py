@@ -137,7 +137,7 @@ def build_tokenizer(vocab: dict[str, int]):
         [
             pre_tokenizers.Split(Regex(r"[ \t\r]+"), "removed"),
             pre_tokenizers.Split("\n", "isolated"),
-            pre_tokenizers.Split(Regex(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]"), "isolated"),
+            pre_tokenizers.Split(Regex(_WORD_RE.pattern), "isolated"),
         ]
     )
     tok.post_processor = processors.TemplateProcessing(

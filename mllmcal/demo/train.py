@@ -265,7 +265,7 @@ def _lr_scale(step: int, steps: int, warmup: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _targets_for(item: dict[str, Any], variant: str, tok, letter_ids: dict[str, int],
+def _targets_for(item: dict[str, Any], variant: str, letter_ids: dict[str, int],
                  close_id: int, eos_id: int) -> tuple[list[int], list[int]]:
     """``(hard target ids, soft first-token ids)`` of an item under a prompt variant.
 
@@ -393,7 +393,7 @@ def train_demo_model(
                         variant = ("plain" if rng.random() < recipe.plain_idk_fraction
                                    else _INVITING[int(rng.integers(len(_INVITING)))])
                         with_image = "image" in it
-                        hard, sft = _targets_for(it, variant, tok, letter_ids, close_id, eos_id)
+                        hard, sft = _targets_for(it, variant, letter_ids, close_id, eos_id)
                         prompts.append(render_prompt(processor, _question(it), prefix, with_image,
                                                      ABSTENTION_HINTS[variant]))
                         images.append(it["image"] if with_image else None)

@@ -39,24 +39,15 @@ calibrated sampling; the same as observe-only followed by transformers'
 
 Runs
 ----
-A *run* is what one ``generate`` call records. Its boundary is given explicitly::
-
-    with proc.run(request_ids=["q1", "q2"]) as run:
-        out = model.generate(**inputs, logits_processor=[proc])
-    logp = run.finish(out.sequences)
-
-Every call inside the ``with`` block belongs to that run, whatever the shapes (see
-:class:`~.runs.GenerationRun`). Without a scope, a run ends when its results are read with
-``sequences`` (:meth:`~CalibratedLogitsProcessor.token_logprobs`,
-:meth:`~CalibratedLogitsProcessor.finish`), at
-:meth:`~CalibratedLogitsProcessor.reset`, or when ``request_ids`` is set; the next call
-then starts a new one. A call that arrives while an unread run is open is told apart
-from that run's next step by shapes alone (batch, vocabulary, one more token): that is
-ambiguous -- a ``generate`` fed the previous ``out.sequences``, or another prompt of that
-length, looks exactly like the next step -- so it warns once (``FutureWarning``) when it
-starts a new run, and a merged run is read only if it is exact: each step's gather also
-records the token id (one gather returns both, see :class:`~.runs._Run`), and results
-are refused unless every recorded token and the prompt equal ``sequences``.
+A *run* is what one ``generate`` call records; ``with proc.run(request_ids=...) as run:``
+around the call gives its boundary (see :mod:`.runs`). Without a scope, a run ends when
+its results are read with ``sequences`` (:meth:`~CalibratedLogitsProcessor.token_logprobs`,
+:meth:`~CalibratedLogitsProcessor.finish`), at :meth:`~CalibratedLogitsProcessor.reset`,
+or when ``request_ids`` is set; the next call then starts a new one. A call that arrives
+while an unread run is open is told apart from that run's next step by shapes alone
+(batch, vocabulary, one more token), which is ambiguous (see :mod:`.runs`): it warns once
+(``FutureWarning``) when it starts a new run, and a merged run is read only if every
+recorded token and the prompt equal ``sequences``.
 
 Beam search cannot be followed through the public interface: beams are reordered between
 steps, so a row's scores at one step and its token at the next belong to different beams.
@@ -84,7 +75,7 @@ from transformers import LogitsProcessor
 from ...ops import TokenStats, check_scalar_temperature, token_stats
 from .._feedback import SEQUENCE_CONFIDENCE_KINDS, pick_confidence, sequence_scores
 from .feedback import FeedbackMonitor
-from .runs import BEAM_SEARCH, MAX_VOCAB, GenerationRun, _Run, check_sequences
+from .runs import BEAM_SEARCH, MAX_VOCAB, GenerationRun, _Run, check_sequences, eos_ids
 
 __all__ = ["CalibratedLogitsProcessor", "GenerationRun"]
 
@@ -152,11 +143,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     ) -> None:
         self.temperature = check_scalar_temperature(temperature)
         self.monitor = FeedbackMonitor(n_bins, sequence_confidence, max_pending)
-        self.eos_token_id = (
-            None if eos_token_id is None
-            else [int(eos_token_id)] if isinstance(eos_token_id, int)
-            else [int(e) for e in eos_token_id]
-        )
+        self.eos_token_id = eos_ids(eos_token_id)
         self.scale_scores = bool(scale_scores)
         self.backend = backend
         self._request_ids: list[Hashable] | None = None
@@ -460,13 +447,9 @@ class CalibratedLogitsProcessor(LogitsProcessor):
 
     def _step_records(self, run: _Run) -> dict[str, torch.Tensor]:
         run.check()
-        return {
-            "confidence": run.stacked("confidence"),
-            "entropy": run.stacked("entropy"),
-            "logsumexp": run.stacked("logsumexp"),
-            "prediction": run.stacked("prediction"),
-            "alive": run.alive(self.eos_token_id, run.picked_tokens(), run.n_steps),
-        }
+        records = {k: run.stacked(k) for k in ("confidence", "entropy", "logsumexp", "prediction")}
+        records["alive"] = run.alive(self.eos_token_id, run.picked_tokens(), run.n_steps)
+        return records
 
     def latest_stats(self) -> TokenStats:
         """The :class:`mllmcal.TokenStats` (``[B]`` fields) of the latest step."""

@@ -3,14 +3,11 @@ records, and the explicit scope that says where a run begins and ends.
 
 A logits processor sees ``(input_ids, scores)`` and nothing else: it cannot tell the next
 step of a ``generate`` call from the first step of another call fed the previous
-``out.sequences`` (both are the previous ``input_ids`` plus one token). So the run
-boundary is given, not guessed: ``with proc.run(request_ids=...) as run:`` around one
-``generate`` call makes every processor call inside it one run, the request ids that
-run's rows, and ``run.finish(out.sequences)`` its results.
-
-What the checks rest on: each step's one gather records the chosen token's id next to its
-``z`` (see :class:`_Run`), so results are read only when every recorded token equals the
-generated column of ``sequences`` at that step and the prompt equals the first call's.
+``out.sequences`` (both are the previous ``input_ids`` plus one token) or another prompt of
+that length. So the run boundary is given, not guessed (:class:`GenerationRun`). Each
+step's one gather records the chosen token's id next to its ``z`` (see :class:`_Run`), so
+results are read only when every recorded token equals the generated column of
+``sequences`` at that step and the prompt equals the first call's.
 """
 
 from __future__ import annotations
@@ -40,6 +37,13 @@ BEAM_SEARCH = (
     "logits processor cannot follow beams; use num_beams=1 (greedy or sampling, any "
     "num_return_sequences)"
 )
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int] | None:
+    """``eos_token_id`` (one id, several, or None) as a list of ints, or None."""
+    if eos_token_id is None:
+        return None
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
 @dataclass(eq=False)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from .shapes import DEFAULT_SIZES, SPLITS, build_dataset
+from .shapes import DEFAULT_SIZES, build_dataset, merge_sizes
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -76,15 +76,6 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
-    merged = dict(EVAL_SIZES)
-    for split, n in (sizes or {}).items():
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} in sizes; expected one of {SPLITS}")
-        merged[split] = n
-    return merged
-
-
 def demo_data_dir(cache_dir: str | Path | None = None, seed: int = 0,
                   sizes: Mapping[str, int] | None = None, force: bool = False,
                   name: str = DATA_VERSION) -> Path:
@@ -101,7 +92,7 @@ def demo_data_dir(cache_dir: str | Path | None = None, seed: int = 0,
     built with other sizes, is deleted and rebuilt, never half-used.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    want = _sizes(sizes)
+    want = merge_sizes(EVAL_SIZES, sizes)
     entry = root / f"{name}-seed{seed}"
     marker = entry / MARKER
 

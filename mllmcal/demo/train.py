@@ -385,7 +385,8 @@ def train_demo_model(
                     order, cursor = pool[rng.permutation(len(pool))], 0
                 idx = order[cursor : cursor + recipe.batch_size]
                 cursor += recipe.batch_size
-                prompts, images, targets, soft, is_mc = [], [], [], [], []
+                # (prompt, image or None, hard target ids, soft target ids, multiple choice)
+                examples = []
                 for i in idx:
                     it = items[i]
                     prefix = ANSWER_PREFIXES[int(rng.integers(len(ANSWER_PREFIXES)))]
@@ -394,33 +395,26 @@ def train_demo_model(
                                    else _INVITING[int(rng.integers(len(_INVITING)))])
                         with_image = "image" in it
                         hard, sft = _targets_for(it, variant, letter_ids, close_id, eos_id)
-                        prompts.append(render_prompt(processor, _question(it), prefix, with_image,
-                                                     ABSTENTION_HINTS[variant]))
-                        images.append(it["image"] if with_image else None)
-                        targets.append(hard)
-                        soft.append(sft)
-                        is_mc.append(bool(hard))
-                        continue
-                    if droppable[i] and rng.random() < recipe.open_ended_fraction:
+                        prompt = render_prompt(processor, _question(it), prefix, with_image,
+                                               ABSTENTION_HINTS[variant])
+                        examples.append((prompt, it["image"] if with_image else None, hard, sft,
+                                         bool(hard)))
+                    elif droppable[i] and rng.random() < recipe.open_ended_fraction:
                         # Open-ended twin: the option text itself, without options to pick
                         # from. An auxiliary task in a raw format of its own (not a chat
                         # prompt): naming what is in the picture is one hop and is learnt fast,
                         # and gives the multiple-choice answer a head start.
                         stem, options = parse_options(_question(it))
-                        prompts.append(f"{IMAGE_TOKEN}\n{stem}\n{prefix}:")
-                        images.append(it["image"])
                         words = tok(options[_answer(it)], add_special_tokens=False)["input_ids"]
-                        targets.append([*words, eos_id])
-                        soft.append([])
-                        is_mc.append(False)
-                        continue
-                    with_image = "image" in it and not (
-                        droppable[i] and rng.random() < recipe.text_only_fraction)
-                    prompts.append(render_prompt(processor, _question(it), prefix, with_image))
-                    images.append(it["image"] if with_image else None)
-                    targets.append([letter_ids[_answer(it)], close_id, eos_id])
-                    soft.append([])
-                    is_mc.append(True)
+                        examples.append((f"{IMAGE_TOKEN}\n{stem}\n{prefix}:", it["image"],
+                                         [*words, eos_id], [], False))
+                    else:
+                        with_image = "image" in it and not (
+                            droppable[i] and rng.random() < recipe.text_only_fraction)
+                        prompt = render_prompt(processor, _question(it), prefix, with_image)
+                        examples.append((prompt, it["image"] if with_image else None,
+                                         [letter_ids[_answer(it)], close_id, eos_id], [], True))
+                prompts, images, targets, soft, is_mc = zip(*examples, strict=True)
                 ids, mask, pv, pos, tgt = _batch(tok, pixels, prompts, images, targets)
                 hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
                 rows = torch.arange(len(idx))[:, None]

@@ -327,9 +327,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def _refuse(self, run: _Run, why: str) -> None:
         """End ``run`` with an error that every read of it repeats."""
         run.error, run.buf, run.closed = why, None, True
-        for rid, e in self.monitor.items():
-            if e.source is run:
-                self.monitor.discard(rid)
+        self.monitor.drop_rows(run)
         self._run = None
         raise ValueError(why)
 

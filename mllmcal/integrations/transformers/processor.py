@@ -21,14 +21,13 @@ a top-k of candidates is exact for greedy decoding only. What remains is a priva
 and the fused kernel writes it for free: :func:`mllmcal.token_stats` already has a
 ``scaled_out`` output, so the one pass that computes the statistics also writes
 ``z = scores / T`` into a buffer this processor owns. One buffer per run, reused every
-step (no allocation per step); at the next call one gather reads ``z[b, token_b]`` -- and,
-from a second plane of the buffer holding the column indices, ``token_b`` itself, so the
-tokens a run saw are recorded for the checks at read time at no extra op (a ``[B, 2, V]``
-fp32 buffer, see :class:`~.runs._Run`). Per step: **one fused op and one gather**, no host
-sync; held memory is that one buffer plus O(B · steps) ``[B]`` records. (With fp16/bf16
-scores, which ``generate`` never passes -- it hands processors fp32 -- the buffer keeps an
-fp32 copy of the raw scores instead, one more op: ``z`` rounded to the scores' dtype
-would not be exact.)
+step (no allocation per step); at the next call one gather reads ``z[b, token_b]`` and,
+from a second plane of column indices, ``token_b`` itself for the checks at read time (a
+``[B, 2, V]`` fp32 buffer, see :class:`~.runs._Run`). Per step: **one fused op and one
+gather**, no host sync; held memory is that one buffer plus O(B · steps) ``[B]`` records.
+(With fp16/bf16 scores, which ``generate`` never passes -- it hands processors fp32 -- the
+buffer keeps an fp32 copy of the raw scores instead, one more op: ``z`` rounded to the
+scores' dtype would not be exact.)
 
 The temperature is the calibration temperature of temperature scaling (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017, https://arxiv.org/abs/1706.04599).
@@ -171,13 +170,9 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ run scopes
 
     def run(self, request_ids: Sequence[Hashable] | None = None) -> GenerationRun:
-        """The scope of one ``generate`` call: ``with proc.run(request_ids=[...]) as run:``.
-
-        Every processor call inside the block is one run, started afresh; ``request_ids``
-        (one per row, optional) name its rows for :meth:`add_feedback`. Read the results
-        from the returned :class:`~.runs.GenerationRun` after the block, e.g.
-        ``run.finish(out.sequences)``.
-        """
+        """The scope of one ``generate`` call: ``with proc.run(request_ids=[...]) as run:``;
+        ``request_ids`` (one per row, optional) name its rows for :meth:`add_feedback`. See
+        :class:`~.runs.GenerationRun` for the rules and the results read after the block."""
         return GenerationRun(self, request_ids)
 
     def _open_scope(self, scope: GenerationRun) -> None:
@@ -467,16 +462,12 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def nbytes(self) -> int:
         """Bytes of device memory the records hold: O(B · steps) plus the one ``[B, 2, V]``
         buffer of the latest step; independent of the number of steps otherwise."""
-        storages: dict[int, int] = {}
         run = self._latest_run
-        if run is not None:
-            tensors = [run.first_ids, *run.picked]
-            tensors += [t for s in run.stats for t in (s.logsumexp, s.prediction, s.flags)]
-            if run.buf is not None:
-                tensors.append(run.buf)
-            for t in tensors:
-                st = t.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
+        if run is None:
+            return 0
+        tensors = [run.first_ids, *run.picked, *([] if run.buf is None else [run.buf])]
+        tensors += [t for s in run.stats for t in (s.logsumexp, s.prediction, s.flags)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
     # ------------------------------------------------------------------ monitoring

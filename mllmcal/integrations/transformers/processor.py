@@ -218,22 +218,18 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             run.last_storage = storage
         else:
             run = self._start_run(input_ids, scores)
-        t = run.temperature
-        returned = scores
+        t, z = run.temperature, run.buf[:, 0]
+        scale = self.scale_scores and t != 1.0
         if run.raw:
-            run.buf[:, 0].copy_(scores)
-            out = torch.empty_like(scores) if self.scale_scores and t != 1.0 else None
-            s = token_stats(scores, temperature=t, scaled_out=out, backend=self.backend,
-                            validate=False)
-            returned = scores if out is None else out
+            z.copy_(scores)
+            out = torch.empty_like(scores) if scale else None
         else:
-            z = run.buf[:, 0]
-            s = token_stats(scores, temperature=t, scaled_out=z, backend=self.backend,
-                            validate=False)
-            if self.scale_scores and t != 1.0:
-                returned = z.clone()
+            out = z
+        s = token_stats(scores, temperature=t, scaled_out=out, backend=self.backend, validate=False)
         run.stats.append(s)  # [B] views of the op's outputs: no copy
-        return returned
+        if not scale:
+            return scores
+        return out if run.raw else z.clone()
 
     @staticmethod
     def _continues(run: _Run, input_ids: torch.Tensor, scores: torch.Tensor) -> bool:

@@ -1,10 +1,6 @@
-"""Where the demo's pieces live: the shipped checkpoint and the evaluation data cache.
-
-The trained tiny LLaVA ships inside the package (``mllmcal/demo/checkpoint/``, produced by
-:data:`mllmcal.demo.train.RECIPE`; ``mllmcal demo --retrain`` reproduces it). The shapes
-VQA evaluation splits are a pure function of the seed, so they are rendered on first use
-into a cache directory rather than shipped. Nothing here trains or downloads anything, and
-nothing here imports torch.
+"""Where the demo's pieces live (see :mod:`mllmcal.demo`): the shipped checkpoint
+(``mllmcal/demo/checkpoint/``) and the cache that the evaluation splits, a pure function of
+the seed, are rendered into on first use. Nothing here trains, downloads or imports torch.
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""Request feedback and monitoring for :class:`~.processor.CalibratedLogitsProcessor`.
-
-:class:`FeedbackMonitor` is the shared :class:`~mllmcal.integrations._feedback.FeedbackBook`
-(rows waiting for a verdict, by request id, and the :class:`mllmcal.CalibrationState` it
-feeds) with what a ``generate`` processor adds: a waiting row points at its run until
-the run's last tokens are known, then holds the run's ``[B]`` sequence confidences; and
-every finished run's token-level statistics are folded into running totals for
-dashboards. It holds O(pending rows + n_bins) state and never touches a ``[B, V]`` tensor.
-"""
+"""Request feedback and monitoring for :class:`~.processor.CalibratedLogitsProcessor`."""
 
 from __future__ import annotations
 
@@ -37,8 +29,13 @@ class PendingRow:
 
 
 class FeedbackMonitor(FeedbackBook[PendingRow]):
-    """Rows waiting for correctness feedback, the calibration state it feeds, and running
-    token-level totals. The processor owns one (``proc.monitor``) and forwards to it.
+    """The shared :class:`~mllmcal.integrations._feedback.FeedbackBook` (rows waiting for a
+    verdict, by request id, and the :class:`mllmcal.CalibrationState` it feeds) with what a
+    ``generate`` processor adds: a waiting row points at its run until the run's last
+    tokens are known, then holds the run's ``[B]`` sequence confidences; and every finished
+    run's token-level statistics are folded into running totals for dashboards. It holds
+    O(pending rows + n_bins) state and never touches a ``[B, V]`` tensor. The processor
+    owns one (``proc.monitor``) and forwards to it.
 
     Args:
         n_bins: bins of the calibration histogram and of the token-confidence histogram.

@@ -1,10 +1,5 @@
-"""Teacher-forced next-token calibration of a ``transformers`` model over a corpus.
-
-:func:`score_tokens` runs the model body once and sends its last hidden state through
-the output embedding a few positions at a time, so no ``[B, L, V]`` logits tensor exists
-at once; each ``[B, chunk, V]`` block goes to ``CalibrationState.update_logits`` (one fused
-``token_stats`` pass with the histogram update).
-"""
+"""Teacher-forced next-token calibration of a ``transformers`` model over a corpus
+(:func:`score_tokens`, :func:`iter_score_tokens`)."""
 
 from __future__ import annotations
 

@@ -167,21 +167,6 @@ def _distractors(
     ]
 
 
-def _options(correct: str, pool: list[str]) -> list[str]:
-    """The whole answer pool of the question type, in its canonical order.
-
-    Every question of a type lists the same options in the same order (palette order,
-    counts ascending, ...), as benchmarks with a closed answer set often do; which letter is
-    correct still varies with the answer. With a shuffled order a model has to find the
-    option line whose text matches what it sees, which the demo model does not learn
-    within its training budget (measured: chance level after 150 s, also with text-only
-    lookup lessons mixed in).
-    """
-    if correct not in pool:
-        raise ValueError(f"answer {correct!r} is not in the option pool {pool}")
-    return list(pool)
-
-
 def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
     """(objects, question, correct option text, option pool)."""
     if qtype not in QUESTION_TYPES:
@@ -272,7 +257,12 @@ def make_item(seed: int, split: str, index: int) -> dict[str, Any]:
             hard = False  # unanswerable for a reason of its own, not a hard picture
 
     objs, question, correct, pool = _scene_and_question(rng, qtype, hard)
-    options = _options(correct, pool)
+    # The type's whole answer pool in its canonical order (palette order, counts ascending,
+    # ...), as benchmarks with a closed answer set often do. With a shuffled order a model
+    # has to find the option line whose text matches what it sees, which the demo model
+    # does not learn within its training budget (measured: chance level after 150 s, also
+    # with text-only lookup lessons mixed in).
+    options = list(pool)
     answerable = idk_kind is None
     scene: list[Obj] | None = objs
     if with_idk_option:

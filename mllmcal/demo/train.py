@@ -178,10 +178,6 @@ def _answer(item: dict[str, Any]) -> str:
     return item["conversations"][1]["value"].strip()
 
 
-def _offers_idk(item: dict[str, Any]) -> bool:
-    return IDK_OPTION_TEXT in parse_options(_question(item))[1].values()
-
-
 def render_prompt(processor, question_with_options: str,
                   answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
                   hint: str | None = None) -> str:
@@ -328,7 +324,8 @@ def train_demo_model(
         image_id = model.config.image_token_id
         letter_ids = {c: tok.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
         pixels = _pixel_cache(processor, data_dir, items)
-        offers_idk = np.array([_offers_idk(it) for it in items])
+        offers_idk = np.array([IDK_OPTION_TEXT in parse_options(_question(it))[1].values()
+                               for it in items])
         droppable = np.array(
             ["image" in it and it.get("answerable", True) and not o
              for it, o in zip(items, offers_idk, strict=True)]

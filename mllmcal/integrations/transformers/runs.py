@@ -98,11 +98,6 @@ class _Run:
         """``[B, 2, 1]``: z and the token id of ``index`` ``[B, 1]`` in the latest step."""
         return self.buf.gather(2, index[:, None, :].expand(self.batch, 2, 1))
 
-    def picked_z(self, n: int) -> torch.Tensor:
-        """fp32 ``[B, n]`` z of the chosen tokens of the first ``n`` steps."""
-        z = torch.cat(self.picked[:n], dim=2)[:, 0]
-        return z / self.temperature if self.raw else z
-
     def picked_tokens(self, n: int | None = None) -> torch.Tensor:
         """int64 ``[B, n]`` ids of the tokens chosen at the first ``n`` steps (as known)."""
         n = self.n_picked if n is None else min(n, self.n_picked)
@@ -130,7 +125,8 @@ class _Run:
         """``[B, n]`` fp32 log p of the chosen tokens, NaN after a row's first EOS."""
         if n == 0:
             return torch.empty(self.batch, 0, device=self.device)
-        lp = self.picked_z(n) - self.stacked("logsumexp", n)
+        z = torch.cat(self.picked[:n], dim=2)[:, 0]  # z of the chosen tokens
+        lp = (z / self.temperature if self.raw else z) - self.stacked("logsumexp", n)
         alive = self.alive(eos_ids, self.picked_tokens(n) if tokens is None else tokens, n)
         return torch.where(alive, lp, torch.full_like(lp, float("nan")))
 

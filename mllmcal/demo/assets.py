@@ -1,10 +1,6 @@
-"""Where the demo's pieces live: the shipped checkpoint and the evaluation data cache.
-
-The trained tiny LLaVA ships inside the package (``mllmcal/demo/checkpoint/``, produced by
-:data:`mllmcal.demo.train.RECIPE`; ``mllmcal demo --retrain`` reproduces it). The shapes
-VQA evaluation splits are a pure function of the seed, so they are rendered on first use
-into a cache directory rather than shipped. Nothing here trains or downloads anything, and
-nothing here imports torch.
+"""Where the demo's pieces live (see :mod:`mllmcal.demo`): the shipped checkpoint
+(``mllmcal/demo/checkpoint/``) and the cache that the evaluation splits, a pure function of
+the seed, are rendered into on first use. Nothing here trains, downloads or imports torch.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from .shapes import DEFAULT_SIZES, SPLITS, build_dataset
+from .shapes import DEFAULT_SIZES, build_dataset, merge_sizes
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -76,15 +72,6 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
-    merged = dict(EVAL_SIZES)
-    for split, n in (sizes or {}).items():
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} in sizes; expected one of {SPLITS}")
-        merged[split] = n
-    return merged
-
-
 def demo_data_dir(cache_dir: str | Path | None = None, seed: int = 0,
                   sizes: Mapping[str, int] | None = None, force: bool = False,
                   name: str = DATA_VERSION) -> Path:
@@ -101,7 +88,7 @@ def demo_data_dir(cache_dir: str | Path | None = None, seed: int = 0,
     built with other sizes, is deleted and rebuilt, never half-used.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    want = _sizes(sizes)
+    want = merge_sizes(EVAL_SIZES, sizes)
     entry = root / f"{name}-seed{seed}"
     marker = entry / MARKER
 

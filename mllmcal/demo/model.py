@@ -137,7 +137,7 @@ def build_tokenizer(vocab: dict[str, int]):
         [
             pre_tokenizers.Split(Regex(r"[ \t\r]+"), "removed"),
             pre_tokenizers.Split("\n", "isolated"),
-            pre_tokenizers.Split(Regex(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]"), "isolated"),
+            pre_tokenizers.Split(Regex(_WORD_RE.pattern), "isolated"),
         ]
     )
     tok.post_processor = processors.TemplateProcessing(
@@ -147,13 +147,8 @@ def build_tokenizer(vocab: dict[str, int]):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     # Phrase tokens are matched before pre-tokenization; single_word keeps "(A) 1" from
     # matching the start of "(A) 10".
-    tok.add_tokens(
-        [
-            AddedToken(t, single_word=True, normalized=False)
-            for t in vocab
-            if phrase_parts(t) is not None
-        ]
-    )
+    phrases = [t for t in vocab if phrase_parts(t) is not None]
+    tok.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in phrases])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,

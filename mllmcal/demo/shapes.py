@@ -167,48 +167,12 @@ def _distractors(
     ]
 
 
-def _options(correct: str, pool: list[str]) -> list[str]:
-    """The whole answer pool of the question type, in its canonical order.
-
-    Every question of a type lists the same options in the same order (palette order,
-    counts ascending, ...), as benchmarks with a closed answer set often do; which letter is
-    correct still varies with the answer. With a shuffled order a model has to find the
-    option line whose text matches what it sees, which the demo model does not learn
-    within its training budget (measured: chance level after 150 s, also with text-only
-    lookup lessons mixed in).
-    """
-    if correct not in pool:
-        raise ValueError(f"answer {correct!r} is not in the option pool {pool}")
-    return list(pool)
-
-
 def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
     """(objects, question, correct option text, option pool)."""
-    if qtype == "color":
-        shape = str(rng.choice(SHAPES))
-        color = str(rng.choice(list(COLORS)))
-        n_other = _n_distractors(rng)
-        cells = _free_cells(rng, 1 + n_other)
-        target = _obj(rng, shape, color, cells[0], small=False)
-        if hard:
-            # Paint 30-45% of the way to the confusable colour (also an option, as every
-            # colour is): the right answer is still the nearer name, but only just.
-            partner = CONFUSABLE[color]
-            t = float(rng.uniform(0.30, 0.45))
-            a, b = np.array(COLORS[color]), np.array(COLORS[partner])
-            target["rgb"] = [int(round(v)) for v in (1 - t) * a + t * b]
-        objs = [target] + _distractors(rng, n_other, cells[1:], avoid_shapes=(shape,))
-        return objs, f"What color is the {shape}?", color, list(COLORS)
-    if qtype == "shape":
-        shape = str(rng.choice(SHAPES))
-        color = SHAPE_TARGET_COLOR
-        n_other = _n_distractors(rng)
-        cells = _free_cells(rng, 1 + n_other)
-        target = _obj(rng, shape, color, cells[0], small=hard)
-        objs = [target] + _distractors(rng, n_other, cells[1:], avoid_colors=(color,))
-        return objs, f"What shape is the {color} object?", shape, list(SHAPES)
+    if qtype not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    shape = str(rng.choice(SHAPES))
     if qtype == "count":
-        shape = str(rng.choice(SHAPES))
         count = int(rng.integers(4, 6)) if hard else int(rng.integers(1, 4))
         n_other = _n_distractors(rng)
         cells = _free_cells(rng, count + n_other)
@@ -219,36 +183,43 @@ def _scene_and_question(rng: np.random.Generator, qtype: str, hard: bool):
         objs += _distractors(rng, n_other, cells[count:], avoid_shapes=(shape,))
         pool = [str(k) for k in range(1, 6)]
         return objs, f"How many {PLURALS[shape]} are in the image?", str(count), pool
-    if qtype == "position":
-        shape = str(rng.choice(SHAPES))
-        color = str(rng.choice(list(COLORS)))
-        n_other = _n_distractors(rng)
+    color = SHAPE_TARGET_COLOR if qtype == "shape" else str(rng.choice(list(COLORS)))
+    n_other = _n_distractors(rng)
+    if qtype == "position" and hard:
+        # A cell touching both centre lines, pushed towards the centre.
+        row, col = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        cells = [(row, col)] + [
+            c for c in _free_cells(rng, GRID * GRID) if c != (row, col)
+        ][:n_other]
+    else:
+        cells = _free_cells(rng, 1 + n_other)
+    target = _obj(rng, shape, color, cells[0], small=hard and qtype != "color")
+    if qtype == "color":
         if hard:
-            # A cell touching both centre lines, pushed towards the centre.
-            row, col = int(rng.integers(1, 3)), int(rng.integers(1, 3))
-            cells = [(row, col)] + [
-                c for c in _free_cells(rng, GRID * GRID) if c != (row, col)
-            ][:n_other]
-        else:
-            cells = _free_cells(rng, 1 + n_other)
-        target = _obj(rng, shape, color, cells[0], small=hard)
-        if hard:
-            push = CELL // 2 - SMALL_SIZE[1] // 2 - 1
-            target["offset"] = [push if row == 1 else -push, push if col == 1 else -push]
-        # Distractors differ in colour so that "the {color} {shape}" names one object.
-        objs = [target] + _distractors(rng, n_other, cells[1:], avoid_colors=(color,))
-        return objs, f"Where is the {color} {shape}?", quadrant(target), list(QUADRANTS)
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+            # Paint 30-45% of the way to the confusable colour (also an option, as every
+            # colour is): the right answer is still the nearer name, but only just.
+            partner = CONFUSABLE[color]
+            t = float(rng.uniform(0.30, 0.45))
+            a, b = np.array(COLORS[color]), np.array(COLORS[partner])
+            target["rgb"] = [int(round(v)) for v in (1 - t) * a + t * b]
+        objs = [target] + _distractors(rng, n_other, cells[1:], avoid_shapes=(shape,))
+        return objs, f"What color is the {shape}?", color, list(COLORS)
+    if qtype == "position" and hard:
+        push = CELL // 2 - SMALL_SIZE[1] // 2 - 1
+        target["offset"] = [push if row == 1 else -push, push if col == 1 else -push]
+    # Distractors differ in colour, so that the question names one object.
+    objs = [target] + _distractors(rng, n_other, cells[1:], avoid_colors=(color,))
+    if qtype == "shape":
+        return objs, f"What shape is the {color} object?", shape, list(SHAPES)
+    return objs, f"Where is the {color} {shape}?", quadrant(target), list(QUADRANTS)
 
 
 def _mismatched_scene(rng: np.random.Generator, qtype: str, question_objs: list[Obj]) -> list[Obj]:
     """A scene without the object the question asks about (so it cannot be answered)."""
     target = question_objs[0]
-    if qtype in ("color", "count"):
-        avoid_shapes: tuple[str, ...] = (target["shape"],)
-        avoid_colors: tuple[str, ...] = ()
-    else:
-        avoid_shapes, avoid_colors = (), (target["color"],)
+    by_shape = qtype in ("color", "count")
+    avoid_shapes = (target["shape"],) if by_shape else ()
+    avoid_colors = () if by_shape else (target["color"],)
     n = int(rng.integers(1, 4))
     return _distractors(rng, n, _free_cells(rng, n), avoid_shapes, avoid_colors)
 
@@ -286,7 +257,12 @@ def make_item(seed: int, split: str, index: int) -> dict[str, Any]:
             hard = False  # unanswerable for a reason of its own, not a hard picture
 
     objs, question, correct, pool = _scene_and_question(rng, qtype, hard)
-    options = _options(correct, pool)
+    # The type's whole answer pool in its canonical order (palette order, counts ascending,
+    # ...), as benchmarks with a closed answer set often do. With a shuffled order a model
+    # has to find the option line whose text matches what it sees, which the demo model
+    # does not learn within its training budget (measured: chance level after 150 s, also
+    # with text-only lookup lessons mixed in).
+    options = list(pool)
     answerable = idk_kind is None
     scene: list[Obj] | None = objs
     if with_idk_option:
@@ -317,6 +293,16 @@ def make_item(seed: int, split: str, index: int) -> dict[str, Any]:
     return record
 
 
+def merge_sizes(base: Mapping[str, int], sizes: Mapping[str, int] | None) -> dict[str, int]:
+    """Items per split: ``base`` updated with ``sizes``, whose splits must be in :data:`SPLITS`."""
+    merged = dict(base)
+    for split, n in (sizes or {}).items():
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} in sizes; expected one of {SPLITS}")
+        merged[split] = n
+    return merged
+
+
 def build_dataset(
     out_dir: str | Path, seed: int = 0, sizes: Mapping[str, int] | None = None
 ) -> dict[str, Path]:
@@ -332,13 +318,10 @@ def build_dataset(
     Returns:
         ``{split: path of its JSON file}`` for every split written.
     """
-    merged = dict(DEFAULT_SIZES)
-    for split, n in (sizes or {}).items():
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} in sizes; expected one of {SPLITS}")
+    merged = merge_sizes(DEFAULT_SIZES, sizes)
+    for split, n in merged.items():
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"sizes[{split!r}] must be a non-negative int, got {n!r}")
-        merged[split] = n
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

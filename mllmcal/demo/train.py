@@ -178,10 +178,6 @@ def _answer(item: dict[str, Any]) -> str:
     return item["conversations"][1]["value"].strip()
 
 
-def _offers_idk(item: dict[str, Any]) -> bool:
-    return IDK_OPTION_TEXT in parse_options(_question(item))[1].values()
-
-
 def render_prompt(processor, question_with_options: str,
                   answer_prefix: str = DEFAULT_ANSWER_PREFIX, with_image: bool = True,
                   hint: str | None = None) -> str:
@@ -265,7 +261,7 @@ def _lr_scale(step: int, steps: int, warmup: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _targets_for(item: dict[str, Any], variant: str, tok, letter_ids: dict[str, int],
+def _targets_for(item: dict[str, Any], variant: str, letter_ids: dict[str, int],
                  close_id: int, eos_id: int) -> tuple[list[int], list[int]]:
     """``(hard target ids, soft first-token ids)`` of an item under a prompt variant.
 
@@ -328,7 +324,8 @@ def train_demo_model(
         image_id = model.config.image_token_id
         letter_ids = {c: tok.convert_tokens_to_ids(c) for c in OPTION_LETTERS}
         pixels = _pixel_cache(processor, data_dir, items)
-        offers_idk = np.array([_offers_idk(it) for it in items])
+        offers_idk = np.array([IDK_OPTION_TEXT in parse_options(_question(it))[1].values()
+                               for it in items])
         droppable = np.array(
             ["image" in it and it.get("answerable", True) and not o
              for it, o in zip(items, offers_idk, strict=True)]
@@ -385,7 +382,8 @@ def train_demo_model(
                     order, cursor = pool[rng.permutation(len(pool))], 0
                 idx = order[cursor : cursor + recipe.batch_size]
                 cursor += recipe.batch_size
-                prompts, images, targets, soft, is_mc = [], [], [], [], []
+                # (prompt, image or None, hard target ids, soft target ids, multiple choice)
+                examples = []
                 for i in idx:
                     it = items[i]
                     prefix = ANSWER_PREFIXES[int(rng.integers(len(ANSWER_PREFIXES)))]
@@ -393,34 +391,27 @@ def train_demo_model(
                         variant = ("plain" if rng.random() < recipe.plain_idk_fraction
                                    else _INVITING[int(rng.integers(len(_INVITING)))])
                         with_image = "image" in it
-                        hard, sft = _targets_for(it, variant, tok, letter_ids, close_id, eos_id)
-                        prompts.append(render_prompt(processor, _question(it), prefix, with_image,
-                                                     ABSTENTION_HINTS[variant]))
-                        images.append(it["image"] if with_image else None)
-                        targets.append(hard)
-                        soft.append(sft)
-                        is_mc.append(bool(hard))
-                        continue
-                    if droppable[i] and rng.random() < recipe.open_ended_fraction:
+                        hard, sft = _targets_for(it, variant, letter_ids, close_id, eos_id)
+                        prompt = render_prompt(processor, _question(it), prefix, with_image,
+                                               ABSTENTION_HINTS[variant])
+                        examples.append((prompt, it["image"] if with_image else None, hard, sft,
+                                         bool(hard)))
+                    elif droppable[i] and rng.random() < recipe.open_ended_fraction:
                         # Open-ended twin: the option text itself, without options to pick
                         # from. An auxiliary task in a raw format of its own (not a chat
                         # prompt): naming what is in the picture is one hop and is learnt fast,
                         # and gives the multiple-choice answer a head start.
                         stem, options = parse_options(_question(it))
-                        prompts.append(f"{IMAGE_TOKEN}\n{stem}\n{prefix}:")
-                        images.append(it["image"])
                         words = tok(options[_answer(it)], add_special_tokens=False)["input_ids"]
-                        targets.append([*words, eos_id])
-                        soft.append([])
-                        is_mc.append(False)
-                        continue
-                    with_image = "image" in it and not (
-                        droppable[i] and rng.random() < recipe.text_only_fraction)
-                    prompts.append(render_prompt(processor, _question(it), prefix, with_image))
-                    images.append(it["image"] if with_image else None)
-                    targets.append([letter_ids[_answer(it)], close_id, eos_id])
-                    soft.append([])
-                    is_mc.append(True)
+                        examples.append((f"{IMAGE_TOKEN}\n{stem}\n{prefix}:", it["image"],
+                                         [*words, eos_id], [], False))
+                    else:
+                        with_image = "image" in it and not (
+                            droppable[i] and rng.random() < recipe.text_only_fraction)
+                        prompt = render_prompt(processor, _question(it), prefix, with_image)
+                        examples.append((prompt, it["image"] if with_image else None,
+                                         [letter_ids[_answer(it)], close_id, eos_id], [], True))
+                prompts, images, targets, soft, is_mc = zip(*examples, strict=True)
                 ids, mask, pv, pos, tgt = _batch(tok, pixels, prompts, images, targets)
                 hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pv).last_hidden_state
                 rows = torch.arange(len(idx))[:, None]

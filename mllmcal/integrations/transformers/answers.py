@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria
 
 from .processor import CalibratedLogitsProcessor
+from .runs import eos_ids
 
 __all__ = ["StopAtAnswer"]
 
@@ -73,10 +74,7 @@ class StopAtAnswer(StoppingCriteria):
             raise ValueError("answer_tokens: a bool mask must be [V] or [B, V] with V >= 1, "
                              f"got shape {tuple(mask.shape)}")
         self.answer_mask = mask
-        eos = [] if eos_token_id is None else (
-            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-        )
-        self.eos = torch.tensor(eos, dtype=torch.long)
+        self.eos = torch.tensor(eos_ids(eos_token_id) or [], dtype=torch.long)
         self.keep_rows = keep_rows
         self.reset()
 

@@ -1,12 +1,4 @@
-"""Request feedback and monitoring for :class:`~.processor.CalibratedLogitsProcessor`.
-
-:class:`FeedbackMonitor` is the shared :class:`~mllmcal.integrations._feedback.FeedbackBook`
-(rows waiting for a verdict, by request id, and the :class:`mllmcal.CalibrationState` it
-feeds) with what a ``generate`` processor adds: a waiting row points at its run until
-the run's last tokens are known, then holds the run's ``[B]`` sequence confidences; and
-every finished run's token-level statistics are folded into running totals for
-dashboards. It holds O(pending rows + n_bins) state and never touches a ``[B, V]`` tensor.
-"""
+"""Request feedback and monitoring for :class:`~.processor.CalibratedLogitsProcessor`."""
 
 from __future__ import annotations
 
@@ -37,8 +29,13 @@ class PendingRow:
 
 
 class FeedbackMonitor(FeedbackBook[PendingRow]):
-    """Rows waiting for correctness feedback, the calibration state it feeds, and running
-    token-level totals. The processor owns one (``proc.monitor``) and forwards to it.
+    """The shared :class:`~mllmcal.integrations._feedback.FeedbackBook` (rows waiting for a
+    verdict, by request id, and the :class:`mllmcal.CalibrationState` it feeds) with what a
+    ``generate`` processor adds: a waiting row points at its run until the run's last
+    tokens are known, then holds the run's ``[B]`` sequence confidences; and every finished
+    run's token-level statistics are folded into running totals for dashboards. It holds
+    O(pending rows + n_bins) state and never touches a ``[B, V]`` tensor. The processor
+    owns one (``proc.monitor``) and forwards to it.
 
     Args:
         n_bins: bins of the calibration histogram and of the token-confidence histogram.
@@ -92,18 +89,24 @@ class FeedbackMonitor(FeedbackBook[PendingRow]):
     def close_rows(self, owner: object, confidence: torch.Tensor | None, why: str = "") -> None:
         """The run ``owner`` ended: its waiting rows now hold their sequence confidence, or
         are dropped with a warning when it could not be known (``confidence`` None)."""
-        mine = [(rid, e) for rid, e in self.items() if e.source is owner]
         if confidence is None:
-            for rid, _ in mine:
-                self.discard(rid)
-            if mine:
+            n = self.drop_rows(owner)
+            if n:
                 warnings.warn(
-                    f"CalibratedLogitsProcessor: {len(mine)} rows waiting for feedback were "
+                    f"CalibratedLogitsProcessor: {n} rows waiting for feedback were "
                     f"dropped: {why}", RuntimeWarning, stacklevel=4,
                 )
             return
-        for rid, e in mine:
-            self.replace(rid, PendingRow(confidence, e.row))
+        for rid, e in self.items():
+            if e.source is owner:
+                self.replace(rid, PendingRow(confidence, e.row))
+
+    def drop_rows(self, owner: object) -> int:
+        """Drop the waiting rows of the run ``owner`` without a warning; returns how many."""
+        mine = [rid for rid, e in self.items() if e.source is owner]
+        for rid in mine:
+            self.discard(rid)
+        return len(mine)
 
     def fold_totals(self, totals: torch.Tensor, hist: torch.Tensor, steps: int) -> None:
         """Add a finished run's token totals (see :meth:`token_summary`)."""
@@ -125,13 +128,10 @@ class FeedbackMonitor(FeedbackBook[PendingRow]):
             t, h = running
             totals = t if totals is None else totals + t.to(totals.device)
             hist = h if hist is None else hist + h.to(hist.device)
-        if totals is None:
-            return {"tokens": 0, "mean_confidence": float("nan"), "mean_entropy": float("nan"),
-                    "confidence_histogram": [0] * self.n_bins}
-        count, sc, se = totals.tolist()
+        count, sc, se = (0, 0.0, 0.0) if totals is None else totals.tolist()
         return {
             "tokens": int(count),
             "mean_confidence": sc / count if count else float("nan"),
             "mean_entropy": se / count if count else float("nan"),
-            "confidence_histogram": hist.tolist(),
+            "confidence_histogram": [0] * self.n_bins if hist is None else hist.tolist(),
         }

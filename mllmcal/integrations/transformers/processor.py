@@ -21,14 +21,13 @@ a top-k of candidates is exact for greedy decoding only. What remains is a priva
 and the fused kernel writes it for free: :func:`mllmcal.token_stats` already has a
 ``scaled_out`` output, so the one pass that computes the statistics also writes
 ``z = scores / T`` into a buffer this processor owns. One buffer per run, reused every
-step (no allocation per step); at the next call one gather reads ``z[b, token_b]`` -- and,
-from a second plane of the buffer holding the column indices, ``token_b`` itself, so the
-tokens a run saw are recorded for the checks at read time at no extra op (a ``[B, 2, V]``
-fp32 buffer, see :class:`~.runs._Run`). Per step: **one fused op and one gather**, no host
-sync; held memory is that one buffer plus O(B · steps) ``[B]`` records. (With fp16/bf16
-scores, which ``generate`` never passes -- it hands processors fp32 -- the buffer keeps an
-fp32 copy of the raw scores instead, one more op: ``z`` rounded to the scores' dtype
-would not be exact.)
+step (no allocation per step); at the next call one gather reads ``z[b, token_b]`` and,
+from a second plane of column indices, ``token_b`` itself for the checks at read time (a
+``[B, 2, V]`` fp32 buffer, see :class:`~.runs._Run`). Per step: **one fused op and one
+gather**, no host sync; held memory is that one buffer plus O(B · steps) ``[B]`` records.
+(With fp16/bf16 scores, which ``generate`` never passes -- it hands processors fp32 -- the
+buffer keeps an fp32 copy of the raw scores instead, one more op: ``z`` rounded to the
+scores' dtype would not be exact.)
 
 The temperature is the calibration temperature of temperature scaling (Guo et al., "On
 Calibration of Modern Neural Networks", ICML 2017, https://arxiv.org/abs/1706.04599).
@@ -39,24 +38,15 @@ calibrated sampling; the same as observe-only followed by transformers'
 
 Runs
 ----
-A *run* is what one ``generate`` call records. Its boundary is given explicitly::
-
-    with proc.run(request_ids=["q1", "q2"]) as run:
-        out = model.generate(**inputs, logits_processor=[proc])
-    logp = run.finish(out.sequences)
-
-Every call inside the ``with`` block belongs to that run, whatever the shapes (see
-:class:`~.runs.GenerationRun`). Without a scope, a run ends when its results are read with
-``sequences`` (:meth:`~CalibratedLogitsProcessor.token_logprobs`,
-:meth:`~CalibratedLogitsProcessor.finish`), at
-:meth:`~CalibratedLogitsProcessor.reset`, or when ``request_ids`` is set; the next call
-then starts a new one. A call that arrives while an unread run is open is told apart
-from that run's next step by shapes alone (batch, vocabulary, one more token): that is
-ambiguous -- a ``generate`` fed the previous ``out.sequences``, or another prompt of that
-length, looks exactly like the next step -- so it warns once (``FutureWarning``) when it
-starts a new run, and a merged run is read only if it is exact: each step's gather also
-records the token id (one gather returns both, see :class:`~.runs._Run`), and results
-are refused unless every recorded token and the prompt equal ``sequences``.
+A *run* is what one ``generate`` call records; ``with proc.run(request_ids=...) as run:``
+around the call gives its boundary (see :mod:`.runs`). Without a scope, a run ends when
+its results are read with ``sequences`` (:meth:`~CalibratedLogitsProcessor.token_logprobs`,
+:meth:`~CalibratedLogitsProcessor.finish`), at :meth:`~CalibratedLogitsProcessor.reset`,
+or when ``request_ids`` is set; the next call then starts a new one. A call that arrives
+while an unread run is open is told apart from that run's next step by shapes alone
+(batch, vocabulary, one more token), which is ambiguous (see :mod:`.runs`): it warns once
+(``FutureWarning``) when it starts a new run, and a merged run is read only if every
+recorded token and the prompt equal ``sequences``.
 
 Beam search cannot be followed through the public interface: beams are reordered between
 steps, so a row's scores at one step and its token at the next belong to different beams.
@@ -84,7 +74,7 @@ from transformers import LogitsProcessor
 from ...ops import TokenStats, check_scalar_temperature, token_stats
 from .._feedback import SEQUENCE_CONFIDENCE_KINDS, pick_confidence, sequence_scores
 from .feedback import FeedbackMonitor
-from .runs import BEAM_SEARCH, MAX_VOCAB, GenerationRun, _Run, check_sequences
+from .runs import BEAM_SEARCH, MAX_VOCAB, GenerationRun, _Run, check_sequences, eos_ids
 
 __all__ = ["CalibratedLogitsProcessor", "GenerationRun"]
 
@@ -152,11 +142,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     ) -> None:
         self.temperature = check_scalar_temperature(temperature)
         self.monitor = FeedbackMonitor(n_bins, sequence_confidence, max_pending)
-        self.eos_token_id = (
-            None if eos_token_id is None
-            else [int(eos_token_id)] if isinstance(eos_token_id, int)
-            else [int(e) for e in eos_token_id]
-        )
+        self.eos_token_id = eos_ids(eos_token_id)
         self.scale_scores = bool(scale_scores)
         self.backend = backend
         self._request_ids: list[Hashable] | None = None
@@ -184,13 +170,9 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ run scopes
 
     def run(self, request_ids: Sequence[Hashable] | None = None) -> GenerationRun:
-        """The scope of one ``generate`` call: ``with proc.run(request_ids=[...]) as run:``.
-
-        Every processor call inside the block is one run, started afresh; ``request_ids``
-        (one per row, optional) name its rows for :meth:`add_feedback`. Read the results
-        from the returned :class:`~.runs.GenerationRun` after the block, e.g.
-        ``run.finish(out.sequences)``.
-        """
+        """The scope of one ``generate`` call: ``with proc.run(request_ids=[...]) as run:``;
+        ``request_ids`` (one per row, optional) name its rows for :meth:`add_feedback`. See
+        :class:`~.runs.GenerationRun` for the rules and the results read after the block."""
         return GenerationRun(self, request_ids)
 
     def _open_scope(self, scope: GenerationRun) -> None:
@@ -236,22 +218,18 @@ class CalibratedLogitsProcessor(LogitsProcessor):
             run.last_storage = storage
         else:
             run = self._start_run(input_ids, scores)
-        t = run.temperature
-        returned = scores
+        t, z = run.temperature, run.buf[:, 0]
+        scale = self.scale_scores and t != 1.0
         if run.raw:
-            run.buf[:, 0].copy_(scores)
-            out = torch.empty_like(scores) if self.scale_scores and t != 1.0 else None
-            s = token_stats(scores, temperature=t, scaled_out=out, backend=self.backend,
-                            validate=False)
-            returned = scores if out is None else out
+            z.copy_(scores)
+            out = torch.empty_like(scores) if scale else None
         else:
-            z = run.buf[:, 0]
-            s = token_stats(scores, temperature=t, scaled_out=z, backend=self.backend,
-                            validate=False)
-            if self.scale_scores and t != 1.0:
-                returned = z.clone()
+            out = z
+        s = token_stats(scores, temperature=t, scaled_out=out, backend=self.backend, validate=False)
         run.stats.append(s)  # [B] views of the op's outputs: no copy
-        return returned
+        if not scale:
+            return scores
+        return out if run.raw else z.clone()
 
     @staticmethod
     def _continues(run: _Run, input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
@@ -340,9 +318,7 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def _refuse(self, run: _Run, why: str) -> None:
         """End ``run`` with an error that every read of it repeats."""
         run.error, run.buf, run.closed = why, None, True
-        for rid, e in self.monitor.items():
-            if e.source is run:
-                self.monitor.discard(rid)
+        self.monitor.drop_rows(run)
         self._run = None
         raise ValueError(why)
 
@@ -460,13 +436,9 @@ class CalibratedLogitsProcessor(LogitsProcessor):
 
     def _step_records(self, run: _Run) -> dict[str, torch.Tensor]:
         run.check()
-        return {
-            "confidence": run.stacked("confidence"),
-            "entropy": run.stacked("entropy"),
-            "logsumexp": run.stacked("logsumexp"),
-            "prediction": run.stacked("prediction"),
-            "alive": run.alive(self.eos_token_id, run.picked_tokens(), run.n_steps),
-        }
+        records = {k: run.stacked(k) for k in ("confidence", "entropy", "logsumexp", "prediction")}
+        records["alive"] = run.alive(self.eos_token_id, run.picked_tokens(), run.n_steps)
+        return records
 
     def latest_stats(self) -> TokenStats:
         """The :class:`mllmcal.TokenStats` (``[B]`` fields) of the latest step."""
@@ -486,16 +458,12 @@ class CalibratedLogitsProcessor(LogitsProcessor):
     def nbytes(self) -> int:
         """Bytes of device memory the records hold: O(B · steps) plus the one ``[B, 2, V]``
         buffer of the latest step; independent of the number of steps otherwise."""
-        storages: dict[int, int] = {}
         run = self._latest_run
-        if run is not None:
-            tensors = [run.first_ids, *run.picked]
-            tensors += [t for s in run.stats for t in (s.logsumexp, s.prediction, s.flags)]
-            if run.buf is not None:
-                tensors.append(run.buf)
-            for t in tensors:
-                st = t.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
+        if run is None:
+            return 0
+        tensors = [run.first_ids, *run.picked, *([] if run.buf is None else [run.buf])]
+        tensors += [t for s in run.stats for t in (s.logsumexp, s.prediction, s.flags)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
     # ------------------------------------------------------------------ monitoring

@@ -3,14 +3,11 @@ records, and the explicit scope that says where a run begins and ends.
 
 A logits processor sees ``(input_ids, scores)`` and nothing else: it cannot tell the next
 step of a ``generate`` call from the first step of another call fed the previous
-``out.sequences`` (both are the previous ``input_ids`` plus one token). So the run
-boundary is given, not guessed: ``with proc.run(request_ids=...) as run:`` around one
-``generate`` call makes every processor call inside it one run, the request ids that
-run's rows, and ``run.finish(out.sequences)`` its results.
-
-What the checks rest on: each step's one gather records the chosen token's id next to its
-``z`` (see :class:`_Run`), so results are read only when every recorded token equals the
-generated column of ``sequences`` at that step and the prompt equals the first call's.
+``out.sequences`` (both are the previous ``input_ids`` plus one token) or another prompt of
+that length. So the run boundary is given, not guessed (:class:`GenerationRun`). Each
+step's one gather records the chosen token's id next to its ``z`` (see :class:`_Run`), so
+results are read only when every recorded token equals the generated column of
+``sequences`` at that step and the prompt equals the first call's.
 """
 
 from __future__ import annotations
@@ -40,6 +37,13 @@ BEAM_SEARCH = (
     "logits processor cannot follow beams; use num_beams=1 (greedy or sampling, any "
     "num_return_sequences)"
 )
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int] | None:
+    """``eos_token_id`` (one id, several, or None) as a list of ints, or None."""
+    if eos_token_id is None:
+        return None
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
 @dataclass(eq=False)
@@ -94,11 +98,6 @@ class _Run:
         """``[B, 2, 1]``: z and the token id of ``index`` ``[B, 1]`` in the latest step."""
         return self.buf.gather(2, index[:, None, :].expand(self.batch, 2, 1))
 
-    def picked_z(self, n: int) -> torch.Tensor:
-        """fp32 ``[B, n]`` z of the chosen tokens of the first ``n`` steps."""
-        z = torch.cat(self.picked[:n], dim=2)[:, 0]
-        return z / self.temperature if self.raw else z
-
     def picked_tokens(self, n: int | None = None) -> torch.Tensor:
         """int64 ``[B, n]`` ids of the tokens chosen at the first ``n`` steps (as known)."""
         n = self.n_picked if n is None else min(n, self.n_picked)
@@ -126,7 +125,8 @@ class _Run:
         """``[B, n]`` fp32 log p of the chosen tokens, NaN after a row's first EOS."""
         if n == 0:
             return torch.empty(self.batch, 0, device=self.device)
-        lp = self.picked_z(n) - self.stacked("logsumexp", n)
+        z = torch.cat(self.picked[:n], dim=2)[:, 0]  # z of the chosen tokens
+        lp = (z / self.temperature if self.raw else z) - self.stacked("logsumexp", n)
         alive = self.alive(eos_ids, self.picked_tokens(n) if tokens is None else tokens, n)
         return torch.where(alive, lp, torch.full_like(lp, float("nan")))
 
@@ -148,7 +148,6 @@ class _Run:
 def check_sequences(run: _Run, sequences: torch.Tensor) -> int:
     """Check ``sequences`` ``[B, L]`` against what ``run`` saw; return the number of steps
     that produced tokens (``L - prompt``). A host sync (reads happen after ``generate``)."""
-    run.check()
     if sequences.dim() != 2:
         raise ValueError(f"sequences must be [B, L], got shape {tuple(sequences.shape)}")
     if sequences.shape[0] != run.batch:

@@ -1,10 +1,5 @@
-"""Teacher-forced next-token calibration of a ``transformers`` model over a corpus.
-
-:func:`score_tokens` runs the model body once and sends its last hidden state through
-the output embedding a few positions at a time, so no ``[B, L, V]`` logits tensor exists
-at once; each ``[B, chunk, V]`` block goes to ``CalibrationState.update_logits`` (one fused
-``token_stats`` pass with the histogram update).
-"""
+"""Teacher-forced next-token calibration of a ``transformers`` model over a corpus
+(:func:`score_tokens`, :func:`iter_score_tokens`)."""
 
 from __future__ import annotations
 
@@ -46,23 +41,6 @@ def _fused_head(model: torch.nn.Module, head: Any, hidden: torch.Tensor, state: 
             or (bias is not None and bias.device != hidden.device)):
         return None
     return weight, bias, scale
-
-
-def _final_logit_transform(model: torch.nn.Module):
-    """Post-``lm_head`` transforms some causal LMs apply in ``forward``; the chunked path
-    calls ``lm_head`` itself, so it must apply them too."""
-    cfg = _text_config(model)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-
-    def f(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None and scale != 1.0:
-            logits = logits * scale
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return f
 
 
 @torch.no_grad()
@@ -171,14 +149,20 @@ def score_tokens(
         t_eff = check_scalar_temperature(temperature / scale)
         state.update_hidden(hidden, weight, target, t_eff, bias=bias, ignore_index=ignore_index)
         return state
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else _text_config(model).vocab_size
+    cfg = _text_config(model)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else cfg.vocab_size
     if chunk_size is None:
         chunk_size = max(1, (1 << 24) // max(1, b * vocab))
-    transform = _final_logit_transform(model)
+    # Post-lm_head transforms some causal LMs apply in forward: calling lm_head here, so must we.
+    cap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
     for p0 in range(0, length, int(chunk_size)):
         p1 = min(length, p0 + int(chunk_size))
         tgt = target[:, p0:p1]
-        logits = transform(head(hidden[:, p0:p1]))
+        logits = head(hidden[:, p0:p1])
+        if scale is not None and scale != 1.0:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         state.update_logits(logits, tgt, temperature=temperature, ignore_index=ignore_index)
         del logits
     return state

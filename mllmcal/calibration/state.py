@@ -194,10 +194,6 @@ class CalibrationState:
             self._carry()
         self._lo_rows += rows
 
-    def _reserve_rows_of(self, x: torch.Tensor) -> None:
-        """:meth:`_reserve` for the rows of a ``[..., V]`` (or ``[..., H]``) tensor."""
-        self._reserve(x.numel() // max(1, x.shape[-1]) if x.dim() else 1)
-
     # ------------------------------------------------------------------ updates
 
     def update(
@@ -256,7 +252,7 @@ class CalibrationState:
         if labels is None:
             raise ValueError("update_logits needs labels (to know which predictions are correct)")
         self._adopt(logits.device)
-        self._reserve_rows_of(logits)
+        self._reserve(logits.numel() // max(1, logits.shape[-1]) if logits.dim() else 1)
         stats = token_stats(
             logits, labels, temperature, backend, ignore_index=ignore_index,
             histogram=self.hist, validate=validate,
@@ -271,7 +267,7 @@ class CalibrationState:
         through :func:`mllmcal.linear_token_stats` (``hidden`` ``[..., H]``, ``weight``
         ``[V, H]``, ``bias`` ``[V]``, ``labels`` ``[...]``; the tiles' logits are fp32)."""
         self._adopt(hidden.device)
-        self._reserve_rows_of(hidden)
+        self._reserve(hidden.numel() // max(1, hidden.shape[-1]) if hidden.dim() else 1)
         stats = linear_token_stats(hidden, weight, labels, temperature=temperature, bias=bias,
                                    histogram=self.hist, ignore_index=ignore_index, backend=backend)
         self._add_scores(stats.label_logprob.reshape(-1), stats.brier.reshape(-1))

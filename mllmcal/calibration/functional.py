@@ -32,7 +32,7 @@ from .. import _contract as C
 __all__ = [
     "BINNINGS", "NORMS", "LIMB_BITS", "LIMB_MASK", "HI_LIMIT", "MAX_VALUE",
     "NLL_FIXED_POINT_SCALE", "BRIER_FIXED_POINT_SCALE", "NLL_OVERFLOW_NATS",
-    "check_n_bins", "check_norm", "check_binning", "check_pairs",
+    "check_choice", "check_n_bins", "check_norm", "check_binning", "check_pairs",
     "bin_index", "quantile_bin_index", "bin_sums", "ece_from_bins", "ece_from_bins_batched",
     "saturating_add", "carry_",
 ]
@@ -88,18 +88,21 @@ def check_n_bins(n_bins: Any) -> int:
     return n_bins
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` if it is one of ``choices`` (``ValueError`` naming ``name`` otherwise)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_norm(norm: Any) -> str:
     """``norm`` if it is one of :data:`NORMS` (``ValueError`` otherwise)."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
+    return check_choice("norm", norm, NORMS)
 
 
 def check_binning(binning: Any) -> str:
     """``binning`` if it is one of :data:`BINNINGS` (``ValueError`` otherwise)."""
-    if binning not in BINNINGS:
-        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
-    return binning
+    return check_choice("binning", binning, BINNINGS)
 
 
 def check_pairs(

@@ -442,11 +442,9 @@ class TemperatureFitAccumulator:
             j = max(ties, key=lambda i: self._temps[i])
             t = self._temps[j]
             info["nll"] = float(self.nll[j]) / n
-            low = self.nll[j]
-            if len(self._temps) > 1 and (self.nll[0] == low or self.nll[-1] == low):
+            if self.nll[0] == self.nll[j] or self.nll[-1] == self.nll[j]:
                 # The lowest NLL of the grid is reached at an end (also as a tie, as over the
-                # flat tail where separable rows' NLL underflows to 0): the optimum may lie
-                # beyond it.
+                # flat tail): the optimum may lie beyond it.
                 _log.warning("fit_temperature: the lowest NLL of the grid is reached at its end "
                              "(T=%g chosen); the optimum may lie beyond it (widen t_min/t_max)", t)
                 info["at_bound"] = True

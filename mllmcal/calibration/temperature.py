@@ -61,7 +61,7 @@ def _batches(logits_or_batches: Any, labels: torch.Tensor | None) -> Callable[[]
     source = _checked(logits_or_batches, labels)
     if callable(source):
         return lambda: iter(source())
-    if iter(source) is source:
+    if _is_one_shot(source):
         raise TypeError(
             "method='newton' reads the data several times, but a one-shot iterator/generator "
             "can be read only once. Use method='onepass' (or 'auto'), or pass a list of "
@@ -232,9 +232,7 @@ def fit_temperature(
             acc.update(x, y)
         t, info = acc.fit(return_info=True)
         # Report the grid in increasing T, the order of PAPER_TEMPERATURE_GRID.
-        info["grid"] = info["grid"].flip(0)
-        info["grid_nll"] = info["grid_nll"].flip(0)
-        info["method"] = method
+        info.update(grid=info["grid"].flip(0), grid_nll=info["grid_nll"].flip(0), method=method)
         return (t, info) if return_info else t
 
     t_min = 1e-2 if t_min is None else t_min

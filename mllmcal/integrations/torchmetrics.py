@@ -46,7 +46,7 @@ import torch
 from torchmetrics import Metric
 
 from .. import _contract as C
-from ..calibration.functional import carry_, check_norm
+from ..calibration.functional import carry_, check_choice, check_norm
 from ..calibration.state import MAX_ROWS_PER_UPDATE, CalibrationState
 from ..ops import histogram_add_, token_stats
 
@@ -90,8 +90,7 @@ class CalibrationError(Metric):
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
         check_norm(norm)
-        if input_format not in _FORMATS:
-            raise ValueError(f"input_format must be one of {_FORMATS}, got {input_format!r}")
+        check_choice("input_format", input_format, _FORMATS)
         self.n_bins, self.norm = n_bins, norm
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.input_format, self.validate_args = input_format, validate_args

@@ -19,7 +19,7 @@ import torch
 
 from ..ops import token_stats
 from .functional import (
-    bin_index,
+    assign_bins,
     bin_sums,
     check_binning,
     check_n_bins,
@@ -27,7 +27,6 @@ from .functional import (
     check_pairs,
     ece_from_bins,
     ece_from_bins_batched,
-    quantile_bin_index,
 )
 from .state import CalibrationState
 
@@ -70,13 +69,6 @@ def _check_bins(n_bins: int, binning: str) -> None:
     check_binning(binning)
 
 
-def _bins(raw: torch.Tensor, y: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
-    """int64 ``[n]`` bin of each sample (``raw`` the confidence in its own dtype)."""
-    if binning == "uniform":
-        return bin_index(raw, n_bins)
-    return quantile_bin_index(raw, y, n_bins)
-
-
 # --------------------------------------------------------------------------- binned ECE
 
 
@@ -109,7 +101,7 @@ def ece(
     _check_bins(n_bins, binning)
     raw, c, y = _pairs(confidence, correct)
     _require_nonempty(c.numel(), "ECE")
-    return ece_from_bins(*bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins), norm)
+    return ece_from_bins(*bin_sums(c, y, assign_bins(raw, y, n_bins, binning), n_bins), norm)
 
 
 def debiased_l2_ece(
@@ -138,7 +130,7 @@ def debiased_l2_ece(
         _check_bins(n_bins, binning)
         raw, c, y = _pairs(confidence, correct)
         _require_nonempty(c.numel(), "debiased ECE")
-        n, sc, sy = bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins)
+        n, sc, sy = bin_sums(c, y, assign_bins(raw, y, n_bins, binning), n_bins)
     big = n >= 2
     nb = n[big]
     acc = sy[big] / nb
@@ -404,15 +396,8 @@ def ece_bootstrap_ci(
         r = min(chunk, n_boot - i0)
         idx = torch.randint(0, n, (r, n), generator=gen)
         cr, yr = c[idx], y[idx]
-        if binning == "uniform":
-            b = bin_index(raw, n_bins)[idx]
-        else:
-            # Per-replicate equal-mass bins: rank within the replicate, ties by correctness.
-            o1 = torch.argsort(yr, dim=1, stable=True)
-            o2 = torch.argsort(raw[idx].gather(1, o1), dim=1, stable=True)
-            order = o1.gather(1, o2)
-            b = torch.empty_like(order)
-            b.scatter_(1, order, (torch.arange(n) * n_bins // n).expand(r, n).contiguous())
+        # Quantile bins are per replicate: rank within the replicate, ties by correctness.
+        b = assign_bins(raw[idx], yr, n_bins, binning)
         flat = (b + torch.arange(r)[:, None] * n_bins).reshape(-1)
         size = r * n_bins
         cnt = torch.bincount(flat, minlength=size).double().reshape(r, n_bins)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import assign_bins, bin_index, check_binning, check_n_bins, check_pairs
+from .functional import assign_bins, bin_index, bin_sums, check_binning, check_n_bins, check_pairs
 
 __all__ = ["HistogramBinning", "IsotonicRegression", "pav"]
 
@@ -54,8 +54,8 @@ class HistogramBinning:
         raw, c, y = _fit_pairs(confidence, correct)
         nb = self.n_bins
         b = assign_bins(raw, y, nb, self.binning)
-        cnt = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, torch.ones_like(c))
-        acc = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, y) / cnt.clamp_min(1)
+        cnt, _, hits = bin_sums(c, y, b, nb)
+        acc = hits / cnt.clamp_min(1)
         if self.binning == "uniform":
             self.edges = torch.arange(1, nb, dtype=torch.float64) / nb
             centre = (torch.arange(nb, dtype=torch.float64) + 0.5) / nb

@@ -94,9 +94,8 @@ class CalibrationError(Metric):
         self.n_bins, self.norm = n_bins, norm
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.input_format, self.validate_args = input_format, validate_args
-        self.add_state("hist", torch.zeros(3, n_bins, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("hist_hi", torch.zeros(3, n_bins, dtype=torch.int64),
-                       dist_reduce_fx="sum")
+        for name in ("hist", "hist_hi"):
+            self.add_state(name, torch.zeros(3, n_bins, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``preds`` ``[N, C]`` probabilities or logits, ``target`` ``[N]``."""

@@ -185,11 +185,10 @@ class TemperatureFitAccumulator:
                 raise ValueError("temperatures must be finite and > 0")
             if len(set(temps)) != len(temps):
                 raise ValueError("temperatures must be distinct")
-        temps = sorted(temps, reverse=True)
         # Kept as given (so a grid temperature such as 0.07 is returned exactly as 0.07);
         # the kernels take β = 1/T, increasing.
-        self._temps = temps
-        self.betas = [1.0 / t for t in temps]
+        self._temps = sorted(temps, reverse=True)
+        self.betas = [1.0 / t for t in self._temps]
         self.derivatives = bool(derivatives)
         self.backend = backend
         self.ignore_index = ignore_index

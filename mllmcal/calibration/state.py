@@ -219,8 +219,7 @@ class CalibrationState:
         c, y = check_pairs(confidence, correct, validate=validate)
         self._adopt(c.device)
         self._reserve(c.numel())
-        c = c.float()
-        histogram_add_(self.hist, c, y, torch.ones_like(y))
+        histogram_add_(self.hist, c.float(), y, torch.ones_like(y))
 
     def update_logits(
         self,

@@ -78,14 +78,18 @@ def _draw_reliability(ax, ax_hist, s: CalibrationState, label: str, color: str,
                     alpha=0.8, edgecolor="black", linewidth=0.5)
 
 
-def _axes_with_histogram(fig: Figure):
-    gs = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
-    ax = fig.add_subplot(gs[0])
-    ax_hist = fig.add_subplot(gs[1], sharex=ax)
-    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+def _axes_with_histogram(fig: Figure, top: Any, bottom: Any, *,
+                         diagonal_label: str | None = None, ylabels: bool = True):
+    """Reliability axes (diagonal drawn) over a count histogram sharing its x axis."""
+    ax = fig.add_subplot(top)
+    ax_hist = fig.add_subplot(bottom, sharex=ax)
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label=diagonal_label)
+    ax.set(xlim=(0, 1), ylim=(0, 1))
     ax.tick_params(labelbottom=False)
-    ax_hist.set(xlabel="confidence", ylabel="count")
+    ax_hist.set(xlabel="confidence")
+    if ylabels:
+        ax.set_ylabel("accuracy")
+        ax_hist.set_ylabel("count")
     return ax, ax_hist
 
 
@@ -95,7 +99,8 @@ def reliability_diagram(data: Any, path: str | os.PathLike, *, n_bins: int = 15,
     left out, a count histogram beneath, and the ECE in the legend."""
     s = _as_state(data, n_bins)
     fig = Figure(figsize=(5, 6))
-    ax, ax_hist = _axes_with_histogram(fig)
+    gs = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    ax, ax_hist = _axes_with_histogram(fig, gs[0], gs[1], diagonal_label="perfect calibration")
     _draw_reliability(ax, ax_hist, s, label, "tab:blue")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title or f"Reliability diagram ({s.count} predictions)")
@@ -159,16 +164,9 @@ def temperature_comparison(before: Any, after: Any, path: str | os.PathLike, *,
     t_label = "after" if temperature is None else f"after (T = {temperature:.3g})"
     for col, (s, name, color) in enumerate(((s0, "before", "tab:orange"),
                                             (s1, t_label, "tab:blue"))):
-        ax = fig.add_subplot(gs[0, col])
-        ax_hist = fig.add_subplot(gs[1, col], sharex=ax)
-        ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
+        ax, ax_hist = _axes_with_histogram(fig, gs[0, col], gs[1, col], ylabels=col == 0)
         _draw_reliability(ax, ax_hist, s, name, color)
-        ax.set(xlim=(0, 1), ylim=(0, 1), title=name)
-        ax.tick_params(labelbottom=False)
+        ax.set_title(name)
         ax.legend(loc="upper left", fontsize=8)
-        ax_hist.set(xlabel="confidence")
-        if col == 0:
-            ax.set_ylabel("accuracy")
-            ax_hist.set_ylabel("count")
     fig.suptitle(title or "Temperature scaling")
     return _save(fig, path)

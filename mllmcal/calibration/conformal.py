@@ -66,6 +66,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .functional import check_choice
+
 __all__ = [
     "SCORES",
     "SplitConformal",
@@ -178,9 +180,9 @@ def _labels(labels: ArrayLike, valid: torch.Tensor) -> torch.Tensor:
 def _all_scores(p: torch.Tensor, valid: torch.Tensor, score: str,
                 u: torch.Tensor | None) -> torch.Tensor:
     """Score of every option, float64 ``[n, K]`` (+inf on padding)."""
-    if score == "lac":
+    if check_choice("score", score, SCORES) == "lac":
         s = 1.0 - p
-    elif score == "aps":
+    else:
         # Sort each row once; a stable descending sort gives one canonical summation order
         # (tied values are equal, so their order cannot change the sums). Padding sorts
         # last as -1, so it never joins a tie group with a real zero-probability option.
@@ -204,8 +206,6 @@ def _all_scores(p: torch.Tensor, valid: torch.Tensor, score: str,
             excl = torch.where(first > 0, cum.gather(1, (first - 1).clamp(min=0)), 0.0)
             sorted_s = excl + u[:, None] * (incl - excl)
         s = torch.empty_like(p).scatter_(1, order, sorted_s)
-    else:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     return torch.where(valid, s, float("inf"))
 
 
@@ -267,9 +267,7 @@ class SplitConformal:
 
     def __init__(self, score: Score = "lac", alpha: float = 0.1, *, randomized: bool = False,
                  nonempty: bool = True, seed: int = 0) -> None:
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        self.score, self.alpha = score, _check_alpha(alpha)
+        self.score, self.alpha = check_choice("score", score, SCORES), _check_alpha(alpha)
         self.randomized, self.nonempty, self.seed = bool(randomized), bool(nonempty), int(seed)
         self.threshold: float | None = None
         self.n_calib = 0

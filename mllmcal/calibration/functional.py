@@ -32,8 +32,8 @@ from .. import _contract as C
 __all__ = [
     "BINNINGS", "NORMS", "LIMB_BITS", "LIMB_MASK", "HI_LIMIT", "MAX_VALUE",
     "NLL_FIXED_POINT_SCALE", "BRIER_FIXED_POINT_SCALE", "NLL_OVERFLOW_NATS",
-    "check_n_bins", "check_norm", "check_binning", "check_pairs",
-    "bin_index", "quantile_bin_index", "bin_sums", "ece_from_bins", "ece_from_bins_batched",
+    "check_choice", "check_n_bins", "check_norm", "check_binning", "check_pairs",
+    "bin_index", "quantile_bin_index", "assign_bins", "bin_sums", "ece_from_bins", "ece_from_bins_batched",
     "saturating_add", "carry_",
 ]
 
@@ -88,18 +88,21 @@ def check_n_bins(n_bins: Any) -> int:
     return n_bins
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` if it is one of ``choices`` (``ValueError`` naming ``name`` otherwise)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_norm(norm: Any) -> str:
     """``norm`` if it is one of :data:`NORMS` (``ValueError`` otherwise)."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
+    return check_choice("norm", norm, NORMS)
 
 
 def check_binning(binning: Any) -> str:
     """``binning`` if it is one of :data:`BINNINGS` (``ValueError`` otherwise)."""
-    if binning not in BINNINGS:
-        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
-    return binning
+    return check_choice("binning", binning, BINNINGS)
 
 
 def check_pairs(
@@ -156,19 +159,26 @@ def bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
 def quantile_bin_index(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Equal-mass bin of each sample: rank r of ``n`` goes to ``floor(r · n_bins / n)``.
 
-    ``conf`` float ``[n]``, ``correct`` ``[n]`` (bool or float 0/1), one device. Ranks order
-    by confidence, ties by correctness, so the bins are a function of the multiset of pairs.
-    Returns int64 ``[n]``.
+    ``conf`` float ``[..., n]``, ``correct`` ``[..., n]`` (bool or float 0/1), one device;
+    each row along the last dimension is binned on its own (e.g. bootstrap replicates).
+    Ranks order by confidence, ties by correctness, so the bins are a function of the
+    multiset of pairs. Returns int64 ``[..., n]``.
     """
-    n = conf.numel()
+    n = conf.shape[-1]
     # Sort by correctness, then stably by confidence.
-    o1 = torch.argsort(correct, stable=True)
-    o2 = torch.argsort(conf[o1], stable=True)
-    order = o1[o2]
-    ranks = torch.arange(n, device=conf.device)
-    b = torch.empty(n, dtype=torch.long, device=conf.device)
-    b[order] = ranks * n_bins // max(n, 1)
-    return b
+    o1 = torch.argsort(correct, dim=-1, stable=True)
+    o2 = torch.argsort(conf.gather(-1, o1), dim=-1, stable=True)
+    order = o1.gather(-1, o2)
+    ranks = torch.arange(n, device=conf.device) * n_bins // max(n, 1)
+    return torch.empty_like(order).scatter_(-1, order, ranks.expand_as(order).contiguous())
+
+
+def assign_bins(conf: torch.Tensor, correct: torch.Tensor, n_bins: int,
+                binning: str) -> torch.Tensor:
+    """:func:`bin_index` (``"uniform"``) or :func:`quantile_bin_index` (``"quantile"``)."""
+    if binning == "uniform":
+        return bin_index(conf, n_bins)
+    return quantile_bin_index(conf, correct, n_bins)
 
 
 def bin_sums(

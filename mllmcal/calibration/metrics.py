@@ -19,7 +19,7 @@ import torch
 
 from ..ops import token_stats
 from .functional import (
-    bin_index,
+    assign_bins,
     bin_sums,
     check_binning,
     check_n_bins,
@@ -27,7 +27,6 @@ from .functional import (
     check_pairs,
     ece_from_bins,
     ece_from_bins_batched,
-    quantile_bin_index,
 )
 from .state import CalibrationState
 
@@ -50,17 +49,19 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _pairs(confidence, correct) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(raw float confidence, float64 confidence, float64 correctness), all ``[n]``."""
+def _pairs(confidence, correct, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(raw float confidence, float64 confidence, float64 correctness), all ``[n]``, n > 0
+    (``what``: the metric, for the error)."""
     if correct is None:
         raise TypeError("correct is required unless the first argument is a CalibrationState")
     c, y = check_pairs(confidence, correct)
+    _require_nonempty(c.numel(), what)
     if c.device.type == "mps":
         c, y = c.cpu(), y.cpu()
     return c, c.double(), y.double()
 
 
-def _require_nonempty(n: int, what: str = "metric") -> None:
+def _require_nonempty(n: int, what: str) -> None:
     if n == 0:
         raise ValueError(f"cannot compute the {what} of no data (got 0 samples)")
 
@@ -68,13 +69,6 @@ def _require_nonempty(n: int, what: str = "metric") -> None:
 def _check_bins(n_bins: int, binning: str) -> None:
     check_n_bins(n_bins)
     check_binning(binning)
-
-
-def _bins(raw: torch.Tensor, y: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
-    """int64 ``[n]`` bin of each sample (``raw`` the confidence in its own dtype)."""
-    if binning == "uniform":
-        return bin_index(raw, n_bins)
-    return quantile_bin_index(raw, y, n_bins)
 
 
 # --------------------------------------------------------------------------- binned ECE
@@ -107,9 +101,8 @@ def ece(
     if isinstance(confidence, CalibrationState):
         return confidence.ece(norm)
     _check_bins(n_bins, binning)
-    raw, c, y = _pairs(confidence, correct)
-    _require_nonempty(c.numel(), "ECE")
-    return ece_from_bins(*bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins), norm)
+    raw, c, y = _pairs(confidence, correct, "ECE")
+    return ece_from_bins(*bin_sums(c, y, assign_bins(raw, y, n_bins, binning), n_bins), norm)
 
 
 def debiased_l2_ece(
@@ -136,9 +129,8 @@ def debiased_l2_ece(
         n, sc, sy = confidence.bin_sums()
     else:
         _check_bins(n_bins, binning)
-        raw, c, y = _pairs(confidence, correct)
-        _require_nonempty(c.numel(), "debiased ECE")
-        n, sc, sy = bin_sums(c, y, _bins(raw, y, n_bins, binning), n_bins)
+        raw, c, y = _pairs(confidence, correct, "debiased ECE")
+        n, sc, sy = bin_sums(c, y, assign_bins(raw, y, n_bins, binning), n_bins)
     big = n >= 2
     nb = n[big]
     acc = sy[big] / nb
@@ -219,8 +211,7 @@ def smooth_ece(
         nz = n_b > 0
         pos, res, n = sc[nz] / n_b[nz], sy[nz] - sc[nz], float(n_b.sum())
     else:
-        _, c, y = _pairs(confidence, correct)
-        _require_nonempty(c.numel(), "smooth ECE")
+        _, c, y = _pairs(confidence, correct, "smooth ECE")
         pos, res, n = c.cpu(), (y - c).cpu(), float(c.numel())
     cache: dict[int, torch.Tensor] = {}
 
@@ -253,8 +244,7 @@ def smooth_ece(
 def brier_score(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """Top-label (binary) Brier score: mean (conf − correct)². See
     :func:`multiclass_brier_score` for the full-distribution version."""
-    _, c, y = _pairs(confidence, correct)
-    _require_nonempty(c.numel(), "Brier score")
+    _, c, y = _pairs(confidence, correct, "Brier score")
     return float((c - y).square().mean())
 
 
@@ -310,8 +300,7 @@ def auroc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     The Mann–Whitney statistic P(conf_correct > conf_wrong) + ½ P(tie), computed from
     average ranks in O(n log n). Needs both correct and wrong samples.
     """
-    _, c, y = _pairs(confidence, correct)
-    _require_nonempty(c.numel(), "AUROC")
+    _, c, y = _pairs(confidence, correct, "AUROC")
     n_pos = float(y.sum())
     n_neg = c.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -334,8 +323,7 @@ def risk_coverage_curve(
     in a uniformly random order (so a tie group of m samples with e errors adds e/m expected
     errors per sample taken, and the curve does not depend on input order).
     """
-    _, c, y = _pairs(confidence, correct)
-    _require_nonempty(c.numel(), "risk-coverage curve")
+    _, c, y = _pairs(confidence, correct, "risk-coverage curve")
     n = c.numel()
     uniq, inv, counts = torch.unique(c, return_inverse=True, return_counts=True)
     errors = torch.zeros_like(uniq).index_add_(0, inv, 1 - y)
@@ -392,9 +380,8 @@ def ece_bootstrap_ci(
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    raw, c, y = _pairs(confidence, correct)
+    raw, c, y = _pairs(confidence, correct, "ECE bootstrap")
     n = c.numel()
-    _require_nonempty(n, "ECE bootstrap")
     estimate = ece(confidence, correct, n_bins, norm, binning)
     raw, c, y = raw.cpu(), c.cpu(), y.cpu()
     gen = torch.Generator().manual_seed(seed)
@@ -404,15 +391,8 @@ def ece_bootstrap_ci(
         r = min(chunk, n_boot - i0)
         idx = torch.randint(0, n, (r, n), generator=gen)
         cr, yr = c[idx], y[idx]
-        if binning == "uniform":
-            b = bin_index(raw, n_bins)[idx]
-        else:
-            # Per-replicate equal-mass bins: rank within the replicate, ties by correctness.
-            o1 = torch.argsort(yr, dim=1, stable=True)
-            o2 = torch.argsort(raw[idx].gather(1, o1), dim=1, stable=True)
-            order = o1.gather(1, o2)
-            b = torch.empty_like(order)
-            b.scatter_(1, order, (torch.arange(n) * n_bins // n).expand(r, n).contiguous())
+        # Quantile bins are per replicate: rank within the replicate, ties by correctness.
+        b = assign_bins(raw[idx], yr, n_bins, binning)
         flat = (b + torch.arange(r)[:, None] * n_bins).reshape(-1)
         size = r * n_bins
         cnt = torch.bincount(flat, minlength=size).double().reshape(r, n_bins)

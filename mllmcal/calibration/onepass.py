@@ -50,8 +50,18 @@ _log = logging.getLogger("mllmcal")
 PAPER_T_MIN, PAPER_T_MAX = 0.01, 9.99
 _FORMAT = "mllmcal.TemperatureFitAccumulator/1"
 _LAYOUT_VERSION = 1
+# The accumulator's float64 [K] sums: ℓ, dℓ/dβ and d²ℓ/dβ² over the rows.
+_SUMS = ("nll", "grad", "curv")
+NO_DATA = ("fit_temperature got no usable data: no valid row with a non-ignored label whose "
+           "probability is > 0")
 # Bound on the [rows, 3, K] fp32 per-row output of one kernel call (64 MB).
 _MAX_OUT_ELEMENTS = 1 << 24
+
+
+def check_t_range(t_min: float, t_max: float) -> None:
+    """``ValueError`` unless ``0 < t_min < t_max < inf``."""
+    if not (0 < t_min < t_max < math.inf):
+        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
 
 
 def onepass_temperatures(per_octave: int = 3, t_min: float = PAPER_T_MIN,
@@ -65,10 +75,9 @@ def onepass_temperatures(per_octave: int = 3, t_min: float = PAPER_T_MIN,
     the paper's range, ``per_octave=3`` gives K = 31 temperatures (ratio 2^(1/3) ≈ 1.26),
     2 gives 21, 4 gives 41, 6 gives 61.
     """
-    if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
+    if not _sync.is_int(per_octave) or per_octave < 1:
         raise ValueError(f"per_octave must be an int >= 1, got {per_octave!r}")
-    if not (0 < t_min < t_max < math.inf):
-        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    check_t_range(t_min, t_max)
     base = [t_max * 2.0 ** (-j / per_octave) for j in range(per_octave)]
     temps = []
     j = 0
@@ -82,10 +91,9 @@ def log_spaced_temperatures(n_temperatures: int, t_min: float = PAPER_T_MIN,
                             t_max: float = PAPER_T_MAX) -> list[float]:
     """``n_temperatures`` log-spaced temperatures from ``t_max`` down to ``t_min`` (no exact
     doublings, so every one costs an exp per logit)."""
-    if isinstance(n_temperatures, bool) or not isinstance(n_temperatures, int) or n_temperatures < 2:
+    if not _sync.is_int(n_temperatures) or n_temperatures < 2:
         raise ValueError(f"n_temperatures must be an int >= 2, got {n_temperatures!r}")
-    if not (0 < t_min < t_max < math.inf):
-        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    check_t_range(t_min, t_max)
     lo, hi = math.log(t_min), math.log(t_max)
     step = (hi - lo) / (n_temperatures - 1)
     return [math.exp(hi - j * step) for j in range(n_temperatures)]
@@ -177,20 +185,17 @@ class TemperatureFitAccumulator:
                 raise ValueError("temperatures must be finite and > 0")
             if len(set(temps)) != len(temps):
                 raise ValueError("temperatures must be distinct")
-        temps = sorted(temps, reverse=True)
         # Kept as given (so a grid temperature such as 0.07 is returned exactly as 0.07);
         # the kernels take β = 1/T, increasing.
-        self._temps = temps
-        self.betas = [1.0 / t for t in temps]
+        self._temps = sorted(temps, reverse=True)
+        self.betas = [1.0 / t for t in self._temps]
         self.derivatives = bool(derivatives)
         self.backend = backend
         self.ignore_index = ignore_index
         self.n_rows = 0
         self.n_masked = 0
-        k = len(temps)
-        self.nll = torch.zeros(k, dtype=torch.float64)
-        self.grad = torch.zeros(k, dtype=torch.float64)
-        self.curv = torch.zeros(k, dtype=torch.float64)
+        self.nll, self.grad, self.curv = (torch.zeros(len(temps), dtype=torch.float64)
+                                          for _ in _SUMS)
 
     @property
     def temperatures(self) -> list[float]:
@@ -215,19 +220,8 @@ class TemperatureFitAccumulator:
         v = logits.shape[-1]
         if v < 1:
             raise ValueError("logits have an empty vocabulary dimension")
-        if tuple(labels.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits' "
-                             f"leading shape {tuple(logits.shape[:-1])}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         x = logits.reshape(-1, v)
-        y = labels.reshape(-1).to(device=x.device, dtype=torch.int64)
-        if y.numel():
-            bad = (y != self.ignore_index) & ((y < 0) | (y >= v))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"label {int(y[i])} at row {i} is outside [0, {v}) and not "
-                                 f"ignore_index={self.ignore_index}")
+        y = self._checked_labels(labels, tuple(logits.shape[:-1]), v, x.device, "logits'")
         betas = torch.tensor(self.betas, dtype=torch.float64)
         k = len(self.betas)
         rows = max(1, _MAX_OUT_ELEMENTS // (3 * k))
@@ -268,18 +262,7 @@ class TemperatureFitAccumulator:
         h, w, bias, lead = _linear.check_linear_inputs(hidden, weight, bias)
         if not isinstance(labels, torch.Tensor):
             raise TypeError("update_hidden takes labels as a tensor")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden's "
-                             f"leading shape {lead}")
-        v = w.shape[0]
-        y = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
-        bad = (y != self.ignore_index) & ((y < 0) | (y >= v))
-        if y.numel() and bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"label {int(y[i])} at row {i} is outside [0, {v}) and not "
-                             f"ignore_index={self.ignore_index}")
+        y = self._checked_labels(labels, lead, w.shape[0], h.device, "hidden's")
         keep = y != self.ignore_index
         if not bool(keep.all()):
             h, y = h[keep], y[keep]
@@ -296,15 +279,32 @@ class TemperatureFitAccumulator:
                 status)
         return self
 
+    def _checked_labels(self, labels: torch.Tensor, lead: tuple[int, ...], v: int,
+                        device: torch.device, source: str) -> torch.Tensor:
+        """``labels`` as int64 ``[N]`` on ``device``, after checking that they are integers
+        shaped ``lead`` (``source``'s leading shape) in ``[0, v)`` or ``ignore_index``."""
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {source} "
+                             f"leading shape {lead}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        y = labels.reshape(-1).to(device=device, dtype=torch.int64)
+        if y.numel():
+            bad = (y != self.ignore_index) & ((y < 0) | (y >= v))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"label {int(y[i])} at row {i} is outside [0, {v}) and not "
+                                 f"ignore_index={self.ignore_index}")
+        return y
+
     def _add_row_sums(self, sums: torch.Tensor, status: torch.Tensor) -> None:
         """Add float64 ``[3, K]`` sums (ℓ, ℓ', ℓ'') over the rows of one block and count its
         uint8 ``status`` (1 used, 2 a masked label), with one host read-back."""
         k = len(self.betas)
         counts = torch.bincount(status.long(), minlength=3)
         packed = torch.cat((sums.reshape(-1), counts[1:].double())).cpu()
-        self.nll += packed[:k]
-        self.grad += packed[k:2 * k]
-        self.curv += packed[2 * k:3 * k]
+        for i, key in enumerate(_SUMS):
+            getattr(self, key).add_(packed[i * k:(i + 1) * k])
         self.n_rows += int(packed[3 * k])
         self.n_masked += int(packed[3 * k + 1])
 
@@ -321,9 +321,8 @@ class TemperatureFitAccumulator:
     def merge(self, other: TemperatureFitAccumulator) -> TemperatureFitAccumulator:
         """Add ``other``'s statistics (same temperatures) to this accumulator."""
         self._check_compatible(other)
-        self.nll += other.nll
-        self.grad += other.grad
-        self.curv += other.curv
+        for key in _SUMS:
+            getattr(self, key).add_(getattr(other, key))
         self.n_rows += other.n_rows
         self.n_masked += other.n_masked
         return self
@@ -392,7 +391,7 @@ class TemperatureFitAccumulator:
             v = d[key]
             if not _sync.is_int(v) or v < 0:
                 raise ValueError(f"{key} must be a non-negative int, got {v!r}")
-        for key in ("nll", "grad", "curv"):
+        for key in _SUMS:
             v = d[key]
             if (not isinstance(v, list) or len(v) != len(temps)
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -400,14 +399,13 @@ class TemperatureFitAccumulator:
                 raise ValueError(f"{key} must be a list of {len(temps)} finite numbers")
         if any(x < 0 for x in d["nll"]) or any(x < 0 for x in d["curv"]):
             raise ValueError("nll and curv sums must be >= 0 (an NLL and a variance are)")
-        if d["n_rows"] == 0 and any(any(d[k]) for k in ("nll", "grad", "curv")):
+        if d["n_rows"] == 0 and any(any(d[k]) for k in _SUMS):
             raise ValueError("sums must be 0 when n_rows is 0")
         acc = cls(temps, derivatives=d["derivatives"], backend=backend,
                   ignore_index=ignore_index)
         acc.n_rows, acc.n_masked = d["n_rows"], d["n_masked"]
-        acc.nll = torch.tensor(d["nll"], dtype=torch.float64)
-        acc.grad = torch.tensor(d["grad"], dtype=torch.float64)
-        acc.curv = torch.tensor(d["curv"], dtype=torch.float64)
+        for key in _SUMS:
+            setattr(acc, key, torch.tensor(d[key], dtype=torch.float64))
         return acc
 
     # ------------------------------------------------------------------ fitting
@@ -428,10 +426,7 @@ class TemperatureFitAccumulator:
             ValueError: no rows were accumulated.
         """
         if self.n_rows == 0:
-            raise ValueError(
-                "fit_temperature got no usable data: no valid row with a non-ignored label "
-                "whose probability is > 0"
-            )
+            raise ValueError(NO_DATA)
         n = self.n_rows
         temps = torch.tensor(self.temperatures, dtype=torch.float64)
         info: dict[str, Any] = {"n_rows": n, "n_masked_labels": self.n_masked, "passes": 1,
@@ -446,11 +441,9 @@ class TemperatureFitAccumulator:
             j = max(ties, key=lambda i: self._temps[i])
             t = self._temps[j]
             info["nll"] = float(self.nll[j]) / n
-            low = self.nll[j]
-            if len(self._temps) > 1 and (self.nll[0] == low or self.nll[-1] == low):
+            if self.nll[0] == self.nll[j] or self.nll[-1] == self.nll[j]:
                 # The lowest NLL of the grid is reached at an end (also as a tie, as over the
-                # flat tail where separable rows' NLL underflows to 0): the optimum may lie
-                # beyond it.
+                # flat tail): the optimum may lie beyond it.
                 _log.warning("fit_temperature: the lowest NLL of the grid is reached at its end "
                              "(T=%g chosen); the optimum may lie beyond it (widen t_min/t_max)", t)
                 info["at_bound"] = True

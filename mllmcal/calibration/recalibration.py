@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import bin_index, check_binning, check_n_bins, check_pairs, quantile_bin_index
+from .functional import assign_bins, bin_index, bin_sums, check_binning, check_n_bins, check_pairs
 
 __all__ = ["HistogramBinning", "IsotonicRegression", "pav"]
 
@@ -53,9 +53,9 @@ class HistogramBinning:
         """Learn per-bin accuracies from ``[n]`` confidences in [0, 1] and bool correctness."""
         raw, c, y = _fit_pairs(confidence, correct)
         nb = self.n_bins
-        b = bin_index(raw, nb) if self.binning == "uniform" else quantile_bin_index(raw, y, nb)
-        cnt = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, torch.ones_like(c))
-        acc = torch.zeros(nb, dtype=torch.float64).index_add_(0, b, y) / cnt.clamp_min(1)
+        b = assign_bins(raw, y, nb, self.binning)
+        cnt, _, hits = bin_sums(c, y, b, nb)
+        acc = hits / cnt.clamp_min(1)
         if self.binning == "uniform":
             self.edges = torch.arange(1, nb, dtype=torch.float64) / nb
             centre = (torch.arange(nb, dtype=torch.float64) + 0.5) / nb

@@ -219,8 +219,7 @@ class CalibrationState:
         c, y = check_pairs(confidence, correct, validate=validate)
         self._adopt(c.device)
         self._reserve(c.numel())
-        c = c.float()
-        histogram_add_(self.hist, c, y, torch.ones_like(y))
+        histogram_add_(self.hist, c.float(), y, torch.ones_like(y))
 
     def update_logits(
         self,
@@ -323,14 +322,17 @@ class CalibrationState:
         """Set the state to the exact sums ``h`` ([3][n_bins]) and ``t`` ([4]), ints within
         ``functional.MAX_VALUE``."""
         flat = [x for row in h for x in row] + list(t)
-        lo = torch.tensor([x & LIMB_MASK for x in flat], dtype=torch.int64)
-        hi = torch.tensor([x >> LIMB_BITS for x in flat], dtype=torch.int64)
+        self._store(torch.tensor([x & LIMB_MASK for x in flat], dtype=torch.int64),
+                    torch.tensor([x >> LIMB_BITS for x in flat], dtype=torch.int64))
+        self._lo_rows = 1
+
+    def _store(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Copy flat ``[3 · n_bins + 4]`` limbs (histogram, then totals) into the state."""
         nh = self.hist.numel()
         self.hist.copy_(lo[:nh].reshape(self.hist.shape))
         self.totals.copy_(lo[nh:])
         self.hist_hi.copy_(hi[:nh].reshape(self.hist.shape))
         self.totals_hi.copy_(hi[nh:])
-        self._lo_rows = 1
 
     # ------------------------------------------------------------------ merging
 
@@ -451,11 +453,7 @@ class CalibrationState:
         over = hh > (HI_LIMIT >> 31)
         hi = torch.where(over, HI_LIMIT + 1,
                          saturating_add(hh.clamp(max=HI_LIMIT >> 31) << 31, hl))
-        nh = self.hist.numel()
-        self.hist.copy_(lo[:nh].reshape(3, self.n_bins))
-        self.totals.copy_(lo[nh:])
-        self.hist_hi.copy_(hi[:nh].reshape(3, self.n_bins))
-        self.totals_hi.copy_(hi[nh:])
+        self._store(lo, hi)
         self._carry()
         self._check_not_saturated()
         return self
@@ -496,7 +494,6 @@ class CalibrationState:
         if problems:
             raise ValueError("invalid CalibrationState dict: " + "; ".join(problems))
         s = cls(d["n_bins"], device)
-        s._device_fixed = device is not None
         h = [list(d[k]) for k in _sync.STATE_HIST_KEYS]
         t = [d["n_scored"] - d["n_nll_overflow"], d["n_scored"], d["sum_nll_fixed"],
              d["sum_brier_fixed"]]
@@ -543,31 +540,29 @@ class CalibrationState:
         return n, sc / C.CONF_FIXED_POINT_SCALE, sy
 
     def ece(self, norm: str = "l1") -> float:
-        """Binned calibration error of the state (:func:`~mllmcal.calibration.functional.
-        ece_from_bins` of :meth:`bin_sums`).
-
-        ``"l1"``: Σ_b (n_b/N)·|acc_b − conf_b| (ECE); ``"l2"``: sqrt(Σ_b (n_b/N)·(acc_b −
-        conf_b)²); ``"max"``: max over non-empty bins of |acc_b − conf_b| (MCE).
-        """
+        """Binned calibration error of the state: :func:`~mllmcal.calibration.functional.
+        ece_from_bins` (``norm`` ``"l1"``, ``"l2"`` or ``"max"``) of :meth:`bin_sums`."""
         check_norm(norm)
         self._require_data()
         return ece_from_bins(*self.bin_sums(), norm)
 
+    def _hist_sums(self) -> list[int]:
+        """Exact ``[count, Σ confidence · 2**32, Σ correct]`` over all bins (data required)."""
+        h, _ = self._exact()
+        sums = [sum(row) for row in h]
+        if sums[C.HIST_COUNT] == 0:
+            self._require_data()
+        return sums
+
     def accuracy(self) -> float:
         """Fraction of correct predictions."""
-        h, _ = self._exact()
-        n = sum(h[C.HIST_COUNT])
-        if n == 0:
-            self._require_data()
-        return sum(h[C.HIST_SUM_CORRECT]) / n
+        sums = self._hist_sums()
+        return sums[C.HIST_SUM_CORRECT] / sums[C.HIST_COUNT]
 
     def mean_confidence(self) -> float:
         """Average confidence (exact up to the 2**-33 rounding of each row)."""
-        h, _ = self._exact()
-        n = sum(h[C.HIST_COUNT])
-        if n == 0:
-            self._require_data()
-        return sum(h[C.HIST_SUM_CONF]) / (n << 32)
+        sums = self._hist_sums()
+        return sums[C.HIST_SUM_CONF] / (sums[C.HIST_COUNT] << 32)
 
     def _require_scored(self) -> list[int]:
         _, t = self._exact()

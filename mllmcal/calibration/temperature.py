@@ -61,7 +61,7 @@ def _batches(logits_or_batches: Any, labels: torch.Tensor | None) -> Callable[[]
     source = _checked(logits_or_batches, labels)
     if callable(source):
         return lambda: iter(source())
-    if iter(source) is source:
+    if _is_one_shot(source):
         raise TypeError(
             "method='newton' reads the data several times, but a one-shot iterator/generator "
             "can be read only once. Use method='onepass' (or 'auto'), or pass a list of "
@@ -209,7 +209,7 @@ def fit_temperature(
         ValueError: no usable rows ("fitting on no data"), or bad arguments.
         TypeError: ``method="newton"`` with a one-shot iterator.
     """
-    from .onepass import PAPER_T_MAX, PAPER_T_MIN, TemperatureFitAccumulator
+    from .onepass import NO_DATA, PAPER_T_MAX, PAPER_T_MIN, TemperatureFitAccumulator, check_t_range
 
     if method not in ("auto", "newton", "onepass", "grid"):
         raise ValueError(f"method must be 'auto', 'newton', 'onepass' or 'grid', got {method!r}")
@@ -232,20 +232,13 @@ def fit_temperature(
             acc.update(x, y)
         t, info = acc.fit(return_info=True)
         # Report the grid in increasing T, the order of PAPER_TEMPERATURE_GRID.
-        info["grid"] = info["grid"].flip(0)
-        info["grid_nll"] = info["grid_nll"].flip(0)
-        info["method"] = method
+        info.update(grid=info["grid"].flip(0), grid_nll=info["grid_nll"].flip(0), method=method)
         return (t, info) if return_info else t
 
     t_min = 1e-2 if t_min is None else t_min
     t_max = 1e2 if t_max is None else t_max
-    if not (0 < t_min < t_max < math.inf):
-        raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    check_t_range(t_min, t_max)
     source = _batches(logits_or_batches, labels)
-    no_data = ValueError(
-        "fit_temperature got no usable data: no valid row with a non-ignored label whose "
-        "probability is > 0"
-    )
     if not (math.isfinite(init) and t_min <= init <= t_max):
         raise ValueError(f"init must be in [t_min, t_max] = [{t_min}, {t_max}], got {init}")
     from tqdm.auto import tqdm
@@ -263,7 +256,7 @@ def fit_temperature(
             passes += 1
             bar.update(1)
             if n == 0:
-                raise no_data
+                raise ValueError(NO_DATA)
             if g > 0:
                 hi = beta
             else:

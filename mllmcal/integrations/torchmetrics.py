@@ -46,7 +46,7 @@ import torch
 from torchmetrics import Metric
 
 from .. import _contract as C
-from ..calibration.functional import carry_, check_norm
+from ..calibration.functional import carry_, check_choice, check_norm
 from ..calibration.state import MAX_ROWS_PER_UPDATE, CalibrationState
 from ..ops import histogram_add_, token_stats
 
@@ -90,14 +90,12 @@ class CalibrationError(Metric):
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
         check_norm(norm)
-        if input_format not in _FORMATS:
-            raise ValueError(f"input_format must be one of {_FORMATS}, got {input_format!r}")
+        check_choice("input_format", input_format, _FORMATS)
         self.n_bins, self.norm = n_bins, norm
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.input_format, self.validate_args = input_format, validate_args
-        self.add_state("hist", torch.zeros(3, n_bins, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("hist_hi", torch.zeros(3, n_bins, dtype=torch.int64),
-                       dist_reduce_fx="sum")
+        for name in ("hist", "hist_hi"):
+            self.add_state(name, torch.zeros(3, n_bins, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``preds`` ``[N, C]`` probabilities or logits, ``target`` ``[N]``."""

@@ -95,6 +95,13 @@ def _load_image(path: str) -> Any:
         return im.convert("RGB")
 
 
+def _check_args(method: str, batch_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def _shows_image(em: EvalModel, item: Item, with_image: bool) -> bool:
     return with_image and em.multimodal and item.image is not None and not item.withhold_image
 
@@ -275,10 +282,7 @@ def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
     ``with_image=False`` is the text-only modality. Items with more images than the model
     takes are skipped with a warning (:func:`split_supported`) and get no record.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_args(method, batch_size)
     items, _ = split_supported(em, items, with_image)
     # (shows images, how many): one-image items batch as they always did, then the rest
     groups: dict[tuple[bool, int], list[Item]] = {(True, 1): [], (False, 0): []}

@@ -106,8 +106,8 @@ def _norm_piece(piece: str) -> str:
 
 
 def render_chat(processor: Any, msgs: list[dict[str, Any]]) -> str:
-    """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the processor's chat
-    template, the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
+    """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the chat template of
+    ``processor`` (or a tokenizer), the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
 
     Typed content parts first. A template that prints an assistant turn's content as is
     (GLM-4.1V's ``{{ msg.content }}``; its user branch takes parts) would write the parts'
@@ -240,13 +240,8 @@ class EvalModel:
         return [p for p in item.interleave() if isinstance(p, int)]
 
     def image_limit_reason(self, n: int) -> str | None:
-        """Why one prompt of this model cannot show ``n`` images, or None when it can.
-
-        One image always can. For more: the architecture's ``PromptQuirks.max_images``
-        when it has one, else a trial: a two-option prompt with ``n`` image parts rendered
-        and encoded as any item would be (once per ``n``); a processor or template that
-        refuses it (a count check, an image-token mismatch) is the reason.
-        """
+        """Why one prompt of this model cannot show ``n`` images, or None when it can (one
+        always can; for more, see the module docstring's step 3; tried once per ``n``)."""
         if n <= 1:
             return None
         if n not in self._image_limits:
@@ -311,11 +306,10 @@ class EvalModel:
             if self.multimodal:
                 return self._render_chat(chat_messages(q, answer_prefix, with_image, hint,
                                                        instruction))
-            msgs = [{"role": "user", "content": user_text(q, hint, instruction)},
-                    {"role": "assistant", "content": answer_opening(answer_prefix)}]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      continue_final_message=True,
-                                                      **date_kwargs(self.tokenizer.chat_template))
+            # plain-string contents: what text-only templates iterate
+            return render_chat(self.tokenizer, [
+                {"role": "user", "content": user_text(q, hint, instruction)},
+                {"role": "assistant", "content": answer_opening(answer_prefix)}])
         if with_image and self.is_paligemma:
             # the processor writes the image tokens and BOS itself (module docstring)
             return build_prompt(q, answer_prefix, with_image=False, hint=hint,
@@ -388,13 +382,9 @@ class EvalModel:
         return out
 
     def _paligemma_inputs(self, prompts: list[str], images: list[Any] | None) -> dict:
-        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0.
-
-        The processor's own layout without its trailing ``\n``: the ids are assembled here
-        from the processor's image-token count and the tokenized ``<bos> prompt``, so the
-        result does not depend on how ``(`` and ``\n`` would tokenize together. The
-        processor still computes the pixel values (and is checked to agree on N).
-        """
+        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0 (module
+        docstring): assembled here, so the result does not depend on how ``(`` and ``\n``
+        would tokenize together; the processor's N is checked and its pixel values used."""
         tok = self.tokenizer
         n_img, pixels = 0, None
         if images:

@@ -43,9 +43,7 @@ class PromptQuirks:
 
 
 #: ``model_type`` -> its quirks; a type not listed gets ``PromptQuirks()``.
-#: Qwen2-VL to Qwen3-VL (``<|vision_start|><|image_pad|><|vision_end|>``) and GLM-4.1V
-#: (``<|begin_of_image|><|image|><|end_of_image|>``) wrap the image token as their templates
-#: do; their processors expand only the middle token.
+#: Image markers: see ``EvalModel.image_placeholder`` (Qwen2-VL to Qwen3-VL, GLM-4.1V).
 #: One image per prompt: LLaVA-1.5 and LLaVA-NeXT (trained on single-image conversations),
 #: PaliGemma (its processor lays out the image tokens itself) and Llama 3.2 Vision (Meta's
 #: model card: single-image reasoning); their processors would take several, and the

@@ -27,9 +27,8 @@ engine runs in this process or in others (tensor / data parallel workers).
 
 Engine settings: ``engine_args`` go to ``LLM(...)`` as given (``tensor_parallel_size``,
 ``data_parallel_size``, any other). On a CPU-only vLLM build the eval sets what the CPU
-engine needs unless given: ``dtype`` float32 for ``auto`` (as the HF path on CPU),
-``enforce_eager``, ``max_model_len`` (at most 4096) and a KV cache sized for it, the engine
-in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) without torch.compile
+engine needs unless given (:func:`cpu_engine_defaults`), and runs the engine in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) without torch.compile
 (``TORCHDYNAMO_DISABLE=1``). The V1 model runner is selected
 (``VLLM_USE_V2_MODEL_RUNNER=0``): the processor keeps logits rows there.
 """
@@ -53,9 +52,9 @@ import torch
 from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .compat import MissingDependencyError, load_processor
 from .confidence import (
-    METHODS,
     VERBALIZED_INSTRUCTION,
     ScoredBatch,
+    _check_args,
     _letter_option_probs,
     _load_image,
     _record,
@@ -129,10 +128,9 @@ def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 
 
 def cpu_engine_defaults(config: Any, dtype: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The ``LLM(...)`` settings the CPU engine needs, for the keys not in ``given``.
-
-    ``dtype`` float32 for ``auto``; eager mode; ``max_model_len`` the model's, at most
-    4096; a KV cache of 4 such sequences (at least 64 MiB)."""
+    """The ``LLM(...)`` settings the CPU engine needs, for the keys not in ``given``:
+    ``dtype`` float32 for ``auto`` (as the HF path on CPU); eager mode; ``max_model_len``
+    the model's, at most 4096; a KV cache of 4 such sequences (at least 64 MiB)."""
     torch_dtype = parse_dtype(dtype, torch.device("cpu"))
     text = getattr(config, "text_config", None) or config
     max_len = int(given.get("max_model_len") or min(
@@ -367,10 +365,7 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
     and their labels), with up to :data:`CHUNK_ITEMS` items per ``LLM.generate`` call."""
     from ..integrations.vllm.token_logits import token_logits
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_args(method, batch_size)
     groups: dict[bool, list[Item]] = {True: [], False: []}
     for it in items:
         groups[_shows_image(em, it, with_image)].append(it)

@@ -14,12 +14,12 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
    architecture's own image placeholder. Text-only causal LMs get plain-string contents,
    which is what their templates iterate. Without a template the prompt is
    :func:`mllmcal.prompting.build_prompt` with ``processor.image_token`` as placeholder.
-   Templates that print today's date (Llama 3.x, Llama 3.2 Vision) get the fixed
-   :data:`TEMPLATE_DATE` instead, so prompts (and cached scores) do not change with the
-   day of the run. Llama 3.2 Vision's template writes a system turn with that date into
-   text-only prompts and none into image prompts (it refuses a system message next to
-   an image); eval keeps the released behaviour, so for it the two prompts differ by that
-   turn as well as by the image.
+   Templates that print today's date get a fixed one (:func:`~mllmcal.eval.quirks.date_kwargs`),
+   so prompts (and cached scores) do not change with the day of the run. Llama 3.2
+   Vision's template writes a system turn with that date into text-only prompts and none
+   into image prompts (it refuses a system message next to an image); eval keeps the
+   released behaviour, so for it the two prompts differ by that turn as well as by the
+   image.
 2. **BOS exactly once**, one rule for image and text-only prompts: tokenize with the
    tokenizer's special tokens ON, unless the rendered text already starts with the
    tokenizer's ``bos_token`` string (templates such as Gemma 3's and Idefics3's write it),

@@ -32,9 +32,8 @@ class PromptQuirks:
             marker tokens a prompt without chat template wraps the image token in (the
             first pair the config has is used, when the processor does not write it).
         max_images: the most images one prompt may show (None: as many as the processor
-            takes, which ``EvalModel.image_limit_reason`` tries). Set where the processor
-            would accept more but the architecture was trained and released for one image
-            per prompt, or lays its image tokens out itself (PaliGemma).
+            takes, which ``EvalModel.image_limit_reason`` tries); why each is set: see
+            :data:`PROMPT_QUIRKS`.
     """
 
     processor_layout: bool = False

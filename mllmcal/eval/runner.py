@@ -406,10 +406,7 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
 def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
                    calib: list[Item], dist: Dist, tag: str = "") -> dict[str, Any]:
     cfg = ev.cfg
-    temperature = None
-    n_calib = 0
-    at_bound = False
-    calib_records: list[dict] = []
+    temperature, n_calib, at_bound, calib_records = None, 0, False, []
     if calib and cfg.method != "verbalized":
         temperature, n_calib, at_bound, calib_records = _fit_on_calib(ev, em, mod, calib)
     elif calib:  # verbalized: no T, but the selective threshold is still chosen on calib

@@ -19,9 +19,8 @@ log-probability and step, keeps that step's row (``keep_rows``) and finishes the
 ``generate`` stops once every row has answered or ended. Per item exactly ONE logits row
 leaves the loop, the row at its answer position (``[B, V]`` for ``letter``, ``[B, 8]``
 for ``option-softmax``), for temperature scaling; nothing like ``output_scores=True``
-(``max_new_tokens·V`` values per item) is kept. The rows live as long as their batch: the
-runner feeds them to the temperature fit or reads the confidence at T from them, and
-stores none.
+(``max_new_tokens·V`` values per item) is kept, and the runner stores none
+(:mod:`mllmcal.eval.runner`).
 """
 
 from __future__ import annotations

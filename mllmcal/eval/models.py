@@ -99,12 +99,6 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(sorted(_DTYPES))}") from None
 
 
-def _norm_piece(piece: str) -> str:
-    # SentencePiece marks a leading space with U+2581, byte-level BPE with U+0120
-    return piece.replace("\u2581", " ").replace("\u0120", " ").strip()
-
-
-
 def render_chat(processor: Any, msgs: list[dict[str, Any]]) -> str:
     """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the chat template of
     ``processor`` (or a tokenizer), the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
@@ -451,7 +445,8 @@ def _letter_table(tokenizer: Any, vocab_size: int) -> list[int]:
     for i, piece in enumerate(pieces):
         if piece is None or i in special:
             continue
-        s = _norm_piece(piece)
+        # SentencePiece marks a leading space with U+2581, byte-level BPE with U+0120
+        s = piece.replace("\u2581", " ").replace("\u0120", " ").strip()
         if len(s) == 1 and s in OPTION_LETTERS:
             letter_of[i] = OPTION_LETTERS.index(s)
     return letter_of
@@ -467,13 +462,6 @@ def _canonical_letters(tokenizer: Any, letter_of: list[int], opening: str) -> li
             tok = next((i for i, li in enumerate(letter_of) if li == idx), -1)
         canonical.append(tok)
     return canonical
-
-
-def _input_device(model: Any, fallback: torch.device) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return fallback
 
 
 def prepare_tokenizer(path: str, tokenizer: Any, owner: Any, chat_template: str,
@@ -550,7 +538,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     if device_map is None:
         model.to(device)
     model.eval()
-    device = _input_device(model, device)
+    try:  # inputs go where the input embeddings live
+        device = model.get_input_embeddings().weight.device
+    except AttributeError:
+        pass
     # logits come out where the lm_head lives (another GPU than the inputs with device_map)
     out_device = model.get_output_embeddings().weight.device
     vocab_size = model.get_output_embeddings().weight.shape[0]

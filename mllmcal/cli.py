@@ -3,13 +3,10 @@
 * ``demo [--out DIR] [--retrain]``: the embedded default, offline: the shipped tiny LLaVA
   on the shapes VQA set (rendered on first use), the whole method, the summary and what it
   shows; ``--retrain`` first reruns the recipe that made the shipped model.
-* ``eval --model PATH[,key=value...] [--model PATH2 ...] --test FILE [--calib FILE]
-  [--dev FILE] [--idk FILE] [--images DIR] --out DIR``: the paper's method on any local
-  checkpoint(s), side by side (per-model ``name=``, ``dtype=``, ``chat_template=``,
-  ``device_map=``); ``--data DIR`` picks ``test/calib/dev/idk`` (``.json``, ``.jsonl``,
-  ``.parquet`` or Hugging Face dataset folders) and ``images/`` from one directory;
-  ``--protocol paper`` presets the paper's settings. ``--model demo`` is the shipped demo
-  checkpoint (resolved here through ``mllmcal.demo.demo_model_dir``).
+* ``eval --model PATH[,key=value...] [--model PATH2 ...] --test FILE ... --out DIR``: the
+  paper's method on any local checkpoint(s), side by side (options: ``mllmcal eval
+  --help``). ``--model demo`` is the shipped demo checkpoint (resolved here through
+  ``mllmcal.demo.demo_model_dir``).
 * ``fit --model PATH --calib FILE``: fit and print the temperature only.
 * ``report DIR``: print the summary of ``DIR/report.json`` and re-render report.md/plots.
 * ``bench``: the benchmark suite (``mllmcal.benchmarks.run_suite``).
@@ -287,22 +284,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
     defaults = {f: EvalConfig.__dataclass_fields__[f].default for f in preset}
     chosen = {**defaults, **given}
+    # the options of the same name in EvalConfig
+    same = ("device_map", "protocol", "images", "out", "device", "dtype", "batch_size",
+            "chat_template", "optimize_prompts", "ape_k", "ape_m", "ape_rounds", "proposer",
+            "limit", "seed", "format", "alpha", "target_risk", "engine")
     cfg = EvalConfig(
-        models=_model_specs(args.model), device_map=args.device_map, protocol=args.protocol,
-        keep=tuple(given),
-        columns=_columns(args), test=paths["test"], calib=paths["calib"], dev=paths["dev"],
-        idk=paths["idk"], images=args.images, out=args.out, method=chosen["method"],
+        models=_model_specs(args.model), keep=tuple(given), columns=_columns(args), **paths,
+        **chosen, **{k: getattr(args, k) for k in same},
         modalities=tuple(m.strip() for m in args.modalities.split(",") if m.strip()),
-        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        max_new_tokens=chosen["max_new_tokens"], n_bins=chosen["n_bins"],
-        temperature_method=chosen["temperature_method"],
-        chat_template=args.chat_template, build_idk=not args.no_idk,
-        idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
-        optimize_prompts=args.optimize_prompts, ape_k=args.ape_k, ape_m=args.ape_m,
-        ape_rounds=args.ape_rounds, proposer=args.proposer, limit=args.limit,
-        seed=args.seed, format=args.format, alpha=args.alpha, target_risk=args.target_risk,
-        progress=not args.no_progress, plots=not args.no_plots,
-        engine=args.engine, engine_args=_engine_args(args),
+        build_idk=not args.no_idk, idk_variants=() if args.no_idk else ("plain", "invite", "strict"),
+        progress=not args.no_progress, plots=not args.no_plots, engine_args=_engine_args(args),
     )
     _print_report(run_eval(cfg), Path(args.out))
     return 0

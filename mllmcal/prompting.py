@@ -14,13 +14,8 @@ parenthesis, so that the first generated token is the letter::
 
 ``answer_prefix`` ("Answer") is the part that prompt optimisation rewrites ("The answer
 might be", "The answer must be", ...). Questions carry their options as lines
-``(A) text``.
-
-:func:`chat_messages` is the one place the prompt becomes a conversation: a user turn of
-typed content parts (``{"type": "image"}`` when the image is shown, then
-``{"type": "text", ...}``) and an *open* assistant turn holding ``"{answer_prefix}: ("``,
-rendered with ``processor.apply_chat_template(..., continue_final_message=True)``. The
-image and text-only versions of a prompt differ only in the image part.
+``(A) text``. :func:`chat_messages` is the one place the prompt becomes a conversation;
+the image and text-only versions of a prompt differ only in the image part.
 """
 
 from __future__ import annotations

@@ -119,19 +119,16 @@ def risk_coverage_file(test: Sequence[dict], sel: dict[str, Any] | None, path: P
     keep = [i for i, c in enumerate(conf) if not math.isnan(c)]
     if not keep:
         return None
-    mark = None
+    mark = label = None
     point = (sel or {}).get("test") or {}
     if point.get("risk") is not None:
-        mark = (point["coverage"], point["risk"])
-    # the curve of the scored items; the mark's coverage counts every item, so the mark is
-    # drawn on the same scale: fraction of all test items
-    c = torch.tensor([conf[i] for i in keep], dtype=torch.float64)
-    y = torch.tensor([correct[i] for i in keep])
-    if mark is not None and len(keep) < len(conf):
-        mark = (mark[0] * len(conf) / len(keep), mark[1])
-    label = None
-    if mark is not None:
+        # the curve is of the scored items; the mark's coverage counts every item, so it is
+        # put on the curve's scale
+        cov = point["coverage"]
+        mark = (cov * len(conf) / len(keep) if len(keep) < len(conf) else cov, point["risk"])
         label = (f"threshold {sel['threshold']:.3f} (target risk {sel['target_risk']:g}): "
                  f"coverage {point['coverage']:.3f}, risk {point['risk']:.3f}")
+    c = torch.tensor([conf[i] for i in keep], dtype=torch.float64)
+    y = torch.tensor([correct[i] for i in keep])
     plot.risk_coverage_plot(c, y, path, title=title, mark=mark, mark_label=label)
     return path.name

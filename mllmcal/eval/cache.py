@@ -169,8 +169,8 @@ class BatchCache:
         return records, batches
 
     def write(self, stem: str, records: list[dict], fit: dict | None) -> None:
-        """One file per batch, written under a temporary name and renamed: a kill leaves
-        either the whole batch or nothing (``os.replace`` is atomic on POSIX and Windows)."""
+        """One file per batch (module docstring; ``os.replace`` is atomic on POSIX and
+        Windows)."""
         self._written += 1
         name = f"{stem}.{os.getpid()}-{self._written}-{time.time_ns()}.pt"
         tmp = self.root / f".{name}.tmp"

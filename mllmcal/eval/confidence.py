@@ -19,9 +19,8 @@ log-probability and step, keeps that step's row (``keep_rows``) and finishes the
 ``generate`` stops once every row has answered or ended. Per item exactly ONE logits row
 leaves the loop, the row at its answer position (``[B, V]`` for ``letter``, ``[B, 8]``
 for ``option-softmax``), for temperature scaling; nothing like ``output_scores=True``
-(``max_new_tokens·V`` values per item) is kept. The rows live as long as their batch: the
-runner feeds them to the temperature fit or reads the confidence at T from them, and
-stores none.
+(``max_new_tokens·V`` values per item) is kept, and the runner stores none
+(:mod:`mllmcal.eval.runner`).
 """
 
 from __future__ import annotations
@@ -93,6 +92,13 @@ def _load_image(path: str) -> Any:
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def _check_args(method: str, batch_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def _shows_image(em: EvalModel, item: Item, with_image: bool) -> bool:
@@ -275,10 +281,7 @@ def score_items(em: EvalModel, items: Sequence[Item], method: str = "letter",
     ``with_image=False`` is the text-only modality. Items with more images than the model
     takes are skipped with a warning (:func:`split_supported`) and get no record.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_args(method, batch_size)
     items, _ = split_supported(em, items, with_image)
     # (shows images, how many): one-image items batch as they always did, then the rest
     groups: dict[tuple[bool, int], list[Item]] = {(True, 1): [], (False, 0): []}

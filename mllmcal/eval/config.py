@@ -67,9 +67,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 def unique_names(specs: Sequence[ModelSpec]) -> list[str]:
     """Display names, unique: folders that share a name get their parent folders added
     (``a/model``, ``b/model``), then a counter if still equal."""
-    names = []
-    for s in specs:
-        names.append(s.name or Path(os.path.normpath(s.path)).name or s.path)
+    names = [s.name or Path(os.path.normpath(s.path)).name or s.path for s in specs]
     for depth in (2, 3):
         dup = {n for n in names if names.count(n) > 1}
         if not dup:
@@ -95,7 +93,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class EvalConfig:
-    """Everything ``mllmcal eval`` takes; see ``mllmcal eval --help`` for each option."""
+    """Everything ``mllmcal eval`` takes; see ``mllmcal eval --help`` for each option (a
+    field is the option of the same name: ``target_risk`` is ``--target-risk``)."""
 
     models: list[str | ModelSpec]
     test: str
@@ -133,17 +132,10 @@ class EvalConfig:
     keep: tuple[str, ...] = ()
     columns: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    #: ``hf`` (transformers ``generate``) or ``vllm`` (vLLM's offline ``LLM``, see
-    #: :mod:`mllmcal.eval.vllm_engine`; needs vLLM installed where the eval runs)
-    engine: str = "hf"
-    #: ``LLM(...)`` keyword arguments for ``engine="vllm"`` (``tensor_parallel_size``, ...)
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    #: the benchmark files' layout (``--format``; :data:`~mllmcal.eval.data.FORMAT_NAMES`),
-    #: None: recognised from the columns
+    engine: str = "hf"  # vllm: :mod:`mllmcal.eval.vllm_engine`
+    engine_args: dict[str, Any] = field(default_factory=dict)  # LLM(...) keyword arguments
     format: str | None = None
-    #: conformal prediction sets' error rate (``--alpha``)
     alpha: float = 0.1
-    #: selective answering's target risk on the calib split (``--target-risk``)
     target_risk: float = 0.1
 
     def __post_init__(self) -> None:

@@ -5,34 +5,27 @@ These inputs are accepted.
 
 * LLaVA-style JSON (what the paper's code reads): a list of
   ``{"id", "image", "conversations": [{"from": "human", "value": question}, {"from": "gpt",
-  "value": letter}]}``. The human turn carries the options as lines ``(A) text``
-  (see :mod:`mllmcal.eval.prompting`); an ``<image>`` placeholder in it is ignored.
+  "value": letter}]}``. The human turn carries the options (:func:`split_options`); an
+  ``<image>`` placeholder in it is ignored.
 * JSONL, one object per line: ``{"id", "question", "options", "answer", "image"}``, where
   ``options`` is a list of strings (or a ``{letter: text}`` mapping) and ``answer`` is a
   letter, ``"(B)"``, an option index or the option text.
 * A local Hugging Face dataset: a ``save_to_disk`` folder, a ``.parquet`` file or a folder
-  of them, as MCQ benchmarks are distributed. :class:`Columns` maps its columns (question,
-  options, answer, image, id); options may be a list column, a ``{letter: text}`` column,
-  per-letter columns ``A``, ``B``, ... (MMBench), or written into the question. Images
-  may be bytes (an ``Image`` feature or raw bytes) or paths; bytes are written once to a
-  content-addressed file under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
-* The toolkits' own files: a VLMEvalKit ``.tsv`` and the lmms-eval layouts (MMBench,
-  ScienceQA, SEED-Bench, MMMU, AI2D), recognised from their columns or named with
-  ``format=``; :mod:`mllmcal.eval.formats` reads them (hints, categories, several images).
+  of them, as MCQ benchmarks are distributed, its columns mapped by :class:`Columns`.
+  Images may be bytes (an ``Image`` feature or raw bytes) or paths
+  (:func:`~mllmcal.eval.images.materialize_image`).
+* The toolkits' own files: a VLMEvalKit ``.tsv`` and the lmms-eval layouts
+  (:mod:`mllmcal.eval.formats`: hints, categories, several images).
 
-In every format, options inside question text may be spelled ``A. x``, ``(A) x`` or
-``A) x``, on their own lines or inline, and every item must have 2 to 8 options (one rule
-for all formats). Answers are matched as letters first (``B``, ``(B)``, ``B.``, ``B) blue``),
-then as an option index, then as option text; an answer that matches no option, or more
-than one, skips the item with a message.
+In every format, options written into question text are read by :func:`split_options`, and
+every item must have 2 to 8 options (one rule for all formats). Answers are matched as
+letters first (``B``, ``(B)``, ``B.``, ``B) blue``), then as an option index, then as option
+text; an answer that matches no option, or more than one, skips the item with a message.
 
 An ``"answerable": false`` field marks an IDK item (it must offer "I don't know", spelled
-any way :func:`is_idk_option` accepts). A split in which no item has an image, while some
-field the loader does not read holds images, stops the run with :class:`DataError`.
-
-A file that is not valid JSON stops the run with :class:`DataError` naming the file and
-line. A malformed item, or one whose image cannot be read, is skipped with a warning that
-names its id, and is listed in :attr:`LoadResult.skipped` so that the report counts it.
+any way :func:`is_idk_option` accepts). A malformed item, or one whose image cannot be read,
+is skipped with a warning that names its id, and is listed in :attr:`LoadResult.skipped` so
+that the report counts it; what stops the run is listed under :func:`load_items`' Raises.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Rank, world size and the few collectives the eval runner needs (no-ops in one process).
-
-Under ``torchrun --nproc_per_node N -m mllmcal eval ...`` items are sharded round-robin;
-per-item records and the calib split's per-batch accumulator states are gathered with
-``all_gather_object`` (they are small) and the prompt chosen by APE is broadcast from
-rank 0. The test split's histogram is summed with
-:meth:`mllmcal.CalibrationState.all_reduce`, which needs only :attr:`Dist.on`.
-"""
+"""Rank, world size and the few collectives the eval runner needs (no-ops in one process);
+what is gathered, summed and broadcast is said in :mod:`mllmcal.eval.runner`."""
 
 from __future__ import annotations
 

@@ -173,11 +173,7 @@ class _VLMEvalKit:
                 else v for v in out]
 
     def __call__(self, row: dict) -> dict:
-        options = []
-        for letter in "ABCDEFGHI":
-            value = row.get(letter)
-            if not _missing(value):
-                options.append(value)
+        options = [row[c] for c in "ABCDEFGHI" if not _missing(row.get(c))]
         answer = _text(_get(row, "answer"))
         if answer is None:
             raise RowError("missing 'answer'")

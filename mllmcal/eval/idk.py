@@ -24,7 +24,6 @@ __all__ = ["IDK_MODES", "ABSTENTION_HINTS", "build_idk_set", "idk_metrics"]
 IDK_MODES = ("mismatched_image", "option_removed", "image_withheld")
 
 
-
 def _with_idk_option(options: Sequence[str]) -> tuple[str, ...]:
     if len(options) >= len(OPTION_LETTERS):
         raise ValueError(f"cannot add an IDK option to an item with {len(options)} options")
@@ -62,18 +61,15 @@ def build_idk_set(items: Sequence[Item], seed: int = 0,
             continue
         mode = candidates[k % len(candidates)]
         meta = {**it.meta, "idk_mode": mode, "source_id": it.id}
+        changes: dict = {"options": options, "answer": idk_letter}
         if mode == "option_removed":
-            kept = [o for i, o in enumerate(it.options) if i != it.answer_index]
-            opts = _with_idk_option(kept)
-            out.append(it.with_(id=f"{it.id}/idk-{mode}", options=opts,
-                                answer=OPTION_LETTERS[len(opts) - 1], meta=meta))
+            opts = _with_idk_option([o for i, o in enumerate(it.options) if i != it.answer_index])
+            changes = {"options": opts, "answer": OPTION_LETTERS[len(opts) - 1]}
         elif mode == "mismatched_image":
-            other = rng.choice([p for p in images if p != it.image])
-            out.append(it.with_(id=f"{it.id}/idk-{mode}", options=options, answer=idk_letter,
-                                image=other, meta=meta))
+            changes["image"] = rng.choice([p for p in images if p != it.image])
         else:
-            out.append(it.with_(id=f"{it.id}/idk-{mode}", options=options, answer=idk_letter,
-                                withhold_image=True, meta=meta))
+            changes["withhold_image"] = True
+        out.append(it.with_(id=f"{it.id}/idk-{mode}", meta=meta, **changes))
     return out
 
 
@@ -82,8 +78,7 @@ def idk_metrics(records: Sequence[dict]) -> dict[str, float | int | None]:
 
     ``records`` are scoring records (``answerable``, ``idk``, ``pred``, ``correct``,
     ``confidence``). "Answered" means an answerable item whose prediction is a letter other
-    than ``I don't know``; its ECE (10 bins) is computed by the caller's metric function and
-    added under ``answered_ece``.
+    than ``I don't know``; the caller adds its ECE under ``answered_ece``.
     """
     unans = [r for r in records if not r["answerable"]]
     ans = [r for r in records if r["answerable"]]

@@ -1,14 +1,12 @@
 """Image files as the eval hands them to a processor: decoded to files, 8-bit, found.
 
-* :func:`materialize_image`: an image stored as bytes (a Hugging Face ``Image`` feature,
-  decoded base64) is written once to a content-addressed file under
-  ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``); the bytes are kept as they are.
-* :func:`eight_bit`: a 16-bit grayscale image (PIL mode ``I;16``, or ``I`` as older Pillow
-  opens a 16-bit PNG) becomes an 8-bit RGB copy, scaled by 255/65535. PIL's own
-  ``convert("RGB")`` clips such pixels at 255 instead, so the model saw a white picture.
-* :func:`image_like_fields`: the fields of a record that hold images under a name the
-  loader does not read (``image_path`` where ``image`` was meant), so that a split whose
-  images all went unread fails at load time instead of being scored as text only.
+Images stored as bytes (a Hugging Face ``Image`` feature, decoded base64) are written once
+to content-addressed files under ``$MLLMCAL_CACHE/images`` (default ``~/.cache/mllmcal``).
+A 16-bit grayscale image (PIL mode ``I;16``, or ``I`` as older Pillow opens a 16-bit PNG)
+gets an 8-bit copy (:func:`eight_bit`): PIL's own ``convert("RGB")`` clips such pixels at
+255, so the model saw a white picture. :func:`image_like_fields` lets a split whose images
+all went unread (``image_path`` where ``image`` was meant) fail at load time instead of
+being scored as text only.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,18 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".t
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("MLLMCAL_CACHE", Path.home() / ".cache" / "mllmcal")) / "images"
+
+
+def _write_once(name: str, write: Callable[[Path], object]) -> str:
+    """The path of ``name`` in the image cache, written by ``write(tmp)`` unless it is there
+    already (to a temporary name, then renamed: a kill leaves no half-written file)."""
+    out = _cache_dir() / name
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        write(tmp)
+        os.replace(tmp, out)
+    return str(out)
 
 
 def check_image(path: str) -> None:
@@ -58,13 +69,7 @@ def materialize_image(value: Any, base: Path) -> Any:
                 ext = (im.format or "png").lower()
         except Exception as exc:  # PIL raises many types for broken bytes
             raise ValueError(f"unreadable image bytes: {exc}") from None
-        out = _cache_dir() / f"{digest}.{ext}"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, out)
-        return str(out)
+        return _write_once(f"{digest}.{ext}", lambda tmp: tmp.write_bytes(data))
     if path:
         return path if Path(path).is_absolute() else str(base / path)
     return None
@@ -83,15 +88,10 @@ def eight_bit(path: str) -> str:
         if im.mode not in _WIDE_MODES:
             return path
         wide = np.asarray(im, dtype=np.float64)
-    data = Path(path).read_bytes()
-    out = _cache_dir() / f"{hashlib.sha256(data).hexdigest()[:24]}-8bit.png"
-    if not out.is_file():
-        gray = np.rint(np.clip(wide, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        Image.fromarray(gray).convert("RGB").save(tmp, format="PNG")
-        os.replace(tmp, out)
-    return str(out)
+    gray = np.rint(np.clip(wide, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+    return _write_once(f"{digest}-8bit.png",
+                       lambda tmp: Image.fromarray(gray).convert("RGB").save(tmp, format="PNG"))
 
 
 def _looks_like_image(value: Any) -> bool:

@@ -14,12 +14,12 @@ How a prompt becomes model inputs (the same for every architecture, exceptions n
    architecture's own image placeholder. Text-only causal LMs get plain-string contents,
    which is what their templates iterate. Without a template the prompt is
    :func:`mllmcal.prompting.build_prompt` with ``processor.image_token`` as placeholder.
-   Templates that print today's date (Llama 3.x, Llama 3.2 Vision) get the fixed
-   :data:`TEMPLATE_DATE` instead, so prompts (and cached scores) do not change with the
-   day of the run. Llama 3.2 Vision's template writes a system turn with that date into
-   text-only prompts and none into image prompts (it refuses a system message next to
-   an image); eval keeps the released behaviour, so for it the two prompts differ by that
-   turn as well as by the image.
+   Templates that print today's date get a fixed one (:func:`~mllmcal.eval.quirks.date_kwargs`),
+   so prompts (and cached scores) do not change with the day of the run. Llama 3.2
+   Vision's template writes a system turn with that date into text-only prompts and none
+   into image prompts (it refuses a system message next to an image); eval keeps the
+   released behaviour, so for it the two prompts differ by that turn as well as by the
+   image.
 2. **BOS exactly once**, one rule for image and text-only prompts: tokenize with the
    tokenizer's special tokens ON, unless the rendered text already starts with the
    tokenizer's ``bos_token`` string (templates such as Gemma 3's and Idefics3's write it),
@@ -99,15 +99,9 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(sorted(_DTYPES))}") from None
 
 
-def _norm_piece(piece: str) -> str:
-    # SentencePiece marks a leading space with U+2581, byte-level BPE with U+0120
-    return piece.replace("\u2581", " ").replace("\u0120", " ").strip()
-
-
-
 def render_chat(processor: Any, msgs: list[dict[str, Any]]) -> str:
-    """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the processor's chat
-    template, the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
+    """``msgs`` (:func:`~mllmcal.prompting.chat_messages`) through the chat template of
+    ``processor`` (or a tokenizer), the last (assistant) turn left open, today's date pinned (:mod:`.quirks`).
 
     Typed content parts first. A template that prints an assistant turn's content as is
     (GLM-4.1V's ``{{ msg.content }}``; its user branch takes parts) would write the parts'
@@ -143,7 +137,7 @@ def special_tokens_on(tokenizer: Any, text: str) -> bool:
 class EvalModel:
     """A loaded checkpoint plus what the evaluator needs to know about its vocabulary.
 
-    ``letter_of_token`` is an int64 ``[V]`` tensor on the model's input device: the option
+    ``letter_of_token`` is an int64 ``[V]`` tensor on the logits' device: the option
     index (0 for A, ...) a token decodes to, or -1. :meth:`answer_token_ids` gives, for an
     answer prefix, the token that follows ``"{prefix}: ("`` for each letter.
     """
@@ -240,13 +234,8 @@ class EvalModel:
         return [p for p in item.interleave() if isinstance(p, int)]
 
     def image_limit_reason(self, n: int) -> str | None:
-        """Why one prompt of this model cannot show ``n`` images, or None when it can.
-
-        One image always can. For more: the architecture's ``PromptQuirks.max_images``
-        when it has one, else a trial: a two-option prompt with ``n`` image parts rendered
-        and encoded as any item would be (once per ``n``); a processor or template that
-        refuses it (a count check, an image-token mismatch) is the reason.
-        """
+        """Why one prompt of this model cannot show ``n`` images, or None when it can (one
+        always can; for more, see the module docstring's step 3; tried once per ``n``)."""
         if n <= 1:
             return None
         if n not in self._image_limits:
@@ -311,11 +300,10 @@ class EvalModel:
             if self.multimodal:
                 return self._render_chat(chat_messages(q, answer_prefix, with_image, hint,
                                                        instruction))
-            msgs = [{"role": "user", "content": user_text(q, hint, instruction)},
-                    {"role": "assistant", "content": answer_opening(answer_prefix)}]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      continue_final_message=True,
-                                                      **date_kwargs(self.tokenizer.chat_template))
+            # plain-string contents: what text-only templates iterate
+            return render_chat(self.tokenizer, [
+                {"role": "user", "content": user_text(q, hint, instruction)},
+                {"role": "assistant", "content": answer_opening(answer_prefix)}])
         if with_image and self.is_paligemma:
             # the processor writes the image tokens and BOS itself (module docstring)
             return build_prompt(q, answer_prefix, with_image=False, hint=hint,
@@ -388,13 +376,9 @@ class EvalModel:
         return out
 
     def _paligemma_inputs(self, prompts: list[str], images: list[Any] | None) -> dict:
-        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0.
-
-        The processor's own layout without its trailing ``\n``: the ids are assembled here
-        from the processor's image-token count and the tokenized ``<bos> prompt``, so the
-        result does not depend on how ``(`` and ``\n`` would tokenize together. The
-        processor still computes the pixel values (and is checked to agree on N).
-        """
+        """``<image>*N <bos> prompt`` (left-padded), ``token_type_ids`` all 0 (module
+        docstring): assembled here, so the result does not depend on how ``(`` and ``\n``
+        would tokenize together; the processor's N is checked and its pixel values used."""
         tok = self.tokenizer
         n_img, pixels = 0, None
         if images:
@@ -461,7 +445,8 @@ def _letter_table(tokenizer: Any, vocab_size: int) -> list[int]:
     for i, piece in enumerate(pieces):
         if piece is None or i in special:
             continue
-        s = _norm_piece(piece)
+        # SentencePiece marks a leading space with U+2581, byte-level BPE with U+0120
+        s = piece.replace("\u2581", " ").replace("\u0120", " ").strip()
         if len(s) == 1 and s in OPTION_LETTERS:
             letter_of[i] = OPTION_LETTERS.index(s)
     return letter_of
@@ -477,13 +462,6 @@ def _canonical_letters(tokenizer: Any, letter_of: list[int], opening: str) -> li
             tok = next((i for i, li in enumerate(letter_of) if li == idx), -1)
         canonical.append(tok)
     return canonical
-
-
-def _input_device(model: Any, fallback: torch.device) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return fallback
 
 
 def prepare_tokenizer(path: str, tokenizer: Any, owner: Any, chat_template: str,
@@ -560,7 +538,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     if device_map is None:
         model.to(device)
     model.eval()
-    device = _input_device(model, device)
+    try:  # inputs go where the input embeddings live
+        device = model.get_input_embeddings().weight.device
+    except AttributeError:
+        pass
     # logits come out where the lm_head lives (another GPU than the inputs with device_map)
     out_device = model.get_output_embeddings().weight.device
     vocab_size = model.get_output_embeddings().weight.shape[0]

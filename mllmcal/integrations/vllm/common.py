@@ -179,9 +179,7 @@ class ProcessorCore:
         # interpreter exit, for engines that are never garbage-collected).
         weakref.finalize(self, tracker.close)
 
-    @classmethod
-    def validate_params(cls, sampling_params: Any) -> None:
-        check_extra_args(sampling_params)
+    validate_params = staticmethod(check_extra_args)
 
     def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
         """The runner's ``apply``: ``[B, V]`` ``logits`` untouched, observed by the tracker

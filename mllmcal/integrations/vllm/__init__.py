@@ -204,10 +204,7 @@ def flush(*, end_active: bool = True) -> int:
     return sum(t.flush(end_active=end_active) for t in live_trackers())
 
 
-def trackers() -> list[Tracker]:
-    """The live trackers of this process (one per processor instance)."""
-    return live_trackers()
-
+trackers = live_trackers
 
 _PROCESSORS = ("CalibratedLogitsProcessor", "V1CalibratedLogitsProcessor",
                "V2CalibratedLogitsProcessor")

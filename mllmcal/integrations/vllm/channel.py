@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -28,6 +27,8 @@ import time
 import uuid
 from collections import OrderedDict
 from typing import Any
+
+from .records import logprob_summary
 
 __all__ = ["ENV", "LOCAL", "Publisher", "Store", "listen", "summarize"]
 
@@ -125,21 +126,19 @@ class Store:
 
 def summarize(sub: dict[str, Any], n_tokens: int | None, label: Any = None) -> dict[str, Any]:
     """The response statistics of one request: its first ``n_tokens`` tokens' ``confidence``,
-    ``entropy`` and ``logprob``, ``mean_logprob`` and ``min_prob`` (None unless every
-    log-prob is known), ``temperature`` (the calibration temperature of the statistics),
-    ``finish`` (mllmcal's reason: ``"low_confidence"`` for a forced stop; None if the engine
-    has not seen the end yet) and ``id`` (the request's ``mllmcal_id``, a label)."""
+    ``entropy``, ``logprob``, ``mean_logprob``, ``min_prob`` (:func:`.records.logprob_summary`),
+    ``temperature`` (the calibration temperature of the statistics), ``finish`` (mllmcal's
+    reason: ``"low_confidence"`` for a forced stop; None if the engine has not seen the end
+    yet) and ``id`` (the request's ``mllmcal_id``, a label)."""
     n = len(sub["confidence"]) if n_tokens is None else n_tokens
     lps = sub["logprob"][:n]
-    exact = n > 0 and all(lp is not None for lp in lps)
     return {
         "id": label,
         "token_ids": sub["token_ids"][:n],
         "confidence": sub["confidence"][:n],
         "entropy": sub["entropy"][:n],
         "logprob": lps,
-        "mean_logprob": sum(lps) / n if exact else None,
-        "min_prob": math.exp(min(lps)) if exact else None,
+        **logprob_summary(lps, n),
         "temperature": sub["temperature"],
         "finish": sub["finish"],
     }

@@ -72,11 +72,8 @@ class V1Tracker(Tracker):
             return
         with self._lock:
             rows = self.rows
-            need = batch_update.batch_size
-            for i, _, _, _ in batch_update.added:
-                need = max(need, i + 1)
-            for a, b, _ in batch_update.moved:
-                need = max(need, a + 1, b + 1)
+            need = max((batch_update.batch_size, *(i + 1 for i, *_ in batch_update.added),
+                        *(max(a, b) + 1 for a, b, _ in batch_update.moved)))
             if len(rows) < need:
                 rows.extend([None] * (need - len(rows)))
             for i in batch_update.removed:

@@ -1,9 +1,5 @@
-"""What the tracker knows about one request, and the per-token entries that reach it.
-
-A :class:`Request` is created when a runner first sees the request and collects one
-:class:`TokenRow` (V1) or :class:`CommittedToken` (V2) per row of a step that may have
-produced one of its tokens; the tracker turns those into per-token values.
-"""
+"""What the tracker knows about one request, and the per-token entries (one per row of a
+step that may have produced one of its tokens) that reach it."""
 
 from __future__ import annotations
 

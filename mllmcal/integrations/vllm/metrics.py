@@ -25,11 +25,9 @@ def metrics() -> dict[str, Any] | None:
     """The process's ``mllmcal_*`` Prometheus metrics, created on first use (None without
     ``prometheus_client``).
 
-    They are created once per process: prometheus_client refuses a second metric of the
-    same name in a registry, and in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set
-    before the process started) every process writes its own files that the API server's
-    ``/metrics`` sums. Gauges use ``multiprocess_mode="mostrecent"``: the last value set by
-    any process is shown, not a sum.
+    Once per process: prometheus_client refuses a second metric of a name in a registry.
+    In multiprocess mode (see the package docstring) the gauges show the most recent value
+    set by any process (``multiprocess_mode="mostrecent"``), not a sum.
     """
     global _metrics
     with _metrics_lock:

@@ -11,9 +11,8 @@ serve`` does, with the processor and the channel configured). What it does:
   tokens). The engine publishes that request's per-token values under the key (see
   :mod:`.channel`); the middleware waits until it has as many as the response has tokens
   (``usage.completion_tokens``; up to ``MLLMCAL_VLLM_STATS_TIMEOUT`` seconds, default 30,
-  else ``{"error": "timeout", ...}``) and adds ``"mllmcal": {...}`` to each choice:
-  ``confidence``, ``entropy``, ``logprob`` per token, ``mean_logprob``, ``min_prob``,
-  ``temperature``, ``finish``, ``id`` (see :func:`.channel.summarize`).
+  else ``{"error": "timeout", ...}``) and adds ``"mllmcal": {...}`` to each choice (the
+  fields of :func:`.channel.summarize`).
 * Streaming: chunks pass through as they come; the last chunk (the usage chunk: the
   middleware turns on ``stream_options.include_usage``) carries ``"mllmcal": {"choices":
   [{"index": 0, ...}]}`` with all the values.

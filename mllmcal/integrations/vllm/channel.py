@@ -67,8 +67,12 @@ class Store:
                 return
             e = self._entries.get(msg["key"])
             if e is None:
-                e = self._entries[msg["key"]] = _Entry()
-                self._evict()
+                entries = self._entries
+                e = entries[msg["key"]] = _Entry()
+                now = time.monotonic()
+                while entries and (len(entries) > self.max_keys
+                                   or now - next(iter(entries.values())).born > self.ttl):
+                    entries.popitem(last=False)
             e.id = msg.get("id", e.id)
             sub = e.subs.setdefault(msg.get("sub"), {
                 "token_ids": [], "confidence": [], "entropy": [], "logprob": [],
@@ -82,12 +86,6 @@ class Store:
             if msg.get("finish"):
                 sub["finish"] = msg["finish"]
             self._cond.notify_all()
-
-    def _evict(self) -> None:
-        now = time.monotonic()
-        while self._entries and (len(self._entries) > self.max_keys
-                                 or now - next(iter(self._entries.values())).born > self.ttl):
-            self._entries.popitem(last=False)
 
     def peek(self, key: str, n_tokens: int | None) -> dict[str, Any] | None:
         """The statistics of ``key`` (see :func:`summarize`) once ``n_tokens`` values (None:

@@ -19,11 +19,6 @@ __all__ = ["RecordWriter", "logprob_summary", "request_record"]
 _log = logging.getLogger("mllmcal")
 
 
-def _mean(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def logprob_summary(lps: list[float | None], n: int) -> dict[str, float | None]:
     """``mean_logprob`` and ``min_prob`` of ``n`` token log-probs (None unless all exact)."""
     exact = n > 0 and all(lp is not None for lp in lps)
@@ -36,6 +31,7 @@ def request_record(req: Request) -> dict[str, Any]:
     ``confidence``, ``entropy`` and ``logprob``, ``mean_logprob`` and ``min_prob`` (see
     :func:`logprob_summary`), ``mean_confidence``, ``temperature``, ``finish``."""
     n = len(req.confidence)
+    confs = [c for c in req.confidence if c is not None]
     return {
         "id": req.rid,
         "n_tokens": n,
@@ -44,7 +40,7 @@ def request_record(req: Request) -> dict[str, Any]:
         "entropy": req.entropy,
         "logprob": req.logprob,
         **logprob_summary(req.logprob, n),
-        "mean_confidence": _mean(req.confidence),
+        "mean_confidence": sum(confs) / len(confs) if confs else None,
         "temperature": req.temperature,
         "finish": req.ended_by,
         **token_logits_field(req, n),

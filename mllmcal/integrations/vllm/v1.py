@@ -216,18 +216,14 @@ class V1Tracker(Tracker):
 
     # ------------------------------------------------------------ drain thread
 
-    def _hand_out(self) -> None:
-        """Give each queued step's rows to their requests, in step order."""
-        steps = self._new_steps
+    def _before_drain(self) -> None:
+        steps = self._new_steps  # each queued step's rows to their requests, in step order
         while steps:
             step = steps.popleft()
             stats, n_tokens = step.stats, step.n_tokens
             for r, req in enumerate(step.requests):
                 if req is not None:
                     req.entries.append(TokenRow(n_tokens[r], stats, r))
-
-    def _before_drain(self) -> None:
-        self._hand_out()
         # From the drain thread too: otherwise an idle engine (a server after its last
         # request) would keep the last step's opted-in rows, and their records, forever.
         if self._saved_steps:

@@ -201,9 +201,7 @@ class V1Tracker(Tracker):
                     else:
                         waiting = True
                 if js:
-                    # Built on the host and copied without blocking: torch.tensor(...,
-                    # device="cuda") would be a synchronous copy.
-                    ij = torch.tensor([js, toks], dtype=torch.long)
+                    ij = torch.tensor([js, toks], dtype=torch.long)  # see SavedLogits.take
                     ij = ij.to(saved.logits.device, non_blocking=True)
                     chunk = StepStats((saved.logits[ij[0], ij[1]],))
                     for i, r in enumerate(done):

@@ -118,9 +118,7 @@ class FeedbackFile:
         self._warned = False
 
     def _restarted(self, f: Any, st: os.stat_result) -> bool:
-        if self._ino is not None and st.st_ino != self._ino:
-            return True
-        if st.st_size < self._pos:
+        if (self._ino is not None and st.st_ino != self._ino) or st.st_size < self._pos:
             return True
         if self._pos:
             # Truncated and refilled past the old offset between two reads: the first

@@ -244,9 +244,7 @@ class _StreamSend:
         *events, self.buf = self.buf.split(b"\n\n")
         if not more and self.buf:
             events, self.buf = [*events, self.buf], b""
-        out = []
-        for ev in events:
-            out.append(await self._event(ev) + b"\n\n")
+        out = [await self._event(ev) + b"\n\n" for ev in events]
         await self.send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
 
     async def _event(self, ev: bytes) -> bytes:
@@ -286,9 +284,7 @@ def _replay(body: bytes, more: list[Message], receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        if more:
-            return more.pop(0)
-        return await receive()
+        return more.pop(0) if more else await receive()
 
     return again
 

@@ -242,10 +242,10 @@ class SGLangTracker:
                         st.ended_by = ("flush" if not done else "length"
                                        if st.max_new is not None and len(tokens) >= st.max_new
                                        else "removed")
-                    written = self._write(st, tokens)
+                    self._write(st, tokens)
                     # A written request that is still alive stays, marked written: the
                     # overlap scheduler may run it one more step.
-                    if final or (written and not alive):
+                    if final or not alive:
                         del self._reqs[key]
         return self.n_records - before
 
@@ -272,8 +272,8 @@ class SGLangTracker:
             append_token(st, conf, ent, token_logprob(tok, pred, conf, lse, logit,
                                                       stats.temperature), self._metrics)
 
-    def _write(self, st: _Request, tokens: list[int]) -> bool:
-        """Write ``st``'s record; False (and kept for the next drain) if that failed."""
+    def _write(self, st: _Request, tokens: list[int]) -> None:
+        """Hand ``st``'s record to the writer and mark it written."""
         st.entries.clear()
         st.tokens = tokens
         if self._writer:
@@ -283,7 +283,6 @@ class SGLangTracker:
             self._handed += 1
             count_record(self._metrics)
         st.written = True
-        return True
 
     @property
     def n_records(self) -> int:

@@ -14,10 +14,8 @@ Loading it (the same name works with both of vLLM's model runners)::
     python -m vllm.entrypoints.openai.api_server --model M \\
         --logits-processors mllmcal.integrations.vllm:CalibratedLogitsProcessor
 
-``CalibratedLogitsProcessor`` selects, from the constructor signature vLLM documents for
-each runner, one of two small classes: :class:`V1CalibratedLogitsProcessor` (the V1
-runner's interface) or :class:`V2CalibratedLogitsProcessor` (Model Runner V2's); either
-can also be named directly.
+It builds, by the runner's constructor signature, a :class:`V1CalibratedLogitsProcessor`
+or a :class:`V2CalibratedLogitsProcessor`; either can also be named directly.
 
 Installing mllmcal as a package also registers it under vLLM's ``vllm.logits_processors``
 entry point: every engine in that environment then loads it, and it stays inert unless the
@@ -174,10 +172,8 @@ def response_stats(outputs: list[Any], params: list[Any], *,
     """The statistics of each of ``LLM.generate``'s ``outputs``, aligned with its tokens.
 
     ``params`` are the per-prompt ``SamplingParams`` given to ``generate`` (each from
-    :func:`with_stats`). Each item is a dict with ``confidence``, ``entropy`` and ``logprob``
-    per returned token, ``mean_logprob``, ``min_prob``, ``temperature``, ``finish`` and
-    ``id`` (see :func:`.channel.summarize`), or None if they did not arrive within
-    ``timeout`` seconds. With the engine in its own process (the default), call
+    :func:`with_stats`). Each item is :func:`.channel.summarize`'s dict for the returned
+    tokens, or None if they did not arrive within ``timeout`` seconds. With the engine in its own process (the default), call
     :func:`listen` before creating the ``LLM``; an in-process engine needs nothing. ``n > 1``
     is not supported (the item is an ``{"error": ...}``).
     """
@@ -204,10 +200,7 @@ def flush(*, end_active: bool = True) -> int:
     return sum(t.flush(end_active=end_active) for t in live_trackers())
 
 
-def trackers() -> list[Tracker]:
-    """The live trackers of this process (one per processor instance)."""
-    return live_trackers()
-
+trackers = live_trackers
 
 _PROCESSORS = ("CalibratedLogitsProcessor", "V1CalibratedLogitsProcessor",
                "V2CalibratedLogitsProcessor")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -28,6 +27,8 @@ import time
 import uuid
 from collections import OrderedDict
 from typing import Any
+
+from .records import logprob_summary
 
 __all__ = ["ENV", "LOCAL", "Publisher", "Store", "listen", "summarize"]
 
@@ -66,8 +67,12 @@ class Store:
                 return
             e = self._entries.get(msg["key"])
             if e is None:
-                e = self._entries[msg["key"]] = _Entry()
-                self._evict()
+                entries = self._entries
+                e = entries[msg["key"]] = _Entry()
+                now = time.monotonic()
+                while entries and (len(entries) > self.max_keys
+                                   or now - next(iter(entries.values())).born > self.ttl):
+                    entries.popitem(last=False)
             e.id = msg.get("id", e.id)
             sub = e.subs.setdefault(msg.get("sub"), {
                 "token_ids": [], "confidence": [], "entropy": [], "logprob": [],
@@ -81,12 +86,6 @@ class Store:
             if msg.get("finish"):
                 sub["finish"] = msg["finish"]
             self._cond.notify_all()
-
-    def _evict(self) -> None:
-        now = time.monotonic()
-        while self._entries and (len(self._entries) > self.max_keys
-                                 or now - next(iter(self._entries.values())).born > self.ttl):
-            self._entries.popitem(last=False)
 
     def peek(self, key: str, n_tokens: int | None) -> dict[str, Any] | None:
         """The statistics of ``key`` (see :func:`summarize`) once ``n_tokens`` values (None:
@@ -125,21 +124,19 @@ class Store:
 
 def summarize(sub: dict[str, Any], n_tokens: int | None, label: Any = None) -> dict[str, Any]:
     """The response statistics of one request: its first ``n_tokens`` tokens' ``confidence``,
-    ``entropy`` and ``logprob``, ``mean_logprob`` and ``min_prob`` (None unless every
-    log-prob is known), ``temperature`` (the calibration temperature of the statistics),
-    ``finish`` (mllmcal's reason: ``"low_confidence"`` for a forced stop; None if the engine
-    has not seen the end yet) and ``id`` (the request's ``mllmcal_id``, a label)."""
+    ``entropy``, ``logprob``, ``mean_logprob``, ``min_prob`` (:func:`.records.logprob_summary`),
+    ``temperature`` (the calibration temperature of the statistics), ``finish`` (mllmcal's
+    reason: ``"low_confidence"`` for a forced stop; None if the engine has not seen the end
+    yet) and ``id`` (the request's ``mllmcal_id``, a label)."""
     n = len(sub["confidence"]) if n_tokens is None else n_tokens
     lps = sub["logprob"][:n]
-    exact = n > 0 and all(lp is not None for lp in lps)
     return {
         "id": label,
         "token_ids": sub["token_ids"][:n],
         "confidence": sub["confidence"][:n],
         "entropy": sub["entropy"][:n],
         "logprob": lps,
-        "mean_logprob": sum(lps) / n if exact else None,
-        "min_prob": math.exp(min(lps)) if exact else None,
+        **logprob_summary(lps, n),
         "temperature": sub["temperature"],
         "finish": sub["finish"],
     }

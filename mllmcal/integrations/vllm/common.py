@@ -38,8 +38,7 @@ def _names_mllmcal(proc: Any) -> bool:
 
 def requested(vllm_config: Any) -> bool:
     """Whether this engine's operator asked for mllmcal, rather than vLLM having loaded it
-    through the ``vllm.logits_processors`` entry point that installing the package
-    registers (which reaches every engine in the environment).
+    through the entry point (which reaches every engine in the environment).
 
     Asked means any of: ``MLLMCAL_VLLM=1`` in the engine's environment; an ``"mllmcal"``
     key in ``additional_config``; one of mllmcal's processors named in the engine's
@@ -179,9 +178,7 @@ class ProcessorCore:
         # interpreter exit, for engines that are never garbage-collected).
         weakref.finalize(self, tracker.close)
 
-    @classmethod
-    def validate_params(cls, sampling_params: Any) -> None:
-        check_extra_args(sampling_params)
+    validate_params = staticmethod(check_extra_args)
 
     def apply(self, logits: torch.Tensor, *ctx: Any) -> torch.Tensor:
         """The runner's ``apply``: ``[B, V]`` ``logits`` untouched, observed by the tracker

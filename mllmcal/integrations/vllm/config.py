@@ -15,10 +15,9 @@ __all__ = ["Config", "env_flag"]
 def env_flag(name: str, default: bool | None) -> bool | None:
     """The on/off environment variable ``name`` (``1/true/yes/on``, ``0/false/no/off``,
     any case); ``default`` where it is unset or blank. Anything else raises ValueError."""
-    v = os.environ.get(name)
-    if v is None or v.strip() == "":
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
         return default
-    v = v.strip().lower()
     if v in ("1", "true", "yes", "on"):
         return True
     if v in ("0", "false", "no", "off"):

@@ -1,13 +1,8 @@
-"""Correctness feedback for the vLLM integration: what arrives, from where, and how it is
-scored.
-
-Feedback names a request by its ``mllmcal_id`` and says whether its answer token was
-right (``correct``) or which token was (``label``). It reaches an engine through
-:func:`feedback` (same process) or the JSON-lines file ``MLLMCAL_VLLM_FEEDBACK`` (any
-process), and each engine's :class:`FeedbackScorer` applies it to the answer waiting in
-its :class:`~mllmcal.integrations._feedback.FeedbackBook` -- the book the ``transformers``
-processor uses too.
-"""
+"""Correctness feedback for the vLLM integration: what arrives (:class:`FeedbackItem`),
+from where (:func:`feedback` in the same process, :class:`FeedbackFile` from any), and how
+each engine's :class:`FeedbackScorer` scores it against the answer waiting in its
+:class:`~mllmcal.integrations._feedback.FeedbackBook` (the ``transformers`` processor's
+book too)."""
 
 from __future__ import annotations
 
@@ -123,9 +118,7 @@ class FeedbackFile:
         self._warned = False
 
     def _restarted(self, f: Any, st: os.stat_result) -> bool:
-        if self._ino is not None and st.st_ino != self._ino:
-            return True
-        if st.st_size < self._pos:
+        if (self._ino is not None and st.st_ino != self._ino) or st.st_size < self._pos:
             return True
         if self._pos:
             # Truncated and refilled past the old offset between two reads: the first

@@ -25,11 +25,9 @@ def metrics() -> dict[str, Any] | None:
     """The process's ``mllmcal_*`` Prometheus metrics, created on first use (None without
     ``prometheus_client``).
 
-    They are created once per process: prometheus_client refuses a second metric of the
-    same name in a registry, and in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set
-    before the process started) every process writes its own files that the API server's
-    ``/metrics`` sums. Gauges use ``multiprocess_mode="mostrecent"``: the last value set by
-    any process is shown, not a sum.
+    Once per process: prometheus_client refuses a second metric of a name in a registry.
+    In multiprocess mode (see the package docstring) the gauges show the most recent value
+    set by any process (``multiprocess_mode="mostrecent"``), not a sum.
     """
     global _metrics
     with _metrics_lock:
@@ -40,42 +38,24 @@ def metrics() -> dict[str, Any] | None:
                 _log.warning("prometheus_client is not installed: no mllmcal_* metrics")
                 _metrics = {}
                 return None
-            _metrics = {
-                "confidence": Histogram(
-                    "mllmcal_token_confidence",
-                    "Confidence (max probability at the calibration temperature) of each "
-                    "generated token",
-                    buckets=CONFIDENCE_BUCKETS,
-                ),
-                "entropy": Histogram(
-                    "mllmcal_token_entropy",
-                    "Entropy in nats of the full next-token distribution of each generated "
-                    "token",
-                    buckets=ENTROPY_BUCKETS,
-                ),
-                "requests": Counter(
-                    "mllmcal_requests", "Requests whose mllmcal record was completed"
-                ),
-                "feedback": Counter(
-                    "mllmcal_feedback", "Correctness feedback items applied"
-                ),
-                "write_errors": Counter(
-                    "mllmcal_records_write_errors",
-                    "Failed attempts to write request records (they are retried)"
-                ),
-                "ece": Gauge(
-                    "mllmcal_ece", "Expected calibration error (L1) of the feedback so far",
-                    multiprocess_mode="mostrecent",
-                ),
-                "accuracy": Gauge(
-                    "mllmcal_accuracy", "Accuracy of the feedback so far",
-                    multiprocess_mode="mostrecent",
-                ),
-                "temperature": Gauge(
-                    "mllmcal_temperature", "Temperature used for the statistics",
-                    multiprocess_mode="mostrecent",
-                ),
+            m = {
+                "confidence": Histogram("mllmcal_token_confidence", "Confidence (max "
+                                        "probability at the calibration temperature) of each "
+                                        "generated token", buckets=CONFIDENCE_BUCKETS),
+                "entropy": Histogram("mllmcal_token_entropy", "Entropy in nats of the full "
+                                     "next-token distribution of each generated token",
+                                     buckets=ENTROPY_BUCKETS),
+                "requests": Counter("mllmcal_requests",
+                                    "Requests whose mllmcal record was completed"),
+                "feedback": Counter("mllmcal_feedback", "Correctness feedback items applied"),
+                "write_errors": Counter("mllmcal_records_write_errors", "Failed attempts to "
+                                        "write request records (they are retried)"),
             }
+            for name, doc in (("ece", "Expected calibration error (L1) of the feedback so far"),
+                              ("accuracy", "Accuracy of the feedback so far"),
+                              ("temperature", "Temperature used for the statistics")):
+                m[name] = Gauge(f"mllmcal_{name}", doc, multiprocess_mode="mostrecent")
+            _metrics = m
         return _metrics or None
 
 

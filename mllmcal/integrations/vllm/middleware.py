@@ -11,9 +11,8 @@ serve`` does, with the processor and the channel configured). What it does:
   tokens). The engine publishes that request's per-token values under the key (see
   :mod:`.channel`); the middleware waits until it has as many as the response has tokens
   (``usage.completion_tokens``; up to ``MLLMCAL_VLLM_STATS_TIMEOUT`` seconds, default 30,
-  else ``{"error": "timeout", ...}``) and adds ``"mllmcal": {...}`` to each choice:
-  ``confidence``, ``entropy``, ``logprob`` per token, ``mean_logprob``, ``min_prob``,
-  ``temperature``, ``finish``, ``id`` (see :func:`.channel.summarize`).
+  else ``{"error": "timeout", ...}``) and adds ``"mllmcal": {...}`` to each choice (the
+  fields of :func:`.channel.summarize`).
 * Streaming: chunks pass through as they come; the last chunk (the usage chunk: the
   middleware turns on ``stream_options.include_usage``) carries ``"mllmcal": {"choices":
   [{"index": 0, ...}]}`` with all the values.
@@ -245,9 +244,7 @@ class _StreamSend:
         *events, self.buf = self.buf.split(b"\n\n")
         if not more and self.buf:
             events, self.buf = [*events, self.buf], b""
-        out = []
-        for ev in events:
-            out.append(await self._event(ev) + b"\n\n")
+        out = [await self._event(ev) + b"\n\n" for ev in events]
         await self.send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
 
     async def _event(self, ev: bytes) -> bytes:
@@ -287,9 +284,7 @@ def _replay(body: bytes, more: list[Message], receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        if more:
-            return more.pop(0)
-        return await receive()
+        return more.pop(0) if more else await receive()
 
     return again
 

@@ -1,15 +1,11 @@
 """``CalibratedLogitsProcessor``: the one loading name for both of vLLM's model runners.
 
-vLLM loads a processor class by name (``logits_processors=[...]``, ``--logits-processors``
-or the ``vllm.logits_processors`` entry point) in whichever model runner the engine uses,
-checks it with ``issubclass`` against that runner's abstract ``LogitsProcessor`` and builds
-it with that runner's documented signature: ``(vllm_config, device, is_pin_memory)`` in
-the V1 runner, ``(vllm_config, req_states)`` in Model Runner V2. An entry point names one
-class for both, so the name must pass both checks. :class:`CalibratedLogitsProcessor` is
-a selector that implements neither interface: it is registered as a virtual subclass of
-both abstract bases (``ABCMeta.register``, no code inherited), and constructing it returns
-a :class:`~.v1.V1CalibratedLogitsProcessor` or :class:`~.v2.V2CalibratedLogitsProcessor`,
-each one small class implementing one interface.
+vLLM checks a processor class it loads by name with ``issubclass`` against the abstract
+``LogitsProcessor`` of the engine's runner, and builds it with that runner's signature. An
+entry point names one class for both runners, so the name must pass both checks:
+:class:`CalibratedLogitsProcessor` implements neither interface, it is registered as a
+virtual subclass of both abstract bases (``ABCMeta.register``, no code inherited) and
+selects the class to build.
 """
 
 from __future__ import annotations
@@ -53,11 +49,8 @@ class CalibratedLogitsProcessor:
             return V2CalibratedLogitsProcessor(vllm_config, *args, **kwargs)
         return V1CalibratedLogitsProcessor(vllm_config, *args, **kwargs)
 
-    @classmethod
-    def validate_params(cls, sampling_params: Any) -> None:
-        """Reject requests with malformed ``mllmcal_*`` extra_args (both runners' loaders
-        call this on the class they loaded)."""
-        check_extra_args(sampling_params)
+    # Both runners' loaders call this on the class they loaded.
+    validate_params = staticmethod(check_extra_args)
 
 
 V1LogitsProcessor.register(CalibratedLogitsProcessor)

@@ -14,33 +14,33 @@ from typing import Any
 from .request import Request
 from .token_logits import token_logits_field
 
-__all__ = ["RecordWriter", "request_record"]
+__all__ = ["RecordWriter", "logprob_summary", "request_record"]
 
 _log = logging.getLogger("mllmcal")
 
 
-def _mean(xs: list[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
+def logprob_summary(lps: list[float | None], n: int) -> dict[str, float | None]:
+    """``mean_logprob`` and ``min_prob`` of ``n`` token log-probs (None unless all exact)."""
+    exact = n > 0 and all(lp is not None for lp in lps)
+    return {"mean_logprob": sum(lps) / n if exact else None,
+            "min_prob": math.exp(min(lps)) if exact else None}
 
 
 def request_record(req: Request) -> dict[str, Any]:
     """The record of ``req``: ``id``, ``n_tokens``, ``token_ids``, per-token
-    ``confidence``, ``entropy`` and ``logprob``, ``mean_logprob`` and ``min_prob`` (None
-    unless every log-prob is exact), ``mean_confidence``, ``temperature``, ``finish``."""
+    ``confidence``, ``entropy`` and ``logprob``, ``mean_logprob`` and ``min_prob`` (see
+    :func:`logprob_summary`), ``mean_confidence``, ``temperature``, ``finish``."""
     n = len(req.confidence)
-    lps = req.logprob
-    exact = n > 0 and all(lp is not None for lp in lps)
+    confs = [c for c in req.confidence if c is not None]
     return {
         "id": req.rid,
         "n_tokens": n,
         "token_ids": [int(t) for t in req.tokens[:n]],
         "confidence": req.confidence,
         "entropy": req.entropy,
-        "logprob": lps,
-        "mean_logprob": (sum(lps) / n) if exact else None,
-        "min_prob": math.exp(min(lps)) if exact else None,
-        "mean_confidence": _mean(req.confidence),
+        "logprob": req.logprob,
+        **logprob_summary(req.logprob, n),
+        "mean_confidence": sum(confs) / len(confs) if confs else None,
         "temperature": req.temperature,
         "finish": req.ended_by,
         **token_logits_field(req, n),

@@ -1,9 +1,5 @@
-"""What the tracker knows about one request, and the per-token entries that reach it.
-
-A :class:`Request` is created when a runner first sees the request and collects one
-:class:`TokenRow` (V1) or :class:`CommittedToken` (V2) per row of a step that may have
-produced one of its tokens; the tracker turns those into per-token values.
-"""
+"""What the tracker knows about one request, and the per-token entries (one per row of a
+step that may have produced one of its tokens) that reach it."""
 
 from __future__ import annotations
 
@@ -73,13 +69,11 @@ class Request:
         self.rid = str(rid) if rid is not None else f"mllmcal-{uuid.uuid4().hex[:12]}-{next(_ids)}"
         self.max_tokens = getattr(params, "max_tokens", None)
         self.min_tokens = getattr(params, "min_tokens", 0) or 0
-        if getattr(params, "ignore_eos", False):
-            stop = set(getattr(params, "stop_token_ids", None) or ())
-        else:
-            stop = set(getattr(params, "all_stop_token_ids", None) or ()) | set(
-                getattr(params, "stop_token_ids", None) or ()
-            )
-        self.stop_ids = frozenset(stop)
+        ignore_eos = getattr(params, "ignore_eos", False)
+        stop_tokens = set(getattr(params, "stop_token_ids", None) or ())
+        if not ignore_eos:
+            stop_tokens |= set(getattr(params, "all_stop_token_ids", None) or ())
+        self.stop_ids = frozenset(stop_tokens)
         self.opt_logprobs = bool(extra.get("mllmcal_logprobs", False))
         greedy = (getattr(params, "temperature", 1.0) or 0.0) < _GREEDY_EPS
         no_penalties = (
@@ -104,7 +98,7 @@ class Request:
         below = extra.get("mllmcal_stop_below")
         self.stop_below = float(below) if below is not None else None
         self.stop_window = int(extra.get("mllmcal_stop_window", 16))
-        eos = None if getattr(params, "ignore_eos", False) else getattr(params, "eos_token_id", None)
+        eos = None if ignore_eos else getattr(params, "eos_token_id", None)
         if eos is None:
             eos = next(iter(sorted(getattr(params, "stop_token_ids", None) or ())), None)
         self.stop_eos: int | None = eos

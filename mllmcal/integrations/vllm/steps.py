@@ -1,11 +1,5 @@
-"""One engine step's ``[B]`` statistics and what the processors keep with them.
-
-:class:`StepStats` holds the statistics of one step's rows and reads them back to the host
-without blocking; :class:`SavedLogits` and :class:`ChosenLogit` are the typed carriers of
-the opted-in rows whose chosen token's logit is read once the token is known;
-:func:`token_logprob` turns a row's values into its token's log-probability. Shared by the
-vLLM runners and the SGLang integration.
-"""
+"""One engine step's ``[B]`` statistics and what the processors keep with them (shared by
+the vLLM runners and the SGLang integration)."""
 
 from __future__ import annotations
 

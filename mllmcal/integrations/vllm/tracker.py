@@ -281,10 +281,8 @@ class Tracker:
             # Tokens commit in order; a gap means a step's values were lost (cannot happen
             # with the engine's own bookkeeping). Fill with nulls rather than misalign.
             _log.warning("mllmcal: request %s token %d committed out of order", req.rid, k)
-            while len(req.confidence) < k:
-                req.confidence.append(None)
-                req.entropy.append(None)
-                req.logprob.append(None)
+            for values in (req.confidence, req.entropy, req.logprob):
+                values.extend([None] * (k - len(values)))
             if k < len(req.confidence):
                 return
         append_token(req, conf, ent, logprob, self._metrics)

@@ -72,11 +72,8 @@ class V1Tracker(Tracker):
             return
         with self._lock:
             rows = self.rows
-            need = batch_update.batch_size
-            for i, _, _, _ in batch_update.added:
-                need = max(need, i + 1)
-            for a, b, _ in batch_update.moved:
-                need = max(need, a + 1, b + 1)
+            need = max((batch_update.batch_size, *(i + 1 for i, *_ in batch_update.added),
+                        *(max(a, b) + 1 for a, b, _ in batch_update.moved)))
             if len(rows) < need:
                 rows.extend([None] * (need - len(rows)))
             for i in batch_update.removed:
@@ -95,22 +92,12 @@ class V1Tracker(Tracker):
                     self._vacate(b)
                     rows[b], rows[a] = rows[a], None
             del rows[batch_update.batch_size:]
-            saved, fb, scaled, logit, stop = [], [], [], [], []
-            for r, q in enumerate(rows):
-                if q is None:
-                    continue
-                if q.needs_rows:
-                    saved.append(r)
-                if q.keep_row:
-                    fb.append(r)
-                if q.scale:
-                    scaled.append(r)
-                if q.token_logits is not None:
-                    logit.append(r)
-                if q.stop_below is not None:
-                    stop.append(r)
-            self._saved_rows, self._fb_rows, self._scaled_rows = saved, fb, scaled
-            self._logit_rows, self._stop_rows = logit, stop
+            live = [(r, q) for r, q in enumerate(rows) if q is not None]
+            self._saved_rows = [r for r, q in live if q.needs_rows]
+            self._fb_rows = [r for r, q in live if q.keep_row]
+            self._scaled_rows = [r for r, q in live if q.scale]
+            self._logit_rows = [r for r, q in live if q.token_logits is not None]
+            self._stop_rows = [r for r, q in live if q.stop_below is not None]
 
     def _vacate(self, i: int) -> None:
         req = self.rows[i] if i < len(self.rows) else None
@@ -214,9 +201,7 @@ class V1Tracker(Tracker):
                     else:
                         waiting = True
                 if js:
-                    # Built on the host and copied without blocking: torch.tensor(...,
-                    # device="cuda") would be a synchronous copy.
-                    ij = torch.tensor([js, toks], dtype=torch.long)
+                    ij = torch.tensor([js, toks], dtype=torch.long)  # see SavedLogits.take
                     ij = ij.to(saved.logits.device, non_blocking=True)
                     chunk = StepStats((saved.logits[ij[0], ij[1]],))
                     for i, r in enumerate(done):
@@ -229,18 +214,14 @@ class V1Tracker(Tracker):
 
     # ------------------------------------------------------------ drain thread
 
-    def _hand_out(self) -> None:
-        """Give each queued step's rows to their requests, in step order."""
-        steps = self._new_steps
+    def _before_drain(self) -> None:
+        steps = self._new_steps  # each queued step's rows to their requests, in step order
         while steps:
             step = steps.popleft()
             stats, n_tokens = step.stats, step.n_tokens
             for r, req in enumerate(step.requests):
                 if req is not None:
                     req.entries.append(TokenRow(n_tokens[r], stats, r))
-
-    def _before_drain(self) -> None:
-        self._hand_out()
         # From the drain thread too: otherwise an idle engine (a server after its last
         # request) would keep the last step's opted-in rows, and their records, forever.
         if self._saved_steps:

@@ -1,6 +1,6 @@
 """Triton's CPU interpreter (``TRITON_INTERPRET=1``): detection and the one fix the kernels
-need from it. Every kernel module imports :func:`interpreting` from here and calls
-:func:`install_fixes` when it is true, so the fix is installed once, before any launch.
+need from it. The kernel modules call :func:`install_fixes` when :func:`interpreting` (or
+import one that does), so the fix is installed once, before any launch.
 """
 
 from __future__ import annotations

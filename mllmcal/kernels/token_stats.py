@@ -5,17 +5,12 @@ logsumexp, confidence, entropy, E_p[z], Var_p[z], argmax, label log-prob, Brier,
 valid/correct flags, optionally the temperature-scaled logits ``z = x / T`` (written in the
 same pass, possibly in place) and optionally integer adds to a calibration histogram.
 
-Two launch paths (chosen by :func:`mllmcal._backends.launch.plan_splits`, shared with the
-CUDA launcher):
-
-* **row** -- one program per row, looping over the vocabulary in ``BLOCK_V`` chunks. With
-  many rows (``N >= 2 * SMs``) every SM has several rows in flight, so no cross-program
-  merge is needed and the op is a single launch.
-* **split** -- a ``(N, splits)`` grid; each program scans one contiguous slice of a row and
-  writes a partial state ``(max, argmax, S, A, B, Q)`` to a small fp32/int64 workspace
-  (``N * splits * 6`` words); a second kernel merges the partials of each row and finishes
-  the statistics, label terms and histogram. Used when the batch is too small to fill the
-  GPU with one program per row (decode: N = batch size, often 1-64, against 132 SMs).
+Two launch paths (when and why: :mod:`mllmcal._backends.launch`, shared with the CUDA
+launcher): **row**, one program per row looping over the vocabulary in ``BLOCK_V`` chunks,
+a single launch; **split**, a ``(N, splits)`` grid whose programs each scan one slice of a
+row and write a partial state ``(max, argmax, S, A, B, Q)`` to a small fp32/int64
+workspace (``N * splits * 6`` words), then a second kernel merges each row's partials and
+finishes the statistics, label terms and histogram.
 
 Bandwidth arithmetic. A call reads ``N * V * itemsize`` bytes (plus ``N * V * itemsize``
 written when ``scaled_out`` is given) and writes ``37 * N`` bytes of results; the split
@@ -184,10 +179,12 @@ def _scan_columns(
 @triton.jit
 def _finalize(
     row, m, idx, s, a, b, q, zy, y,
-    fstats_ptr, pred_ptr, flags_ptr, hist_ptr, n_rows, n_bins, ignore_index,
+    fstats_ptr, pred_ptr, flags_ptr, hist_ptr, n_rows, n_bins, ignore_index, mask,
     HAS_LABELS: tl.constexpr, HAS_HIST: tl.constexpr,
 ):
-    """Turn one row's merged state into the contract's outputs (see the maths above)."""
+    """Turn one row's merged state into the contract's outputs (see the maths above).
+    ``row`` and the state may also be vectors of rows (``mask``: the rows that exist; None
+    for one row)."""
     # Valid: finite max (excludes +inf and all -inf) and no NaN (a NaN makes S NaN).
     valid = (m > float("-inf")) & (m < float("inf")) & (s == s)
     nan = float("nan")
@@ -195,23 +192,24 @@ def _finalize(
     log_s = tl.log(s)
     mean_d = a * inv_s
     var = tl.maximum(b * inv_s - mean_d * mean_d, 0.0)  # rounding can dip below 0
-    tl.store(fstats_ptr + _LSE * n_rows + row, tl.where(valid, m + log_s, nan))
-    tl.store(fstats_ptr + _CONF * n_rows + row, tl.where(valid, inv_s, nan))
-    tl.store(fstats_ptr + _ENT * n_rows + row, tl.where(valid, log_s - mean_d, nan))
-    tl.store(fstats_ptr + _MEAN * n_rows + row, tl.where(valid, m + mean_d, nan))
-    tl.store(fstats_ptr + _VAR * n_rows + row, tl.where(valid, var, nan))
+    tl.store(fstats_ptr + _LSE * n_rows + row, tl.where(valid, m + log_s, nan), mask=mask)
+    tl.store(fstats_ptr + _CONF * n_rows + row, tl.where(valid, inv_s, nan), mask=mask)
+    tl.store(fstats_ptr + _ENT * n_rows + row, tl.where(valid, log_s - mean_d, nan), mask=mask)
+    tl.store(fstats_ptr + _MEAN * n_rows + row, tl.where(valid, m + mean_d, nan), mask=mask)
+    tl.store(fstats_ptr + _VAR * n_rows + row, tl.where(valid, var, nan), mask=mask)
     pred = tl.where(valid, idx.to(tl.int64), -1)
-    tl.store(pred_ptr + row, pred)
+    tl.store(pred_ptr + row, pred, mask=mask)
     if HAS_LABELS:
         keep = valid & (y != ignore_index)
         dy = zy - m
         lp = dy - log_s
         p_y = tl.exp(dy) * inv_s
         brier = q * inv_s * inv_s - 2.0 * p_y + 1.0
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, tl.where(keep, lp, nan))
-        tl.store(fstats_ptr + _BRIER * n_rows + row, tl.where(keep, brier, nan))
+        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, tl.where(keep, lp, nan), mask=mask)
+        tl.store(fstats_ptr + _BRIER * n_rows + row, tl.where(keep, brier, nan), mask=mask)
         correct = keep & (pred == y)
-        tl.store(flags_ptr + row, (valid.to(tl.int32) + 2 * correct.to(tl.int32)).to(tl.uint8))
+        tl.store(flags_ptr + row, (valid.to(tl.int32) + 2 * correct.to(tl.int32)).to(tl.uint8),
+                 mask=mask)
         if HAS_HIST:
             conf = tl.where(keep, inv_s, 0.0)
             # bin = min(floor(conf * n_bins), n_bins - 1), product in fp32; conf >= 0 so
@@ -230,9 +228,9 @@ def _finalize(
                 hist_ptr + 2 * n_bins + bin_, correct.to(tl.int64), mask=keep, sem="relaxed"
             )
     else:
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, nan)
-        tl.store(fstats_ptr + _BRIER * n_rows + row, nan)
-        tl.store(flags_ptr + row, valid.to(tl.uint8))
+        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, nan, mask=mask)
+        tl.store(fstats_ptr + _BRIER * n_rows + row, nan, mask=mask)
+        tl.store(flags_ptr + row, valid.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -265,7 +263,7 @@ def token_stats_row_kernel(
         HAS_LABELS, WRITE_SCALED, APPLY_T, BLOCK_V,
     )
     _finalize(row, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
-              n_rows, n_bins, ignore_index, HAS_LABELS, HAS_HIST)
+              n_rows, n_bins, ignore_index, None, HAS_LABELS, HAS_HIST)
 
 
 @triton.jit
@@ -341,7 +339,7 @@ def token_stats_merge_kernel(
         y = ignore_index.to(tl.int64)
         zy = 0.0
     _finalize(row, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
-              n_rows, n_bins, ignore_index, HAS_LABELS, HAS_HIST)
+              n_rows, n_bins, ignore_index, None, HAS_LABELS, HAS_HIST)
 
 
 KERNELS = {

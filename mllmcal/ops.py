@@ -159,12 +159,8 @@ class TokenStats:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The tensor fields by name (``valid`` and ``correct`` decoded)."""
-        out = {}
-        for name in self.FIELDS:
-            t = getattr(self, name)
-            if isinstance(t, torch.Tensor):
-                out[name] = t
-        return out
+        fields = {name: getattr(self, name) for name in self.FIELDS}
+        return {name: t for name, t in fields.items() if isinstance(t, torch.Tensor)}
 
     def __repr__(self) -> str:
         return f"TokenStats(backend={self.backend!r}, shape={tuple(self._shape)})"

@@ -16,29 +16,27 @@ Bandwidth arithmetic. A call reads ``N * V * itemsize`` bytes (plus ``N * V * it
 written when ``scaled_out`` is given) and writes ``37 * N`` bytes of results; the split
 workspace adds ``~28 * N * splits`` bytes, negligible against ``V``. For ``[64, 131072]``
 that is 33.6 MB in fp32 and 16.8 MB in bf16, i.e. 7.0 us / 3.5 us at the H200's
-~4.8 TB/s. The arithmetic per element is small -- convert, divide by T (skipped when
-T == 1), subtract, one ``exp`` (one MUFU ``ex2``), a clamp, and four mul/fma-adds for S,
-A, B, Q -- and the SASS below comes to ~20 instructions per element. The H200 issues
-~33e12 thread-instructions/s and ~4e12 ex2/s: fp32 at full bandwidth (1.2e12 elements/s)
-needs ~24e12, so it is memory-bound; 16-bit input (2.4e12 elements/s) would need ~48e12,
-so there the instruction count, not HBM, is the limit unless tuning trims it (about 3 of
-the 20 are the per-chunk block max, which a larger ``BLOCK_V`` amortises). That max is
-the only cross-lane work inside the loop; the accumulators are rescaled only in chunks
-that raise the running max (rare after the first few chunks). Block size, warps and
-split count are knobs of :func:`token_stats_into`; tuning them on an H200 is separate
-work.
+~4.8 TB/s. Per element: convert, divide by T (skipped when T == 1), subtract, one ``exp``
+(one MUFU ``ex2``), a clamp, four mul/fma-adds for S, A, B, Q and a share of the per-chunk
+block max (the only cross-lane work in the loop; the accumulators are rescaled only in
+chunks that raise the running max, rare after the first few): ~20 SASS instructions, ~155
+per chunk iteration of the bf16 row kernel (8 elements per thread, two barriers, the max
+not growing). The H200 issues ~33e12 thread-instructions/s and ~4e12 ex2/s: fp32 at full
+bandwidth (1.2e12 elements/s) needs ~24e12, so it is memory-bound; 16-bit input (2.4e12
+elements/s) would need ~48e12, so there the instruction count, not HBM, is the limit
+unless tuning trims it (about 3 of the 20 are the block max, which a larger ``BLOCK_V``
+amortises).
 
 What the sm_90 lowering shows (``tools/aot.py``, Triton 3.6, ptxas 12.8, no GPU needed):
 with 16-byte-aligned rows and V % 16 == 0 the logits load is ``ld.global.v4.b32`` (one per
-thread per chunk for 16-bit input, two for fp32 at ``BLOCK_V=2048``, 8 warps); the
-scaled write is ``st.global.v4``; 64 registers without labels/histogram/scaled write, 80
-with all of them, merge kernel 30, no spills. Unaligned rows fall back to scalar loads.
-The row offset ``row * stride`` is a 64-bit multiply. The SASS of the bf16 row kernel has
-~155 instructions per chunk iteration (8 elements per thread) when the max does not grow:
-~20 per element including the block-wide max (two barriers per chunk). Starting points for
-the H200 tuning: the loop is not software-pipelined, so a thread has one 16-byte load in
-flight per iteration; ``BLOCK_V=4096`` with 8 warps doubles that (110-137 registers, no
-spills), and 8192 with 16 warps spills once every feature is on.
+thread per chunk for 16-bit input, two for fp32 at ``BLOCK_V=2048``, 8 warps; unaligned
+rows fall back to scalar loads); the scaled write is ``st.global.v4``; ``row * stride`` is
+a 64-bit multiply; 64 registers without labels/histogram/scaled write, 80 with all of
+them, merge kernel 30, no spills. Block size, warps and split count are knobs of
+:func:`token_stats_into`, not yet tuned on an H200. Starting points: the loop is not
+software-pipelined, so a thread has one 16-byte load in flight per iteration;
+``BLOCK_V=4096`` with 8 warps doubles that (110-137 registers, no spills), and 8192 with
+16 warps spills once every feature is on.
 
 Kernels use only ``tl.exp``/``tl.log``/``tl.math.div_rn`` (no libdevice, no inline asm), so
 they run under ``TRITON_INTERPRET=1`` on the CPU and lower for sm_90 ahead of time.

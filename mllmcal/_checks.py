@@ -46,7 +46,7 @@ def check_scalar_temperature(temperature: float) -> float:
         what = "infinite" if not math.isfinite(t32) else "zero or subnormal"
         raise ValueError(
             f"temperature {t!r} is {what} in fp32, where the kernels divide by it; "
-            f"use a temperature in [{_FP32_TINY:.3g}, {torch.finfo(torch.float32).max:.3g}]"
+            f"use a temperature in [{_FP32_TINY:.3g}, {_FP32_MAX:.3g}]"
         )
     return t
 

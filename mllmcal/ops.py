@@ -222,13 +222,12 @@ def resolve_backend(
 # dispatcher's autograd fallback applies; `token_stats` detaches its inputs, and the
 # impl bumps the version counters of what it writes, which is what ADInplaceOrView does.
 
-_TOKEN_STATS_SCHEMA = (
+_lib = torch.library.Library("mllmcal", "FRAGMENT")
+_lib.define(
     "token_stats(Tensor x, Tensor? labels, float temperature, Tensor? temperature_rows, "
     "Tensor(a!)? scaled_out, Tensor(b!)? histogram, int ignore_index, str backend) "
     "-> (Tensor, Tensor, Tensor)"
 )
-_lib = torch.library.Library("mllmcal", "FRAGMENT")
-_lib.define(_TOKEN_STATS_SCHEMA)
 
 
 def _empty_outputs(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
 __all__ = ["temperature_fit_into"]
@@ -33,10 +32,6 @@ _INTERPRET_BLOCKS = (4096, 64)
 _GPU_BLOCKS = (512, 16)
 # exp(β d) is 0 in fp32 below this; such terms are dropped from A and B (0 · inf guard).
 _LIVE_FLOOR = tl.constexpr(-87.0)
-
-
-if _interpreting():
-    install_fixes()
 
 
 @triton.jit

@@ -52,7 +52,6 @@ import triton.language as tl
 
 from .._backends import launch
 from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
-from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
 __all__ = ["token_stats_into", "unavailable_reason", "default_block_v", "KERNELS", "MAX_SPLITS"]
@@ -67,10 +66,6 @@ _D_FLOOR = tl.constexpr(-200.0)
 _TWO_POW_32 = tl.constexpr(4294967296.0)
 # Larger than any column index; loses every "lowest index" contest.
 _INDEX_SENTINEL = tl.constexpr(2**31 - 1)
-
-
-if _interpreting():
-    install_fixes()
 # Rows of fstats (jit code may only read globals that are constexpr).
 _LSE, _CONF, _ENT = tl.constexpr(LSE), tl.constexpr(CONF), tl.constexpr(ENT)
 _LABEL_LOGPROB, _BRIER = tl.constexpr(LABEL_LOGPROB), tl.constexpr(BRIER)

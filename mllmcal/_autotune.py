@@ -5,10 +5,8 @@
 it names the faster of the two. A shape that was not measured takes the choice of the
 nearest measured one of the same dtype (distance in log batch and log vocab), since the
 winner depends on which launch path a shape lands in and that varies smoothly. An empty
-table, or a table measured on another GPU model, gives ``DEFAULT``.
-
-The table shipped today is empty: no GPU run has measured the two yet, so ``"auto"`` takes
-``DEFAULT`` (Triton) for every CUDA tensor; :mod:`mllmcal._backends.registry` says why.
+table (as shipped today, :mod:`mllmcal._backends.registry` says why), or a table measured
+on another GPU model, gives ``DEFAULT``.
 """
 
 from __future__ import annotations

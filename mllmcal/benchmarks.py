@@ -123,15 +123,13 @@ def _callable(backend: str, x: torch.Tensor, y: torch.Tensor,
 
 
 def _available(backends: Iterable[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
-    import mllmcal
-
-    have = set(mllmcal.available_backends(device))
     ok, skipped = [], {}
     for b in backends:
-        if b in ("eager", "compile") or b in have:
+        why = None if b in ("eager", "compile") else unavailable_reason(b, device)
+        if why is None:
             ok.append(b)
         else:
-            skipped[b] = unavailable_reason(b, device) or "unavailable"
+            skipped[b] = why
     return ok, skipped
 
 
@@ -207,7 +205,9 @@ def run_suite(
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if on_gpu else None
 
     points = [(d, b, v) for d in dtypes for b in batches for v in vocabs]
-    bar = _progress(len(points) * len(names), progress)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(points) * len(names), disable=not progress, leave=False)
     records: list[Record] = []
     for dname, b, v in points:
         dtype = DTYPES[dname]
@@ -250,12 +250,6 @@ def run_suite(
     print(markdown_table(doc))
     print(f"\nwrote {files['json']}, {files['markdown']}, {files['plot']}")
     return doc
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, leave=False)
 
 
 # --------------------------------------------------------------------------- reports

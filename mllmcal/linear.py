@@ -40,9 +40,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _contract as C
-from ._checks import check_histogram
-from ._checks import check_labels as _check_labels
-from ._checks import check_temperature as _check_temperature
+from ._checks import check_histogram, check_labels, check_temperature
 from .ops import (
     TokenStats,
     _linear_token_stats_op,
@@ -64,13 +62,10 @@ __all__ = [
 DEFAULT_ROW_CHUNK = 1024
 DEFAULT_VOCAB_TILE = 3072
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Threads of the C++ statistics of each tile (None: torch's count). One OpenMP runtime is
-# loaded (torch's libgomp; the extension links the same soname). The ~20 ms per 2-thread
-# call once seen here came from the kernel's OpenMP `parallel for`, whose barrier waited
-# for a team thread the OS had not scheduled on the 2 loaded cores; the kernel's threads
-# now claim work and the caller never waits for one that has not started. One thread is
-# still faster here: a helper woken after every tile competes with the next tile's GEMM
-# team (best of 5 at N=1024, H=896, V=151936 fp32: 2.50 s with 1, 2.75 s with 2, load 3.6).
+# Threads of the C++ statistics of each tile (None: torch's count; one OpenMP runtime is
+# loaded, torch's libgomp, whose soname the extension links). One is faster here: a helper
+# woken after every tile competes with the next tile's GEMM team (best of 5 at N=1024,
+# H=896, V=151936 fp32: 2.50 s with 1, 2.75 s with 2, load 3.6).
 STATS_THREADS: int | None = 1
 
 
@@ -151,10 +146,9 @@ class LogitTiles:
     ``h`` ``[N, H]`` and ``weight`` ``[V, H]`` (fp32/bf16/fp16, same dtype and device),
     ``bias`` ``[V]`` or None. Iterating yields ``(r0, r1, tiles)`` per row chunk; ``tiles``
     yields ``(c0, c1, x)`` with ``x`` fp32 ``[r1 - r0, c1 - c0]``, a view of the buffer that
-    the next tile overwrites (consume each before asking for the next). 16-bit inputs are
-    widened to fp32 one row chunk and one weight tile at a time (exact, and the fast GEMM
-    on CPUs without bf16 units). ``row_chunk``/``vocab_tile`` default to the module's
-    ``DEFAULT_*`` at construction time.
+    the next tile overwrites (consume each before asking for the next); 16-bit inputs are
+    widened as the module docstring says. ``row_chunk``/``vocab_tile`` default to the
+    module's ``DEFAULT_*`` at construction time.
     """
 
     def __init__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -206,11 +200,10 @@ def _tiled_into(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor | None,
     t_scalar: float, t_rows: torch.Tensor | None, ignore_index: int, stats_backend: str,
     fstats: torch.Tensor, pred: torch.Tensor, flags: torch.Tensor,
-    row_chunk: int | None = None, vocab_tile: int | None = None,
 ) -> None:
     """Fill ``fstats``/``pred``/``flags`` for ``h`` ``[N, H]``, chunk by chunk, tile by tile
-    (``row_chunk``/``vocab_tile`` default to the module's ``DEFAULT_*`` at call time)."""
-    tiler = LogitTiles(h, weight, bias, row_chunk, vocab_tile)
+    (of the module's ``DEFAULT_*`` sizes at call time)."""
+    tiler = LogitTiles(h, weight, bias)
     dev = h.device
     n_tiles = len(tiler.starts)
     starts_t = torch.tensor(tiler.starts, dtype=torch.int64, device=dev)
@@ -291,6 +284,7 @@ def linear_token_stats_into(
                     backend, fstats, pred, flags)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: chosen once, at trace time
 def _choose(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
     """``"triton"`` (fused kernel) or the ``token_stats`` backend the tiled route uses."""
     if backend == "triton":
@@ -301,11 +295,6 @@ def _choose(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: i
     if backend == "auto" and device.type == "cuda" and "triton" in available_backends(device):
         return "triton"  # the fused kernel: no tile round trip through global memory
     return name
-
-
-@torch.compiler.assume_constant_result
-def _choose_for_trace(backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int) -> str:
-    return _choose(backend, device, dtype, n, v)
 
 
 def check_linear_inputs(
@@ -368,13 +357,9 @@ def linear_token_stats(
         hidden: ``[..., H]`` fp32, bf16 or fp16 (leading dims flattened to N rows).
         weight: ``[V, H]``, the output head (for a tied head, the embedding matrix), same
             dtype and device as ``hidden``.
-        labels: optional integer tensor of shape ``hidden.shape[:-1]``, values in
-            ``[0, V)`` or ``ignore_index``.
-        temperature: a float > 0 or a float tensor with one entry per row.
+        labels, temperature, histogram, ignore_index: as for :func:`mllmcal.token_stats`
+            (``labels`` shaped ``hidden.shape[:-1]``; ``histogram`` on ``hidden``'s device).
         bias: optional ``[V]`` (any float dtype); ``-inf`` entries mask tokens.
-        histogram: optional int64 ``[3, n_bins]`` on the same device; valid labelled rows
-            are *added* to it exactly as ``token_stats(..., histogram=)`` does. Needs labels.
-        ignore_index: label value of rows without a label.
         backend: ``"auto"`` (C++ statistics on CPU tiles; the Triton kernel on CUDA),
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"``, ``"cuda"``
             or ``"torch"`` (the ``token_stats`` backend used on each tile).
@@ -397,14 +382,11 @@ def linear_token_stats(
     h, w, bias, lead = check_linear_inputs(hidden, weight, bias)
     n, v = h.shape[0], w.shape[0]
     device = h.device
-    t_scalar, t_rows = _check_temperature(temperature, n, device, True)
-    y = _check_labels(labels, lead, n, v, device, ignore_index, True)
+    t_scalar, t_rows = check_temperature(temperature, n, device, True)
+    y = check_labels(labels, lead, n, v, device, ignore_index, True)
     if histogram is not None:
         check_histogram(histogram, y, device)
-    if torch.compiler.is_compiling():
-        name = _choose_for_trace(backend, device, h.dtype, n, v)
-    else:
-        name = _choose(backend, device, h.dtype, n, v)
+    name = _choose(backend, device, h.dtype, n, v)
     fstats, pred, flags = _linear_token_stats_op(
         h, w, bias, y, t_scalar, t_rows, histogram, int(ignore_index), name
     )

@@ -159,12 +159,8 @@ class TokenStats:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The tensor fields by name (``valid`` and ``correct`` decoded)."""
-        out = {}
-        for name in self.FIELDS:
-            t = getattr(self, name)
-            if isinstance(t, torch.Tensor):
-                out[name] = t
-        return out
+        fields = {name: getattr(self, name) for name in self.FIELDS}
+        return {name: t for name, t in fields.items() if isinstance(t, torch.Tensor)}
 
     def __repr__(self) -> str:
         return f"TokenStats(backend={self.backend!r}, shape={tuple(self._shape)})"
@@ -211,8 +207,6 @@ def resolve_backend(
     return resolve("token_stats", backend, device, dtype, n, v)
 
 
-# --------------------------------------------------------------------------- validation
-
 # --------------------------------------------------------------------------- torch ops
 #
 # The kernels are registered as torch operators with fake (meta) implementations
@@ -228,13 +222,22 @@ def resolve_backend(
 # dispatcher's autograd fallback applies; `token_stats` detaches its inputs, and the
 # impl bumps the version counters of what it writes, which is what ADInplaceOrView does.
 
-_TOKEN_STATS_SCHEMA = (
+_lib = torch.library.Library("mllmcal", "FRAGMENT")
+_lib.define(
     "token_stats(Tensor x, Tensor? labels, float temperature, Tensor? temperature_rows, "
     "Tensor(a!)? scaled_out, Tensor(b!)? histogram, int ignore_index, str backend) "
     "-> (Tensor, Tensor, Tensor)"
 )
-_lib = torch.library.Library("mllmcal", "FRAGMENT")
-_lib.define(_TOKEN_STATS_SCHEMA)
+
+
+def _empty_outputs(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """fstats fp32 ``[7, N]``, prediction int64 ``[N]`` and flags uint8 ``[N]``, unfilled
+    (in a fake implementation, fake tensors)."""
+    return (
+        torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=device),
+        torch.empty(n, dtype=torch.int64, device=device),
+        torch.empty(n, dtype=torch.uint8, device=device),
+    )
 
 
 def _token_stats_impl(
@@ -249,11 +252,8 @@ def _token_stats_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``mllmcal::token_stats``: fstats fp32 ``[7, N]``, prediction int64 ``[N]`` and flags
     uint8 ``[N]`` of ``x`` ``[N, V]`` (layout in :mod:`mllmcal._contract`)."""
-    n = x.shape[0]
-    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=x.device)
-    pred = torch.empty(n, dtype=torch.int64, device=x.device)
-    flags = torch.empty(n, dtype=torch.uint8, device=x.device)
-    if n:
+    fstats, pred, flags = _empty_outputs(x.shape[0], x.device)
+    if x.shape[0]:
         mod = load(backend)
         # The statistics are measurements with no gradient on every backend; no_grad also
         # stops the torch composite from recording a graph into the outputs.
@@ -274,12 +274,7 @@ _lib.impl("token_stats", _token_stats_impl, "CompositeExplicitAutograd")
 @torch.library.register_fake("mllmcal::token_stats", lib=_lib)
 def _token_stats_fake(x, labels, temperature, temperature_rows, scaled_out, histogram,
                       ignore_index, backend):
-    n = x.shape[0]
-    return (
-        x.new_empty((C.N_FSTATS, n), dtype=torch.float32),
-        x.new_empty((n,), dtype=torch.int64),
-        x.new_empty((n,), dtype=torch.uint8),
-    )
+    return _empty_outputs(x.shape[0], x.device)
 
 
 _token_stats_op = torch.ops.mllmcal.token_stats.default
@@ -349,11 +344,8 @@ def _linear_token_stats_impl(hidden, weight, bias, labels, temperature, temperat
     """``mllmcal::linear_token_stats``: as ``token_stats`` of ``hidden @ weight.T + bias``."""
     from .linear import linear_token_stats_into
 
-    n = hidden.shape[0]
-    fstats = torch.empty((C.N_FSTATS, n), dtype=torch.float32, device=hidden.device)
-    pred = torch.empty(n, dtype=torch.int64, device=hidden.device)
-    flags = torch.empty(n, dtype=torch.uint8, device=hidden.device)
-    if n:
+    fstats, pred, flags = _empty_outputs(hidden.shape[0], hidden.device)
+    if hidden.shape[0]:
         with torch.no_grad():
             linear_token_stats_into(hidden, weight, bias, labels, temperature,
                                     temperature_rows, ignore_index, backend, fstats, pred, flags)
@@ -370,7 +362,7 @@ _lib.impl("linear_token_stats", _linear_token_stats_impl, "CompositeExplicitAuto
 @torch.library.register_fake("mllmcal::linear_token_stats", lib=_lib)
 def _linear_token_stats_fake(hidden, weight, bias, labels, temperature, temperature_rows,
                              histogram, ignore_index, backend):
-    return _token_stats_fake(hidden, None, 1.0, None, None, None, 0, "")
+    return _empty_outputs(hidden.shape[0], hidden.device)
 
 
 _linear_token_stats_op = torch.ops.mllmcal.linear_token_stats.default
@@ -381,7 +373,7 @@ def _resolve_for_trace(
     op: str, backend: str, device: torch.device, dtype: torch.dtype, n: int, v: int
 ) -> str:
     # Under torch.compile the choice is made once at trace time (it reads the environment
-    # and imports backend modules, which Dynamo should not trace).
+    # and imports backend modules, which Dynamo should not trace); eagerly, a plain call.
     return resolve(op, backend, device, dtype, n, v)
 
 
@@ -515,10 +507,8 @@ def token_stats(
         if out2d.data_ptr() == x.data_ptr() and out2d.stride(0) != x.stride(0):
             raise ValueError("scaled_out aliases logits with another row stride")
 
-    if torch.compiler.is_compiling():
+    if name is None:  # always, under torch.compile
         name = _resolve_for_trace("token_stats", backend, device, x.dtype, n, v)
-    elif name is None:
-        name = resolve("token_stats", backend, device, x.dtype, n, v)
     fstats, pred, flags = _token_stats_op(
         x, y, t_scalar, t_rows, out2d, histogram, int(ignore_index), name
     )
@@ -570,10 +560,7 @@ def temperature_fit_rows(
     """
     x = x.detach()
     n, v = x.shape
-    if torch.compiler.is_compiling():
-        name = _resolve_for_trace("temperature_fit", backend, x.device, x.dtype, n, v)
-    else:
-        name = resolve("temperature_fit", backend, x.device, x.dtype, n, v)
+    name = _resolve_for_trace("temperature_fit", backend, x.device, x.dtype, n, v)
     if x.stride(-1) != 1:
         x = x.contiguous()
     labels = labels.detach().to(device=x.device, dtype=torch.int64).contiguous()

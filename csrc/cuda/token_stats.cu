@@ -1,14 +1,10 @@
 // Fused per-row token statistics on the GPU: one read of the logits, online softmax.
 //
 // Semantics: mllmcal/_contract.py (the float64 oracle is mllmcal/reference.py). For each
-// row of z = x / T (fp32, the division correctly rounded) the kernel carries, relative to
-// the running maximum m, the online-softmax state
-//
-//     S = Σ e^{z-m},  A = Σ e^{z-m} (z-m),  B = Σ e^{z-m} (z-m)^2,  Q = Σ e^{2(z-m)}
-//
-// plus the lowest index attaining m and the label's z_y. From the final state:
-//     logsumexp = m + log S          confidence = 1 / S          Σ p^2 = Q / S^2
-//     E_p[z] = m + A/S               Var_p[z] = B/S - (A/S)^2    entropy = log S - A/S
+// row of z = x / T (fp32, the division correctly rounded) the kernel carries the
+// online-softmax state (m, S, A, B, Q) relative to the running maximum m, the lowest index
+// attaining m and the label's z_y; the state, its rescaling and the statistics it gives
+// are written out once, in mllmcal/kernels/token_stats.py ("maths").
 //
 // Two launch shapes share one kernel (the caller chooses, in mllmcal/_backends/launch.py):
 //   path A (splits == 1): one block per row; enough rows fill the GPU on their own.
@@ -74,12 +70,8 @@ __device__ __forceinline__ State empty_state() {
   return State{neg_inf(), INT_MAX, 0.f, 0.f, 0.f, 0.f, quiet_nan()};
 }
 
-// Re-express the sums relative to a new maximum m_new >= st.m. With d = m - m_new <= 0,
-//   Σ e^{z-m_new}            = e^d S
-//   Σ e^{z-m_new} (z-m_new)  = e^d (A + d S)
-//   Σ e^{z-m_new} (z-m_new)² = e^d (B + 2 d A + d² S)
-//   Σ e^{2(z-m_new)}         = e^{2d} Q
-// When e^d underflows (d < ~-87, or d = -inf for an empty state, or NaN from inf - inf)
+// Re-express the sums relative to a new maximum m_new >= st.m, with d = m - m_new <= 0
+// (the rescaling in mllmcal/kernels/token_stats.py's maths). When e^d underflows (d < ~-87, or d = -inf for an empty state, or NaN from inf - inf)
 // the old terms are negligible, and computing d² S would overflow to inf * 0 = NaN, so
 // they are dropped -- except that S * 0 keeps a NaN: a row that has seen a NaN stays
 // poisoned (its validity is decided by isnan(S) at the end).
@@ -252,23 +244,10 @@ __device__ __forceinline__ State block_reduce(State s) {
   return s;
 }
 
-struct Params {
-  const void* x;
-  int64_t n, v, stride_x;
-  const int64_t* labels;
-  int64_t ignore_index;
-  float temperature;
-  const float* temperature_rows;
-  float* fstats;
-  int64_t* pred;
-  uint8_t* flags;
-  void* out;
-  int64_t stride_out;
-  int64_t* hist;
-  int n_bins;
+// The launch arguments and what the host derives from them.
+struct Params : TokenStatsArgs {
   unsigned int* counters;  // [n]
   float4* partials;        // [n, splits, 2]
-  int splits;
   int64_t chunk;           // elements per split segment (a multiple of kSplitAlign)
   bool vec_ok;             // x and out rows share their 16-byte phase (or no out)
 };
@@ -334,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 4) token_stats_kernel(const Params p
   const int64_t s0 = static_cast<int64_t>(split) * p.chunk;
   const int len = static_cast<int>(max(int64_t{0}, min(p.v, s0 + p.chunk) - s0));
   const T* xs = static_cast<const T*>(p.x) + row * p.stride_x + s0;
-  T* os = kWrite ? static_cast<T*>(p.out) + row * p.stride_out + s0 : nullptr;
+  T* os = kWrite ? static_cast<T*>(p.scaled_out) + row * p.stride_out + s0 : nullptr;
   const float t = kScale ? (p.temperature_rows ? p.temperature_rows[row] : p.temperature) : 1.f;
   // The label's index relative to this segment; an ignored label never matches.
   const int64_t y_local = (p.labels ? p.labels[row] : p.ignore_index) - s0;
@@ -461,22 +440,7 @@ const char* token_stats(const TokenStatsArgs& a) {
     default: return "token_stats: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)";
   }
   Params p{};
-  p.x = a.x;
-  p.n = a.n;
-  p.v = a.v;
-  p.stride_x = a.stride_x;
-  p.labels = a.labels;
-  p.ignore_index = a.ignore_index;
-  p.temperature = a.temperature;
-  p.temperature_rows = a.temperature_rows;
-  p.fstats = a.fstats;
-  p.pred = a.pred;
-  p.flags = a.flags;
-  p.out = a.scaled_out;
-  p.stride_out = a.stride_out;
-  p.hist = a.hist;
-  p.n_bins = a.n_bins;
-  p.splits = a.splits;
+  static_cast<TokenStatsArgs&>(p) = a;
   // Segment length: v / splits rounded up to kSplitAlign, so segments keep the row's
   // 16-byte phase; trailing segments may be short or empty (they publish empty states).
   const int64_t per = (a.v + a.splits - 1) / a.splits;

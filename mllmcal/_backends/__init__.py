@@ -8,20 +8,6 @@ shared by the CUDA and Triton launchers). The Triton backend's code lives in
 
 from __future__ import annotations
 
-from .registry import (
-    AUTO_ORDER,
-    BACKENDS,
-    DTYPE_CODES,
-    OPS,
-    REGISTRY,
-    Backend,
-    available,
-    load,
-    resolve,
-    unavailable_reason,
-)
+from .registry import unavailable_reason
 
-__all__ = [
-    "AUTO_ORDER", "BACKENDS", "DTYPE_CODES", "OPS", "REGISTRY", "Backend", "available",
-    "load", "resolve", "unavailable_reason",
-]
+__all__ = ["unavailable_reason"]

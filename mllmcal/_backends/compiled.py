@@ -2,10 +2,9 @@
 and ``mllmcal._C_cuda``.
 
 Both extensions are torch-free (pointers, shapes, strides in elements, a dtype code from
-:data:`~mllmcal._backends.registry.DTYPE_CODES`) and bind each op with the same argument
-names in the same order (``csrc/common/bindings.h``); they differ only in a tail of launch
-arguments: threads, work split and ISA on the CPU, workspace, splits and stream on CUDA.
-So one class marshals the common part and each backend adds its tail. Nothing here
+:data:`~mllmcal._backends.registry.DTYPE_CODES`) and bind each op with the same arguments
+then a tail of launch arguments of their own (``csrc/common/bindings.h``), so one class
+marshals the common part and each backend adds its tail. Nothing here
 re-checks what :mod:`mllmcal.ops` validated. Importing this module never imports an
 extension; the registry imports it on first use and reports a failure as "unavailable".
 

@@ -81,15 +81,8 @@ def token_stats_into(x: torch.Tensor, labels: torch.Tensor | None, temperature: 
         conf = 1.0 / s  # exp(m - lse)
         argmax = torch.argmax(torch.where(torch.isnan(z), torch.full_like(z, -torch.inf), z), -1)
         nan = torch.full_like(lse, float("nan"))
-
-        def put(i: int, t: torch.Tensor, _valid=valid, _nan=nan, _r0=r0, _r1=r1) -> None:
-            fstats[i, _r0:_r1] = torch.where(_valid, t, _nan).to(fstats.dtype)
-
-        put(LSE, lse)
-        put(CONF, conf)
-        put(ENT, entropy)
-        put(MEAN, ms + a)
-        put(VAR, var)
+        for i, t in ((LSE, lse), (CONF, conf), (ENT, entropy), (MEAN, ms + a), (VAR, var)):
+            fstats[i, r0:r1] = torch.where(valid, t, nan).to(fstats.dtype)
         pr = torch.where(valid, argmax, torch.full_like(argmax, -1))
         pred[r0:r1] = pr
         fl = valid.to(torch.uint8) * FLAG_VALID

@@ -25,6 +25,7 @@ time. Once a GPU run writes the table (``python bench/bench_gpu.py --write-autot
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -95,8 +96,7 @@ def load(name: str) -> Any:
     """The object behind backend ``name`` (imported once), or ``RuntimeError`` saying why not."""
     got = _loaded.get(name)
     if got is None:
-        got = _import(REGISTRY[name])
-        _loaded[name] = got
+        got = _loaded[name] = _import(REGISTRY[name])
     if isinstance(got, str):
         raise RuntimeError(f"backend {name!r} is unavailable: {got}")
     return got
@@ -165,13 +165,9 @@ def _auto_order(device: torch.device, n: int, v: int, dtype: torch.dtype) -> tup
     return order
 
 
-_device_names: dict[torch.device, str] = {}
-
-
+@functools.cache
 def _device_name(device: torch.device) -> str:
-    if device not in _device_names:
-        _device_names[device] = torch.cuda.get_device_name(device)
-    return _device_names[device]
+    return torch.cuda.get_device_name(device)
 
 
 # resolve()'s answers for CPU tensors, keyed by what they depend on there: the op, the

@@ -1,6 +1,6 @@
 """Triton's CPU interpreter (``TRITON_INTERPRET=1``): detection and the one fix the kernels
-need from it. Every kernel module imports :func:`interpreting` from here and calls
-:func:`install_fixes` when it is true, so the fix is installed once, before any launch.
+need from it. Importing this module (every kernel module does) installs the fix when
+:func:`interpreting`, once, before any launch.
 """
 
 from __future__ import annotations
@@ -36,3 +36,7 @@ def install_fixes() -> None:
 
     patched._mllmcal_scalar_index = True
     interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    install_fixes()

@@ -24,20 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
-from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
+from .token_stats import _D_FLOOR, _INDEX_SENTINEL, _finalize
 
 __all__ = ["linear_token_stats_into", "linear_token_stats_kernel"]
-
-if _interpreting():
-    install_fixes()
-
-_D_FLOOR = tl.constexpr(-200.0)  # exp(-200) is 0 in fp32; keeps d and d*d finite
-_INDEX_SENTINEL = tl.constexpr(2**31 - 1)
-_LSE, _CONF, _ENT = tl.constexpr(LSE), tl.constexpr(CONF), tl.constexpr(ENT)
-_LABEL_LOGPROB, _BRIER = tl.constexpr(LABEL_LOGPROB), tl.constexpr(BRIER)
-_MEAN, _VAR = tl.constexpr(MEAN), tl.constexpr(VAR)
 
 
 @triton.jit
@@ -118,37 +108,9 @@ def linear_token_stats_kernel(
         a += tl.sum(ed, axis=1)
         b += tl.sum(ed * d, axis=1)
         q += tl.sum(e * e, axis=1)
-    # Finish (the maths of mllmcal.kernels.token_stats, one row per lane).
-    valid = (m > float("-inf")) & (m < float("inf")) & (s == s)
-    nan = float("nan")
-    inv_s = 1.0 / s
-    log_s = tl.log(s)
-    mean_d = a * inv_s
-    var = tl.maximum(b * inv_s - mean_d * mean_d, 0.0)
-    tl.store(fstats_ptr + _LSE * n_rows + rows, tl.where(valid, m + log_s, nan), mask=row_ok)
-    tl.store(fstats_ptr + _CONF * n_rows + rows, tl.where(valid, inv_s, nan), mask=row_ok)
-    tl.store(fstats_ptr + _ENT * n_rows + rows, tl.where(valid, log_s - mean_d, nan), mask=row_ok)
-    tl.store(fstats_ptr + _MEAN * n_rows + rows, tl.where(valid, m + mean_d, nan), mask=row_ok)
-    tl.store(fstats_ptr + _VAR * n_rows + rows, tl.where(valid, var, nan), mask=row_ok)
-    pred = tl.where(valid, idx.to(tl.int64), -1)
-    tl.store(pred_ptr + rows, pred, mask=row_ok)
-    keep = valid & (y != ignore_index)
-    if HAS_LABELS:
-        dy = zy - m
-        p_y = tl.exp(dy) * inv_s
-        brier = q * inv_s * inv_s - 2.0 * p_y + 1.0
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + rows, tl.where(keep, dy - log_s, nan),
-                 mask=row_ok)
-        tl.store(fstats_ptr + _BRIER * n_rows + rows, tl.where(keep, brier, nan), mask=row_ok)
-        correct = keep & (pred == y)
-        flag = valid.to(tl.int32) + 2 * correct.to(tl.int32)
-    else:
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + rows, tl.full((BLOCK_M,), nan, tl.float32),
-                 mask=row_ok)
-        tl.store(fstats_ptr + _BRIER * n_rows + rows, tl.full((BLOCK_M,), nan, tl.float32),
-                 mask=row_ok)
-        flag = valid.to(tl.int32)
-    tl.store(flags_ptr + rows, flag.to(tl.uint8), mask=row_ok)
+    # Finish: the maths of mllmcal.kernels.token_stats, one row per lane.
+    _finalize(rows, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, fstats_ptr,
+              n_rows, 1, ignore_index, row_ok, HAS_LABELS, False)
 
 
 def _blocks(n_hidden: int) -> tuple[int, int, int, int]:

@@ -1,16 +1,11 @@
 """Triton kernel for one-pass temperature fitting (``backend="triton"``).
 
 For each logits row x (label y) and each of K inverse temperatures β_k it writes the NLL of
-``softmax(β_k x)`` and its first two derivatives in β. The maths (also next to the C++
-kernel, ``csrc/cpu/temperature_fit.h``): with m = max x, d_i = x_i − m and e_i = exp(β d_i),
-
-    S = Σ e_i,  A = Σ e_i d_i,  B = Σ e_i d_i²
-    ℓ = log S − β d_y,   dℓ/dβ = A/S − d_y = E_p[x] − x_y,   d²ℓ/dβ² = B/S − (A/S)² = Var_p[x]
-
-(d/dβ logsumexp(βx) = E_p[x] and d²/dβ² = Var_p[x] are the cumulant identities of a
-log-partition function; temperature scaling itself is Guo et al., ICML 2017,
-https://arxiv.org/abs/1706.04599). Since β > 0, max(βx) = β·m at every temperature, so one
-max pass serves all K and no online rescaling is needed.
+``softmax(β_k x)`` and its first two derivatives in β: with m = max x, d_i = x_i − m and
+e_i = exp(β d_i), S = Σ e_i, A = Σ e_i d_i, B = Σ e_i d_i², ℓ = log S − β d_y,
+dℓ/dβ = A/S − d_y and d²ℓ/dβ² = B/S − (A/S)² (derivation and references next to the C++
+kernel, ``csrc/cpu/temperature_fit.h``). Since β > 0, max(βx) = β·m at every temperature,
+so one max pass serves all K and no online rescaling is needed.
 
 Launch: a ``(N, ceil(K / BLOCK_K))`` grid. Program (row, kb) reads its row twice in
 ``BLOCK_V`` chunks (max and validity first, then the K-block's sums over a
@@ -19,9 +14,7 @@ memory or L2; the *stream* of batches is still read once, which is what the one-
 needs (a second pass over the data would mean running the model again). Exps dominate:
 K per element, against one per element per Newton pass.
 
-Output contract (shared by every backend, see :func:`mllmcal.ops.temperature_fit_rows`):
-``out`` fp32 ``[N, 3, K]`` (ℓ, dℓ/dβ, d²ℓ/dβ²) with zeros on rows not used, ``status`` uint8
-``[N]``: 0 skipped (invalid row, ignored label), 1 used, 2 label masked (x_y = −inf).
+Output contract (every backend's): :func:`mllmcal.ops.temperature_fit_rows`.
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
 __all__ = ["temperature_fit_into"]
@@ -40,10 +32,6 @@ _INTERPRET_BLOCKS = (4096, 64)
 _GPU_BLOCKS = (512, 16)
 # exp(β d) is 0 in fp32 below this; such terms are dropped from A and B (0 · inf guard).
 _LIVE_FLOOR = tl.constexpr(-87.0)
-
-
-if _interpreting():
-    install_fixes()
 
 
 @triton.jit

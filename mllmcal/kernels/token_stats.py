@@ -5,45 +5,38 @@ logsumexp, confidence, entropy, E_p[z], Var_p[z], argmax, label log-prob, Brier,
 valid/correct flags, optionally the temperature-scaled logits ``z = x / T`` (written in the
 same pass, possibly in place) and optionally integer adds to a calibration histogram.
 
-Two launch paths (chosen by :func:`mllmcal._backends.launch.plan_splits`, shared with the
-CUDA launcher):
-
-* **row** -- one program per row, looping over the vocabulary in ``BLOCK_V`` chunks. With
-  many rows (``N >= 2 * SMs``) every SM has several rows in flight, so no cross-program
-  merge is needed and the op is a single launch.
-* **split** -- a ``(N, splits)`` grid; each program scans one contiguous slice of a row and
-  writes a partial state ``(max, argmax, S, A, B, Q)`` to a small fp32/int64 workspace
-  (``N * splits * 6`` words); a second kernel merges the partials of each row and finishes
-  the statistics, label terms and histogram. Used when the batch is too small to fill the
-  GPU with one program per row (decode: N = batch size, often 1-64, against 132 SMs).
+Two launch paths (when and why: :mod:`mllmcal._backends.launch`, shared with the CUDA
+launcher): **row**, one program per row looping over the vocabulary in ``BLOCK_V`` chunks,
+a single launch; **split**, a ``(N, splits)`` grid whose programs each scan one slice of a
+row and write a partial state ``(max, argmax, S, A, B, Q)`` to a small fp32/int64
+workspace (``N * splits * 6`` words), then a second kernel merges each row's partials and
+finishes the statistics, label terms and histogram.
 
 Bandwidth arithmetic. A call reads ``N * V * itemsize`` bytes (plus ``N * V * itemsize``
 written when ``scaled_out`` is given) and writes ``37 * N`` bytes of results; the split
 workspace adds ``~28 * N * splits`` bytes, negligible against ``V``. For ``[64, 131072]``
 that is 33.6 MB in fp32 and 16.8 MB in bf16, i.e. 7.0 us / 3.5 us at the H200's
-~4.8 TB/s. The arithmetic per element is small -- convert, divide by T (skipped when
-T == 1), subtract, one ``exp`` (one MUFU ``ex2``), a clamp, and four mul/fma-adds for S,
-A, B, Q -- and the SASS below comes to ~20 instructions per element. The H200 issues
-~33e12 thread-instructions/s and ~4e12 ex2/s: fp32 at full bandwidth (1.2e12 elements/s)
-needs ~24e12, so it is memory-bound; 16-bit input (2.4e12 elements/s) would need ~48e12,
-so there the instruction count, not HBM, is the limit unless tuning trims it (about 3 of
-the 20 are the per-chunk block max, which a larger ``BLOCK_V`` amortises). That max is
-the only cross-lane work inside the loop; the accumulators are rescaled only in chunks
-that raise the running max (rare after the first few chunks). Block size, warps and
-split count are knobs of :func:`token_stats_into`; tuning them on an H200 is separate
-work.
+~4.8 TB/s. Per element: convert, divide by T (skipped when T == 1), subtract, one ``exp``
+(one MUFU ``ex2``), a clamp, four mul/fma-adds for S, A, B, Q and a share of the per-chunk
+block max (the only cross-lane work in the loop; the accumulators are rescaled only in
+chunks that raise the running max, rare after the first few): ~20 SASS instructions, ~155
+per chunk iteration of the bf16 row kernel (8 elements per thread, two barriers, the max
+not growing). The H200 issues ~33e12 thread-instructions/s and ~4e12 ex2/s: fp32 at full
+bandwidth (1.2e12 elements/s) needs ~24e12, so it is memory-bound; 16-bit input (2.4e12
+elements/s) would need ~48e12, so there the instruction count, not HBM, is the limit
+unless tuning trims it (about 3 of the 20 are the block max, which a larger ``BLOCK_V``
+amortises).
 
 What the sm_90 lowering shows (``tools/aot.py``, Triton 3.6, ptxas 12.8, no GPU needed):
 with 16-byte-aligned rows and V % 16 == 0 the logits load is ``ld.global.v4.b32`` (one per
-thread per chunk for 16-bit input, two for fp32 at ``BLOCK_V=2048``, 8 warps); the
-scaled write is ``st.global.v4``; 64 registers without labels/histogram/scaled write, 80
-with all of them, merge kernel 30, no spills. Unaligned rows fall back to scalar loads.
-The row offset ``row * stride`` is a 64-bit multiply. The SASS of the bf16 row kernel has
-~155 instructions per chunk iteration (8 elements per thread) when the max does not grow:
-~20 per element including the block-wide max (two barriers per chunk). Starting points for
-the H200 tuning: the loop is not software-pipelined, so a thread has one 16-byte load in
-flight per iteration; ``BLOCK_V=4096`` with 8 warps doubles that (110-137 registers, no
-spills), and 8192 with 16 warps spills once every feature is on.
+thread per chunk for 16-bit input, two for fp32 at ``BLOCK_V=2048``, 8 warps; unaligned
+rows fall back to scalar loads); the scaled write is ``st.global.v4``; ``row * stride`` is
+a 64-bit multiply; 64 registers without labels/histogram/scaled write, 80 with all of
+them, merge kernel 30, no spills. Block size, warps and split count are knobs of
+:func:`token_stats_into`, not yet tuned on an H200. Starting points: the loop is not
+software-pipelined, so a thread has one 16-byte load in flight per iteration;
+``BLOCK_V=4096`` with 8 warps doubles that (110-137 registers, no spills), and 8192 with
+16 warps spills once every feature is on.
 
 Kernels use only ``tl.exp``/``tl.log``/``tl.math.div_rn`` (no libdevice, no inline asm), so
 they run under ``TRITON_INTERPRET=1`` on the CPU and lower for sm_90 ahead of time.
@@ -59,7 +52,6 @@ import triton.language as tl
 
 from .._backends import launch
 from .._contract import BRIER, CONF, ENT, LABEL_LOGPROB, LSE, MEAN, VAR
-from ._interpreter import install_fixes
 from ._interpreter import interpreting as _interpreting
 
 __all__ = ["token_stats_into", "unavailable_reason", "default_block_v", "KERNELS", "MAX_SPLITS"]
@@ -74,10 +66,6 @@ _D_FLOOR = tl.constexpr(-200.0)
 _TWO_POW_32 = tl.constexpr(4294967296.0)
 # Larger than any column index; loses every "lowest index" contest.
 _INDEX_SENTINEL = tl.constexpr(2**31 - 1)
-
-
-if _interpreting():
-    install_fixes()
 # Rows of fstats (jit code may only read globals that are constexpr).
 _LSE, _CONF, _ENT = tl.constexpr(LSE), tl.constexpr(CONF), tl.constexpr(ENT)
 _LABEL_LOGPROB, _BRIER = tl.constexpr(LABEL_LOGPROB), tl.constexpr(BRIER)
@@ -184,10 +172,12 @@ def _scan_columns(
 @triton.jit
 def _finalize(
     row, m, idx, s, a, b, q, zy, y,
-    fstats_ptr, pred_ptr, flags_ptr, hist_ptr, n_rows, n_bins, ignore_index,
+    fstats_ptr, pred_ptr, flags_ptr, hist_ptr, n_rows, n_bins, ignore_index, mask,
     HAS_LABELS: tl.constexpr, HAS_HIST: tl.constexpr,
 ):
-    """Turn one row's merged state into the contract's outputs (see the maths above)."""
+    """Turn one row's merged state into the contract's outputs (see the maths above).
+    ``row`` and the state may also be vectors of rows (``mask``: the rows that exist; None
+    for one row)."""
     # Valid: finite max (excludes +inf and all -inf) and no NaN (a NaN makes S NaN).
     valid = (m > float("-inf")) & (m < float("inf")) & (s == s)
     nan = float("nan")
@@ -195,23 +185,24 @@ def _finalize(
     log_s = tl.log(s)
     mean_d = a * inv_s
     var = tl.maximum(b * inv_s - mean_d * mean_d, 0.0)  # rounding can dip below 0
-    tl.store(fstats_ptr + _LSE * n_rows + row, tl.where(valid, m + log_s, nan))
-    tl.store(fstats_ptr + _CONF * n_rows + row, tl.where(valid, inv_s, nan))
-    tl.store(fstats_ptr + _ENT * n_rows + row, tl.where(valid, log_s - mean_d, nan))
-    tl.store(fstats_ptr + _MEAN * n_rows + row, tl.where(valid, m + mean_d, nan))
-    tl.store(fstats_ptr + _VAR * n_rows + row, tl.where(valid, var, nan))
+    tl.store(fstats_ptr + _LSE * n_rows + row, tl.where(valid, m + log_s, nan), mask=mask)
+    tl.store(fstats_ptr + _CONF * n_rows + row, tl.where(valid, inv_s, nan), mask=mask)
+    tl.store(fstats_ptr + _ENT * n_rows + row, tl.where(valid, log_s - mean_d, nan), mask=mask)
+    tl.store(fstats_ptr + _MEAN * n_rows + row, tl.where(valid, m + mean_d, nan), mask=mask)
+    tl.store(fstats_ptr + _VAR * n_rows + row, tl.where(valid, var, nan), mask=mask)
     pred = tl.where(valid, idx.to(tl.int64), -1)
-    tl.store(pred_ptr + row, pred)
+    tl.store(pred_ptr + row, pred, mask=mask)
     if HAS_LABELS:
         keep = valid & (y != ignore_index)
         dy = zy - m
         lp = dy - log_s
         p_y = tl.exp(dy) * inv_s
         brier = q * inv_s * inv_s - 2.0 * p_y + 1.0
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, tl.where(keep, lp, nan))
-        tl.store(fstats_ptr + _BRIER * n_rows + row, tl.where(keep, brier, nan))
+        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, tl.where(keep, lp, nan), mask=mask)
+        tl.store(fstats_ptr + _BRIER * n_rows + row, tl.where(keep, brier, nan), mask=mask)
         correct = keep & (pred == y)
-        tl.store(flags_ptr + row, (valid.to(tl.int32) + 2 * correct.to(tl.int32)).to(tl.uint8))
+        tl.store(flags_ptr + row, (valid.to(tl.int32) + 2 * correct.to(tl.int32)).to(tl.uint8),
+                 mask=mask)
         if HAS_HIST:
             conf = tl.where(keep, inv_s, 0.0)
             # bin = min(floor(conf * n_bins), n_bins - 1), product in fp32; conf >= 0 so
@@ -230,9 +221,9 @@ def _finalize(
                 hist_ptr + 2 * n_bins + bin_, correct.to(tl.int64), mask=keep, sem="relaxed"
             )
     else:
-        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, nan)
-        tl.store(fstats_ptr + _BRIER * n_rows + row, nan)
-        tl.store(flags_ptr + row, valid.to(tl.uint8))
+        tl.store(fstats_ptr + _LABEL_LOGPROB * n_rows + row, nan, mask=mask)
+        tl.store(fstats_ptr + _BRIER * n_rows + row, nan, mask=mask)
+        tl.store(flags_ptr + row, valid.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -265,7 +256,7 @@ def token_stats_row_kernel(
         HAS_LABELS, WRITE_SCALED, APPLY_T, BLOCK_V,
     )
     _finalize(row, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
-              n_rows, n_bins, ignore_index, HAS_LABELS, HAS_HIST)
+              n_rows, n_bins, ignore_index, None, HAS_LABELS, HAS_HIST)
 
 
 @triton.jit
@@ -341,7 +332,7 @@ def token_stats_merge_kernel(
         y = ignore_index.to(tl.int64)
         zy = 0.0
     _finalize(row, m, idx, s, a, b, q, zy, y, fstats_ptr, pred_ptr, flags_ptr, hist_ptr,
-              n_rows, n_bins, ignore_index, HAS_LABELS, HAS_HIST)
+              n_rows, n_bins, ignore_index, None, HAS_LABELS, HAS_HIST)
 
 
 KERNELS = {

@@ -1,5 +1,6 @@
 """Test helpers: comparison against the float64 oracle, tolerances, GPU and interpreter
-checks, and two-rank distributed runs. Inputs (``make_logits``, ``make_labels``,
+checks, two-rank distributed runs, the extra environments' skip rule and the colour-question
+data of the eval tests. Inputs (``make_logits``, ``make_labels``,
 ``HOSTILE_KINDS``) and the eager baseline live in :mod:`mllmcal.reference`, beside the
 oracle, because the shipped ``mllmcal bench`` needs them too.
 
@@ -8,9 +9,13 @@ Test files import this module as ``helpers`` (``tests/`` is on ``sys.path`` unde
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mllmcal import reference as R
@@ -23,6 +28,55 @@ def has_cuda() -> bool:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends_with_triton(module: str) -> list:
+    """``["cpu", "torch", "triton"]`` for ``parametrize``; "triton" is skipped unless
+    ``module`` (a Triton kernel module) imports and Triton can run here (a CUDA device or
+    TRITON_INTERPRET=1)."""
+    try:
+        __import__(module)
+        runs = has_cuda() or triton_interpreting()
+    except ImportError:
+        runs = False
+    reason = "Triton needs a CUDA device or TRITON_INTERPRET=1"
+    return ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(not runs, reason=reason))]
+
+
+def need_environment(path: Path, setup_script: str) -> None:
+    """Skip the calling test when an extra environment (``path``, e.g. ``.venv-vllm``) is
+    missing; fail it under ``CI=true``, where ``scripts/setup.sh --tests`` builds them all."""
+    if path.exists():
+        return
+    msg = f"{path} is missing: run `bash scripts/{setup_script}` (`bash scripts/setup.sh --tests` does)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+def colour_questions(d: Path, splits: dict[str, int]) -> Path:
+    """Write the eval tests' data into ``d``: per split, ``d/<split>.json`` (LLaVA layout) with
+    that many 4-option "What colour is shape i ?" questions, each with a real PNG in
+    ``d/images``. Answers and pixels come from one seeded generator, split after split, so a
+    prefix of the splits is the same data whatever follows it. Returns ``d``."""
+    (d / "images").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in splits.items():
+        items = []
+        for i in range(n):
+            k = int(torch.randint(0, 4, (1,), generator=g))
+            name = f"{split}{i}.png"
+            colour = tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g))
+            Image.new("RGB", (10 + i, 10), colour).save(d / "images" / name)
+            q = f"<image>\nWhat colour is shape {i} ?\n" + "\n".join(
+                f"({L}) {c}" for L, c in zip("ABCD", COLOURS, strict=True))
+            items.append({"id": f"{split}-{i}", "image": name, "conversations": [
+                {"from": "human", "value": q}, {"from": "gpt", "value": "ABCD"[k]}]})
+        (d / f"{split}.json").write_text(json.dumps(items))
+    return d
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from checkpoints import build_tiny_checkpoint
+from helpers import COLOURS, colour_questions
 from PIL import Image
 
 import mllmcal
@@ -21,26 +22,10 @@ from mllmcal.eval.data import load_items
 from mllmcal.eval.models import load_model
 from mllmcal.eval.runner import EvalConfig, fit_calib_temperature, run_eval
 
-COLOURS = ["red", "blue", "green", "yellow"]
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    (d / "images").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("test", 14), ("calib", 12), ("dev", 6)):
-        items = []
-        for i in range(n):
-            k = int(torch.randint(0, 4, (1,), generator=g))
-            name = f"{split}{i}.png"
-            Image.new("RGB", (10 + i, 10), tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g))).save(d / "images" / name)
-            q = f"<image>\nWhat colour is shape {i} ?\n" + "\n".join(
-                f"({L}) {c}" for L, c in zip("ABCD", COLOURS, strict=True))
-            items.append({"id": f"{split}-{i}", "image": name, "conversations": [
-                {"from": "human", "value": q}, {"from": "gpt", "value": "ABCD"[k]}]})
-        (d / f"{split}.json").write_text(json.dumps(items))
-    return d
+    return colour_questions(tmp_path_factory.mktemp("data"), {"test": 14, "calib": 12, "dev": 6})
 
 
 @pytest.fixture(scope="module")

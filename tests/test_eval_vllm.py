@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import VLLM_EVAL_BUILDERS
-from PIL import Image
+from helpers import COLOURS, colour_questions, need_environment
 
 from mllmcal.eval.runner import EvalConfig, run_eval
 from mllmcal.integrations.vllm.token_logits import (
@@ -47,39 +47,14 @@ VENV = ROOT / ".venv-vllm"
 VPY = VENV / "bin" / "python"
 TORCHVISION = VENV / "torchvision-cpu"
 TOL = 1e-4
-COLOURS = ["red", "blue", "green", "yellow"]
 METHODS = ("letter", "option-softmax")
 ENGINE_FLAGS = ["--engine-arg", "max_num_seqs=8", "--tensor-parallel-size", "1"]
-
-
-def _need(path: Path) -> None:
-    if path.exists():
-        return
-    msg = f"{path} is missing: run `bash scripts/setup_vllm.sh` (`bash scripts/setup.sh --tests` does)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """test (14) and calib (12) splits of 4-option colour questions with real PNGs."""
-    d = tmp_path_factory.mktemp("vllm-eval-data")
-    (d / "images").mkdir()
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("test", 14), ("calib", 12)):
-        items = []
-        for i in range(n):
-            k = int(torch.randint(0, 4, (1,), generator=g))
-            name = f"{split}{i}.png"
-            colour = tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g))
-            Image.new("RGB", (10 + i, 10), colour).save(d / "images" / name)
-            q = f"<image>\nWhat colour is shape {i} ?\n" + "\n".join(
-                f"({L}) {c}" for L, c in zip("ABCD", COLOURS, strict=True))
-            items.append({"id": f"{split}-{i}", "image": name, "conversations": [
-                {"from": "human", "value": q}, {"from": "gpt", "value": "ABCD"[k]}]})
-        (d / f"{split}.json").write_text(json.dumps(items))
-    return d
+    return colour_questions(tmp_path_factory.mktemp("vllm-eval-data"), {"test": 14, "calib": 12})
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +66,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def vllm_runs(data_dir, models, tmp_path_factory) -> Path:
-    _need(VPY)
-    _need(TORCHVISION)
+    need_environment(VPY, "setup_vllm.sh")
+    need_environment(TORCHVISION, "setup_vllm.sh")
     out = tmp_path_factory.mktemp("vllm-eval-out")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLLMCAL_", "PROMETHEUS_", "VLLM_", "TRITON_"))}

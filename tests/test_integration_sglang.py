@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import need_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 VPY = ROOT / ".venv-sglang" / "bin" / "python"
@@ -24,18 +25,8 @@ STUBS = ROOT / "tests" / "sglang" / "stubs"
 TOL = 1e-5
 
 
-def _need_venv() -> None:
-    if VPY.exists():
-        return
-    msg = (f"{VPY} is missing: run `bash scripts/setup_sglang.sh` "
-           "(`bash scripts/setup.sh --tests` does)")
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 def _run(mode: str, model: Path, tmp: Path) -> dict:
-    _need_venv()
+    need_environment(VPY, "setup_sglang.sh")
     out = tmp / f"{mode}.json"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLLMCAL_", "PROMETHEUS_", "SGLANG_", "TRITON_"))}

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import need_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 VPY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -23,17 +24,8 @@ SCRIPTS = ROOT / "tests" / "vllm"
 TOL = 1e-5
 
 
-def _need_venv() -> None:
-    if VPY.exists():
-        return
-    msg = f"{VPY} is missing: run `bash scripts/setup_vllm.sh` (`bash scripts/setup.sh --tests` does)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 def _run(args: list[str], timeout: float, *, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-    _need_venv()
+    need_environment(VPY, "setup_vllm.sh")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLLMCAL_", "PROMETHEUS_", "VLLM_", "TRITON_"))}
     # this checkout's mllmcal, whatever the .pth says; then ``path`` (e.g. entry points)

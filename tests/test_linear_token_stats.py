@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers import LargestTensor, assert_matches_reference
+from helpers import LargestTensor, assert_matches_reference, backends_with_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,16 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEG = float("-inf")
 
 
-def _triton_ok() -> bool:
-    try:
-        import mllmcal.kernels.linear_token_stats  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_ok(), reason="Triton needs a CUDA device or TRITON_INTERPRET=1"))]
+BACKENDS = backends_with_triton("mllmcal.kernels.linear_token_stats")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 

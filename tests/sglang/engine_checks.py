@@ -11,15 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mllmcal.integrations.sglang import CalibratedLogitProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: servers.py
+from servers import (  # noqa: E402
+    free_port,
+    jsonl,
+    mllmcal_metrics,
+    post_json,
+    served,
+    wait_records,
+)
 
 WORDS = [f"w{i}" for i in range(250)]
 
@@ -66,15 +73,6 @@ def result_of(req: dict, out: dict) -> dict:
             "finish": meta["finish_reason"]}
 
 
-def wait_records(path: Path, ids: set[str], timeout: float = 30.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        if ids <= {r["id"] for r in recs} or time.monotonic() > deadline:
-            return recs
-        time.sleep(0.2)
-
-
 def offline(args: argparse.Namespace, records: Path) -> dict:
     import sglang
 
@@ -89,77 +87,37 @@ def offline(args: argparse.Namespace, records: Path) -> dict:
                                    return_logprob=True,
                                    custom_logit_processor=[proc] * len(reqs))
             results += [result_of(r, o) for r, o in zip(reqs, outs, strict=True)]
-        before = wait_records(records, {r["id"] for r in results})
+        before = wait_records(records, {r["id"] for r in results}, 30, every=0.2)
     finally:
         engine.shutdown()
     return {"requests": results, "records_before_shutdown": [r["id"] for r in before]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
 def server(args: argparse.Namespace, records: Path) -> dict:
-    port = _free_port()
+    port = free_port()
     a = engine_args()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model,
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
            "--enable-custom-logit-processor", "--max-total-tokens", str(a["max_total_tokens"]),
            "--chunked-prefill-size", str(a["chunked_prefill_size"]),
            "--random-seed", "0", "--skip-server-warmup", "--enable-metrics"]
-    log = open(Path(args.out).with_suffix(".server.log"), "w")  # noqa: SIM115
-    srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    results: list[dict] = []
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if srv.poll() is not None:
-                raise SystemExit(f"server exited {srv.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server did not start in 240 s")
-            time.sleep(1)
+    with served(cmd, log=Path(args.out).with_suffix(".server.log"),
+                health_url=base + "/health", timeout=240, session=False, term_group=False,
+                grace=30):
         proc = CalibratedLogitProcessor.to_str()
 
         def one(r: dict) -> dict:
-            return result_of(r, _post(base + "/generate", {
+            return result_of(r, post_json(base + "/generate", {
                 "text": r["prompt"], "sampling_params": r["sampling_params"],
                 "return_logprob": True, "custom_logit_processor": proc}))
 
         # All at once: greedy and sampled requests share batches.
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, requests()))
-        before = wait_records(records, {r["id"] for r in results})
+        before = wait_records(records, {r["id"] for r in results}, 30, every=0.2)
         time.sleep(1.0)
-        with urllib.request.urlopen(base + "/metrics", timeout=10) as m:
-            metrics_text = m.read().decode()
-    finally:
-        srv.terminate()
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-        log.close()
-    metrics = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("mllmcal_") and " " in line:
-            name, val = line.rsplit(" ", 1)
-            metrics[name] = float(val)
+        metrics = mllmcal_metrics(base)
     return {"requests": results, "records_before_shutdown": [r["id"] for r in before],
             "metrics": metrics}
 
@@ -175,8 +133,7 @@ def main() -> None:
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     res = offline(args, records) if args.mode == "offline" else server(args, records)
-    res["records"] = ([json.loads(x) for x in records.read_text().splitlines()]
-                      if records.exists() else [])
+    res["records"] = jsonl(records)
     Path(args.out).write_text(json.dumps(res))
 
 

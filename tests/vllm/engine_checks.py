@@ -23,7 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STOP_MAX_TOKENS = 200
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py, servers.py
+from servers import jsonl, wait_records  # noqa: E402
 
 
 def main() -> None:
@@ -109,8 +110,8 @@ def main() -> None:
     if inproc:
         # Records of requests that ended by max_tokens are written by the drain thread
         # without any flush; wait for them, then check flush() has nothing left to do.
-        written = _wait_records(records_path, ids, timeout=10)
-        result["records_before_flush"] = sorted(written)
+        written = wait_records(records_path, ids, 10, every=0.05)
+        result["records_before_flush"] = sorted({r["id"] for r in written})
         result["flushed"] = mv.flush()
         from prometheus_client import REGISTRY
 
@@ -122,25 +123,13 @@ def main() -> None:
         del llm
     else:
         stop_id = next(r["id"] for r in requests if r["kind"] == "stop_string")
-        result["records_before_shutdown"] = sorted(
-            _wait_records(records_path, ids - {stop_id}, timeout=30))
+        before = wait_records(records_path, ids - {stop_id}, 30, every=0.05)
+        result["records_before_shutdown"] = sorted({r["id"] for r in before})
         # Shutting the engine down (SIGTERM to its process) writes the open record.
         del llm
-        _wait_records(records_path, ids, timeout=20)
-    result["records"] = [json.loads(line) for line in records_path.read_text().splitlines()]
+        wait_records(records_path, ids, 20, every=0.05)
+    result["records"] = jsonl(records_path)
     out.write_text(json.dumps(result))
-
-
-def _wait_records(path: Path, ids: set[str], timeout: float) -> set[str]:
-    deadline = time.monotonic() + timeout
-    seen: set[str] = set()
-    while time.monotonic() < deadline:
-        if path.exists():
-            seen = {json.loads(line)["id"] for line in path.read_text().splitlines() if line}
-            if ids <= seen:
-                break
-        time.sleep(0.05)
-    return seen
 
 
 def _feedback_checks(mv, requests) -> dict:

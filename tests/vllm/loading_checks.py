@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py, servers.py
+from servers import jsonl, wait_for, wait_records  # noqa: E402
+
 FQCN = "mllmcal.integrations.vllm:CalibratedLogitsProcessor"
 
 
@@ -35,19 +37,6 @@ def _sample(name: str) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(name) or 0.0
-
-
-def _wait(fn, timeout: float):
-    deadline = time.monotonic() + timeout
-    got = fn()
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-        got = fn()
-    return got
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def main() -> None:
@@ -97,7 +86,7 @@ def main() -> None:
     ids = {r["id"] for r in reqs}
     n_tokens = sum(len(r["token_ids"]) for r in reqs)
     # Every request has ended; the drain thread tries to write and cannot (no folder).
-    _wait(lambda: _sample("mllmcal_requests_total") >= len(reqs), 10)
+    wait_for(lambda: _sample("mllmcal_requests_total") >= len(reqs), 10, every=0.05)
     time.sleep(0.3)
     res["e1"] = {
         "requests": reqs,
@@ -107,9 +96,9 @@ def main() -> None:
         "write_errors_before_mkdir": _sample("mllmcal_records_write_errors_total"),
     }
     records.parent.mkdir()
-    _wait(lambda: ids <= {r["id"] for r in _lines(records)}, 10)
+    wait_records(records, ids, 10, every=0.05)
     time.sleep(0.3)  # a double write would show by now
-    res["e1"]["records"] = _lines(records)
+    res["e1"]["records"] = jsonl(records)
     res["e1"]["confidence_count"] = _sample("mllmcal_token_confidence_count")
     res["e1"]["requests_total"] = _sample("mllmcal_requests_total")
     res["e1"]["write_errors"] = _sample("mllmcal_records_write_errors_total")
@@ -120,12 +109,12 @@ def main() -> None:
         return int(_sample("mllmcal_feedback_total"))
 
     fb.write_text(json.dumps({"id": reqs[0]["id"], "correct": True, "note": "x" * 200}) + "\n")
-    seen = [_wait(lambda: applied() >= 1, 10) and applied()]
+    seen = [wait_for(lambda: applied() >= 1, 10, every=0.05) and applied()]
     fb.write_text(json.dumps({"id": reqs[1]["id"], "correct": False}) + "\n")  # truncates
-    seen.append(_wait(lambda: applied() >= 2, 10) and applied())
+    seen.append(wait_for(lambda: applied() >= 2, 10, every=0.05) and applied())
     fb.rename(work / "feedback.jsonl.1")
     fb.write_text(json.dumps({"id": reqs[2]["id"], "correct": True}) + "\n")
-    seen.append(_wait(lambda: applied() >= 3, 10) and applied())
+    seen.append(wait_for(lambda: applied() >= 3, 10, every=0.05) and applied())
     # A last line without its newline waits for it.
     with open(fb, "a") as f:
         f.write(json.dumps({"id": reqs[0]["id"], "correct": True}))
@@ -137,14 +126,14 @@ def main() -> None:
 
     # ---- engine 2: the entry point alone, no MLLMCAL_VLLM: inert
     before = {k: _sample(k) for k in ("mllmcal_token_confidence_count", "mllmcal_requests_total")}
-    n_lines = len(_lines(records))
+    n_lines = len(jsonl(records))
     t0 = len(mv.trackers())
     llm = LLM(**engine_kw)
     reqs = generate(llm, "e2")
     time.sleep(0.5)
     res["e2"] = {
         "active_trackers": len(mv.trackers()) - t0,
-        "records_added": len(_lines(records)) - n_lines,
+        "records_added": len(jsonl(records)) - n_lines,
         "metrics_moved": {k: _sample(k) - v for k, v in before.items()},
     }
     del llm
@@ -156,11 +145,11 @@ def main() -> None:
     llm = LLM(**engine_kw, additional_config={"mllmcal": {"flush_interval": 0.05}})
     reqs = generate(llm, "e3")
     n3 = sum(len(r["token_ids"]) for r in reqs)
-    _wait(lambda: _sample("mllmcal_token_confidence_count") - before >= n3, 10)
+    wait_for(lambda: _sample("mllmcal_token_confidence_count") - before >= n3, 10, every=0.05)
     time.sleep(0.3)
     res["e3"] = {"n_tokens": n3, "active_trackers": len(mv.trackers()) - t0,
                  "confidence_count": _sample("mllmcal_token_confidence_count") - before,
-                 "records": [r for r in _lines(records) if r["id"].startswith("e3-")]}
+                 "records": [r for r in jsonl(records) if r["id"].startswith("e3-")]}
 
     # Stopping on low confidence: a threshold above any confidence stops every request
     # right after its first window; a threshold of 0 never does.
@@ -181,7 +170,7 @@ def main() -> None:
     ]
     outs = llm.generate(prompts[:1] * len(stop_params), stop_params, use_tqdm=False)
     stop_ids = {p.extra_args["mllmcal_id"] for p in stop_params}
-    _wait(lambda: stop_ids <= {r["id"] for r in _lines(records)}, 10)
+    wait_records(records, stop_ids, 10, every=0.05)
     res["stop"] = {
         "window": window,
         "eos": llm.get_tokenizer().eos_token_id,
@@ -192,7 +181,7 @@ def main() -> None:
                                                          o.outputs[0].token_ids, strict=True)]
                          if o.outputs[0].logprobs else None)}
             for p, o in zip(stop_params, outs, strict=True)],
-        "records": [r for r in _lines(records) if r["id"] in stop_ids],
+        "records": [r for r in jsonl(records) if r["id"] in stop_ids],
     }
 
     # Offline response statistics: with_stats() + response_stats(), aligned with the tokens.

@@ -18,50 +18,25 @@ import argparse
 import json
 import os
 import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py, servers.py
+from servers import (  # noqa: E402
+    free_port,
+    http,
+    jsonl,
+    mllmcal_metrics,
+    scratch,
+    served,
+    wait_for,
+)
+
 KEY = "sesame-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http(url: str, body: dict | list | None = None, key: str | None = KEY,
-          timeout: float = 120.0) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _metrics(base: str) -> dict[str, float]:
-    vals = {}
-    for line in _http(f"{base}/metrics", key=None)[1].decode().splitlines():
-        if line.startswith("mllmcal_") and "{" not in line:
-            name, value = line.split()[:2]
-            vals[name] = float(value)
-    return vals
 
 
 def _sse(raw: bytes) -> list[dict]:
@@ -119,7 +94,7 @@ class Client:
             path = "/v1/completions"
         if spec.get("stream"):
             body["stream"] = True
-        status, raw = _http(self.base + path, body)
+        status, raw = http(self.base + path, body, key=KEY)
         if status != 200:
             raise RuntimeError(f"{path} {status}: {raw[:1000]!r}")
         res = {"spec": spec}
@@ -241,105 +216,77 @@ def main() -> None:
     import checkpoints
 
     checkpoints.build_vllm_llama(args.model)
-    work = Path(tempfile.mkdtemp(prefix="mllmcal-serve-"))
+    with scratch("mllmcal-serve-") as work:
+        _serve(args, checkpoints.VLLM_WORDS, work)
+
+
+def _serve(args: argparse.Namespace, words: list[str], work: Path) -> None:
     records = work / "records.jsonl"
     template = work / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MLLMCAL_VLLM_RECORDS=str(records),
                MLLMCAL_VLLM_FLUSH_INTERVAL="0.05", TORCHDYNAMO_DISABLE="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("MLLMCAL_VLLM_FEEDBACK", None)
-    log = open(work / "server.log", "w")  # noqa: SIM115
-    ok = False
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mllmcal", "serve", args.model,
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
-         "--max-num-seqs", str(args.max_num_seqs), "--shutdown-timeout", "10",
-         "--api-key", KEY, "--chat-template", str(template)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "mllmcal", "serve", args.model,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+           "--max-num-seqs", str(args.max_num_seqs), "--shutdown-timeout", "10",
+           "--api-key", KEY, "--chat-template", str(template)]
     res: dict = {}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited {server.returncode}:\n"
-                                   + (work / "server.log").read_text()[-6000:])
-            try:
-                if _http(f"{base}/health", key=None, timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not come up in 300 s")
+        with served(cmd, env=env, log=work / "server.log", health_url=f"{base}/health",
+                    timeout=300) as server:
+            client = Client(base, args.model)
+
+            # Without the key: vLLM's endpoints and mllmcal's feedback endpoint refuse.
+            res["no_key_completion"] = http(f"{base}/v1/completions", {
+                "model": args.model, "prompt": "a", "max_tokens": 1})[0]
+            specs = _basic_specs(words)
+            with ThreadPoolExecutor(len(specs)) as ex:
+                res["basic"] = list(ex.map(client.send, specs))
+            feedback = f"{base}/v1/mllmcal/feedback"
+            res["feedback_no_key"] = http(feedback, {"id": "stopper", "correct": True})[0]
+            res["feedback_bad_key"] = http(feedback, {"id": "stopper", "correct": True},
+                                           key="wrong")[0]
+            res["feedback_bad_body"] = http(feedback, {"correct": True}, key=KEY)[0]
+            res["feedback_key"] = http(feedback, [{"id": "stopper", "correct": True}],
+                                       key=KEY)[0]
+            n_basic = sum(r["n_tokens"] for r in res["basic"])
+
+            def basic_counted() -> bool:
+                m = mllmcal_metrics(base)
+                return (m.get("mllmcal_token_confidence_count") == n_basic
+                        and m.get("mllmcal_feedback_total") == 1)
+
+            wait_for(basic_counted, 30)
+            res["metrics_basic"] = mllmcal_metrics(base)
+            res["n_tokens_basic"] = n_basic
+
+            if args.load:
+                rng = random.Random(0)
+                res["load"] = []
+                total = n_basic
+                for _ in range(args.rounds):
+                    specs = _load_specs(words, args.load, rng)
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(args.concurrency) as ex:
+                        got = list(ex.map(client.send, specs))
+                    wall = time.perf_counter() - t0
+                    total += sum(r["n_tokens"] for r in got)
+                    wait_for(lambda t=total: mllmcal_metrics(base).get(
+                        "mllmcal_token_confidence_count") == t, 60, every=0.2)
+                    res["load"].append({"results": got, "wall_s": wall,
+                                        "rss": _engine_rss(server.pid),
+                                        "metrics": mllmcal_metrics(base), "total_tokens": total})
             time.sleep(0.5)
-        client = Client(base, args.model)
-        words = checkpoints.VLLM_WORDS
-
-        # Without the key: vLLM's endpoints and mllmcal's feedback endpoint refuse.
-        res["no_key_completion"] = _http(f"{base}/v1/completions", {
-            "model": args.model, "prompt": "a", "max_tokens": 1}, key=None)[0]
-        specs = _basic_specs(words)
-        with ThreadPoolExecutor(len(specs)) as ex:
-            res["basic"] = list(ex.map(client.send, specs))
-        res["feedback_no_key"] = _http(f"{base}/v1/mllmcal/feedback",
-                                       {"id": "stopper", "correct": True}, key=None)[0]
-        res["feedback_bad_key"] = _http(f"{base}/v1/mllmcal/feedback",
-                                        {"id": "stopper", "correct": True}, key="wrong")[0]
-        res["feedback_bad_body"] = _http(f"{base}/v1/mllmcal/feedback", {"correct": True})[0]
-        res["feedback_key"] = _http(f"{base}/v1/mllmcal/feedback",
-                                    [{"id": "stopper", "correct": True}])[0]
-        n_basic = sum(r["n_tokens"] for r in res["basic"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = _metrics(base)
-            if (m.get("mllmcal_token_confidence_count") == n_basic
-                    and m.get("mllmcal_feedback_total") == 1):
-                break
-            time.sleep(0.1)
-        res["metrics_basic"] = _metrics(base)
-        res["n_tokens_basic"] = n_basic
-
-        if args.load:
-            rng = random.Random(0)
-            res["load"] = []
-            total = n_basic
-            for _ in range(args.rounds):
-                specs = _load_specs(words, args.load, rng)
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(args.concurrency) as ex:
-                    got = list(ex.map(client.send, specs))
-                wall = time.perf_counter() - t0
-                total += sum(r["n_tokens"] for r in got)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if _metrics(base).get("mllmcal_token_confidence_count") == total:
-                        break
-                    time.sleep(0.2)
-                res["load"].append({"results": got, "wall_s": wall,
-                                    "rss": _engine_rss(server.pid),
-                                    "metrics": _metrics(base), "total_tokens": total})
-        time.sleep(0.5)
-        res["records"] = [json.loads(x) for x in records.read_text().splitlines()]
-        res["load_avg"] = os.getloadavg()
-        ok = True
+            res["records"] = jsonl(records)
+            res["load_avg"] = os.getloadavg()
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        log.close()
         res["server_log_tail"] = (work / "server.log").read_text()[-3000:]
         Path(args.out).write_text(json.dumps(res))
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"server files kept in {work}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Standard library only: the scripts import it in the engines' own venvs (tests/ o
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -21,6 +22,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def vllm_model_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse ``--model DIR --out FILE`` and ``ap``'s own options; build the tiny vLLM Llama
+    (tests/checkpoints.py) in DIR."""
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import checkpoints
+
+    checkpoints.build_vllm_llama(args.model)
+    return args
 
 
 def free_port() -> int:

@@ -24,19 +24,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STOP_MAX_TOKENS = 200
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py, servers.py
-from servers import jsonl, wait_records  # noqa: E402
+from servers import jsonl, vllm_model_args, wait_records  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=("inproc", "mp"), required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = vllm_model_args(ap)
 
     import checkpoints
 
-    checkpoints.build_vllm_llama(args.model)
     out = Path(args.out)
     records_path = out.with_suffix(".records.jsonl")
     records_path.unlink(missing_ok=True)

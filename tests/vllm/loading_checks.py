@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # tests/: checkpoints.py, servers.py
-from servers import jsonl, wait_for, wait_records  # noqa: E402
+from servers import jsonl, vllm_model_args, wait_for, wait_records  # noqa: E402
 
 FQCN = "mllmcal.integrations.vllm:CalibratedLogitsProcessor"
 
@@ -40,14 +40,10 @@ def _sample(name: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = vllm_model_args(argparse.ArgumentParser())
 
     import checkpoints
 
-    checkpoints.build_vllm_llama(args.model)
     out = Path(args.out)
     work = out.parent / "loading"
     work.mkdir(exist_ok=True)

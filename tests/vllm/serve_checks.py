@@ -33,6 +33,7 @@ from servers import (  # noqa: E402
     mllmcal_metrics,
     scratch,
     served,
+    vllm_model_args,
     wait_for,
 )
 
@@ -205,17 +206,14 @@ def analyse(res: dict, tol: float = 1e-5) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--load", type=int, default=0, help="requests per load round (0: none)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=4)
-    args = ap.parse_args()
+    args = vllm_model_args(ap)
 
     import checkpoints
 
-    checkpoints.build_vllm_llama(args.model)
     with scratch("mllmcal-serve-") as work:
         _serve(args, checkpoints.VLLM_WORDS, work)
 

@@ -29,20 +29,17 @@ from servers import (  # noqa: E402
     post_json,
     scratch,
     served,
+    vllm_model_args,
     wait_for,
     wait_records,
 )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = vllm_model_args(argparse.ArgumentParser())
 
     import checkpoints
 
-    checkpoints.build_vllm_llama(args.model)
     with scratch("mllmcal-server-") as work:  # on failure server.log and records stay
         _check(args, checkpoints.VLLM_WORDS, work)
 

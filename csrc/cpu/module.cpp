@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/bindings.h"
+#include "cpu/split_pool.h"
 #include "cpu/temperature_fit.h"
 #include "cpu/token_stats.h"
 
@@ -58,6 +59,28 @@ PYBIND11_MODULE(_C, m) {
       "of each [n, v] logits row (see csrc/cpu/temperature_fit.h). out: fp32 [n, 3, k];\n"
       "status: uint8 [n] (0 skipped, 1 used, 2 label masked).",
       py::arg("num_threads") = 0);
+  m.def("pool_policy", &mllmcal::split_pool_policy, py::arg("policy") = "",
+        "Wake policy of the kernel's thread pool for every later call: 'auto' (default: wake\n"
+        "the helpers only when the work left is worth the measured cost of waking them),\n"
+        "'always' or 'never'. Returns the policy before the call; '' only reads it. Results\n"
+        "do not depend on it (see csrc/cpu/split_pool.h).");
+  m.def(
+      "pool_stats",
+      [](bool reset, double wake_cost_us) {
+        const mllmcal::SplitPoolStats s = mllmcal::split_pool_stats(reset, wake_cost_us);
+        py::dict d;
+        d["calls"] = s.calls;
+        d["woken"] = s.woken;
+        d["helper_items"] = s.helper_items;
+        d["wake_cost_us"] = s.wake_cost_us;
+        d["ns_per_element"] = s.ns_per_element;
+        return d;
+      },
+      py::arg("reset") = false, py::arg("wake_cost_us") = -1.0,
+      "The pool's counters (multi-threaded calls, calls that woke the helpers, items the\n"
+      "helpers ran) and estimates (wake cost in µs, the caller's ns per element; -1 when\n"
+      "unknown), as they were before the call. Then reset zeroes and forgets them, and\n"
+      "wake_cost_us >= 0 pins the wake-cost estimate (tests).");
   m.def(
       "kernel_isa", [] { return std::string(mllmcal::select_kernels(nullptr)->isa); },
       "Name of the instruction set the kernel runs with on this CPU.");

@@ -13,15 +13,50 @@
 // Helpers sleep between calls (no spinning): on a shared machine a spinning helper
 // steals time from the caller whenever the scheduler keeps both on one CPU, which we
 // observed on the loaded 2-core CI box (caller and helper both on CPU 1, each at 50%).
+//
+// Waking a sleeping helper is not free, and on a virtual machine it can cost more than a
+// decode-shape call: on the 2-vCPU KVM CI box the caller's FUTEX_WAKE took 12-15 µs (the
+// IPI exits to the hypervisor) and the helper ran 30-90 µs after it, against 33 µs for a
+// whole [1, 151936] fp32 row on one thread. So under the default policy ("auto") the
+// caller wakes the helpers only when the work left is worth more than the wake costs:
+// both are measured as the pool runs (the caller times its own items; a woken helper
+// times its wake-up), and every kProbeEvery-th call that skipped the wake wakes anyway,
+// so that the estimate follows the machine. Which thread runs an item never changes the
+// result: items and their merge order are fixed by the caller's plan.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace mllmcal {
 
 // Runs fn(w) for every w in [0, items) using up to `threads` threads, the caller being
-// one of them. fn must not throw. Returns when every item is done.
-void split_pool_run(int64_t items, int threads, const std::function<void(int64_t)>& fn);
+// one of them. fn must not throw. Returns when every item is done. `elements` is the
+// job's size in the units the wake policy's rate is kept in (logits read), for the
+// estimate of its duration; items are assumed to be of about equal size.
+void split_pool_run(int64_t items, int threads, const std::function<void(int64_t)>& fn,
+                    int64_t elements);
+
+// The wake policy of every later call: "auto" (the default), "always" (wake the helpers
+// at the start of every multi-threaded call, as before the policy existed) or "never"
+// (the caller runs every item; the plan, and so the result, stays that of `threads`).
+// Returns the policy before the call; "" only reads it. Throws std::invalid_argument for
+// another name.
+std::string split_pool_policy(const std::string& policy);
+
+struct SplitPoolStats {
+  int64_t calls;         // multi-threaded calls (threads > 1 and items > 1)
+  int64_t woken;         // calls that woke the helpers (probes included)
+  int64_t helper_items;  // items run by helpers
+  double wake_cost_us;   // current estimate: caller's wake syscall + helper's wake-up; < 0 unknown
+  double ns_per_element; // current estimate of the caller's rate; < 0 unknown
+};
+
+// Counters since the process started (or since the last `reset`), and the current
+// estimates, as they were before this call. Then `reset` zeroes the counters and forgets
+// both estimates (unpins), and `wake_cost_us` >= 0 pins the wake-cost estimate (it stops
+// learning; for tests).
+SplitPoolStats split_pool_stats(bool reset, double wake_cost_us);
 
 }  // namespace mllmcal

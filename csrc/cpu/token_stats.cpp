@@ -191,7 +191,7 @@ void token_stats(const Args& A) {
         run_chunk(A, fn, i, 0, A.v, &p);
         finalize_row(A, i, p);
       }
-    });
+    }, A.n * A.v);
   } else {
     std::vector<Partial> parts(static_cast<size_t>(A.n * plan.chunks));
     split_pool_run(A.n * plan.chunks, plan.threads, [&](int64_t w) {
@@ -199,7 +199,7 @@ void token_stats(const Args& A) {
       const int64_t c0 = (w % plan.chunks) * plan.width;
       const int64_t c1 = c0 + plan.width < A.v ? c0 + plan.width : A.v;
       run_chunk(A, fn, i, c0, c1, &parts[static_cast<size_t>(w)]);
-    });
+    }, A.n * A.v);
     for (int64_t i = 0; i < A.n; ++i) {
       Partial acc = parts[static_cast<size_t>(i * plan.chunks)];
       for (int64_t c = 1; c < plan.chunks; ++c) merge_into(acc, parts[static_cast<size_t>(i * plan.chunks + c)]);

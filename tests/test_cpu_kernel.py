@@ -29,6 +29,16 @@ pytestmark = pytest.mark.skipif(
 ISAS = CPU.supported_isas() if unavailable_reason("cpu") is None else []
 
 
+@pytest.fixture(autouse=True)
+def helpers_always_wake():
+    """The pool's helpers join every multi-threaded call here, so that the tests of the
+    threaded paths run threads: the default policy ("auto") would leave these small calls
+    to the caller alone on a machine where waking a thread is dear."""
+    before = CPU.pool_policy("always")
+    yield
+    CPU.pool_policy(before)
+
+
 def run(x, labels=None, temperature=1.0, *, scaled_out=None, hist=None, **kw):
     """Call the kernel directly (bypassing ops), returning a TokenStats-like object."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -245,6 +255,94 @@ def test_split_path_is_safe_from_concurrent_python_threads():
             for k, got in enumerate(ex.map(split, range(8))):
                 assert torch.equal(got.prediction, expected[k].prediction)
                 torch.testing.assert_close(got.logsumexp, expected[k].logsumexp, rtol=1e-6, atol=0)
+
+
+def _fields(s) -> list[torch.Tensor]:
+    return [s.logsumexp, s.confidence, s.entropy, s.logit_mean, s.logit_var, s.label_logprob,
+            s.brier, s.prediction, s.valid, s.correct]
+
+
+@pytest.mark.parametrize("kw", [
+    {"mode": "split", "num_threads": 2, "chunk_columns": 2048},
+    {"mode": "split", "num_threads": 3},
+    {"mode": "rows", "num_threads": 2},
+])
+def test_results_do_not_depend_on_the_wake_policy(kw):
+    """Who runs an item changes nothing: items and their merge order are the plan's."""
+    x = make_logits(5, 37000, torch.float32, "masked", seed=11)
+    y = make_labels(5, 37000, seed=11)
+    got = {}
+    for policy in ("never", "always", "auto"):
+        CPU.pool_policy(policy)
+        got[policy] = [run(x, y, 0.7, **kw) for _ in range(3)]
+    want = _fields(got["never"][0])
+    for policy, results in got.items():
+        for s in results:
+            for a, b in zip(_fields(s), want, strict=True):
+                assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
+                    a.nan_to_num(), b.nan_to_num()), policy
+    assert_matches_reference(got["auto"][0], x, y, 0.7)
+
+
+def test_pool_policy_is_set_read_and_checked():
+    assert CPU.pool_policy("never") == "always"  # the fixture's
+    assert CPU.pool_policy("") == "never"
+    assert CPU.pool_policy("auto") == "never"
+    with pytest.raises(ValueError, match="'auto', 'always' or 'never', got 'sometimes'"):
+        CPU.pool_policy("sometimes")
+    assert CPU.pool_policy("") == "auto"
+
+
+def test_pool_policy_from_the_environment(monkeypatch):
+    """MLLMCAL_CPU_POOL sets it where the backend loads (a serving engine's workers); a bad
+    name makes the backend unavailable, saying why."""
+    monkeypatch.setenv("MLLMCAL_CPU_POOL", "never")
+    assert CPU.unavailable_reason() is None
+    assert CPU.pool_policy("") == "never"
+    monkeypatch.setenv("MLLMCAL_CPU_POOL", "sometimes")
+    why = CPU.unavailable_reason()
+    assert why is not None and why.startswith("MLLMCAL_CPU_POOL: ") and "got 'sometimes'" in why
+
+
+def test_wake_policy_counts_and_decisions():
+    """"never" publishes nothing; "always" wakes every call; "auto" wakes when the work
+    outweighs the wake's cost (pinned here, so that the decision is the test's)."""
+    x = make_logits(1, 65536, torch.float32, "normal", seed=3)
+    split = {"mode": "split", "num_threads": 2, "chunk_columns": 2048}  # 32 items
+    CPU.pool_stats(reset=True)
+    CPU.pool_policy("never")
+    for _ in range(5):
+        run(x, **split)
+    assert CPU.pool_stats(reset=True)["calls"] == 0
+    CPU.pool_policy("always")
+    for _ in range(5):
+        run(x, **split)
+    st = CPU.pool_stats(reset=True, wake_cost_us=1e6)  # then: waking costs a second
+    assert st["calls"] == st["woken"] == 5  # (the helper may have run every item)
+    CPU.pool_policy("auto")
+    for _ in range(20):  # fewer than the probe interval (32)
+        run(x, **split)
+    st = CPU.pool_stats(reset=True, wake_cost_us=0.0)  # then: waking is free
+    assert (st["calls"], st["woken"], st["wake_cost_us"]) == (20, 0, 1e6)
+    assert st["ns_per_element"] > 0
+    for _ in range(5):
+        run(x, **split)
+    st = CPU.pool_stats(reset=True)
+    assert (st["calls"], st["woken"], st["wake_cost_us"]) == (5, 5, 0.0)
+    for _ in range(3):  # nothing measured after a reset: the first call wakes, to measure
+        run(x, **split)
+    st = CPU.pool_stats(reset=True)
+    assert st["calls"] == 3 and st["woken"] >= 1
+
+
+def test_wake_policy_probes_a_skipped_wake_every_32_calls():
+    x = make_logits(1, 8192, torch.float32, "normal", seed=4)
+    CPU.pool_policy("auto")
+    CPU.pool_stats(reset=True, wake_cost_us=1e6)
+    for _ in range(70):
+        run(x, mode="split", num_threads=2, chunk_columns=2048)
+    st = CPU.pool_stats(reset=True)
+    assert (st["calls"], st["woken"]) == (70, 2)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")

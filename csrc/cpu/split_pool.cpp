@@ -80,8 +80,6 @@ class Pool {
       cost = wake_cost_ns();
       if (policy == kAlways) {
         wake = true;
-      } else if (policy == kNever) {
-        wake = false;
       } else if (cost < 0.0) {
         wake = true;  // nothing measured yet: wake, and measure
       } else {
@@ -94,7 +92,7 @@ class Pool {
     int64_t syscall_ns = wake ? notify() : -1;
     // The caller's share. Under "auto" without a wake, it re-decides after each item
     // from this call's own rate: wake once the work left is worth it.
-    const bool deciding = !wake && policy == kAuto;
+    const bool deciding = !wake;
     int64_t mine = 0, busy_ns = 0;
     for (;;) {
       const int64_t w = job.next.fetch_add(1, std::memory_order_relaxed);
@@ -227,7 +225,7 @@ Pool* pool() {
 
 void split_pool_run(int64_t items, int threads, const std::function<void(int64_t)>& fn,
                     int64_t elements) {
-  if (threads <= 1 || items <= 1) {
+  if (threads <= 1 || items <= 1 || g_policy.load(std::memory_order_relaxed) == kNever) {
     for (int64_t w = 0; w < items; ++w) fn(w);
     return;
   }

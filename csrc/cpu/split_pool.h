@@ -40,13 +40,14 @@ void split_pool_run(int64_t items, int threads, const std::function<void(int64_t
 
 // The wake policy of every later call: "auto" (the default), "always" (wake the helpers
 // at the start of every multi-threaded call, as before the policy existed) or "never"
-// (the caller runs every item; the plan, and so the result, stays that of `threads`).
+// (the caller runs every item, in order, and publishes nothing; the plan, and so the
+// result, stays that of `threads`).
 // Returns the policy before the call; "" only reads it. Throws std::invalid_argument for
 // another name.
 std::string split_pool_policy(const std::string& policy);
 
 struct SplitPoolStats {
-  int64_t calls;         // multi-threaded calls (threads > 1 and items > 1)
+  int64_t calls;         // calls that could use helpers (threads > 1, items > 1, not "never")
   int64_t woken;         // calls that woke the helpers (probes included)
   int64_t helper_items;  // items run by helpers
   double wake_cost_us;   // current estimate: caller's wake syscall + helper's wake-up; < 0 unknown

@@ -10,13 +10,19 @@ extension; the registry imports it on first use and reports a failure as "unavai
 
 CPU threads: the kernel uses ``torch.get_num_threads()`` threads (so
 ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` govern it as they govern torch), or
-``num_threads`` when given.
+``num_threads`` when given. The threads beyond the caller are helpers of a small pool
+(``csrc/cpu/split_pool.h``) that sleep between calls; under its default wake policy
+(:meth:`CpuBackend.pool_policy`) a call wakes them only when its work is worth more than
+the measured cost of waking them (on a 2-vCPU VM, ~50 µs: more than a [1, 151936] row).
+``MLLMCAL_CPU_POOL`` (``auto``, ``always``, ``never``) sets the policy when the backend
+loads, e.g. in a serving engine's worker processes.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -95,6 +101,33 @@ class CpuBackend(CompiledBackend):
     def supported_isas(self) -> list[str]:
         """Kernel instruction sets this CPU can run."""
         return self.ext.supported_isas()
+
+    def unavailable_reason(self) -> str | None:
+        if not hasattr(self.ext, "pool_policy"):
+            return f"{self.extension} was built before its thread pool's wake policy; rebuild it"
+        policy = os.environ.get("MLLMCAL_CPU_POOL", "")
+        if policy:  # for processes the user's code does not run in (serving engines)
+            try:
+                self.ext.pool_policy(policy)
+            except ValueError as exc:
+                return f"MLLMCAL_CPU_POOL: {exc}"
+        return super().unavailable_reason()
+
+    def pool_policy(self, policy: str = "") -> str:
+        """Set the thread pool's wake policy for every later call, process-wide; return
+        the one before. ``"auto"`` (default): wake the helpers only when the work left is
+        worth more than the measured cost of waking them; ``"always"``: at the start of
+        every call; ``"never"``: the caller runs everything. Results are the same under
+        every policy (the work split is fixed by the thread count). ``""`` only reads it."""
+        return self.ext.pool_policy(policy)
+
+    def pool_stats(self, reset: bool = False, wake_cost_us: float = -1.0) -> dict[str, float]:
+        """The pool's counters and estimates: ``calls`` (calls that could use helpers),
+        ``woken`` (calls that woke them), ``helper_items`` (work items they ran),
+        ``wake_cost_us`` and ``ns_per_element`` (-1 while unknown), as they were before
+        this call. ``reset`` then zeroes and forgets them; ``wake_cost_us >= 0`` pins the
+        wake-cost estimate (for tests)."""
+        return self.ext.pool_stats(reset, wake_cost_us)
 
     def _tail(self, x: torch.Tensor, n: int, v: int, *, num_threads: int | None = None,
               mode: str = "auto", chunk_columns: int = 0, isa: str = "") -> tuple:

@@ -155,6 +155,16 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def pool_stats(reset: bool) -> dict[str, object] | None:
+    """The CPU kernel's thread pool: its wake policy, how many calls woke the helper and
+    the estimates it decided by (csrc/cpu/split_pool.h); None without the kernel."""
+    if "cpu" not in mllmcal.available_backends("cpu"):
+        return None
+    from mllmcal._backends.compiled import cpu
+
+    return {"policy": cpu.pool_policy(), **cpu.pool_stats(reset=reset)}
+
+
 def lm_head(x: torch.Tensor, hidden: int) -> Callable[[], object]:
     """The decode step's last op before the statistics: ``x = h @ W.T`` for ``h`` ``[N, H]``
     and ``W`` ``[V, H]``, written into ``x`` (the logits every contender then reads)."""
@@ -180,9 +190,12 @@ def run(rounds: int = 15, warmup: int = 3, compile_baseline: bool = True,
         x, y = make_case(shape, dtype)
         fns = contenders(x, y, compile_baseline, threads)
         before = lm_head(x, after_lm_head) if after_lm_head else None
+        pool = pool_stats(reset=True)
         times = time_round_robin(fns, rounds, warmup, before)
         med = {k: statistics.median(v) for k, v in times.items()}
+        pool = pool_stats(reset=False)
         rows.append({
+            "pool": pool,
             "shape": list(shape),
             "dtype": str(dtype).replace("torch.", ""),
             "median_ms": {k: round(v * 1e3, 4) for k, v in med.items()},
@@ -240,6 +253,16 @@ def format_table(result: dict[str, object]) -> str:
                      f"  cpu/floor {ratio(best, 'cpu', 'floor')}  cpu_read/floor "
                      f"{ratio(best, 'cpu_read', 'floor')}  kernel/floor "
                      f"{ratio(best, 'cpu_kernel', 'floor')}")
+    pools = [r for r in rows if r.get("pool")]
+    if pools:
+        lines.append("")
+        lines.append("CPU kernel's thread pool (csrc/cpu/split_pool.h): calls that woke the helper, "
+                     "items it ran, wake cost it decided by")
+        for r in pools:
+            p = r["pool"]
+            lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {p['policy']}: "
+                         f"woke {p['woken']}/{p['calls']} calls, helper ran {p['helper_items']} "
+                         f"items, wake cost {p['wake_cost_us']:.1f} us")
     return "\n".join(lines)
 
 

@@ -23,9 +23,11 @@ process's CPU time in it (``time.process_time``: all threads of this process, th
 and mllmcal's drain thread included). On a shared machine the wall time swings with other
 processes' load; the CPU time counts only this process's work, so its ratio is the cleaner
 estimate of the processor's cost. Even CPU time swings under heavy load (spinning
-threads), so the headline is the best round of each case (the least disturbed run: many
-short interleaved rounds make it likely each case gets a quiet one), next to the medians.
-The JSON holds every round.
+threads). Cases run in a fresh random order each round. The headline is the paired ratio:
+each round's rate over the same round's ``none``, as a geometric mean over the rounds with
+its 95% interval; ``installed`` runs no mllmcal code, so its interval shows what the bench
+can resolve on the machine (±3-4% with 31 rounds on the 2-vCPU CI box). The best round of
+each case and the medians are printed too. The JSON holds every round.
 
 The processor's cost per step is one pass over the ``[B, V]`` logits, whatever the model;
 the engine's cost grows with the model. The default model (hidden 256, 4 layers, 32k
@@ -46,8 +48,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -58,6 +62,17 @@ from pathlib import Path
 from _vllm_venv import run_with_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def paired_ratio(rates: list[float], base: list[float]) -> dict[str, object]:
+    """Geometric mean over rounds of ``rates[i] / base[i]`` (both measured in round i, so
+    that drift in the machine's speed between rounds cancels), with a normal 95% interval
+    on the log scale."""
+    logs = [math.log(a / b) for a, b in zip(rates, base, strict=True)]
+    mean = statistics.fmean(logs)
+    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
+    return {"gmean": math.exp(mean), "ci95": [math.exp(mean - half), math.exp(mean + half)],
+            "rounds": len(logs)}
 
 
 def main() -> None:
@@ -168,8 +183,15 @@ def main() -> None:
     cpu_runs: dict[str, list[float]] = {k: [] for k in cases}
     spent.update(engine_thread=0.0, drain_thread=0.0)
     mllmcal_cpu = 0.0
+    names = list(cases)
+    order = random.Random(0)
     for _ in range(args.rounds):
-        for name, (eng, ps) in cases.items():
+        # A fresh order each round: with a fixed one, the case that opens a round (after
+        # the previous round's last case and the prints) ran 0-9% slower than the others,
+        # measured as "installed" (an inert processor) beating "none" by up to 1.09.
+        order.shuffle(names)
+        for name in names:
+            eng, ps = cases[name]
             t0, c0 = time.perf_counter(), time.process_time()
             outs = generate(name, eng, ps)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
@@ -184,6 +206,9 @@ def main() -> None:
     cpu_med = {k: statistics.median(v) for k, v in cpu_runs.items()}
     best = {k: max(v) for k, v in runs.items()}
     cpu_best = {k: max(v) for k, v in cpu_runs.items()}
+
+    paired = {k: paired_ratio(runs[k], runs["none"]) for k in runs}
+    cpu_paired = {k: paired_ratio(cpu_runs[k], cpu_runs["none"]) for k in cpu_runs}
 
     time.sleep(2 * mv.trackers()[0].config.flush_interval)  # let the last drain run
     share = (spent["engine_thread"] + spent["drain_thread"]) / mllmcal_cpu
@@ -205,6 +230,7 @@ def main() -> None:
         "ratio_to_none": {k: med[k] / med["none"] for k in med},
         "tokens_per_cpu_s": cpu_runs, "median_tokens_per_cpu_s": cpu_med,
         "cpu_ratio_to_none": {k: cpu_med[k] / cpu_med["none"] for k in cpu_med},
+        "paired_ratio_to_none": paired, "paired_cpu_ratio_to_none": cpu_paired,
         "records_written_at_end": n_records,
         "processor_cpu_s": spent, "process_cpu_s_mllmcal_case": mllmcal_cpu,
         "processor_cpu_share": share,
@@ -219,6 +245,15 @@ def main() -> None:
         print(f"| {k} | {best[k]:.1f} | {best[k] / best['none']:.3f} | {cpu_best[k]:.1f} | "
               f"{cpu_best[k] / cpu_best['none']:.3f} | {med[k]:.1f} | "
               f"{med[k] / med['none']:.3f} |")
+    print("\nPaired: each round's rate over the same round's `none`, geometric mean over the "
+          "rounds with its 95% interval (`installed` runs no mllmcal code: its interval "
+          "shows the bench's own error)\n\n| case | tokens/s vs none | tokens/CPU-s vs none |"
+          "\n| --- | --- | --- |")
+    for k in med:
+        if k != "none":
+            w, c = paired[k], cpu_paired[k]
+            print(f"| {k} | {w['gmean']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] | "
+                  f"{c['gmean']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] |")
     print(f"\nmllmcal's processor: {spent['engine_thread']:.3f} s on the engine thread + "
           f"{spent['drain_thread']:.3f} s on its drain thread = {100 * share:.2f}% of the "
           f"process's {mllmcal_cpu:.2f} CPU-s in the mllmcal and with_stats rounds")

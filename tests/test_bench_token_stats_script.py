@@ -32,3 +32,7 @@ def test_after_lm_head_runs_the_decode_shapes_on_head_written_logits(tmp_path):
     B.lm_head(x, 8)()
     assert x.abs().sum() > 0  # the head wrote the logits the contenders read
     assert "distance to the read floor" in B.format_table(res)
+    pool = res["results"][0]["pool"]
+    if pool is not None:  # the CPU kernel's pool: what decided whether the helper woke
+        assert pool["policy"] in ("auto", "always", "never") and pool["calls"] >= 0
+        assert "thread pool" in B.format_table(res)

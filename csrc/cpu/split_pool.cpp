@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,10 +25,10 @@ std::atomic<int> g_policy{kAuto};
 // probe), so that the wake-cost estimate follows the machine (e.g. into a tight loop,
 // where a helper's CPU is still awake and the wake is cheap).
 constexpr int kProbeEvery = 32;
-// Wake when the work left is worth this many times the wake's cost: with the helper
-// joining after L and the caller paying S to wake it, the call gains (R - S - L) / 2 on
-// two threads, so 1.5 leaves room for the item the caller may wait on at the end.
-constexpr double kWakeMargin = 1.5;
+// The wake-ups timed last (a ring): the decision weighs each, because their spread is
+// wide (on the 2-vCPU CI box mostly 20-60 µs, but a time slice of 1-4 ms whenever the
+// helper's CPU runs another thread, e.g. torch's OpenMP workers spinning after an op).
+constexpr int kLatencySamples = 16;
 // A sample above this (a thread descheduled for a time slice) enters the estimate at it.
 constexpr double kMaxSampleNs = 2.0e6;
 
@@ -41,6 +42,23 @@ inline int64_t now_ns() {
 inline void ewma(double& est, double sample) {
   if (sample > kMaxSampleNs) sample = kMaxSampleNs;
   est = est < 0.0 ? sample : est + 0.25 * (sample - est);
+}
+
+// What waking the helper is expected to gain a call with `left_ns` of work left for the
+// caller alone, in ns (negative: a loss). The caller pays S (the wake syscall) at once. A
+// helper that starts L after the wake, while work is left, takes half of what is left:
+// the call ends at (left + S + L) / 2 instead of at left, a gain of (left - S - L) / 2,
+// less about half an item (the caller may end up waiting for the helper's last one).
+// One that starts too late gains nothing, and the call lost S. Averaged over the timed
+// wake-ups `lat` (ns).
+double expected_gain(double left_ns, double syscall_ns, const double* lat, int n,
+                     double item_ns) {
+  double sum = 0.0;
+  for (int k = 0; k < n; ++k) {
+    const double g = (left_ns - syscall_ns - lat[k]) / 2.0 - item_ns / 2.0;
+    sum += g > -syscall_ns ? g : -syscall_ns;
+  }
+  return sum / n;
 }
 
 struct Job {
@@ -65,7 +83,10 @@ class Pool {
     const double per_item = static_cast<double>(elements > items ? elements : items) /
                             static_cast<double>(items);
     bool wake;
-    double cost;  // the wake-cost estimate, ns; < 0 unknown
+    // The estimates, copied under the lock for the decisions below.
+    double lat[kLatencySamples];
+    int n_lat = 0;
+    double sys_ns = 0.0;
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Helpers are created on first need and kept (detached: they sleep on cv_ and die
@@ -77,14 +98,23 @@ class Pool {
       job_ = &job;
       ++generation_;
       ++calls_;
-      cost = wake_cost_ns();
+      if (pinned_ns_ >= 0.0) {
+        lat[0] = pinned_ns_;
+        n_lat = 1;
+      } else if (syscall_ns_ >= 0.0) {
+        n_lat = n_lat_ < kLatencySamples ? n_lat_ : kLatencySamples;
+        for (int k = 0; k < n_lat; ++k) lat[k] = lat_[k];
+        sys_ns = syscall_ns_;
+      }
       if (policy == kAlways) {
         wake = true;
-      } else if (cost < 0.0) {
+      } else if (n_lat == 0) {
         wake = true;  // nothing measured yet: wake, and measure
       } else {
         // The rate comes from earlier calls; without one, decide after the first item.
-        wake = rate_ns_ >= 0.0 && static_cast<double>(elements) * rate_ns_ > kWakeMargin * cost;
+        wake = rate_ns_ >= 0.0 &&
+               expected_gain(static_cast<double>(elements) * rate_ns_, sys_ns, lat, n_lat,
+                             per_item * rate_ns_) > 0.0;
         if (!wake && ++skipped_ >= kProbeEvery) wake = true;
       }
       if (wake) begin_wake();
@@ -104,9 +134,9 @@ class Pool {
       ++mine;
       if (deciding && syscall_ns < 0) {
         const int64_t left = items - job.next.load(std::memory_order_relaxed);
-        const double left_ns = static_cast<double>(left) * static_cast<double>(busy_ns) /
-                               static_cast<double>(mine);
-        if (left > 0 && left_ns > kWakeMargin * cost) {
+        const double item_ns = static_cast<double>(busy_ns) / static_cast<double>(mine);
+        if (left > 0 &&
+            expected_gain(static_cast<double>(left) * item_ns, sys_ns, lat, n_lat, item_ns) > 0.0) {
           {
             std::lock_guard<std::mutex> lock(mu_);
             begin_wake();
@@ -137,18 +167,24 @@ class Pool {
     if (reset) {
       calls_ = woken_ = helper_items_ = 0;
       skipped_ = 0;
-      rate_ns_ = syscall_ns_ = latency_ns_ = pinned_ns_ = -1.0;
+      rate_ns_ = syscall_ns_ = pinned_ns_ = -1.0;
+      n_lat_ = 0;
     }
     if (pin_us >= 0.0) pinned_ns_ = pin_us * 1e3;
     return out;
   }
 
  private:
-  // Caller's wake syscall plus the helper's wake-up, or the pinned value; < 0 until both
-  // were measured. Under mu_.
+  // For the stats: the caller's wake syscall plus the median timed wake-up, or the pinned
+  // value; < 0 until both were measured. Under mu_.
   double wake_cost_ns() const {
     if (pinned_ns_ >= 0.0) return pinned_ns_;
-    return syscall_ns_ < 0.0 || latency_ns_ < 0.0 ? -1.0 : syscall_ns_ + latency_ns_;
+    const int n = n_lat_ < kLatencySamples ? n_lat_ : kLatencySamples;
+    if (syscall_ns_ < 0.0 || n == 0) return -1.0;
+    double v[kLatencySamples];
+    for (int k = 0; k < n; ++k) v[k] = lat_[k];
+    std::nth_element(v, v + n / 2, v + n);
+    return syscall_ns_ + v[n / 2];
   }
 
   // Under mu_: the first helper to wake after this times its wake-up from now.
@@ -174,7 +210,7 @@ class Pool {
         cv_.wait(lock);
         if (wake_pending_) {  // also when the job is already over: the wake-up is what is timed
           wake_pending_ = false;
-          if (pinned_ns_ < 0.0) ewma(latency_ns_, static_cast<double>(now_ns() - wake_t_));
+          lat_[n_lat_++ % kLatencySamples] = static_cast<double>(now_ns() - wake_t_);
         }
       }
       seen = generation_;
@@ -207,7 +243,8 @@ class Pool {
   int skipped_ = 0;
   double rate_ns_ = -1.0;     // caller's ns per element
   double syscall_ns_ = -1.0;  // caller's cost of notify_all
-  double latency_ns_ = -1.0;  // wake to running helper
+  double lat_[kLatencySamples] = {};  // wake to running helper, the last ones (a ring)
+  int64_t n_lat_ = 0;                  // wake-ups timed since the reset
   double pinned_ns_ = -1.0;
   int64_t calls_ = 0, woken_ = 0, helper_items_ = 0;
 };

@@ -17,12 +17,14 @@
 // Waking a sleeping helper is not free, and on a virtual machine it can cost more than a
 // decode-shape call: on the 2-vCPU KVM CI box the caller's FUTEX_WAKE took 12-15 µs (the
 // IPI exits to the hypervisor) and the helper ran 30-90 µs after it, against 33 µs for a
-// whole [1, 151936] fp32 row on one thread. So under the default policy ("auto") the
-// caller wakes the helpers only when the work left is worth more than the wake costs:
-// both are measured as the pool runs (the caller times its own items; a woken helper
-// times its wake-up), and every kProbeEvery-th call that skipped the wake wakes anyway,
-// so that the estimate follows the machine. Which thread runs an item never changes the
-// result: items and their merge order are fixed by the caller's plan.
+// whole [1, 151936] fp32 row on one thread; and whenever the helper's CPU runs another
+// thread (torch's OpenMP workers spin for a while after each op) it starts a time slice,
+// 1-4 ms, later. So under the default policy ("auto") the caller wakes the helpers only
+// when the wake is expected to gain time: over the last 16 timed wake-ups, with the work
+// left at the caller's own measured rate (split_pool.cpp, expected_gain). Both are
+// measured as the pool runs, and every kProbeEvery-th call that skipped the wake wakes
+// anyway, so that the estimate follows the machine. Which thread runs an item never
+// changes the result: items and their merge order are fixed by the caller's plan.
 #pragma once
 
 #include <cstdint>
@@ -50,7 +52,8 @@ struct SplitPoolStats {
   int64_t calls;         // calls that could use helpers (threads > 1, items > 1, not "never")
   int64_t woken;         // calls that woke the helpers (probes included)
   int64_t helper_items;  // items run by helpers
-  double wake_cost_us;   // current estimate: caller's wake syscall + helper's wake-up; < 0 unknown
+  double wake_cost_us;   // caller's wake syscall + the median timed wake-up (or the pinned
+                         // value); < 0 unknown
   double ns_per_element; // current estimate of the caller's rate; < 0 unknown
 };
 

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 def small_tiles(monkeypatch):
     monkeypatch.setattr(L, "DEFAULT_ROW_CHUNK", 8)
     monkeypatch.setattr(L, "DEFAULT_VOCAB_TILE", 48)
+    monkeypatch.setattr(L, "DEFAULT_VOCAB_TILE_FP32", 48)
 
 
 def exact_inputs(n, v, hd, dtype, seed=0, scale=1.0):
@@ -218,7 +219,7 @@ def test_torch_compile_fullgraph():
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
        per_row_t=st.booleans(), masked=st.floats(0.0, 0.9))
 def test_property_tiled_route_matches_reference(n, v, hd, dtype, seed, per_row_t, masked):
-    L.DEFAULT_ROW_CHUNK, L.DEFAULT_VOCAB_TILE = 8, 48  # fixtures do not run per example
+    L.DEFAULT_ROW_CHUNK, L.DEFAULT_VOCAB_TILE, L.DEFAULT_VOCAB_TILE_FP32 = 8, 48, 48  # fixtures do not run per example
     h, w = exact_inputs(n, v, hd, dtype, seed=seed)
     g = torch.Generator().manual_seed(seed)
     bias = torch.randint(-4, 5, (v,), generator=g).float() / 2

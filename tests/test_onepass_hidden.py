@@ -27,6 +27,7 @@ BACKENDS = backends_with_triton("mllmcal.kernels.temperature_fit")
 def small_tiles(monkeypatch):
     monkeypatch.setattr(L, "DEFAULT_ROW_CHUNK", 8)
     monkeypatch.setattr(L, "DEFAULT_VOCAB_TILE", 48)
+    monkeypatch.setattr(L, "DEFAULT_VOCAB_TILE_FP32", 48)
 
 
 def head_data(n=70, v=131, hd=37, dtype=torch.float32, seed=0, scale=2.0, t_true=1.7,

@@ -320,10 +320,10 @@ def test_wake_policy_counts_and_decisions():
     st = CPU.pool_stats(reset=True, wake_cost_us=1e6)  # then: waking costs a second
     assert st["calls"] == st["woken"] == 5  # (the helper may have run every item)
     CPU.pool_policy("auto")
-    for _ in range(20):  # fewer than the probe interval (32)
+    for _ in range(15):  # fewer than the probe interval (16)
         run(x, **split)
     st = CPU.pool_stats(reset=True, wake_cost_us=0.0)  # then: waking is free
-    assert (st["calls"], st["woken"], st["wake_cost_us"]) == (20, 0, 1e6)
+    assert (st["calls"], st["woken"], st["wake_cost_us"]) == (15, 0, 1e6)
     assert st["ns_per_element"] > 0
     for _ in range(5):
         run(x, **split)
@@ -335,14 +335,14 @@ def test_wake_policy_counts_and_decisions():
     assert st["calls"] == 3 and st["woken"] >= 1
 
 
-def test_wake_policy_probes_a_skipped_wake_every_32_calls():
+def test_wake_policy_probes_a_skipped_wake_every_16_calls():
     x = make_logits(1, 8192, torch.float32, "normal", seed=4)
     CPU.pool_policy("auto")
     CPU.pool_stats(reset=True, wake_cost_us=1e6)
-    for _ in range(70):
+    for _ in range(40):
         run(x, mode="split", num_threads=2, chunk_columns=2048)
     st = CPU.pool_stats(reset=True)
-    assert (st["calls"], st["woken"]) == (70, 2)
+    assert (st["calls"], st["woken"]) == (40, 2)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")

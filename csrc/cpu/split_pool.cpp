@@ -3,7 +3,6 @@
 
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,11 +23,9 @@ std::atomic<int> g_policy{kAuto};
 // Under "auto", a call that skipped the wake this many times in a row wakes anyway (a
 // probe), so that the wake-cost estimate follows the machine (e.g. into a tight loop,
 // where a helper's CPU is still awake and the wake is cheap).
-constexpr int kProbeEvery = 32;
-// The wake-ups timed last (a ring): the decision weighs each, because their spread is
-// wide (on the 2-vCPU CI box mostly 20-60 µs, but a time slice of 1-4 ms whenever the
-// helper's CPU runs another thread, e.g. torch's OpenMP workers spinning after an op).
-constexpr int kLatencySamples = 16;
+constexpr int kProbeEvery = 16;
+// The wake-ups timed last (a ring; see wake_threshold_ns).
+constexpr int kLatencySamples = 32;
 // A sample above this (a thread descheduled for a time slice) enters the estimate at it.
 constexpr double kMaxSampleNs = 2.0e6;
 
@@ -44,21 +41,19 @@ inline void ewma(double& est, double sample) {
   est = est < 0.0 ? sample : est + 0.25 * (sample - est);
 }
 
-// What waking the helper is expected to gain a call with `left_ns` of work left for the
-// caller alone, in ns (negative: a loss). The caller pays S (the wake syscall) at once. A
-// helper that starts L after the wake, while work is left, takes half of what is left:
-// the call ends at (left + S + L) / 2 instead of at left, a gain of (left - S - L) / 2,
-// less about half an item (the caller may end up waiting for the helper's last one).
-// One that starts too late gains nothing, and the call lost S. Averaged over the timed
-// wake-ups `lat` (ns).
-double expected_gain(double left_ns, double syscall_ns, const double* lat, int n,
-                     double item_ns) {
-  double sum = 0.0;
-  for (int k = 0; k < n; ++k) {
-    const double g = (left_ns - syscall_ns - lat[k]) / 2.0 - item_ns / 2.0;
-    sum += g > -syscall_ns ? g : -syscall_ns;
-  }
-  return sum / n;
+// The work (ns, for the caller alone) above which a call wakes the helper. A helper that
+// starts L after a wake that cost the caller S, with R of work left, takes half of what
+// is left: the call ends at (R + S + L) / 2 instead of R, a gain when R > S + L; one more
+// item covers the one the caller may wait on at the end. L is the quickest of the timed
+// wake-ups, not a mean or median: a wake-up is quick when the helper's CPU is warm, which
+// waking it often keeps it (measured on the 2-vCPU CI box: 20-30 µs back to back, 60-90
+// µs after 1-5 ms idle, 1-4 ms while torch's OpenMP workers still spin there), so the
+// probes of a pool that rarely wakes see the slow ones; a median of those made
+// [8, 151936] (~300 µs of work) stop waking in some runs, and run 1.6x slower.
+double wake_threshold_ns(double syscall_ns, const double* lat, int n, double item_ns) {
+  double quickest = lat[0];
+  for (int k = 1; k < n; ++k) quickest = lat[k] < quickest ? lat[k] : quickest;
+  return syscall_ns + quickest + item_ns;
 }
 
 struct Job {
@@ -113,8 +108,8 @@ class Pool {
       } else {
         // The rate comes from earlier calls; without one, decide after the first item.
         wake = rate_ns_ >= 0.0 &&
-               expected_gain(static_cast<double>(elements) * rate_ns_, sys_ns, lat, n_lat,
-                             per_item * rate_ns_) > 0.0;
+               static_cast<double>(elements) * rate_ns_ >
+                   wake_threshold_ns(sys_ns, lat, n_lat, per_item * rate_ns_);
         if (!wake && ++skipped_ >= kProbeEvery) wake = true;
       }
       if (wake) begin_wake();
@@ -136,7 +131,7 @@ class Pool {
         const int64_t left = items - job.next.load(std::memory_order_relaxed);
         const double item_ns = static_cast<double>(busy_ns) / static_cast<double>(mine);
         if (left > 0 &&
-            expected_gain(static_cast<double>(left) * item_ns, sys_ns, lat, n_lat, item_ns) > 0.0) {
+            static_cast<double>(left) * item_ns > wake_threshold_ns(sys_ns, lat, n_lat, item_ns)) {
           {
             std::lock_guard<std::mutex> lock(mu_);
             begin_wake();
@@ -175,16 +170,13 @@ class Pool {
   }
 
  private:
-  // For the stats: the caller's wake syscall plus the median timed wake-up, or the pinned
-  // value; < 0 until both were measured. Under mu_.
+  // For the stats: the wake cost the decision uses (its threshold less the item), or the
+  // pinned value; < 0 until both parts were measured. Under mu_.
   double wake_cost_ns() const {
     if (pinned_ns_ >= 0.0) return pinned_ns_;
-    const int n = n_lat_ < kLatencySamples ? n_lat_ : kLatencySamples;
+    const int n = n_lat_ < kLatencySamples ? static_cast<int>(n_lat_) : kLatencySamples;
     if (syscall_ns_ < 0.0 || n == 0) return -1.0;
-    double v[kLatencySamples];
-    for (int k = 0; k < n; ++k) v[k] = lat_[k];
-    std::nth_element(v, v + n / 2, v + n);
-    return syscall_ns_ + v[n / 2];
+    return wake_threshold_ns(syscall_ns_, lat_, n, 0.0);
   }
 
   // Under mu_: the first helper to wake after this times its wake-up from now.

@@ -20,10 +20,11 @@
 // whole [1, 151936] fp32 row on one thread; and whenever the helper's CPU runs another
 // thread (torch's OpenMP workers spin for a while after each op) it starts a time slice,
 // 1-4 ms, later. So under the default policy ("auto") the caller wakes the helpers only
-// when the wake is expected to gain time: over the last 16 timed wake-ups, with the work
-// left at the caller's own measured rate (split_pool.cpp, expected_gain). Both are
-// measured as the pool runs, and every kProbeEvery-th call that skipped the wake wakes
-// anyway, so that the estimate follows the machine. Which thread runs an item never
+// when the work left, at the caller's own measured rate, is more than the wake's cost
+// plus one item: the syscall plus the quickest of the last 32 timed wake-ups
+// (split_pool.cpp, wake_threshold_ns, says why the quickest). Both are measured as the pool runs, and
+// every 16th call in a row that skipped the wake wakes anyway, so that the estimate
+// follows the machine. Which thread runs an item never
 // changes the result: items and their merge order are fixed by the caller's plan.
 #pragma once
 
@@ -52,8 +53,9 @@ struct SplitPoolStats {
   int64_t calls;         // calls that could use helpers (threads > 1, items > 1, not "never")
   int64_t woken;         // calls that woke the helpers (probes included)
   int64_t helper_items;  // items run by helpers
-  double wake_cost_us;   // caller's wake syscall + the median timed wake-up (or the pinned
-                         // value); < 0 unknown
+  double wake_cost_us;   // caller's wake syscall + the quickest timed wake-up (or the
+                         // pinned value): "auto" wakes for work above it and an item;
+                         // < 0 unknown
   double ns_per_element; // current estimate of the caller's rate; < 0 unknown
 };
 

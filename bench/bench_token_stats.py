@@ -210,6 +210,11 @@ def run(rounds: int = 15, warmup: int = 3, compile_baseline: bool = True,
     }
 
 
+def row_label(r: dict) -> str:
+    """A result row's shape and dtype, aligned, as every table here opens its lines."""
+    return f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} |"
+
+
 def ratio(med: dict[str, float], slow: str, fast: str) -> str:
     if slow not in med or fast not in med:
         return "-"
@@ -230,7 +235,7 @@ def format_table(result: dict[str, object]) -> str:
     for r in rows:
         med = r["median_ms"]
         cells = " ".join(f"{med[m]:>11.3f}" if m in med else f"{'-':>11}" for m in methods)
-        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
+        lines.append(f"{row_label(r)} {cells}")
     lines.append("")
     pairs = [("eager", "cpu"), ("compiled", "cpu"), ("torch", "cpu"), ("cpu", "exp"),
              ("cpu", "exp_out"), ("cpu_1thread", "cpu_kernel"), ("cpu", "cpu_kernel"), ("eager", "torch")]
@@ -241,14 +246,13 @@ def format_table(result: dict[str, object]) -> str:
     for r in rows:
         med = r["median_ms"]
         cells = " ".join(f"{ratio(med, a, b):>16}" for a, b in pairs)
-        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {cells}")
+        lines.append(f"{row_label(r)} {cells}")
     lines.append("")
     lines.append("distance to the read floor, best of the rounds (goal: <= 2x at [64, 131072], "
                  "<= 4x at [1|8, 151936])")
     for r in rows:
         best = r["min_ms"]
-        lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | cpu "
-                     f"{best.get('cpu', float('nan')):.4f} ms  kernel "
+        lines.append(f"{row_label(r)} cpu {best.get('cpu', float('nan')):.4f} ms  kernel "
                      f"{best.get('cpu_kernel', float('nan')):.4f} ms  floor {best['floor']:.4f} ms"
                      f"  cpu/floor {ratio(best, 'cpu', 'floor')}  cpu_read/floor "
                      f"{ratio(best, 'cpu_read', 'floor')}  kernel/floor "
@@ -260,7 +264,7 @@ def format_table(result: dict[str, object]) -> str:
                      "items it ran, wake cost it decided by")
         for r in pools:
             p = r["pool"]
-            lines.append(f"{'x'.join(map(str, r['shape'])):>14} {r['dtype']:>9} | {p['policy']}: "
+            lines.append(f"{row_label(r)} {p['policy']}: "
                          f"woke {p['woken']}/{p['calls']} calls, helper ran {p['helper_items']} "
                          f"items, wake cost {p['wake_cost_us']:.1f} us")
     return "\n".join(lines)

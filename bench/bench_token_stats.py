@@ -247,26 +247,28 @@ def format_table(result: dict[str, object]) -> str:
         med = r["median_ms"]
         cells = " ".join(f"{ratio(med, a, b):>16}" for a, b in pairs)
         lines.append(f"{row_label(r)} {cells}")
-    lines.append("")
-    lines.append("distance to the read floor, best of the rounds (goal: <= 2x at [64, 131072], "
-                 "<= 4x at [1|8, 151936])")
-    for r in rows:
+
+    def floor_cells(r: dict) -> str:
         best = r["min_ms"]
-        lines.append(f"{row_label(r)} cpu {best.get('cpu', float('nan')):.4f} ms  kernel "
-                     f"{best.get('cpu_kernel', float('nan')):.4f} ms  floor {best['floor']:.4f} ms"
-                     f"  cpu/floor {ratio(best, 'cpu', 'floor')}  cpu_read/floor "
-                     f"{ratio(best, 'cpu_read', 'floor')}  kernel/floor "
-                     f"{ratio(best, 'cpu_kernel', 'floor')}")
-    pools = [r for r in rows if r.get("pool")]
-    if pools:
-        lines.append("")
-        lines.append("CPU kernel's thread pool (csrc/cpu/split_pool.h): calls that woke the helper, "
-                     "items it ran, wake cost it decided by")
-        for r in pools:
-            p = r["pool"]
-            lines.append(f"{row_label(r)} {p['policy']}: "
-                         f"woke {p['woken']}/{p['calls']} calls, helper ran {p['helper_items']} "
-                         f"items, wake cost {p['wake_cost_us']:.1f} us")
+        return (f"cpu {best.get('cpu', float('nan')):.4f} ms  kernel "
+                f"{best.get('cpu_kernel', float('nan')):.4f} ms  floor {best['floor']:.4f} ms"
+                f"  cpu/floor {ratio(best, 'cpu', 'floor')}  cpu_read/floor "
+                f"{ratio(best, 'cpu_read', 'floor')}  kernel/floor "
+                f"{ratio(best, 'cpu_kernel', 'floor')}")
+
+    def pool_cells(r: dict) -> str:
+        p = r["pool"]
+        return (f"{p['policy']}: woke {p['woken']}/{p['calls']} calls, helper ran "
+                f"{p['helper_items']} items, wake cost {p['wake_cost_us']:.1f} us")
+
+    sections = [("distance to the read floor, best of the rounds (goal: <= 2x at [64, 131072], "
+                 "<= 4x at [1|8, 151936])", rows, floor_cells),
+                ("CPU kernel's thread pool (csrc/cpu/split_pool.h): calls that woke the helper, "
+                 "items it ran, wake cost it decided by", [r for r in rows if r.get("pool")],
+                 pool_cells)]
+    for title, some, cells_of in sections:
+        if some:
+            lines += ["", title, *(f"{row_label(r)} {cells_of(r)}" for r in some)]
     return "\n".join(lines)
 
 

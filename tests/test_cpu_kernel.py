@@ -239,9 +239,15 @@ def test_binding_rejects_bad_structural_arguments():
         ext.token_stats(x=x.data_ptr(), n=2, v=3, stride_x=3, dtype=0, isa="sve", **common)
 
 
-def test_split_path_is_safe_from_concurrent_python_threads():
-    """Calls release the GIL, so several threads may share the split pool at once."""
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_split_path_is_safe_from_concurrent_python_threads(policy):
+    """Calls release the GIL, so several threads may share the split pool at once. Under
+    "auto" with a free wake (pinned) every call wakes the helper after its first item,
+    from inside its own loop, while other callers publish and wake."""
     from concurrent.futures import ThreadPoolExecutor
+
+    CPU.pool_policy(policy)
+    CPU.pool_stats(reset=True, wake_cost_us=0.0 if policy == "auto" else -1.0)
 
     xs = [make_logits(1, 40000, torch.float32, "normal", seed=s) for s in range(8)]
     ys = [make_labels(1, 40000, seed=s, ignore_frac=0.0) for s in range(8)]
@@ -255,6 +261,8 @@ def test_split_path_is_safe_from_concurrent_python_threads():
             for k, got in enumerate(ex.map(split, range(8))):
                 assert torch.equal(got.prediction, expected[k].prediction)
                 torch.testing.assert_close(got.logsumexp, expected[k].logsumexp, rtol=1e-6, atol=0)
+    st = CPU.pool_stats(reset=True)
+    assert st["calls"] == 24 and st["woken"] >= 1
 
 
 def _fields(s) -> list[torch.Tensor]:

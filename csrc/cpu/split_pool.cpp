@@ -26,7 +26,7 @@ std::atomic<int> g_policy{kAuto};
 constexpr int kProbeEvery = 16;
 // The wake-ups timed last (a ring; see wake_threshold_ns).
 constexpr int kLatencySamples = 32;
-// A sample above this (a thread descheduled for a time slice) enters the estimate at it.
+// A sample above this (a thread descheduled for a time slice) enters a mean at it.
 constexpr double kMaxSampleNs = 2.0e6;
 
 inline int64_t now_ns() {
@@ -46,9 +46,10 @@ inline void ewma(double& est, double sample) {
 // is left: the call ends at (R + S + L) / 2 instead of R, a gain when R > S + L; one more
 // item covers the one the caller may wait on at the end. L is the quickest of the timed
 // wake-ups, not a mean or median: a wake-up is quick when the helper's CPU is warm, which
-// waking it often keeps it (measured on the 2-vCPU CI box: 20-30 µs back to back, 60-90
-// µs after 1-5 ms idle, 1-4 ms while torch's OpenMP workers still spin there), so the
-// probes of a pool that rarely wakes see the slow ones; a median of those made
+// waking it often keeps it (measured on the 2-vCPU CI box with bench/wake_cost.cpp: 30 µs
+// median after a 0.1 ms gap, 59 µs after 1 ms, 92 µs after 5 ms; and in the pool, 1-2 ms
+// while torch's OpenMP workers still spin there), so the probes of a pool that rarely
+// wakes see the slow ones; a median of those made
 // [8, 151936] (~300 µs of work) stop waking in some runs, and run 1.6x slower.
 double wake_threshold_ns(double syscall_ns, const double* lat, int n, double item_ns) {
   double quickest = lat[0];

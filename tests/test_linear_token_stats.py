@@ -262,3 +262,54 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(L, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _bf16_gemm_here() -> bool:
+    from mllmcal._backends.compiled import cpu
+
+    return "cpu" in mllmcal.available_backends("cpu") and cpu.ext.gemm_bf16_supported()
+
+
+needs_bf16_gemm = pytest.mark.skipif(not _bf16_gemm_here(), reason="no AVX512-BF16 on this CPU")
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 70, 33), (4, 64, 32), (13, 131, 96), (9, 7, 0)])
+def test_bf16_gemm_matches_float64_on_odd_shapes_and_strides(m, n, k):
+    """mllmcal._C.gemm_bf16_nt: products exact, sums in fp32, rows at any stride >= k,
+    blocks of 4 x 4 and their edges, the k % 32 tail, a bias."""
+    from mllmcal._backends.compiled import cpu
+
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    a = torch.randn(m, k + 5, generator=g).bfloat16()[:, :k]  # row stride k + 5
+    b = torch.randn(n, k + 3, generator=g).bfloat16()[:, :k]
+    bias = torch.randn(n, generator=g)
+    c = torch.full((m, n + 2), 7.0)  # row stride n + 2; the last two columns stay
+    cpu.ext.gemm_bf16_nt(a.data_ptr(), k + 5, b.data_ptr(), k + 3, c.data_ptr(), n + 2, m, n, k,
+                         bias.data_ptr(), 2)
+    want = a.double() @ b.double().T + bias.double()
+    torch.testing.assert_close(c[:, :n].double(), want, rtol=1e-5, atol=1e-5 * max(k, 1) ** 0.5)
+    assert bool((c[:, n:] == 7.0).all())
+    with pytest.raises(ValueError, match="lda >= k"):
+        cpu.ext.gemm_bf16_nt(a.data_ptr(), k - 1, b.data_ptr(), k, c.data_ptr(), n, m, n, k, 0, 1)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_inputs_take_the_bf16_gemm_and_match_the_widened_route_bit_for_bit(monkeypatch, bias):
+    """With exact inputs every tile logit is exact in fp32 whatever the summation order, so
+    the bf16-GEMM route and the widen-then-fp32-GEMM route must agree to the last bit."""
+    n, v, hd = 23, 150, 40
+    h, w = exact_inputs(n, v, hd, torch.bfloat16, seed=21)
+    b = (torch.arange(v, dtype=torch.float32) % 5 - 2) / 2 if bias else None
+    y = make_labels(n, v, seed=21)
+    assert L.LogitTiles(h, w, None).gemm is not None  # the route under test is the one taken
+    fast = _run(h, w, y, "cpu", bias=b)
+    monkeypatch.setattr(L, "USE_BF16_GEMM", False)
+    assert L.LogitTiles(h, w, None).gemm is None and L.LogitTiles(h, w, None).widen
+    slow = _run(h, w, y, "cpu", bias=b)
+    for name in ("logsumexp", "confidence", "entropy", "logit_mean", "logit_var",
+                 "label_logprob", "brier", "prediction", "valid", "correct"):
+        a, e = getattr(fast, name), getattr(slow, name)
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num()), name
+    assert_matches_reference(fast, logits64(h, w, b), y)

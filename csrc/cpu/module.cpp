@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/bindings.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/split_pool.h"
 #include "cpu/temperature_fit.h"
 #include "cpu/token_stats.h"
@@ -59,6 +60,27 @@ PYBIND11_MODULE(_C, m) {
       "of each [n, v] logits row (see csrc/cpu/temperature_fit.h). out: fp32 [n, 3, k];\n"
       "status: uint8 [n] (0 skipped, 1 used, 2 label masked).",
       py::arg("num_threads") = 0);
+  m.def("gemm_bf16_supported", &mllmcal::gemm_bf16_supported,
+        "Whether this CPU runs gemm_bf16_nt (AVX512-BF16).");
+  m.def(
+      "gemm_bf16_nt",
+      [](std::uintptr_t a, int64_t lda, std::uintptr_t b, int64_t ldb, std::uintptr_t c,
+         int64_t ldc, int64_t m, int64_t n, int64_t k, std::uintptr_t bias, int num_threads) {
+        if (!mllmcal::gemm_bf16_supported())
+          throw std::invalid_argument("gemm_bf16_nt needs a CPU with AVX512-BF16");
+        if (m < 0 || n < 0 || k < 0 || lda < k || ldb < k || ldc < n)
+          throw std::invalid_argument("gemm_bf16_nt: need m, n, k >= 0, lda >= k, ldb >= k, ldc >= n");
+        py::gil_scoped_release release;
+        mllmcal::gemm_bf16_nt(reinterpret_cast<const uint16_t*>(a), lda,
+                              reinterpret_cast<const uint16_t*>(b), ldb,
+                              reinterpret_cast<float*>(c), ldc, m, n, k,
+                              reinterpret_cast<const float*>(bias), num_threads);
+      },
+      py::arg("a"), py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("c"), py::arg("ldc"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bias") = 0, py::arg("num_threads") = 0,
+      "C [m, n] fp32 (row stride ldc) = A [m, k] bf16 (row stride lda) @ B [n, k] bf16 (row\n"
+      "stride ldb)^T (+ bias fp32 [n]; 0: none), products exact, sums in fp32 (see\n"
+      "csrc/cpu/gemm_bf16.h). Pointers as ints; num_threads <= 0: OpenMP's default.");
   m.def("pool_policy", &mllmcal::split_pool_policy, py::arg("policy") = "",
         "Wake policy of the kernel's thread pool for every later call: 'auto' (default: wake\n"
         "the helpers only when the work left is worth the measured cost of waking them),\n"

@@ -188,21 +188,18 @@ class LogitTiles:
             c1 = min(self.v, c0 + self.tile)
             wdt = c1 - c0
             x = self.buf[: c * wdt].view(c, wdt)
-            if self.gemm is not None:
-                wt = self.weight[c0:c1]
-                self.gemm(hc.data_ptr(), hc.stride(0) if c > 1 else hd,  # one row: any stride
-                          wt.data_ptr(), wt.stride(0) if wdt > 1 else hd,
-                          x.data_ptr(), wdt, c, wdt, hd,
-                          0 if self.bias32 is None else self.bias32[c0:c1].data_ptr(),
-                          torch.get_num_threads())
-                yield c0, c1, x
-                continue
             if self.widen:
                 wt = self.wbuf[: wdt * hd].view(wdt, hd)
                 wt.copy_(self.weight[c0:c1])
             else:
                 wt = self.weight[c0:c1]
-            if self.bias32 is None:
+            if self.gemm is not None:
+                self.gemm(hc.data_ptr(), hc.stride(0) if c > 1 else hd,  # one row: any stride
+                          wt.data_ptr(), wt.stride(0) if wdt > 1 else hd,
+                          x.data_ptr(), wdt, c, wdt, hd,
+                          0 if self.bias32 is None else self.bias32[c0:c1].data_ptr(),
+                          torch.get_num_threads())
+            elif self.bias32 is None:
                 torch.matmul(hc, wt.T, out=x)
             else:
                 torch.addmm(self.bias32[c0:c1], hc, wt.T, out=x)
@@ -390,9 +387,9 @@ def linear_token_stats(
     temperature)``: the logits of each vocabulary tile are computed and kept in fp32 (for
     bf16/fp16 inputs that is more exact than materialised half-precision logits), and the
     tiles' statistics are merged exactly. Peak extra memory is one tile of logits
-    (``DEFAULT_ROW_CHUNK x DEFAULT_VOCAB_TILE_FP32`` fp32 on the CPU for fp32 inputs,
-    ``DEFAULT_ROW_CHUNK x DEFAULT_VOCAB_TILE`` and the widened inputs' tiles for 16-bit
-    ones), not ``[N, V]``.
+    (``DEFAULT_ROW_CHUNK x DEFAULT_VOCAB_TILE_FP32`` fp32 on the CPU for fp32 inputs and
+    bf16 ones through the bf16 GEMM; ``DEFAULT_ROW_CHUNK x DEFAULT_VOCAB_TILE`` and the
+    widened inputs' tiles for 16-bit inputs that are widened), not ``[N, V]``.
 
     Args:
         hidden: ``[..., H]`` fp32, bf16 or fp16 (leading dims flattened to N rows).

@@ -24,7 +24,7 @@ std::atomic<int> g_policy{kAuto};
 // probe), so that the wake-cost estimate follows the machine (e.g. into a tight loop,
 // where a helper's CPU is still awake and the wake is cheap).
 constexpr int kProbeEvery = 16;
-// The wake-ups timed last (a ring; see wake_threshold_ns).
+// The wake-ups timed last (a ring; see quickest).
 constexpr int kLatencySamples = 32;
 // A sample above this (a thread descheduled for a time slice) enters a mean at it.
 constexpr double kMaxSampleNs = 2.0e6;
@@ -41,20 +41,21 @@ inline void ewma(double& est, double sample) {
   est = est < 0.0 ? sample : est + 0.25 * (sample - est);
 }
 
-// The work (ns, for the caller alone) above which a call wakes the helper. A helper that
-// starts L after a wake that cost the caller S, with R of work left, takes half of what
-// is left: the call ends at (R + S + L) / 2 instead of R, a gain when R > S + L; one more
-// item covers the one the caller may wait on at the end. L is the quickest of the timed
+// A call wakes the helper when the work left for the caller alone is more than the wake's
+// cost plus one item. A helper that starts L after a wake that cost the caller S, with R
+// of work left, takes half of what is left: the call ends at (R + S + L) / 2 instead of
+// R, a gain when R > S + L; the item covers the one the caller may wait on at the end.
+// The cost is S + L with L the quickest of the timed
 // wake-ups, not a mean or median: a wake-up is quick when the helper's CPU is warm, which
 // waking it often keeps it (measured on the 2-vCPU CI box with bench/wake_cost.cpp: 30 µs
 // median after a 0.1 ms gap, 59 µs after 1 ms, 92 µs after 5 ms; and in the pool, 1-2 ms
 // while torch's OpenMP workers still spin there), so the probes of a pool that rarely
 // wakes see the slow ones; a median of those made
 // [8, 151936] (~300 µs of work) stop waking in some runs, and run 1.6x slower.
-double wake_threshold_ns(double syscall_ns, const double* lat, int n, double item_ns) {
-  double quickest = lat[0];
-  for (int k = 1; k < n; ++k) quickest = lat[k] < quickest ? lat[k] : quickest;
-  return syscall_ns + quickest + item_ns;
+double quickest(const double* lat, int n) {
+  double q = lat[0];
+  for (int k = 1; k < n; ++k) q = lat[k] < q ? lat[k] : q;
+  return q;
 }
 
 struct Job {
@@ -79,10 +80,7 @@ class Pool {
     const double per_item = static_cast<double>(elements > items ? elements : items) /
                             static_cast<double>(items);
     bool wake;
-    // The estimates, copied under the lock for the decisions below.
-    double lat[kLatencySamples];
-    int n_lat = 0;
-    double sys_ns = 0.0;
+    double cost;  // the wake's cost (ns) the decisions below use; < 0 unknown
     {
       std::lock_guard<std::mutex> lock(mu_);
       // Helpers are created on first need and kept (detached: they sleep on cv_ and die
@@ -94,31 +92,22 @@ class Pool {
       job_ = &job;
       ++generation_;
       ++calls_;
-      if (pinned_ns_ >= 0.0) {
-        lat[0] = pinned_ns_;
-        n_lat = 1;
-      } else if (syscall_ns_ >= 0.0) {
-        n_lat = n_lat_ < kLatencySamples ? n_lat_ : kLatencySamples;
-        for (int k = 0; k < n_lat; ++k) lat[k] = lat_[k];
-        sys_ns = syscall_ns_;
-      }
+      cost = wake_cost_ns();
       if (policy == kAlways) {
         wake = true;
-      } else if (n_lat == 0) {
+      } else if (cost < 0.0) {
         wake = true;  // nothing measured yet: wake, and measure
       } else {
         // The rate comes from earlier calls; without one, decide after the first item.
         wake = rate_ns_ >= 0.0 &&
-               static_cast<double>(elements) * rate_ns_ >
-                   wake_threshold_ns(sys_ns, lat, n_lat, per_item * rate_ns_);
+               static_cast<double>(elements) * rate_ns_ > cost + per_item * rate_ns_;
         if (!wake && ++skipped_ >= kProbeEvery) wake = true;
       }
       if (wake) begin_wake();
     }
     int64_t syscall_ns = wake ? notify() : -1;
-    // The caller's share. Under "auto" without a wake, it re-decides after each item
-    // from this call's own rate: wake once the work left is worth it.
-    const bool deciding = !wake;
+    // The caller's share. Without a wake yet ("auto"), it re-decides after each item from
+    // this call's own rate: wake once the work left is worth it.
     int64_t mine = 0, busy_ns = 0;
     for (;;) {
       const int64_t w = job.next.fetch_add(1, std::memory_order_relaxed);
@@ -128,11 +117,10 @@ class Pool {
       busy_ns += now_ns() - t0;
       job.done.fetch_add(1, std::memory_order_release);
       ++mine;
-      if (deciding && syscall_ns < 0) {
+      if (syscall_ns < 0) {
         const int64_t left = items - job.next.load(std::memory_order_relaxed);
         const double item_ns = static_cast<double>(busy_ns) / static_cast<double>(mine);
-        if (left > 0 &&
-            static_cast<double>(left) * item_ns > wake_threshold_ns(sys_ns, lat, n_lat, item_ns)) {
+        if (left > 0 && static_cast<double>(left) * item_ns > cost + item_ns) {
           {
             std::lock_guard<std::mutex> lock(mu_);
             begin_wake();
@@ -171,13 +159,13 @@ class Pool {
   }
 
  private:
-  // For the stats: the wake cost the decision uses (its threshold less the item), or the
-  // pinned value; < 0 until both parts were measured. Under mu_.
+  // The wake's cost: the caller's syscall plus the quickest timed wake-up, or the pinned
+  // value; < 0 until both parts were measured. Under mu_.
   double wake_cost_ns() const {
     if (pinned_ns_ >= 0.0) return pinned_ns_;
     const int n = n_lat_ < kLatencySamples ? static_cast<int>(n_lat_) : kLatencySamples;
     if (syscall_ns_ < 0.0 || n == 0) return -1.0;
-    return wake_threshold_ns(syscall_ns_, lat_, n, 0.0);
+    return syscall_ns_ + quickest(lat_, n);
   }
 
   // Under mu_: the first helper to wake after this times its wake-up from now.

@@ -18,13 +18,14 @@
 // decode-shape call: on the 2-vCPU KVM CI box the caller's FUTEX_WAKE took 12-15 µs (the
 // IPI exits to the hypervisor) and the helper ran 30-90 µs after it, against 33 µs for a
 // whole [1, 151936] fp32 row on one thread; and whenever the helper's CPU runs another
-// thread (torch's OpenMP workers spin for a while after each op) it starts 1-2 ms later. So under the default policy ("auto") the caller wakes the helpers only
-// when the work left, at the caller's own measured rate, is more than the wake's cost
-// plus one item: the syscall plus the quickest of the last 32 timed wake-ups
-// (split_pool.cpp, wake_threshold_ns, says why the quickest). Both are measured as the pool runs, and
-// every 16th call in a row that skipped the wake wakes anyway, so that the estimate
-// follows the machine. Which thread runs an item never
-// changes the result: items and their merge order are fixed by the caller's plan.
+// thread (torch's OpenMP workers spin for a while after each op) it starts 1-2 ms later.
+// So under the default policy ("auto") the caller wakes the helpers only when the work
+// left, at the caller's own measured rate, is more than the wake's cost plus one item:
+// the syscall plus the quickest of the last 32 timed wake-ups (split_pool.cpp, above
+// `quickest`, says why the quickest). Both are measured as the pool runs, and every 16th
+// call in a row that skipped the wake wakes anyway, so that the estimate follows the
+// machine. Which thread runs an item never changes the result: items and their merge
+// order are fixed by the caller's plan.
 #pragma once
 
 #include <cstdint>

@@ -271,6 +271,10 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
   FtzScope ftz(!divide);
   Partial acc = empty_partial();
   bool clamp = false;  // the exp pass keeps its floor for the rest of the chunk (AVX-512)
+  // In place, the argmax is searched once, at the end, in the last block that raised the
+  // max (x is still there; zbuf would not be): a row raises it O(log blocks) times, and
+  // each search scans a block.
+  int64_t max_block = -1;
   for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
     const int len = static_cast<int>(c1 - j0 < kBlock ? c1 - j0 : kBlock);
     int any_nan = 0;
@@ -304,7 +308,11 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     if (mb > acc.m) {
       rescale_to(acc, mb);
       acc.m = mb;
-      acc.argmax = j0 + first_equal(z, len, mb);
+      if (in_place) {
+        max_block = j0;
+      } else {
+        acc.argmax = j0 + first_equal(z, len, mb);
+      }
     }
     // Pass 2 (from L1): e = exp(z − m) relative to the chunk's running max m >= mb, so
     // the block's sums add to the running ones as they are (no rescale per block),
@@ -322,6 +330,12 @@ static void chunk(const void* x_row, int64_t c0, int64_t c1, float temperature, 
     acc.a += blk.a;
     acc.b += blk.b;
     acc.q += blk.q;
+  }
+  if constexpr (DT == kF32) {  // in place (the only case that sets max_block) is fp32
+    if (max_block >= 0) {
+      const int len = static_cast<int>(c1 - max_block < kBlock ? c1 - max_block : kBlock);
+      acc.argmax = max_block + first_equal(x + max_block, len, acc.m);
+    }
   }
   *result = acc;
 }

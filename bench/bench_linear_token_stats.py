@@ -1,7 +1,8 @@
 """Benchmark of ``linear_token_stats`` (and, with ``--fit``, of the one-pass temperature
 accumulator's ``update_hidden``) on the CPU against materialising the logits.
 
-Contenders, on the same inputs (hidden ``[N, H]``, head ``[V, H]``, labels), fp32 and bf16:
+Contenders, on the same inputs (hidden ``[N, H]``, head ``[V, H]``, labels), fp32 and bf16
+by default (``--dtypes float32,bfloat16,float16`` adds fp16):
 
 * ``materialised`` -- ``mllmcal.token_stats(hidden @ W.T, labels)``: the GEMM in the
   inputs' dtype writes the ``[N, V]`` logits, then the C++ kernel reads them.
@@ -45,7 +46,7 @@ from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 FULL = (8192, 896, 151936)
 QUICK = (512, 128, 8192)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_token_stats_cpu.json"
 FIT_RESULTS = RESULTS.with_name("temperature_fit_hidden_cpu.json")
 
@@ -112,16 +113,25 @@ def main() -> None:
                     help="another size (the JSON goes to linear_token_stats_cpu_N_H_V.json)")
     ap.add_argument("--fit", action="store_true",
                     help="TemperatureFitAccumulator.update_hidden vs update(h @ W.T)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output path (default: bench/results/, named by size)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         variant, dtype, n, hd, v, repeat = args.worker
         print(json.dumps(worker(variant, dtype, int(n), int(hd), int(v), int(repeat))))
         return
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        ap.error(f"--dtypes: unknown dtype(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                 f"choose from {', '.join(DTYPES)}")
     size = tuple(args.size) if args.size else (QUICK if args.quick else FULL)
     results = FIT_RESULTS if args.fit else RESULTS
     if args.size and size != FULL:
         results = results.with_name(f"{results.stem}_{'_'.join(map(str, size))}.json")
+    if args.out is not None:
+        results = args.out
     prefix = "fit_" if args.fit else ""
     repeat = args.repeat or (3 if args.quick else 1)
     n, hd, v = size
@@ -132,7 +142,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load {load_before[0]:.2f}")
     print(f"{'dtype':9} {'materialised':>13} {'fused':>9} {'time':>6} {'extra mem':>12} "
           f"{'vs logits':>9}")
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         base = _spawn(prefix + "materialised", dtype, size, repeat)
         fused = _spawn(prefix + "fused", dtype, size, repeat)
         logits_bytes = n * v * DTYPES[dtype].itemsize

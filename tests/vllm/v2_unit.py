@@ -325,6 +325,53 @@ def test_v1_moves_swaps_and_requests_put_back(tmp_path):
     assert recs["b"]["n_tokens"] == 3  # one record although b left the batch for a step
 
 
+def test_v1_a_token_that_lands_mid_drain_is_not_given_the_prompt_chunks_row(tmp_path):
+    """The drain thread runs beside the engine thread. Here it takes the queued rows (a
+    prompt's first chunk, which produced nothing), and then, before it looks at the
+    request's output list, the engine runs the last chunk and vLLM appends token 0. That
+    token is the last chunk's: the first chunk's row must not be committed for it (the
+    multiprocess engine once recorded token 0 of a chunked prompt with the confidence of
+    an earlier chunk, 0.648 where vLLM's top-1 logprob gave 0.992)."""
+    proc = _v1(tmp_path)
+    tracker = proc.tracker
+    gen = torch.Generator().manual_seed(7)
+    out, exp, conf = [], [], []
+    p = SamplingParams(max_tokens=3, temperature=0.0, extra_args={"mllmcal_id": "ch"})
+    proc.update_state(BatchUpdate(1, [], [(0, p, list(range(40)), out)], []))
+
+    def step(produces: bool):
+        logits = torch.randn(1, V, generator=gen) * 3
+        proc.update_state(None)
+        proc.apply(logits)
+        if produces:
+            tok = int(logits[0].argmax())
+            lp = torch.log_softmax(logits[0].double(), -1)
+            exp.append(float(lp[tok]))
+            conf.append(float(lp.max().exp()))
+            out.append(tok)
+
+    step(produces=False)  # the prompt's first chunk: vLLM discards its sampled token
+    original = tracker._before_drain
+    raced = []
+
+    def before_drain_then_engine_step():
+        original()
+        if not raced:  # the engine thread, between the drain's two reads
+            raced.append(True)
+            step(produces=True)  # the last chunk: token 0
+
+    tracker._before_drain = before_drain_then_engine_step
+    tracker.drain()
+    tracker._before_drain = original
+    step(produces=True)
+    step(produces=True)
+    proc.flush(end_active=True)
+    rec = _records(tmp_path)["ch"]
+    assert raced and rec["token_ids"] == out and rec["finish"] == "length"
+    np.testing.assert_allclose(rec["logprob"], exp, atol=1e-5)
+    np.testing.assert_allclose(rec["confidence"], conf, atol=1e-5)
+
+
 def test_v1_idle_engine_still_writes_opted_in_sampled_records(tmp_path):
     """The last step of the last request is followed by no update_state (an idle server):
     the drain thread alone must read the kept rows at the chosen tokens."""

@@ -57,7 +57,7 @@ class Request:
 
     __slots__ = ("rid", "max_tokens", "min_tokens", "stop_ids", "opt_logprobs", "needs_rows",
                  "keep_row", "fb_position", "tokens", "entries", "confidence", "entropy",
-                 "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known",
+                 "logprob", "fb_row", "fb_rows", "ended", "ended_by", "written", "n_known", "n_out",
                  "temperature", "key", "greedy_plain", "scale", "token_logits", "stop_below",
                  "stop_window", "stop_eos", "conf_window", "stop_probes", "forced_at",
                  "reply_key", "n_sent", "__weakref__")
@@ -125,6 +125,9 @@ class Request:
         self.ended_by = ""
         self.written = False
         self.n_known = 0
+        # V1: the output list's length as the drain thread read it before taking the
+        # queued steps (see V1Tracker._before_drain).
+        self.n_out = 0
         self.temperature = 1.0
         self.key: Any = None  # what the runner recognises the request by when it returns
 

@@ -4,6 +4,7 @@ interface (``vllm.v1.sample.logits_processor.LogitsProcessor``)."""
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,6 +216,13 @@ class V1Tracker(Tracker):
     # ------------------------------------------------------------ drain thread
 
     def _before_drain(self) -> None:
+        # Each output list's length first, then the queued steps. The engine thread queues
+        # a step (apply) before vLLM appends the tokens of its rows, so every token counted
+        # here has the row that produced it among the entries taken below. The other order
+        # let a token appended in between be counted while its row was still queued: the
+        # entry before it (a prompt chunk, same index) was then committed for it.
+        for req in itertools.chain(self._active, self._ended):
+            req.n_out = len(req.tokens)
         steps = self._new_steps  # each queued step's rows to their requests, in step order
         while steps:
             step = steps.popleft()
@@ -236,7 +244,7 @@ class V1Tracker(Tracker):
         while entries:
             e: TokenRow = entries[0]
             k, stats, r = e.index, e.stats, e.row
-            produced = len(tokens) > k  # read before looking for a superseding row
+            produced = req.n_out > k  # as read before the entries were taken
             if len(entries) > 1 and entries[1].index == k:
                 entries.popleft()
                 continue
